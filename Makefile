@@ -1,0 +1,37 @@
+# make run   - set everything up, then train the default experiment (configs/lenet.yaml)
+# make test  - set everything up, then run the test suite
+# Set-up: a virtual environment in .venv with pinned torch/torchvision and cnnlab installed
+# editable, and Fashion-MNIST (Debian's package, installed when missing and we are root).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/lenet.yaml
+
+.PHONY: run test data install bench clean help
+
+run: data
+	$(BIN)/cnnlab run $(CONFIG)
+
+test: data
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+data: $(STAMP)
+	CNNLAB=$(BIN)/cnnlab scripts/ensure-data.sh
+
+bench: data
+	$(BIN)/python scripts/bench_trainer.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+
+help:
+	@sed -n '1,2p' Makefile

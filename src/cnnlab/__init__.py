@@ -1,0 +1,6 @@
+"""cnnlab: run, compare and look inside CNN experiments on Fashion-MNIST.
+
+Usage: ``cnnlab run configs/lenet.yaml`` (see ``cnnlab --help``).
+"""
+
+__version__ = "0.1.0"

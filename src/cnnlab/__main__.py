@@ -1,0 +1,5 @@
+"""Usage: ``python -m cnnlab run configs/lenet.yaml`` (same as the ``cnnlab`` command)."""
+
+from cnnlab.cli import main
+
+main()

@@ -1,0 +1,169 @@
+"""Usage: ``cnnlab run configs/lenet.yaml --set train.epochs=5`` (``cnnlab --help`` lists commands).
+
+A thin typer CLI: each command parses its arguments, calls one library function and prints.
+Exit codes: 0 success, 1 a failure during training, 2 bad input (one message, no traceback unless
+``--debug``), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cnnlab.errors import TrainingError, UserError
+
+app = typer.Typer(
+    name="cnnlab",
+    help="Run, compare and look inside CNN experiments on Fashion-MNIST.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a config key: --set train.epochs=5 (repeatable; values are YAML)."),
+]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+DataDirOption = Annotated[
+    Optional[Path], typer.Option("--data-dir", help="Folder with the Fashion-MNIST IDX files (.gz or not); sets data.root.")
+]
+DownloadOption = Annotated[
+    bool, typer.Option("--download", help="Fetch Fashion-MNIST through torchvision if no local copy is found.")
+]
+
+
+@contextlib.contextmanager
+def cli_errors(debug: bool) -> Iterator[None]:
+    """Map failures to one message and an exit code; ``--debug`` re-raises with the traceback."""
+    try:
+        yield
+    except (UserError, TrainingError) as error:
+        if debug:
+            raise
+        label = "error" if isinstance(error, UserError) else "training failed"
+        err.print(f"[bold red]{label}:[/] {error}", markup=True)
+        raise typer.Exit(error.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as error:  # an unexpected failure: still one line, unless debugging
+        if debug:
+            raise
+        err.print(f"[bold red]error:[/] {type(error).__name__}: {error} (rerun with --debug for the traceback)", markup=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. configs/lenet.yaml.", show_default=False)],
+    set_: SetOption = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Train for N epochs (sets train.epochs).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps (sets train.device).")] = None,
+    data_dir: DataDirOption = None,
+    download: DownloadOption = False,
+    results: Annotated[Optional[Path], typer.Option(help="Results folder (sets output.dir).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (sets seed).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="One line per epoch instead of a progress bar.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Train and test one experiment; results go to <output.dir>/<name>/<run id>/."""
+    with cli_errors(debug):
+        from cnnlab.config import load_config
+        from cnnlab.engine import fit
+
+        overrides = list(set_ or [])
+        for key, value in (
+            ("train.epochs", epochs),
+            ("train.device", device),
+            ("data.root", data_dir),
+            ("output.dir", results),
+            ("seed", seed),
+        ):
+            if value is not None:
+                overrides.append(f"{key}={value}")
+        if download:
+            overrides.append("data.download=true")
+        cfg = load_config(config, overrides)
+        fit(cfg, quiet=quiet)
+
+
+@app.command()
+def models() -> None:
+    """List the registered models: name, parameters at 1x28x28, description."""
+    from cnnlab.modelinfo import count_params
+    from cnnlab.models import get_entry, get_model, list_models
+
+    table = Table("model", "params", "description", box=None, header_style="bold")
+    for name in list_models():
+        table.add_row(name, f"{count_params(get_model(name)):,}", get_entry(name).description)
+    out.print(table)
+
+
+@app.command()
+def summary(
+    target: Annotated[str, typer.Argument(help="A model name (see `cnnlab models`) or a config file.", show_default=False)],
+    set_: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Per-layer output shapes, parameters and FLOPs of a model, for one 1x28x28 image."""
+    with cli_errors(debug):
+        from cnnlab.config import load_config
+        from cnnlab.engine import build_model
+        from cnnlab.modelinfo import count_params, profile
+
+        is_file = Path(target).suffix in (".yaml", ".yml") or Path(target).is_file()
+        cfg = load_config(target, set_) if is_file else load_config(None, [f"model.name={target}", *(set_ or [])])
+        model = build_model(cfg)
+        rows, total_flops = profile(model)
+        table = Table("#", "layer", "output shape", "params", "FLOPs", box=None, header_style="bold")
+        for row in rows:
+            shape = "x".join(map(str, row.output_shape))
+            table.add_row(row.name, row.layer, shape, f"{row.params:,}", f"{row.flops:,}")
+        args = ", ".join(f"{k}={v}" for k, v in cfg.model.kwargs.items())
+        out.print(f"{cfg.model.name}({args})  input 1x28x28")
+        out.print(table)
+        out.print(f"total: {count_params(model):,} parameters, {total_flops:,} FLOPs per image")
+
+
+@app.command()
+def data(
+    data_dir: DataDirOption = None,
+    download: DownloadOption = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Also compare SHA-256 checksums with the known files.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Find the Fashion-MNIST files, check them, and say where they are (exit 2 if missing)."""
+    with cli_errors(debug):
+        from cnnlab.data import FILES, SHA256, find_data_dir, find_file, read_split, sha256_of
+
+        root = find_data_dir(data_dir, download)
+        out.print(f"Fashion-MNIST found in {root}")
+        for split in FILES:
+            loaded = read_split(root, split)
+            out.print(f"  {split}: {len(loaded):,} images, 28x28, labels 0-9")
+        if verify:
+            for stem in (s for pair in FILES.values() for s in pair):
+                path = find_file(root, stem)
+                ok = sha256_of(path) == SHA256[stem]
+                out.print(f"  {path.name}: {'sha256 ok' if ok else 'sha256 MISMATCH'}")
+                if not ok:
+                    raise UserError(f"{path}: checksum differs from Fashion-MNIST's; replace the file")
+
+
+def main() -> None:
+    app(prog_name="cnnlab")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Usage: ``cfg = load_config("configs/lenet.yaml", overrides=["train.epochs=5"])``.
+
+One typed experiment config. Precedence, lowest first: the defaults below < the file a config
+``extends`` < the YAML file itself < ``--set key=value`` overrides. Everything is validated before
+any training starts; errors name the full key path and, for a misspelt key, the closest valid one.
+The defaults reproduce the lab report's baseline (LeNet, sigmoid, SGD lr 0.9, batch 256, 20 epochs)
+except that a real validation split is held out and inputs are normalised.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from cnnlab.errors import UserError
+from cnnlab.models import registry
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(Section):
+    """On-device augmentation of training batches; all off by default (the report used none)."""
+
+    crop_padding: int = Field(0, ge=0, le=14)  # random crop: pad by this many pixels, crop back to 28x28; 0 = off
+    flip: bool = False  # horizontal flip with probability 0.5
+    erasing: float = Field(0.0, ge=0, le=1)  # probability of erasing one random rectangle per image
+
+
+class DataConfig(Section):
+    root: Path | None = None  # folder with the IDX files; None searches $CNNLAB_DATA, ~/.cache/cnnlab/fashion-mnist, /usr/share/datasets/fashion-mnist
+    download: bool = False  # fetch through torchvision's mirrors if no local copy is found (never otherwise)
+    val_size: int = Field(5000, ge=0)  # training images held out for validation (stratified, fixed by seed); 0 = the report's mode: test set every epoch
+    normalize: bool = True  # subtract the training split's pixel mean and divide by its std (about 0.286 and 0.353); false = the report's raw [0, 1] pixels
+    check_counts: bool = True  # require Fashion-MNIST's 60,000 / 10,000 images; turn off for other IDX data sets
+    augment: AugmentConfig = AugmentConfig()
+
+
+class ModelConfig(BaseModel):
+    """``name`` picks a builder from the registry; every other key is a keyword argument of it."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=False)
+
+    name: str = "lenet"
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _check_builder_arguments(self) -> ModelConfig:
+        try:
+            checked = registry.validate_model_args(self.name, self.kwargs)
+        except registry.ModelArgumentError as err:
+            raise PydanticCustomError("model_args", "{detail}", {"detail": str(err)}) from None
+        self.__pydantic_extra__ = checked
+        return self
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"  # the report used plain SGD
+    lr: float = Field(0.9, gt=0)  # peak learning rate (the report's LeNet: 0.9)
+    momentum: float = Field(0.0, ge=0, lt=1)  # SGD only; the report used none
+    nesterov: bool = False  # SGD only; needs momentum > 0
+    weight_decay: float = Field(0.0, ge=0)  # L2 penalty (decoupled for adamw)
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimConfig:
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov: true needs name: sgd and momentum > 0")
+        return self
+
+
+class ScheduleConfig(Section):
+    name: Literal["constant", "step", "cosine", "onecycle"] = "constant"  # learning-rate shape over training
+    warmup_epochs: float = Field(0.0, ge=0)  # linear ramp from 0 to lr over this many epochs (fractions allowed)
+    step_size: int = Field(10, ge=1)  # step: epochs between decays
+    gamma: float = Field(0.1, gt=0, le=1)  # step: factor applied at each decay
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine / onecycle: final lr as a fraction of lr
+    pct_start: float = Field(0.25, gt=0, lt=1)  # onecycle: fraction of training spent rising (when warmup_epochs is 0)
+
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(20, ge=1)  # passes over the training split
+    batch_size: int = Field(256, ge=1)  # images per optimiser step
+    eval_batch_size: int = Field(1024, ge=1)  # images per forward pass when evaluating (no effect on results)
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype for forward passes; fp16 adds a gradient scaler
+    compile: bool = False  # torch.compile the model (slow first epoch, faster after; best on GPUs)
+    channels_last: bool = True  # NHWC memory layout: about 20% faster convolutions on this 2-core CPU, and on recent GPUs
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
+    grad_clip: float | None = Field(None, gt=0)  # clip the global gradient norm to this value; null = off
+    patience: int | None = Field(None, ge=1)  # early stopping: epochs without a better val accuracy; null = off
+    threads: int | None = Field(None, ge=1)  # CPU threads for torch; null = torch's default
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError("must be one of auto, cpu, cuda, cuda:N (N a GPU index) or mps")
+        return value
+
+
+class OutputConfig(Section):
+    dir: Path = Path("results")  # runs go to <dir>/<name>/<run id>/
+    checkpoints: bool = True  # write checkpoints/best.pt and last.pt
+
+
+class Config(Section):
+    """A whole experiment. Saved, resolved, as config.yaml in every run folder."""
+
+    name: str = Field("experiment", min_length=1)  # experiment name; the results sub-folder (sanitised)
+    seed: int = Field(0, ge=0)  # seeds the split, the initial weights and the batch order
+    init: Literal["xavier_uniform", "kaiming", "default"] = "xavier_uniform"  # weight init of Conv2d / Linear (the report: xavier_uniform)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-safe values (paths as strings, tuples as lists)."""
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML, ``extends``, overrides, and errors a person can act on.
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from a file; syntax errors are reported with their line and column."""
+    if not path.is_file():
+        hint = " (it is a folder)" if path.is_dir() else ""
+        raise UserError(f"config file not found: {path}{hint}. Pass the path of a .yaml file, e.g. configs/lenet.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file; a config must be UTF-8 YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a YAML mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` wins; nested mappings merge key by key, anything else is replaced whole."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file's mapping merged over the file it ``extends`` (relative to it), recursively."""
+    path = path.resolve() if path.exists() else path
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise UserError(f"config inheritance loops: {chain}. Remove one of the 'extends' keys")
+    data = read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise UserError(f"{path}: 'extends' must be a path to another YAML file, got {parent!r}")
+    base = resolve_extends(path.parent / parent, (*_seen, path))
+    base.pop("name", None)  # a run is named after the file that was run, not the base it extends
+    return deep_merge(base, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.epochs=5"`` -> (["train", "epochs"], 5); the value is read as YAML (5, 0.1, relu, [3, 5])."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.epochs=5")
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise UserError(f"--set {text!r}: {key!r} is not a dotted key path like train.epochs")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not valid YAML on its own: take it as a plain string
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = dict(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        patch: dict[str, Any] = {parts[-1]: value}
+        for part in reversed(parts[:-1]):
+            patch = {part: patch}
+        data = deep_merge(data, patch)
+    return data
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Valid key names at the config level that ``loc`` points into (for 'did you mean')."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None) if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            break
+    return list(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for error in err.errors():
+        loc = tuple(error["loc"])
+        path = ".".join(str(p) for p in loc)
+        if error["type"] == "model_args":
+            lines.append(str(error["ctx"]["detail"]))
+        elif error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1, cutoff=0.6)
+            hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
+            valid = ", ".join(_fields_at(loc[:-1]))
+            lines.append(f"unknown key '{path}'{hint}; valid keys here: {valid}")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            got = error.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{path or 'config'}: {message}{shown}")
+    return f"{source}: invalid config:\n  " + "\n  ".join(lines)
+
+
+def validate(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read, inherit, override and validate one experiment config.
+
+    ``path=None`` starts from the defaults alone. A config without ``name`` is named after its file.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        data = resolve_extends(path)
+        data.setdefault("name", path.stem)
+        source = str(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " with --set " + " ".join(overrides)
+    return validate(data, source)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,118 @@
+"""Usage: ``@register_model("lenet")`` on a builder; ``get_model("lenet", activation="relu")``.
+
+A small explicit registry, after torchvision's ``models/_api.py``. Every builder has the same shape,
+``builder(num_classes: int = 10, in_channels: int = 1, **options) -> nn.Module``, with type hints on
+its options: they are what configs are validated against before anything is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from torch import nn
+
+from cnnlab.errors import UserError
+
+Builder = Callable[..., nn.Module]
+RESERVED = ("num_classes", "in_channels")  # supplied by cnnlab from the data, not by configs
+
+
+class ModelArgumentError(UserError):
+    """A model name or a model argument in a config is wrong."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Builder
+
+    @property
+    def description(self) -> str:
+        doc = inspect.getdoc(self.builder) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    @cached_property
+    def options(self) -> type[BaseModel]:
+        """A pydantic model of the builder's keyword options, built from its signature."""
+        hints = typing.get_type_hints(self.builder, include_extras=True)
+        fields: dict[str, Any] = {}
+        for param in inspect.signature(self.builder).parameters.values():
+            if param.name in RESERVED or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            default = ... if param.default is param.empty else param.default
+            fields[param.name] = (hints.get(param.name, Any), default)
+        config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+        return create_model(f"{self.name}_options", __config__=config, **fields)
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Register ``builder`` under ``name``; registering a name twice is a programming error."""
+
+    def decorator(builder: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"a model named {name!r} is already registered ({_REGISTRY[name].builder.__qualname__})")
+        _REGISTRY[name] = ModelEntry(name, builder)
+        return builder
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_entry(name: str) -> ModelEntry:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise ModelArgumentError(
+            f"model.name: unknown model {name!r}{hint}. Registered models: {', '.join(list_models())} "
+            "(`cnnlab models` describes them)"
+        )
+    return _REGISTRY[name]
+
+
+def validate_model_args(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The builder's options as given, type-checked and coerced; errors name ``model.<key>``."""
+    entry = get_entry(name)
+    fields = list(entry.options.model_fields)
+    problems = []
+    for key in kwargs:
+        if key in RESERVED:
+            problems.append(f"model.{key}: set by cnnlab from the data set; remove it from the config")
+        elif key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+            hint = f" (did you mean 'model.{close[0]}'?)" if close else ""
+            takes = ", ".join(fields) or "no options"
+            problems.append(f"model.{key}: model {name!r} takes no argument {key!r}{hint}; it takes: {takes}")
+    if problems:
+        raise ModelArgumentError("\n  ".join(problems))
+    try:
+        checked = entry.options.model_validate(kwargs)
+    except ValidationError as err:
+        # A union type (int or pair) reports once per member; keep the first message per key path.
+        lines: dict[str, str] = {}
+        for e in err.errors():
+            path = ".".join(str(p) for p in (e["loc"][0], *(p for p in e["loc"][1:] if isinstance(p, int))))
+            lines.setdefault(path, f"model.{path}: {e['msg']} (got {e.get('input')!r})")
+        raise ModelArgumentError("\n  ".join(lines.values())) from None
+    return checked.model_dump(exclude_unset=True)
+
+
+def get_model(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs: Any) -> nn.Module:
+    """Build a registered model; ``kwargs`` are validated as a config's would be."""
+    options = validate_model_args(name, kwargs)
+    try:
+        return get_entry(name).builder(num_classes=num_classes, in_channels=in_channels, **options)
+    except ValueError as err:  # builders raise ValueError for options that cannot work together
+        raise ModelArgumentError(f"model {name!r} cannot be built with {options}: {err}") from None

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny, generated Fashion-MNIST-format IDX files, and configs that train on them."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab.data import FILES, find_data_dir
+
+
+def idx_bytes(array: torch.Tensor, kind: str) -> bytes:
+    """IDX-encode uint8 images [N, 28, 28] or labels [N], as the real files are."""
+    if kind == "images":
+        header = struct.pack(">IIII", 0x803, array.shape[0], array.shape[1], array.shape[2])
+    else:
+        header = struct.pack(">II", 0x801, array.shape[0])
+    return header + array.to(torch.uint8).contiguous().numpy().tobytes()
+
+
+def make_images(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """Learnable images: class c lights a 6x6 block at a class-specific place, over noise."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 60, (len(labels), 28, 28), generator=generator)
+    for i, c in enumerate(labels.tolist()):
+        row, col = 2 + 8 * (c // 3), 2 + 8 * (c % 3)
+        images[i, row : row + 6, col : col + 6] += 180
+    return images.clamp(0, 255).to(torch.uint8)
+
+
+def write_dataset(folder: Path, n_train: int = 400, n_test: int = 200, compress: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = torch.arange(n) % 10
+        images = make_images(labels, seed=n)
+        for stem, payload in zip(FILES[split], (idx_bytes(images, "images"), idx_bytes(labels, "labels"))):
+            if compress:
+                (folder / f"{stem}.gz").write_bytes(gzip.compress(payload))
+            else:
+                (folder / stem).write_bytes(payload)
+    return folder
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    return write_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny_overrides(tiny_data: Path, tmp_path: Path) -> list[str]:
+    """--set overrides that make any config train in seconds on the tiny data set."""
+    return [
+        f"data.root={tiny_data}",
+        "data.check_counts=false",
+        "data.val_size=100",
+        "train.epochs=2",
+        "train.batch_size=32",
+        "train.device=cpu",
+        f"output.dir={tmp_path / 'results'}",
+    ]
+
+
+def real_data_dir() -> Path | None:
+    try:
+        return find_data_dir()
+    except Exception:
+        return None
+
+
+requires_real_data = pytest.mark.skipif(
+    real_data_dir() is None, reason="Fashion-MNIST not installed (make data installs it)"
+)

@@ -1,0 +1,134 @@
+"""The command line as a user meets it: exit codes, messages, and nothing written on bad input."""
+
+import gzip
+import struct
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+from conftest import write_dataset
+
+runner = CliRunner()
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def tiny_args(tiny_data, results, *extra):
+    return ["run", CONFIGS / "lenet_relu.yaml", "--data-dir", tiny_data, "--results", results, "--epochs", "1",
+            "--set", "data.check_counts=false", "--set", "data.val_size=100", "--set", "train.batch_size=64",
+            "--device", "cpu", *extra]
+
+
+def test_run_trains_and_reports(tiny_data, tmp_path):
+    result = invoke(*tiny_args(tiny_data, tmp_path / "results"))
+    assert result.exit_code == 0, result.output
+    assert "epoch   1/1" in result.output and "test acc" in result.output
+    runs = list((tmp_path / "results" / "lenet_relu").iterdir())
+    assert len(runs) == 1 and (runs[0] / "summary.json").is_file()
+
+
+def bad_file(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
+def corrupt_gz(folder):
+    path = folder / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def wrong_magic(folder):
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">II", 2051, 400) + bytes(400)))
+
+
+CASES = {
+    "missing config": (lambda t: ["run", t / "nope.yaml"], "config file not found"),
+    "yaml syntax": (lambda t: ["run", bad_file(t, "train:\n  epochs: [1\n")], "YAML syntax error at line"),
+    "unknown nested key": (lambda t: ["run", bad_file(t, "data:\n  augment:\n    flipp: true\n")],
+                           "unknown key 'data.augment.flipp' (did you mean 'data.augment.flip'?)"),
+    "wrong type": (lambda t: ["run", bad_file(t, "optim:\n  lr: fast\n")], "optim.lr: Input should be a valid number"),
+    "lr <= 0": (lambda t: ["run", bad_file(t, "optim:\n  lr: -0.1\n")], "optim.lr: Input should be greater than 0"),
+    "epochs < 1": (lambda t: ["run", CONFIGS / "lenet.yaml", "--epochs", "0"], "train.epochs: Input should be greater"),
+    "batch_size < 1": (lambda t: ["run", CONFIGS / "lenet.yaml", "--set", "train.batch_size=0"], "train.batch_size"),
+    "unknown model": (lambda t: ["run", bad_file(t, "model:\n  name: resnett\n")], "unknown model 'resnett'"),
+    "bad model argument": (lambda t: ["run", CONFIGS / "lenet.yaml", "--set", "model.depth=3"],
+                           "model 'lenet' takes no argument 'depth'"),
+    "set without =": (lambda t: ["run", CONFIGS / "lenet.yaml", "--set", "train.epochs"], "expected KEY=VALUE"),
+    "set unknown key": (lambda t: ["run", CONFIGS / "lenet.yaml", "--set", "train.epoch=3"],
+                        "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+    "data folder without files": (lambda t: ["run", CONFIGS / "lenet.yaml", "--data-dir", t], "lacks train-images"),
+    "no cuda": (lambda t: ["run", CONFIGS / "lenet.yaml", "--device", "cuda:7"], "train.device: cuda:7"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_message_exit_2_and_writes_nothing(case, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a results/ folder, if anything wrongly wrote one, would appear here
+    make_args, expected = CASES[case]
+    result = invoke(*make_args(tmp_path), "--results", tmp_path / "results")
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (corrupt_gz, "t10k-images-idx3-ubyte.gz: truncated or corrupted gzip"),
+    (wrong_magic, "wrong magic number 0x00000803, expected 0x00000801"),
+    (None, "data.val_size: 400 leaves no training images"),
+])
+def test_bad_data_is_exit_2_and_writes_nothing(damage, expected, tmp_path):
+    folder = write_dataset(tmp_path / "data")
+    extra = ["--set", "data.val_size=400"] if damage is None else []
+    if damage is not None:
+        damage(folder)
+    args = tiny_args(folder, tmp_path / "results")
+    result = invoke(*args[: args.index("--set") + 4], *args[args.index("--set") + 4:], *extra)
+    assert result.exit_code == 2, result.output
+    assert expected in result.output
+    assert not (tmp_path / "results").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = invoke("run", tmp_path / "nope.yaml", "--debug")
+    assert result.exit_code != 0 and result.exc_info is not None
+    assert type(result.exception).__name__ == "UserError"
+
+
+def test_training_failure_exits_1_and_keeps_the_record(tiny_data, tmp_path):
+    result = invoke(*tiny_args(tiny_data, tmp_path / "results", "--set", "optim.lr=1e12"))
+    assert result.exit_code == 1, result.output
+    assert "diverged" in result.output
+    [run] = (tmp_path / "results" / "lenet_relu").iterdir()
+    assert '"status": "failed"' in (run / "summary.json").read_text()
+
+
+def test_summary_prints_the_reports_shapes():
+    result = invoke("summary", "lenet")
+    assert result.exit_code == 0, result.output
+    for shape in ("6x28x28", "6x14x14", "16x10x10", "16x5x5", "400", "120", "84"):
+        assert shape in result.output
+    assert "61,706 parameters" in result.output
+
+
+def test_summary_of_a_config_applies_its_options():
+    result = invoke("summary", CONFIGS / "kernels" / "lenet_k7.yaml")
+    assert result.exit_code == 0 and "Conv2d(1, 6, k=7, p=3)" in result.output and "16x4x4" in result.output
+    assert invoke("summary", "nonet").exit_code == 2
+
+
+def test_models_lists_the_registry():
+    result = invoke("models")
+    assert result.exit_code == 0 and "lenet" in result.output and "61,706" in result.output
+
+
+def test_data_command(tiny_data, tmp_path):
+    assert invoke("data", "--data-dir", tmp_path / "empty").exit_code == 2
+    result = invoke("data", "--data-dir", tiny_data)
+    assert result.exit_code == 2 and "Fashion-MNIST's train set has 60,000" in result.output

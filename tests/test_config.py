@@ -1,0 +1,108 @@
+from pathlib import Path
+
+import pytest
+
+from cnnlab.config import Config, dump_config, load_config
+from cnnlab.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_reports_baseline():
+    cfg = load_config(None)
+    assert (cfg.model.name, cfg.optim.name, cfg.optim.lr, cfg.train.batch_size, cfg.train.epochs) == (
+        "lenet", "sgd", 0.9, 256, 20
+    )
+    assert cfg.init == "xavier_uniform" and cfg.optim.momentum == 0
+    assert cfg.data.val_size == 5000
+
+
+def test_extends_deep_merges_and_names_the_run_after_the_file(tmp_path):
+    write(tmp_path / "base.yaml", "name: base\ntrain: {epochs: 7, batch_size: 64}\nmodel: {name: lenet, activation: tanh}\n")
+    child = write(tmp_path / "child.yaml", "extends: base.yaml\ntrain: {epochs: 3}\n")
+    cfg = load_config(child)
+    assert cfg.train.epochs == 3 and cfg.train.batch_size == 64
+    assert cfg.model.kwargs == {"activation": "tanh"}
+    assert cfg.name == "child"
+
+
+def test_extends_loop_is_reported(tmp_path):
+    write(tmp_path / "a.yaml", "extends: b.yaml\n")
+    write(tmp_path / "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(UserError, match="loops"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_overrides_are_typed_and_win_over_the_file():
+    cfg = load_config(CONFIGS / "lenet.yaml", ["train.epochs=5", "model.activation=relu", "optim.lr=1e-2",
+                                               "model.channels=[8, 24]"])
+    assert cfg.train.epochs == 5 and isinstance(cfg.train.epochs, int)
+    assert cfg.optim.lr == pytest.approx(0.01)
+    assert cfg.model.kwargs["activation"] == "relu"
+    assert tuple(cfg.model.kwargs["channels"]) == (8, 24)
+
+
+def test_shipped_configs_all_validate():
+    files = sorted(CONFIGS.rglob("*.yaml"))
+    assert len(files) >= 10
+    for path in files:
+        assert isinstance(load_config(path), Config)
+    relu = load_config(CONFIGS / "lenet_relu.yaml")
+    assert relu.model.kwargs["activation"] == "relu" and relu.optim.lr == 0.1
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "lenet_relu.yaml", ["train.epochs=3"])
+    saved = write(tmp_path / "config.yaml", dump_config(cfg))
+    assert load_config(saved) == cfg
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("train:\n  epocs: 3\n", "unknown key 'train.epocs' (did you mean 'train.epochs'?)"),
+        ("data:\n  augment:\n    flipp: true\n", "unknown key 'data.augment.flipp' (did you mean 'data.augment.flip'?)"),
+        ("optimm: {lr: 0.1}\n", "unknown key 'optimm' (did you mean 'optim'?)"),
+        ("optim:\n  lr: fast\n", "optim.lr: Input should be a valid number"),
+        ("optim:\n  lr: 0\n", "optim.lr: Input should be greater than 0"),
+        ("train:\n  epochs: 0\n", "train.epochs: Input should be greater than or equal to 1"),
+        ("train:\n  batch_size: 0\n", "train.batch_size: Input should be greater than or equal to 1"),
+        ("train:\n  device: gpu\n", "train.device: must be one of auto, cpu"),
+        ("model:\n  name: lenett\n", "unknown model 'lenett' (did you mean 'lenet'?)"),
+        ("model:\n  activaton: relu\n", "model.activaton: model 'lenet' takes no argument 'activaton' (did you mean 'model.activation'?)"),
+        ("model:\n  activation: swishy\n", "model.activation: Input should be 'sigmoid'"),
+        ("model:\n  kernel_size: -1\n", "model.kernel_size"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_fix(tmp_path, text, expected):
+    with pytest.raises(UserError) as info:
+        load_config(write(tmp_path / "bad.yaml", text))
+    assert expected in str(info.value)
+
+
+def test_yaml_syntax_error_reports_the_line(tmp_path):
+    path = write(tmp_path / "broken.yaml", "name: x\ntrain:\n  epochs: [1, 2\n  batch_size: 3\n")
+    with pytest.raises(UserError, match=r"broken.yaml: YAML syntax error at line \d+, column \d+"):
+        load_config(path)
+
+
+def test_missing_file():
+    with pytest.raises(UserError, match="config file not found: nowhere.yaml"):
+        load_config("nowhere.yaml")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.epochs", "expected KEY=VALUE"),
+    ("train.epocs=3", "unknown key 'train.epocs' (did you mean 'train.epochs'?)"),
+    ("=3", "expected KEY=VALUE"),
+    ("train..epochs=3", "not a dotted key path"),
+])
+def test_bad_overrides(override, expected):
+    with pytest.raises(UserError) as info:
+        load_config(None, [override])
+    assert expected in str(info.value)

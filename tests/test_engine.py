@@ -1,0 +1,131 @@
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from cnnlab.config import ScheduleConfig, load_config
+from cnnlab.engine import fit, lr_factor
+from cnnlab.errors import TrainingError
+from cnnlab.results import RunDir, atomic_write_text, load_checkpoint
+
+TIMING_COLUMNS = {"epoch_seconds", "train_examples_per_sec"}
+
+
+def only_run(results):
+    runs = [p for p in results.glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def metric_rows(path, drop=TIMING_COLUMNS):
+    with open(path) as handle:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(handle)]
+
+
+def test_fit_writes_a_complete_self_describing_run(tiny_overrides, tmp_path):
+    cfg = load_config(None, [*tiny_overrides, "name=tiny run/../x", "model.activation=relu", "optim.lr=0.1",
+                             "train.epochs=3"])
+    summary = fit(cfg, quiet=True)
+    run = only_run(tmp_path / "results")
+    assert run.parent.name == "tiny-run-..-x"  # sanitised into one path component
+    assert run.parent.parent == tmp_path / "results"
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.csv", "summary.json", "curves.png", "checkpoints"}
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.pt", "last.pt"}
+
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["status"] == "completed" and on_disk["epochs_completed"] == 3
+    assert on_disk["params"] == 61_706 and on_disk["flops_per_image"] == 833_040
+    for key in ("test_acc", "test_loss", "wall_seconds", "train_examples_per_sec", "device_name", "torch_version",
+                "seed", "best_val_acc", "final"):
+        assert key in on_disk
+    rows = metric_rows(run / "metrics.csv", drop=set())
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
+                             "train_examples_per_sec"]
+
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["epoch"] == on_disk["best_epoch"] and best["config"] == cfg.to_dict()
+    assert set(best) >= {"model", "optimizer", "scheduler", "epoch", "config"}
+
+    assert load_config(run / "config.yaml") == cfg  # the saved config reproduces the run
+    from PIL import Image
+    with Image.open(run / "curves.png") as image:
+        assert image.format == "PNG" and image.width > 300
+
+
+def test_it_learns_the_tiny_data_set(tiny_overrides):
+    cfg = load_config(None, [*tiny_overrides, "model.activation=relu", "optim.lr=0.05", "optim.momentum=0.9",
+                             "train.epochs=6"])
+    summary = fit(cfg, quiet=True)
+    assert summary["best_val_acc"] >= 0.9 and summary["test_acc"] >= 0.9
+
+
+def test_same_seed_same_metrics(tiny_overrides, tmp_path):
+    rows = []
+    for out in ("a", "b"):
+        cfg = load_config(None, [*tiny_overrides, f"output.dir={tmp_path / out}", "seed=7",
+                                 "data.augment.flip=true", "data.augment.crop_padding=2"])
+        fit(cfg, quiet=True)
+        rows.append(metric_rows(only_run(tmp_path / out) / "metrics.csv"))
+    assert rows[0] == rows[1]
+    cfg = load_config(None, [*tiny_overrides, f"output.dir={tmp_path / 'c'}", "seed=8"])
+    fit(cfg, quiet=True)
+    assert metric_rows(only_run(tmp_path / "c") / "metrics.csv") != rows[0]
+
+
+def test_early_stopping(tiny_overrides):
+    cfg = load_config(None, [*tiny_overrides, "optim.lr=1e-12", "train.epochs=10", "train.patience=2"])
+    summary = fit(cfg, quiet=True)
+    assert summary["stopped_early"] and summary["epochs_completed"] == 3
+
+
+def test_divergence_is_recorded_as_failed(tiny_overrides, tmp_path):
+    cfg = load_config(None, [*tiny_overrides, "model.activation=relu", "optim.lr=1e12"])
+    with pytest.raises(TrainingError, match="diverged"):
+        fit(cfg, quiet=True)
+    summary = json.loads((only_run(tmp_path / "results") / "summary.json").read_text())
+    assert summary["status"] == "failed" and "diverged" in summary["error"]
+
+
+def test_schedules():
+    const = lr_factor(ScheduleConfig(), 10)
+    assert const(0) == const(9.9) == 1.0
+    step = lr_factor(ScheduleConfig(name="step", step_size=3, gamma=0.5), 10)
+    assert step(2.9) == 1.0 and step(3.0) == 0.5 and step(6.5) == 0.25
+    cosine = lr_factor(ScheduleConfig(name="cosine", warmup_epochs=2), 10)
+    assert cosine(0) < 0.01 and cosine(1) == pytest.approx(0.5, abs=1e-3) and cosine(2) == pytest.approx(1.0)
+    assert cosine(6) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+    onecycle = lr_factor(ScheduleConfig(name="onecycle", pct_start=0.2), 10)
+    assert onecycle(1) == pytest.approx(0.5, abs=1e-3) and max(onecycle(t / 10) for t in range(100)) == pytest.approx(1, abs=1e-2)
+    assert math.isclose(onecycle(10), 0.0, abs_tol=1e-9)
+
+
+def test_run_folders_are_never_reused(tmp_path, monkeypatch):
+    ids = iter(["same", "same", "other"])
+    monkeypatch.setattr("cnnlab.results.new_run_id", lambda: next(ids))
+    first = RunDir.create(tmp_path, "exp")
+    (first.path / "marker").write_text("keep")
+    second = RunDir.create(tmp_path, "exp")
+    assert first.path.name == "same" and second.path.name == "other"
+    assert (first.path / "marker").read_text() == "keep"
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "summary.json"
+    atomic_write_text(target, "old")
+    monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_bf16_autocast_runs_on_cpu(tiny_overrides):
+    cfg = load_config(None, [*tiny_overrides, "train.precision=bf16", "train.epochs=1", "train.channels_last=true",
+                             "optim.name=adamw", "optim.lr=0.001", "schedule.name=cosine", "train.grad_clip=1.0",
+                             "train.label_smoothing=0.1", "init=kaiming"])
+    summary = fit(cfg, quiet=True)
+    assert summary["status"] == "completed" and summary["precision"] == "bf16"
+    assert torch.isfinite(torch.tensor(summary["test_loss"]))

@@ -1,0 +1,62 @@
+import pytest
+import torch
+from torch import nn
+
+from cnnlab.errors import UserError
+from cnnlab.modelinfo import count_params, profile
+from cnnlab.models import get_model, list_models, register_model
+
+
+def test_default_lenet_is_the_reports_layer_for_layer():
+    model = get_model("lenet")
+    kinds = [type(m).__name__ for m in model]
+    assert kinds == ["Conv2d", "Sigmoid", "AvgPool2d", "Conv2d", "Sigmoid", "AvgPool2d", "Flatten",
+                     "Linear", "Sigmoid", "Linear", "Sigmoid", "Linear"]
+    rows, flops = profile(model)
+    shapes = [r.output_shape for r in rows if r.layer.split("(")[0] in ("Conv2d", "AvgPool2d", "Flatten", "Linear")]
+    assert shapes == [(6, 28, 28), (6, 14, 14), (16, 10, 10), (16, 5, 5), (400,), (120,), (84,), (10,)]
+    # conv1 156 + conv2 2,416 + fc 48,120 + 10,164 + 850
+    assert count_params(model) == 61_706
+
+
+@pytest.mark.parametrize("k, flat", [(3, 16 * 6 * 6), (5, 16 * 5 * 5), (7, 16 * 4 * 4)])
+def test_kernel_sizes_compute_the_flatten_size(k, flat):
+    model = get_model("lenet", kernel_size=k)
+    assert model[7].in_features == flat
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_variants():
+    relu_max = get_model("lenet", activation="relu", pool="max", channels=(16, 32), hidden=(64,))
+    assert isinstance(relu_max[1], nn.ReLU) and isinstance(relu_max[2], nn.MaxPool2d)
+    assert relu_max[3].out_channels == 32 and relu_max[-1].in_features == 64
+    bn = get_model("lenet", batch_norm=True)
+    kinds = [type(m).__name__ for m in bn]
+    # BatchNorm right after each conv and hidden Linear, before the activation
+    assert kinds[:3] == ["Conv2d", "BatchNorm2d", "Sigmoid"]
+    assert kinds[9:12] == ["Linear", "BatchNorm1d", "Sigmoid"]
+    assert kinds.count("BatchNorm1d") == 2 and kinds[-1] == "Linear"
+
+
+def test_impossible_kernel_is_a_clear_error():
+    with pytest.raises(UserError, match="leaves no pixels"):
+        get_model("lenet", kernel_size=13, padding=0)
+
+
+def test_registry_rejects_duplicates_and_suggests_names():
+    assert "lenet" in list_models() and list_models() == sorted(list_models())
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("lenet")(lambda num_classes=10, in_channels=1: nn.Identity())
+    with pytest.raises(UserError, match="did you mean 'lenet'"):
+        get_model("lenet5x")
+    with pytest.raises(UserError, match="takes no argument 'depth'"):
+        get_model("lenet", depth=3)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_trains_one_step(name):
+    model = get_model(name)
+    out = model(torch.randn(2, 1, 28, 28))
+    assert out.shape == (2, 10)
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
