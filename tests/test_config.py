@@ -73,7 +73,7 @@ def test_resolved_config_round_trips(tmp_path):
         ("train:\n  epochs: 0\n", "train.epochs: Input should be greater than or equal to 1"),
         ("train:\n  batch_size: 0\n", "train.batch_size: Input should be greater than or equal to 1"),
         ("train:\n  device: gpu\n", "train.device: must be one of auto, cpu"),
-        ("model:\n  name: lenett\n", "unknown model 'lenett' (did you mean 'lenet'?)"),
+        ("model:\n  name: lenett\n", "unknown model 'lenett' (did you mean 'lenet'"),
         ("model:\n  activaton: relu\n", "model.activaton: model 'lenet' takes no argument 'activaton' (did you mean 'model.activation'?)"),
         ("model:\n  activation: swishy\n", "model.activation: Input should be 'sigmoid'"),
         ("model:\n  kernel_size: -1\n", "model.kernel_size"),

@@ -27,7 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console(highlight=False, soft_wrap=True)
+# Tables stay readable when piped or logged: rich would otherwise squeeze them into 80 columns.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 SetOption = Annotated[
@@ -54,6 +55,8 @@ def cli_errors(debug: bool) -> Iterator[None]:
         label = "error" if isinstance(error, UserError) else "training failed"
         err.print(f"[bold red]{label}:[/] {error}", markup=True)
         raise typer.Exit(error.exit_code) from None
+    except typer.Exit:
+        raise
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
@@ -98,6 +101,69 @@ def run(
         fit(cfg, quiet=quiet)
 
 
+def parse_seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: give integers separated by commas, e.g. --seeds 0,1,2") from None
+
+
+@app.command()
+def sweep(
+    target: Annotated[Path, typer.Argument(help="A folder of configs (every *.yaml) or a sweep file (base/grid/seeds).",
+                                           show_default=False)],
+    set_: SetOption = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Trials run at once, as separate processes.")] = 1,
+    seeds: Annotated[Optional[str], typer.Option(help="Run every trial with each seed: --seeds 0,1,2.")] = None,
+    results: Annotated[Optional[Path], typer.Option(help="Results folder (default: the configs' output.dir).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun trials that already completed.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="A line per trial instead of live progress.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Run a family of experiments and compare them: summary.csv, summary.md, curves.png, bars.png.
+
+    A failed trial is recorded and the others go on; the exit code is 1 if any failed. Rerunning
+    skips trials whose exact config already completed (--force reruns them).
+    """
+    with cli_errors(debug):
+        from cnnlab.compare import aggregate
+        from cnnlab.sweep import run_sweep
+
+        sweep_dir, rows = run_sweep(
+            target, set_, jobs=jobs, seeds=parse_seeds(seeds), results=results, force=force, quiet=quiet
+        )
+        print_table(aggregate(rows))
+        out.print(f"sweep results: {sweep_dir}")
+        failed = [r for r in rows if r["status"] == "failed"]
+        if failed:
+            err.print(f"{len(failed)} of {len(rows)} trials failed; see {sweep_dir / 'summary.csv'}")
+            raise typer.Exit(1)
+
+
+@app.command()
+def compare(
+    targets: Annotated[list[Path], typer.Argument(help="Run folders, sweep folders, or folders holding runs.",
+                                                  show_default=False)],
+    debug: DebugOption = False,
+) -> None:
+    """Print the comparison table (mean ± std over seeds) for existing runs and sweeps."""
+    with cli_errors(debug):
+        from cnnlab.compare import aggregate, collect_rows
+
+        print_table(aggregate(collect_rows(targets)))
+
+
+def print_table(table: list[dict]) -> None:
+    from cnnlab.compare import HEADERS, table_cells
+
+    grid = Table(*HEADERS, box=None, header_style="bold")
+    for entry in table:
+        grid.add_row(*table_cells(entry))
+    out.print(grid)
+
+
 @app.command()
 def models() -> None:
     """List the registered models: name, parameters at 1x28x28, description."""
@@ -106,7 +172,10 @@ def models() -> None:
 
     table = Table("model", "params", "description", box=None, header_style="bold")
     for name in list_models():
-        table.add_row(name, f"{count_params(get_model(name)):,}", get_entry(name).description)
+        entry = get_entry(name)
+        needs_options = any(f.is_required() for f in entry.options.model_fields.values())
+        params = "(yours)" if needs_options else f"{count_params(get_model(name)):,}"
+        table.add_row(name, params, entry.description)
     out.print(table)
 
 

@@ -170,6 +170,18 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def merge_configs(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``deep_merge``, except that naming a different ``model.name`` starts the model's options afresh
+    (a VGG config extending a LeNet one must not inherit LeNet's ``activation``)."""
+    merged = deep_merge(base, override)
+    new_model, old_model = override.get("model"), base.get("model")
+    if isinstance(new_model, dict) and "name" in new_model:
+        old_name = old_model.get("name", "lenet") if isinstance(old_model, dict) else "lenet"
+        if new_model["name"] != old_name:
+            merged["model"] = new_model
+    return merged
+
+
 def resolve_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The file's mapping merged over the file it ``extends`` (relative to it), recursively."""
     path = path.resolve() if path.exists() else path
@@ -184,7 +196,7 @@ def resolve_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise UserError(f"{path}: 'extends' must be a path to another YAML file, got {parent!r}")
     base = resolve_extends(path.parent / parent, (*_seen, path))
     base.pop("name", None)  # a run is named after the file that was run, not the base it extends
-    return deep_merge(base, data)
+    return merge_configs(base, data)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -203,14 +215,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def set_value(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """``data`` with the dotted ``key`` (``"train.epochs"``) set to ``value``, nested mappings kept."""
+    parts = key.split(".")
+    patch: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        patch = {part: patch}
+    return merge_configs(data, patch)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = dict(data)
     for text in overrides:
         parts, value = parse_override(text)
-        patch: dict[str, Any] = {parts[-1]: value}
-        for part in reversed(parts[:-1]):
-            patch = {part: patch}
-        data = deep_merge(data, patch)
+        data = set_value(data, ".".join(parts), value)
     return data
 
 
@@ -254,10 +271,14 @@ def validate(data: dict[str, Any], source: str = "config") -> Config:
         raise UserError(format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+) -> Config:
     """Read, inherit, override and validate one experiment config.
 
     ``path=None`` starts from the defaults alone. A config without ``name`` is named after its file.
+    ``overrides`` are ``--set`` strings; ``values`` (dotted key -> value, e.g. a sweep's grid point)
+    are applied after them.
     """
     data: dict[str, Any] = {}
     source = "defaults"
@@ -269,6 +290,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if overrides:
         data = apply_overrides(data, overrides)
         source += " with --set " + " ".join(overrides)
+    for key, value in sorted((values or {}).items(), key=lambda kv: kv[0] != "model.name"):
+        data = set_value(data, key, value)
     return validate(data, source)
 
 

@@ -32,3 +32,56 @@ def plot_curves(metrics_csv: Path, out: Path, title: str | None = None) -> Path:
     atomic_write(out, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return out
+
+
+def plot_sweep_curves(rows: list[dict], out: Path, title: str = "") -> Path:
+    """Every trial's validation accuracy per epoch, overlaid (one colour per variant)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colours: dict[str, str] = {}
+    for row in rows:
+        metrics = Path(row["run_dir"]) / "metrics.csv" if row.get("run_dir") else None
+        if metrics is None or not metrics.is_file():
+            continue
+        data = read_metrics_csv(metrics)
+        label = row["name"]
+        first = label not in colours
+        line = ax.plot([r["epoch"] for r in data], [r["val_acc"] for r in data], marker=".",
+                       color=colours.get(label), label=label if first else None, alpha=0.85)[0]
+        colours.setdefault(label, line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(True, alpha=0.3)
+    if colours:
+        ax.legend(fontsize="small", loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    atomic_write(out, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+    return out
+
+
+def plot_accuracy_bars(table: list[dict], out: Path, title: str = "") -> Path:
+    """Test accuracy per variant (validation accuracy where there is no test result), error bars over seeds."""
+    labels, means, stds = [], [], []
+    for entry in table:
+        mean, std = entry["test_acc"]
+        if mean != mean:  # NaN: no test result; fall back to validation accuracy
+            mean, std = entry["val_acc"]
+        if mean != mean:  # no completed run of this variant: nothing to draw
+            continue
+        labels.append(entry["name"])
+        means.append(mean)
+        stds.append(std)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 4.2), dpi=120)
+    bars = ax.bar(range(len(labels)), means, yerr=stds, capsize=4, color="#4c72b0")
+    ax.bar_label(bars, labels=[f"{m:.3f}" for m in means], fontsize="small", padding=2)
+    ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
+    ax.set_ylabel("test accuracy")
+    low = min([m for m in means if m > 0] or [0.0])
+    ax.set_ylim(max(0.0, low - 0.1), 1.0)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(title)
+    fig.tight_layout()
+    atomic_write(out, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+    return out

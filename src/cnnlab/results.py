@@ -73,8 +73,8 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def sanitize_name(name: str) -> str:
-    """A run name as one safe path component: letters, digits, '.', '_' and '-' only."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    """A run name as one safe path component: letters, digits, '.', '_', '=' and '-' only."""
+    safe = re.sub(r"[^A-Za-z0-9._=-]+", "-", name).strip("-.")
     if not safe:
         raise UserError(f"name: {name!r} has no letters or digits to name a results folder with; pick another name")
     return safe[:100]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from pydantic import NonNegativeFloat, NonNegativeInt, PositiveInt
 from torch import nn
 
-from cnnlab.models.layers import ActivationName, PoolName, make_activation, make_pool
+from cnnlab.models.layers import ActivationName, PoolName, flat_features, make_activation, make_pool
 from cnnlab.models.registry import register_model
 
 
@@ -44,15 +43,7 @@ def lenet(
         layers.append(nn.BatchNorm2d(c2))
     layers += [make_activation(activation), make_pool(pool), nn.Flatten()]
 
-    with torch.no_grad():
-        probe = torch.zeros(1, in_channels, image_size, image_size)
-        try:
-            flat = nn.Sequential(*layers).eval()(probe).shape[1]
-        except RuntimeError as err:
-            raise ValueError(
-                f"kernel_size {kernel_size} with padding {pad} leaves no pixels of a {image_size}x{image_size} "
-                f"image after two convs and pools ({err.__class__.__name__}); use smaller kernels or more padding"
-            ) from None
+    flat = flat_features(layers, in_channels, image_size)
 
     width = flat
     for size in hidden:

@@ -8,7 +8,10 @@ its options: they are what configs are validated against before anything is buil
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
+import os
+import sys
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,7 +74,31 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def import_builder(spec: str) -> ModelEntry:
+    """``"my_module:build_net"`` -> the builder ``build_net`` from the user's module ``my_module``.
+
+    The module is imported from ``sys.path``, with the current folder added (as ``python -m`` would).
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelArgumentError(f"model.name: {spec!r} should be 'module:function', e.g. my_models:build_net")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ModelArgumentError(
+            f"model.name: cannot import module {module_name!r} ({err}); put it in the current folder or on PYTHONPATH"
+        ) from None
+    builder = getattr(module, attr, None)
+    if not callable(builder):
+        raise ModelArgumentError(f"model.name: module {module_name!r} has no function {attr!r}")
+    return ModelEntry(spec, builder)
+
+
 def get_entry(name: str) -> ModelEntry:
+    if ":" in name:
+        return import_builder(name)
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""

@@ -1,0 +1,308 @@
+"""Usage: ``run_sweep(Path("configs/kernels"), jobs=2)``: a family of experiments, run and compared.
+
+A target is a folder (every ``*.yaml`` in it, sorted, one trial each) or a sweep file::
+
+    base: ../lenet.yaml                     # relative to the sweep file
+    grid: {model.kernel_size: [3, 5, 7], optim.lr: [0.1, 0.3]}
+    seeds: [0, 1, 2]
+
+Each trial runs as its own ``cnnlab run`` process (``jobs`` at a time, CPU threads divided among
+them, one GPU each when there are several), so one crashing trial cannot take the others down.
+Runs go to ``<results>/sweeps/<sweep>/runs/<variant>/<run id>/``; each invocation writes
+``<results>/sweeps/<sweep>/<timestamp>/`` with ``trials.json``, ``summary.csv``, ``summary.md``,
+``curves.png`` and ``bars.png``. A trial whose exact config already completed is skipped unless
+``force``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cnnlab.compare import aggregate, markdown_table, row_from_summary, rows_csv
+from cnnlab.config import Config, dump_config, load_config, read_yaml
+from cnnlab.errors import UserError
+from cnnlab.results import atomic_write_text, sanitize_name
+
+SWEEP_KEYS = {"name", "base", "grid", "seeds"}
+EPOCH_LINE = re.compile(r"^epoch\s+(\d+)/(\d+)")
+# Keys that say where or how fast a trial runs, not what it computes: ignored when matching old runs.
+PLACEMENT_KEYS = (("train", "threads"), ("train", "device"))
+
+
+@dataclass
+class Trial:
+    name: str  # the variant: a config's file name, or the grid point; runs of every seed share it
+    seed: int
+    swept: dict[str, Any] = field(default_factory=dict)  # grid key -> value ({} for folder sweeps)
+    config: Config | None = None
+    error: str = ""  # why the config could not be loaded
+    status: str = "pending"  # pending, completed, skipped (done before), failed
+    run_dir: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} seed {self.seed}"
+
+    @property
+    def swept_text(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.swept.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Expanding a target into trials
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines())
+
+
+def _value_label(value: Any) -> str:
+    return "x".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def expand(target: Path, overrides: list[str], seeds: list[int] | None = None) -> tuple[str, list[Trial]]:
+    """(sweep name, trials). A config that fails to load becomes a failed trial, not an error."""
+    target = Path(target)
+    if target.is_dir():
+        files = sorted(p for p in target.glob("*.yaml") if not p.name.startswith("_"))
+        if not files:
+            raise UserError(f"{target}: no *.yaml configs in this folder")
+        trials = []
+        for path in files:
+            for seed in seeds or [None]:
+                trial_overrides = [*overrides, *([f"seed={seed}"] if seed is not None else [])]
+                try:
+                    cfg = load_config(path, trial_overrides, {"name": path.stem})
+                    trials.append(Trial(path.stem, cfg.seed, config=cfg))
+                except UserError as err:
+                    trials.append(Trial(path.stem, seed or 0, error=one_line(err), status="failed"))
+        return target.name or "sweep", trials
+    return expand_sweep_file(target, overrides, seeds)
+
+
+def expand_sweep_file(path: Path, overrides: list[str], seeds: list[int] | None) -> tuple[str, list[Trial]]:
+    spec = read_yaml(path)
+    unknown = set(spec) - SWEEP_KEYS
+    if unknown:
+        raise UserError(
+            f"{path}: unknown sweep key(s) {', '.join(sorted(unknown))}; a sweep file has {', '.join(sorted(SWEEP_KEYS))}. "
+            "(To run one experiment use `cnnlab run`.)"
+        )
+    grid = spec.get("grid") or {}
+    if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
+        raise UserError(f"{path}: grid must map config keys to non-empty lists, e.g. grid: {{optim.lr: [0.1, 0.3]}}")
+    seed_list = seeds or spec.get("seeds") or [None]
+    if not isinstance(seed_list, list) or not all(s is None or isinstance(s, int) for s in seed_list):
+        raise UserError(f"{path}: seeds must be a list of integers, e.g. seeds: [0, 1, 2]")
+    base = (path.parent / spec["base"]) if spec.get("base") else None
+    name = sanitize_name(str(spec.get("name") or path.stem))
+    trials = []
+    for point in itertools.product(*grid.values()):
+        swept = dict(zip(grid, point))
+        variant = sanitize_name("-".join(f"{k.split('.')[-1]}={_value_label(v)}" for k, v in swept.items()) or name)
+        for seed in seed_list:
+            values = {**swept, "name": variant, **({"seed": seed} if seed is not None else {})}
+            try:
+                cfg = load_config(base, overrides, values)
+                trials.append(Trial(variant, cfg.seed, swept, config=cfg))
+            except UserError as err:
+                trials.append(Trial(variant, seed or 0, swept, error=one_line(err), status="failed"))
+    return name, trials
+
+
+# ---------------------------------------------------------------------------------------------
+# Running trials
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    config = json.loads(json.dumps(config))
+    for section, key in PLACEMENT_KEYS:
+        config.get(section, {}).pop(key, None)
+    return config
+
+
+def finished_run(trial: Trial) -> Path | None:
+    """A completed earlier run of exactly this trial's config, if there is one."""
+    folder = Path(trial.config.output.dir) / sanitize_name(trial.name)
+    wanted = _comparable(trial.config.to_dict())
+    for run in sorted(folder.glob("*/summary.json"), reverse=True):
+        try:
+            summary = json.loads(run.read_text(encoding="utf-8"))
+            if summary.get("status") == "completed" and _comparable(read_yaml(run.parent / "config.yaml")) == wanted:
+                return run.parent
+        except (OSError, ValueError, UserError):
+            continue
+    return None
+
+
+def placement(index: int, jobs: int) -> tuple[str | None, int]:
+    """(device, CPU threads) for the ``index``-th concurrent trial: one GPU each when there are several."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return (f"cuda:{index % gpus}" if gpus > 1 else None), threads
+
+
+class Runner:
+    """Runs trials as ``cnnlab run`` subprocesses with one combined progress display."""
+
+    def __init__(self, sweep_dir: Path, jobs: int, console: Console, live: bool) -> None:
+        self.sweep_dir = sweep_dir
+        self.jobs = jobs
+        self.console = console
+        self.slots = list(range(jobs))
+        self.lock = threading.Lock()
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, disable=not live,
+        )
+
+    def run_all(self, trials: list[Trial]) -> None:
+        with self.progress:
+            self.overall = self.progress.add_task("sweep", total=len(trials))
+            pending = [t for t in trials if t.status == "pending"]
+            self.progress.advance(self.overall, len(trials) - len(pending))
+            with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+                list(pool.map(self.run_one, pending))
+
+    def run_one(self, trial: Trial) -> None:
+        with self.lock:
+            slot = self.slots.pop(0)
+        try:
+            self._run(trial, slot)
+        finally:
+            with self.lock:
+                self.slots.append(slot)
+            self.progress.advance(self.overall)
+
+    def _run(self, trial: Trial, slot: int) -> None:
+        device, threads = placement(slot, self.jobs)
+        updates: dict[str, Any] = {"threads": threads}
+        if device:
+            updates["device"] = device
+        cfg = trial.config.model_copy(update={"train": trial.config.train.model_copy(update=updates)})
+        config_path = self.sweep_dir / "configs" / f"{sanitize_name(trial.name)}-seed{trial.seed}.yaml"
+        atomic_write_text(config_path, dump_config(cfg))
+        log_path = self.sweep_dir / "logs" / config_path.with_suffix(".log").name
+        task = self.progress.add_task(f"  {trial.label}", total=cfg.train.epochs)
+        self._say(f"start {trial.label}")
+        command = [sys.executable, "-m", "cnnlab", "run", str(config_path), "--quiet"]
+        error_lines: list[str] = []
+        with open(log_path, "w", encoding="utf-8") as log:
+            process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+            )
+            for line in process.stdout:
+                log.write(line)
+                if line.startswith("run ") and " -> " in line:
+                    trial.run_dir = Path(line.rsplit(" -> ", 1)[1].strip())
+                elif match := EPOCH_LINE.match(line):
+                    self.progress.update(task, completed=int(match.group(1)))
+                elif line.startswith(("error:", "training failed:")) or error_lines:
+                    error_lines.append(line.rstrip())
+            code = process.wait()
+        self.progress.remove_task(task)
+        trial.status = "completed" if code == 0 else "failed"
+        if code != 0:
+            trial.error = " ".join(error_lines).strip() or f"exit code {code}; see {log_path}"
+        self._say(f"{'done ' if code == 0 else 'FAILED'} {trial.label}" + (f": {trial.error}" if code else ""))
+
+    def _say(self, text: str) -> None:
+        if self.progress.disable:
+            self.console.print(text, soft_wrap=True)
+        else:
+            self.progress.console.print(text, soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole sweep
+
+
+def trial_row(trial: Trial) -> dict[str, Any]:
+    summary: dict[str, Any] = {"name": trial.name, "seed": trial.seed, "status": trial.status, "error": trial.error}
+    if trial.run_dir is not None and (trial.run_dir / "summary.json").is_file():
+        summary = json.loads((trial.run_dir / "summary.json").read_text(encoding="utf-8"))
+        summary["name"] = trial.name
+        if trial.status == "failed" and not summary.get("error"):
+            summary["error"] = trial.error
+    row = row_from_summary(summary, trial.run_dir, trial.swept_text)
+    row["status"] = trial.status
+    row["swept"] = trial.swept
+    return row
+
+
+def run_sweep(
+    target: Path,
+    overrides: list[str] | None = None,
+    *,
+    jobs: int = 1,
+    seeds: list[int] | None = None,
+    results: Path | None = None,
+    force: bool = False,
+    quiet: bool = False,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Run every trial of ``target``; returns the sweep folder and one row per trial."""
+    if not Path(target).exists():
+        raise UserError(f"sweep target not found: {target}; give a folder of configs or a sweep file")
+    if jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    name, trials = expand(Path(target), list(overrides or []), seeds)
+    root = Path(results) if results is not None else None
+    sweep_root = (root or _results_root(trials)) / "sweeps" / sanitize_name(name)
+    for trial in trials:
+        if trial.config is not None:
+            trial.config = trial.config.model_copy(
+                update={"output": trial.config.output.model_copy(update={"dir": sweep_root / "runs"})}
+            )
+            previous = None if force else finished_run(trial)
+            if previous is not None:
+                trial.status, trial.run_dir = "skipped", previous
+    sweep_dir = sweep_root / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    while sweep_dir.exists():
+        sweep_dir = sweep_dir.with_name(sweep_dir.name + "-1")
+    (sweep_dir / "logs").mkdir(parents=True)
+    console = Console(highlight=False)
+    skipped = sum(t.status == "skipped" for t in trials)
+    console.print(
+        f"sweep {name}: {len(trials)} trials ({skipped} done before, {sum(t.status == 'failed' for t in trials)} "
+        f"invalid), {jobs} at a time -> {sweep_dir}", soft_wrap=True,
+    )
+    for trial in trials:
+        if trial.status == "failed":
+            console.print(f"FAILED {trial.label}: {trial.error}", soft_wrap=True)
+    Runner(sweep_dir, jobs, console, live=not quiet and console.is_terminal).run_all(trials)
+    rows = [trial_row(t) for t in trials]
+    write_sweep_files(sweep_dir, rows, list(dict.fromkeys(k for t in trials for k in t.swept)))
+    return sweep_dir, rows
+
+
+def _results_root(trials: list[Trial]) -> Path:
+    dirs = {Path(t.config.output.dir) for t in trials if t.config is not None}
+    return dirs.pop() if len(dirs) == 1 else Path("results")
+
+
+def write_sweep_files(sweep_dir: Path, rows: list[dict[str, Any]], swept_keys: list[str]) -> None:
+    from cnnlab.plots import plot_accuracy_bars, plot_sweep_curves
+
+    atomic_write_text(sweep_dir / "trials.json", json.dumps(rows, indent=2, default=str) + "\n")
+    atomic_write_text(sweep_dir / "summary.csv", rows_csv(rows, swept_keys))
+    title = f"# Sweep {sweep_dir.parent.name} ({sweep_dir.name})\n\n"
+    atomic_write_text(sweep_dir / "summary.md", title + markdown_table(aggregate(rows)))
+    plot_sweep_curves(rows, sweep_dir / "curves.png", title=sweep_dir.parent.name)
+    plot_accuracy_bars(aggregate(rows), sweep_dir / "bars.png", title=sweep_dir.parent.name)

@@ -1,0 +1,111 @@
+"""`cnnlab sweep` and `cnnlab compare` on tiny generated data (each trial is a real subprocess)."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+from cnnlab.sweep import expand
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+runner = CliRunner()
+
+
+@pytest.fixture
+def sweep_overrides(tiny_data):
+    sets = [f"data.root={tiny_data}", "data.check_counts=false", "data.val_size=100", "train.epochs=2",
+            "train.batch_size=64", "train.device=cpu", "optim.lr=0.05", "model.activation=relu"]
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def write_folder(folder: Path, broken: bool = True) -> Path:
+    folder.mkdir()
+    base = CONFIGS / "lenet.yaml"
+    (folder / "_base.yaml").write_text(f"extends: {base}\n")  # skipped: files starting with _ are bases
+    (folder / "small.yaml").write_text("extends: _base.yaml\nmodel: {channels: [4, 8]}\n")
+    (folder / "wide.yaml").write_text("extends: _base.yaml\nmodel: {channels: [8, 16]}\n")
+    if broken:
+        (folder / "broken.yaml").write_text("extends: _base.yaml\ntrain: {epocs: 3}\n")
+    return folder
+
+
+def read_csv(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_folder_sweep_survives_a_broken_trial_and_skips_finished_ones(tmp_path, sweep_overrides):
+    folder = write_folder(tmp_path / "family")
+    results = tmp_path / "results"
+    first = runner.invoke(app, ["sweep", str(folder), "--results", str(results), "--jobs", "2", *sweep_overrides])
+    assert first.exit_code == 1, first.output  # one trial failed
+    [sweep_dir] = (results / "sweeps" / "family").glob("2*")
+    assert {p.name for p in sweep_dir.iterdir()} >= {"summary.csv", "summary.md", "curves.png", "bars.png", "trials.json"}
+    rows = {r["name"]: r for r in read_csv(sweep_dir / "summary.csv")}
+    assert set(rows) == {"broken", "small", "wide"}
+    assert rows["broken"]["status"] == "failed" and "train.epocs" in rows["broken"]["error"]
+    for name in ("small", "wide"):
+        assert rows[name]["status"] == "completed"
+        assert float(rows[name]["test_acc"]) > 0.5  # the tiny data set is easy
+        assert Path(rows[name]["run_dir"], "summary.json").is_file()
+    assert int(rows["wide"]["params"]) > int(rows["small"]["params"])
+    table = (sweep_dir / "summary.md").read_text()
+    assert "| small | 0 |" in table and "1 of 1 failed" in table
+    for png in ("curves.png", "bars.png"):
+        with Image.open(sweep_dir / png) as image:
+            assert image.format == "PNG" and image.width >= 400
+
+    (folder / "broken.yaml").unlink()
+    second = runner.invoke(app, ["sweep", str(folder), "--results", str(results), *sweep_overrides])
+    assert second.exit_code == 0, second.output
+    assert "2 trials (2 done before" in second.output
+    newest = sorted((results / "sweeps" / "family").glob("2*"))[-1]
+    assert {r["status"] for r in read_csv(newest / "summary.csv")} == {"skipped"}
+    assert len(list((results / "sweeps" / "family" / "runs" / "small").iterdir())) == 1
+
+    forced = runner.invoke(app, ["sweep", str(folder), "--results", str(results), "--force", *sweep_overrides])
+    assert forced.exit_code == 0, forced.output
+    assert len(list((results / "sweeps" / "family" / "runs" / "small").iterdir())) == 2
+
+    compared = runner.invoke(app, ["compare", str(results / "sweeps" / "family")])
+    assert compared.exit_code == 0 and "small" in compared.output and "wide" in compared.output
+
+
+def test_grid_sweep_with_seeds_reports_mean_and_std(tmp_path, sweep_overrides):
+    sweep_file = tmp_path / "grid.yaml"
+    sweep_file.write_text(f"base: {CONFIGS / 'lenet.yaml'}\ngrid: {{model.kernel_size: [3, 5]}}\nseeds: [0, 1]\n")
+    result = runner.invoke(app, ["sweep", str(sweep_file), "--results", str(tmp_path / "r"), "--jobs", "2",
+                                 *sweep_overrides])
+    assert result.exit_code == 0, result.output
+    [sweep_dir] = (tmp_path / "r" / "sweeps" / "grid").glob("2*")
+    rows = read_csv(sweep_dir / "summary.csv")
+    assert sorted((r["model.kernel_size"], r["seed"]) for r in rows) == [("3", "0"), ("3", "1"), ("5", "0"), ("5", "1")]
+    table = (sweep_dir / "summary.md").read_text()
+    assert "| kernel_size=3 | 0,1 |" in table and " ± " in table
+    trials = json.loads((sweep_dir / "trials.json").read_text())
+    assert {t["status"] for t in trials} == {"completed"}
+
+
+def test_sweep_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: x.yaml\ngrid: {optim.lr: 0.1}\n")
+    result = runner.invoke(app, ["sweep", str(bad)])
+    assert result.exit_code == 2 and "grid must map config keys to non-empty lists" in result.output
+    bad.write_text("grdi: {optim.lr: [0.1]}\n")
+    result = runner.invoke(app, ["sweep", str(bad)])
+    assert result.exit_code == 2 and "unknown sweep key(s) grdi" in result.output
+    assert runner.invoke(app, ["sweep", str(tmp_path / "missing")]).exit_code == 2
+
+
+def test_the_report_folder_expands_to_every_experiment():
+    name, trials = expand(CONFIGS / "seed", [])
+    assert name == "seed" and all(t.config is not None for t in trials)
+    names = [t.name for t in trials]
+    assert names == sorted(names) and len(names) == 12 and "_report" not in names
+    by_name = {t.name: t.config for t in trials}
+    assert by_name["s5_1_lenet"].data.val_size == 0 and not by_name["s5_1_lenet"].data.normalize
+    assert by_name["s6_4_resnet"].train.epochs == 50 and by_name["s6_4_resnet"].model.name == "resnet"
