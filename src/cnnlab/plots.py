@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cnnlab.results import atomic_write, read_metrics_csv  # noqa: E402
 
@@ -24,6 +25,7 @@ def plot_curves(metrics_csv: Path, out: Path, title: str | None = None) -> Path:
     ax.plot(epochs, [r["train_acc"] for r in rows], label="train acc", linestyle="--")
     ax.plot(epochs, [r["val_acc"] for r in rows], label="val acc", linestyle="-.")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(1, max(epochs[-1], 2))
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -49,6 +51,7 @@ def plot_sweep_curves(rows: list[dict], out: Path, title: str = "") -> Path:
                        color=colours.get(label), label=label if first else None, alpha=0.85)[0]
         colours.setdefault(label, line.get_color())
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation accuracy")
     ax.grid(True, alpha=0.3)
     if colours:
