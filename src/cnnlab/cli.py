@@ -164,6 +164,78 @@ def print_table(table: list[dict]) -> None:
     out.print(grid)
 
 
+RunArgument = Annotated[
+    Optional[Path],
+    typer.Argument(help="A run folder (default: the most recently finished run under --results).", show_default=False),
+]
+
+
+@app.command()
+def visualize(
+    run_dir: RunArgument = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Top-level layer index (0 = first conv, 3 = LeNet's second conv) or dotted module name.")] = None,
+    image: Annotated[Optional[int], typer.Option(help="Index of the image in the split (with --class: the N-th image of that class).")] = None,
+    class_name: Annotated[Optional[str], typer.Option("--class", help="Use an image of this class, e.g. 'Ankle boot' or 9.")] = None,
+    split: Annotated[str, typer.Option(help="test or val.")] = "test",
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="PNG file to write (default: <run>/visualize/...).")] = None,
+    filters: Annotated[bool, typer.Option("--filters", help="Draw the layer's learned kernels instead of its output.")] = False,
+    cam: Annotated[bool, typer.Option("--cam", help="Draw a Grad-CAM heat map of the predicted class.")] = False,
+    list_layers: Annotated[bool, typer.Option("--list-layers", help="List the model's layers with their output shapes.")] = False,
+    results: Annotated[Path, typer.Option(help="Where to look for the most recent run.")] = Path("results"),
+    debug: DebugOption = False,
+) -> None:
+    """Feature maps of a trained model's layer for one image (or its kernels, or a Grad-CAM map)."""
+    with cli_errors(debug):
+        from cnnlab.results import latest_run
+
+        run_dir = run_dir or latest_run(results)
+        if list_layers:
+            from cnnlab.engine import load_trained
+            from cnnlab.visualize import layer_rows
+
+            _, model = load_trained(run_dir)
+            grid = Table("layer", "module", "output shape", box=None, header_style="bold")
+            for row in layer_rows(model):
+                grid.add_row(*row)
+            out.print(f"{run_dir}")
+            out.print(grid)
+            return
+        if filters and cam:
+            raise UserError("--filters and --cam draw different pictures; pass one of them")
+        from cnnlab.visualize import visualize as draw
+
+        picture = draw(run_dir, layer, image=image, class_name=class_name, split=split, out=out_file,
+                       mode="filters" if filters else "cam" if cam else "maps")
+        out.print(f"{split} image {picture.image_index} ({picture.true_label}, predicted {picture.predicted_label}), "
+                  f"layer {picture.layer}: {picture.tiles or 'heat map'}{' tiles' if picture.tiles else ''}")
+        out.print(str(picture.path))
+
+
+@app.command("eval")
+def eval_(
+    run_dir: RunArgument = None,
+    split: Annotated[str, typer.Option(help="test or val.")] = "test",
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    results: Annotated[Path, typer.Option(help="Where to look for the most recent run.")] = Path("results"),
+    debug: DebugOption = False,
+) -> None:
+    """Accuracy, per-class accuracy, confusion matrix and misclassified examples of a trained run."""
+    with cli_errors(debug):
+        from cnnlab.evaluation import evaluate_run
+        from cnnlab.results import latest_run
+
+        report = evaluate_run(run_dir or latest_run(results), split, checkpoint)
+        out.print(f"{report.split} ({report.images:,} images, {report.checkpoint} checkpoint): "
+                  f"accuracy {report.accuracy:.4f}, loss {report.loss:.4f}")
+        grid = Table("class", "accuracy", box=None, header_style="bold")
+        for name, acc in report.per_class.items():
+            grid.add_row(name, f"{acc:.3f}")
+        out.print(grid)
+        out.print("most confused (true -> predicted): " +
+                  "; ".join(f"{t} -> {p} ({n})" for t, p, n in report.confused_pairs))
+        out.print(f"confusion.csv, confusion.png, errors.png, eval.json in {report.folder}")
+
+
 @app.command()
 def models() -> None:
     """List the registered models: name, parameters at 1x28x28, description."""

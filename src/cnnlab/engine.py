@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -227,6 +228,25 @@ def build_model(cfg: Config, runtime: Runtime | None = None) -> nn.Module:
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def load_trained(run_dir: Path, checkpoint: str = "best", device: str = "cpu") -> tuple[Config, nn.Module]:
+    """The config and the trained model of a finished run, in eval mode (weights loaded safely)."""
+    from cnnlab.config import load_config
+    from cnnlab.results import load_checkpoint
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a cnnlab run folder (no config.yaml)")
+    if checkpoint not in ("best", "last"):
+        raise UserError(f"--checkpoint {checkpoint!r}: choose best or last")
+    cfg = load_config(run_dir / "config.yaml")
+    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the run wrote no checkpoints (output.checkpoints: false) or did not finish an epoch")
+    model = build_model(cfg)
+    model.load_state_dict(load_checkpoint(path)["model"])
+    return cfg, model.to(device).eval()
 
 
 def checkpoint_state(model: nn.Module, optimizer, scheduler, epoch: int, cfg: Config, metrics: dict) -> dict[str, Any]:

@@ -178,3 +178,21 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{run_dir} is not a cnnlab run folder (no summary.json)")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def latest_run(results_root: Path = Path("results")) -> Path:
+    """The most recently finished completed run under ``results_root`` (sweeps included)."""
+    finished = []
+    for path in Path(results_root).rglob("summary.json"):
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if summary.get("status") == "completed" and (path.parent / "checkpoints" / "best.pt").is_file():
+            finished.append((summary.get("finished", ""), str(path.parent)))
+    if not finished:
+        raise UserError(
+            f"no finished run in {results_root}/ to look at. Train one first, e.g. `cnnlab run configs/lenet.yaml` "
+            "(or `make run`), or name a run folder"
+        )
+    return Path(max(finished)[1])

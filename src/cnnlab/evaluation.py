@@ -1,0 +1,121 @@
+"""Usage: ``report = evaluate_run(run_dir, split="test")``: where a trained model goes wrong.
+
+Accuracy and loss on a split, per-class accuracy, the confusion matrix (``confusion.csv``,
+``confusion.png``), the most-confused pairs of classes and a grid of misclassified images
+(``errors.png``), written to ``<run>/eval/<split>-<checkpoint>/`` with ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnnlab.data import CLASSES, load_data
+from cnnlab.engine import load_trained
+from cnnlab.errors import UserError
+from cnnlab.results import atomic_write, atomic_write_text
+
+MAX_ERROR_TILES = 36
+
+
+@dataclass
+class EvalReport:
+    split: str
+    checkpoint: str
+    images: int
+    accuracy: float
+    loss: float
+    per_class: dict[str, float]
+    confused_pairs: list[tuple[str, str, int]]  # (true, predicted, count), most frequent first
+    confusion: list[list[int]]  # rows: true class, columns: predicted class
+    folder: str
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data, split: str, batch_size: int = 1024) -> tuple[torch.Tensor, float]:
+    """(predicted labels, mean cross-entropy) over a split."""
+    preds, loss = [], 0.0
+    for x, y in data.batches(split, batch_size):
+        logits = model(x)
+        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        preds.append(logits.argmax(1))
+    return torch.cat(preds), loss / len(data.split(split))
+
+
+def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, classes: int = len(CLASSES)) -> torch.Tensor:
+    return torch.bincount(labels * classes + preds, minlength=classes * classes).reshape(classes, classes)
+
+
+def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best") -> EvalReport:
+    if split not in ("test", "val"):
+        raise UserError(f"--split {split!r}: choose test or val")
+    cfg, model = load_trained(run_dir, checkpoint)
+    data = load_data(cfg.data, cfg.seed, torch.device("cpu"))
+    labels = data.split(split).labels
+    preds, loss = predict(model, data, split)
+    matrix = confusion_matrix(labels, preds)
+    per_class = {name: (matrix[i, i] / matrix[i].sum()).item() for i, name in enumerate(CLASSES) if matrix[i].sum()}
+    off = matrix.clone()
+    off.fill_diagonal_(0)
+    order = torch.argsort(off.flatten(), descending=True)[:5]
+    pairs = [(CLASSES[int(i) // 10], CLASSES[int(i) % 10], int(off.flatten()[i])) for i in order if off.flatten()[i] > 0]
+    folder = Path(run_dir) / "eval" / f"{split}-{checkpoint}"
+    report = EvalReport(split, checkpoint, len(labels), (preds == labels).float().mean().item(), loss, per_class,
+                        pairs, matrix.tolist(), str(folder))
+    write_outputs(report, folder, data.split(split).images, labels, preds)
+    return report
+
+
+def write_outputs(report: EvalReport, folder: Path, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["true \\ predicted", *CLASSES])
+    for name, row in zip(CLASSES, report.confusion):
+        writer.writerow([name, *row])
+    atomic_write_text(folder / "confusion.csv", buffer.getvalue())
+    atomic_write_text(folder / "eval.json", json.dumps(asdict(report), indent=2) + "\n")
+
+    matrix = torch.tensor(report.confusion, dtype=torch.float)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5), dpi=110)
+    shown = ax.imshow((matrix / matrix.sum(1, keepdim=True).clamp(min=1)).numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(CLASSES)):
+        for j in range(len(CLASSES)):
+            value = int(matrix[i, j])
+            if value:
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                        color="white" if matrix[i, j] > 0.5 * matrix[i].sum() else "black")
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{report.split} set: accuracy {report.accuracy:.4f} ({report.checkpoint} checkpoint)")
+    fig.colorbar(shown, ax=ax, fraction=0.046, label="fraction of the true class")
+    fig.tight_layout()
+    atomic_write(folder / "confusion.png", lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+    wrong = (preds != labels).nonzero().flatten()[:MAX_ERROR_TILES]
+    cols = 6
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), dpi=110, squeeze=False)
+    for k, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if k < len(wrong):
+            i = int(wrong[k])
+            axis.imshow(images[i, 0].numpy(), cmap="gray")
+            axis.set_title(f"#{i}\n{CLASSES[int(labels[i])]}\n-> {CLASSES[int(preds[i])]}", fontsize=7)
+    fig.suptitle(f"first {len(wrong)} misclassified {report.split} images (true -> predicted)", fontsize=9)
+    fig.tight_layout()
+    atomic_write(folder / "errors.png", lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)

@@ -1,0 +1,106 @@
+"""`cnnlab visualize` and `cnnlab eval` on a small model trained on tiny generated data."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+from cnnlab.config import load_config
+from cnnlab.engine import fit
+from cnnlab.errors import UserError
+from cnnlab.evaluation import evaluate_run
+from cnnlab.visualize import grid_shape, visualize
+from conftest import write_dataset
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    data = write_dataset(root / "data")
+    cfg = load_config(None, [f"data.root={data}", "data.check_counts=false", "data.val_size=100", "train.epochs=3",
+                             "train.batch_size=32", "train.device=cpu", "model.activation=relu", "optim.lr=0.1",
+                             f"output.dir={root / 'results'}"])
+    summary = fit(cfg, quiet=True)
+    return Path(summary["run_dir"]), summary
+
+
+def png(path):
+    with Image.open(path) as image:
+        image.load()
+        return image.format, image.mode, image.size
+
+
+@pytest.mark.parametrize("layer, channels", [("0", 6), ("3", 16), ("2", 6), ("5", 16)])
+def test_feature_maps_have_one_tile_per_channel(trained, tmp_path, layer, channels):
+    run, _ = trained
+    picture = visualize(run, layer, out=tmp_path / "maps.png")
+    assert picture.tiles == channels
+    fmt, mode, (width, height) = png(picture.path)
+    assert fmt == "PNG" and mode in ("RGB", "RGBA") and width > 400 and height > 200
+
+
+def test_filters_and_cam(trained, tmp_path):
+    run, _ = trained
+    filters = visualize(run, "3", out=tmp_path / "filters.png", mode="filters")
+    assert filters.tiles == 16 * 6 and png(filters.path)[0] == "PNG"
+    cam = visualize(run, None, class_name="Trouser", out=tmp_path / "cam.png", mode="cam")
+    assert cam.true_label == "Trouser" and png(cam.path)[0] == "PNG"
+    with pytest.raises(UserError, match="--filters needs a conv layer"):
+        visualize(run, "1", mode="filters")
+
+
+def test_grid_is_near_square():
+    assert [grid_shape(n) for n in (1, 6, 16, 96)] == [(1, 1), (2, 3), (4, 4), (9, 11)]
+
+
+def test_visualize_defaults_to_the_latest_run_and_lists_layers(trained):
+    run, _ = trained
+    results = run.parent.parent
+    result = runner.invoke(app, ["visualize", "--layer", "3", "--results", str(results)])
+    assert result.exit_code == 0, result.output
+    assert "16 tiles" in result.output and Path(result.output.strip().splitlines()[-1]).is_file()
+    listed = runner.invoke(app, ["visualize", str(run), "--list-layers"])
+    assert listed.exit_code == 0 and "16x10x10" in listed.output and "Conv2d(6, 16, k=5)" in listed.output
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--layer", "40"], "--layer 40: the model has 12 top-level layers"),
+    (["--layer", "features.9"], "no such layer"),
+    (["--class", "Sock"], "not a Fashion-MNIST class"),
+    (["--image", "100000"], "--image 100000"),
+])
+def test_visualize_bad_input(trained, args, expected):
+    run, _ = trained
+    result = runner.invoke(app, ["visualize", str(run), *args])
+    assert result.exit_code == 2 and expected in result.output
+
+
+def test_no_run_yet_says_how_to_make_one(tmp_path):
+    result = runner.invoke(app, ["visualize", "--results", str(tmp_path)])
+    assert result.exit_code == 2 and "cnnlab run configs/lenet.yaml" in result.output
+
+
+def test_eval_confusion_matrix_agrees_with_the_run(trained):
+    run, summary = trained
+    report = evaluate_run(run, "test", "best")
+    assert report.images == summary["test_size"] == 200
+    total = sum(map(sum, report.confusion))
+    diagonal = sum(report.confusion[i][i] for i in range(10))
+    assert total == 200 and diagonal / total == pytest.approx(report.accuracy) == pytest.approx(summary["test_acc"])
+    folder = Path(report.folder)
+    with open(folder / "confusion.csv") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][1:] == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                           "Bag", "Ankle boot"]
+    assert sum(int(v) for row in rows[1:] for v in row[1:]) == 200
+    for name in ("confusion.png", "errors.png"):
+        assert png(folder / name)[0] == "PNG"
+    assert json.loads((folder / "eval.json").read_text())["accuracy"] == pytest.approx(report.accuracy)
+    val = runner.invoke(app, ["eval", str(run), "--split", "val", "--checkpoint", "last"])
+    assert val.exit_code == 0 and "val (100 images, last checkpoint)" in val.output
