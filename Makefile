@@ -8,12 +8,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/lenet.yaml
 
-.PHONY: run test data install bench clean help
+.PHONY: run test data browser install bench clean help
 
 run: data
 	$(BIN)/cnnlab run $(CONFIG)
 
-test: data
+test: data browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 install: $(STAMP)
@@ -26,6 +26,13 @@ $(STAMP): pyproject.toml
 
 data: $(STAMP)
 	CNNLAB=$(BIN)/cnnlab scripts/ensure-data.sh
+
+# Headless Chromium renders the HTML report in tests (Debian's package; installed when we are
+# root, otherwise that one test is skipped with a note).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium not installed: the HTML report rendering test will be skipped (sudo apt-get install chromium)"
 
 bench: data
 	$(BIN)/python scripts/bench_trainer.py

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cnnlab.config import load_config
 from cnnlab.data import FILES, find_data_dir
+from cnnlab.engine import fit
 
 
 def idx_bytes(array: torch.Tensor, kind: str) -> bytes:
@@ -73,3 +75,15 @@ def real_data_dir() -> Path | None:
 requires_real_data = pytest.mark.skipif(
     real_data_dir() is None, reason="Fashion-MNIST not installed (make data installs it)"
 )
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A small LeNet trained for 3 epochs on tiny data: (run folder, summary)."""
+    root = tmp_path_factory.mktemp("trained")
+    data = write_dataset(root / "data")
+    cfg = load_config(None, [f"data.root={data}", "data.check_counts=false", "data.val_size=100", "train.epochs=3",
+                             "train.batch_size=32", "train.device=cpu", "model.activation=relu", "optim.lr=0.1",
+                             f"output.dir={root / 'results'}"])
+    summary = fit(cfg, quiet=True)
+    return Path(summary["run_dir"]), summary

@@ -9,25 +9,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from cnnlab.config import load_config
-from cnnlab.engine import fit
 from cnnlab.errors import UserError
 from cnnlab.evaluation import evaluate_run
 from cnnlab.visualize import grid_shape, visualize
-from conftest import write_dataset
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    data = write_dataset(root / "data")
-    cfg = load_config(None, [f"data.root={data}", "data.check_counts=false", "data.val_size=100", "train.epochs=3",
-                             "train.batch_size=32", "train.device=cpu", "model.activation=relu", "optim.lr=0.1",
-                             f"output.dir={root / 'results'}"])
-    summary = fit(cfg, quiet=True)
-    return Path(summary["run_dir"]), summary
 
 
 def png(path):

@@ -237,6 +237,21 @@ def eval_(
 
 
 @app.command()
+def report(
+    targets: Annotated[list[Path], typer.Argument(help="Runs, sweeps, or folders holding runs.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Markdown file to write; images go to <name>_files/ beside it.")] = Path("report/report.md"),
+    html: Annotated[bool, typer.Option("--html", help="Also write one self-contained HTML file (images embedded).")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """A lab report from results: setup, structure tables, curves, results table, comparisons, feature maps."""
+    with cli_errors(debug):
+        from cnnlab.report import write_report
+
+        for path in write_report(targets, output, html_too=html):
+            out.print(str(path))
+
+
+@app.command()
 def models() -> None:
     """List the registered models: name, parameters at 1x28x28, description."""
     from cnnlab.modelinfo import count_params

@@ -185,6 +185,9 @@ class Runner:
             slot = self.slots.pop(0)
         try:
             self._run(trial, slot)
+        except Exception as err:  # the trial could not even start (e.g. no disk space for its log)
+            trial.status, trial.error = "failed", f"{type(err).__name__}: {err}"
+            self._say(f"FAILED {trial.label}: {trial.error}")
         finally:
             with self.lock:
                 self.slots.append(slot)

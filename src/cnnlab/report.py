@@ -1,0 +1,201 @@
+"""Usage: ``write_report([Path("results/sweeps/kernels")], Path("report/report.md"), html=True)``.
+
+A lab report written from results, following the seed report's structure: setup, each model's
+structure table, its curves, a results table, comparison plots, and (for LeNet runs) what the
+first and second convolutions see. The report is built as a list of blocks, rendered to Markdown
+(images linked relative to the report, so the folder can be zipped) and optionally to one
+self-contained HTML file (images embedded).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cnnlab.compare import aggregate, collect_rows
+from cnnlab.config import load_config
+from cnnlab.errors import UserError
+from cnnlab.results import atomic_write_text
+
+
+@dataclass
+class Block:
+    kind: str  # h1, h2, h3, p, table, image
+    text: str = ""
+    headers: tuple[str, ...] = ()
+    rows: tuple[tuple[str, ...], ...] = ()
+    path: Path | None = None  # image file inside the report folder
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or value != value:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _unique_runs(rows: list[dict[str, Any]]) -> list[Path]:
+    runs = []
+    for row in rows:
+        if row.get("run_dir") and row.get("status") in ("completed", "skipped"):
+            path = Path(row["run_dir"])
+            if path not in runs and (path / "summary.json").is_file():
+                runs.append(path)
+    return runs
+
+
+def build_blocks(targets: list[Path], assets: Path) -> list[Block]:
+    from cnnlab.engine import build_model
+    from cnnlab.modelinfo import profile
+    from cnnlab.plots import plot_accuracy_bars, plot_sweep_curves
+
+    rows = collect_rows(targets)
+    runs = _unique_runs(rows)
+    if not runs:
+        raise UserError("no completed runs among " + ", ".join(map(str, targets)) + "; nothing to report")
+    summaries = {run: json.loads((run / "summary.json").read_text(encoding="utf-8")) for run in runs}
+    configs = {run: load_config(run / "config.yaml") for run in runs}
+    blocks = [
+        Block("h1", "Convolutional networks on Fashion-MNIST"),
+        Block("p", f"Written by cnnlab from {len(runs)} run(s) on "
+                   f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}: " + ", ".join(map(str, targets)) + "."),
+        Block("h2", "1. Setup"),
+    ]
+    first = configs[runs[0]]
+    s0 = summaries[runs[0]]
+    split = ("the test set evaluated after every epoch (the lab report's mode)" if s0.get("eval_split") == "test"
+             else f"{s0.get('val_size', 0):,} training images held out for validation (stratified); the test set "
+                  "evaluated once, with the best checkpoint")
+    blocks.append(Block("p", (
+        f"Data: Fashion-MNIST, {s0.get('train_size', 0):,} training / {s0.get('test_size', 0):,} test images of 1x28x28, "
+        f"10 classes, from {s0.get('data_root')}. Validation: {split}. Pixels "
+        f"{'normalised by the training mean and std' if first.data.normalize else 'scaled to [0, 1]'}; augmentation "
+        f"{'on' if first.data.augment.crop_padding or first.data.augment.flip or first.data.augment.erasing else 'none'}. "
+        f"Loss: cross-entropy{f' with label smoothing {first.train.label_smoothing}' if first.train.label_smoothing else ''}. "
+        f"Initial weights: {first.init}. Hardware: {s0.get('device_name')} ({s0.get('device')}), torch {s0.get('torch_version')}."
+    )))
+    blocks.append(Block("table", headers=("run", "model", "optimizer", "lr", "schedule", "batch", "epochs", "seed"), rows=tuple(
+        (summaries[r]["name"], configs[r].model.name + "".join(f", {k}={v}" for k, v in configs[r].model.kwargs.items()),
+         configs[r].optim.name + (f" (momentum {configs[r].optim.momentum})" if configs[r].optim.momentum else ""),
+         f"{configs[r].optim.lr:g}", configs[r].schedule.name, str(configs[r].train.batch_size),
+         str(summaries[r].get("epochs_completed")), str(configs[r].seed)) for r in runs)))
+
+    blocks.append(Block("h2", "2. Results"))
+    blocks.append(Block("table", headers=("run", "train loss", "train acc", "val acc", "test acc", "examples/s",
+                                           "wall s", "params", "FLOPs/image"), rows=tuple(
+        (summaries[r]["name"], _fmt(summaries[r]["final"]["train_loss"]), _fmt(summaries[r]["final"]["train_acc"]),
+         _fmt(summaries[r]["final"]["val_acc"]), _fmt(summaries[r].get("test_acc")),
+         f"{summaries[r].get('train_examples_per_sec', 0):,.0f}", f"{summaries[r].get('wall_seconds', 0):,.1f}",
+         _fmt(summaries[r].get("params")), _fmt(summaries[r].get("flops_per_image"))) for r in runs)))
+    table = aggregate(rows)
+    if len(table) > 1:
+        blocks.append(Block("p", "Across runs (mean ± std over seeds where there are several):"))
+        from cnnlab.compare import HEADERS, table_cells
+        blocks.append(Block("table", headers=HEADERS, rows=tuple(tuple(table_cells(e)) for e in table)))
+    blocks.append(Block("image", "Validation accuracy per epoch, every run",
+                        path=plot_sweep_curves(rows, assets / "compare-curves.png", title="validation accuracy")))
+    blocks.append(Block("image", "Final test accuracy per variant (error bars: std over seeds)",
+                        path=plot_accuracy_bars(table, assets / "compare-bars.png", title="test accuracy")))
+
+    blocks.append(Block("h2", "3. Models"))
+    seen_models: set[str] = set()
+    lenet_run = None
+    for run in runs:
+        cfg, summary = configs[run], summaries[run]
+        blocks.append(Block("h3", f"{summary['name']} ({run.name})"))
+        key = json.dumps(cfg.model.model_dump(), sort_keys=True, default=str)
+        if key not in seen_models:
+            seen_models.add(key)
+            layers, flops = profile(build_model(cfg))
+            blocks.append(Block("table", headers=("#", "layer", "output shape", "params", "FLOPs"), rows=tuple(
+                (r.name, r.layer, "x".join(map(str, r.output_shape)), f"{r.params:,}", f"{r.flops:,}") for r in layers)))
+            blocks.append(Block("p", f"{summary.get('params', 0):,} parameters, {flops:,} FLOPs per image."))
+        if (run / "curves.png").is_file():
+            target = assets / f"{run.parent.name}-{run.name}-curves.png"
+            shutil.copyfile(run / "curves.png", target)
+            blocks.append(Block("image", f"{summary['name']}: train loss, train accuracy and validation accuracy",
+                                path=target))
+        if cfg.model.name == "lenet" and lenet_run is None and (run / "checkpoints" / "best.pt").is_file():
+            lenet_run = run
+
+    if lenet_run is not None:
+        from cnnlab.visualize import visualize
+
+        blocks.append(Block("h2", "4. What the convolutions see"))
+        blocks.append(Block("p", f"Outputs of layer 0 (first convolution) and layer 3 (second convolution) of "
+                                 f"{summaries[lenet_run]['name']} for the first test image, one tile per channel."))
+        for layer in ("0", "3"):
+            picture = visualize(lenet_run, layer, out=assets / f"lenet-layer{layer}.png")
+            blocks.append(Block("image", f"Layer {layer}: {picture.tiles} channels", path=picture.path))
+    return blocks
+
+
+def to_markdown(blocks: list[Block], base: Path) -> str:
+    lines: list[str] = []
+    for block in blocks:
+        if block.kind in ("h1", "h2", "h3"):
+            lines += ["#" * int(block.kind[1]) + " " + block.text, ""]
+        elif block.kind == "p":
+            lines += [block.text, ""]
+        elif block.kind == "table":
+            lines.append("| " + " | ".join(block.headers) + " |")
+            lines.append("|" + "---|" * len(block.headers))
+            lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in block.rows]
+            lines.append("")
+        elif block.kind == "image":
+            lines += [f"![{block.text}]({block.path.relative_to(base).as_posix()})", f"*{block.text}*", ""]
+    return "\n".join(lines)
+
+
+HTML_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; line-height: 1.45; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }
+th { background: #f1f3f6; }
+figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; }
+"""
+
+
+def to_html(blocks: list[Block]) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>cnnlab report</title>"
+             f"<style>{HTML_STYLE}</style></head><body>"]
+    for block in blocks:
+        if block.kind in ("h1", "h2", "h3", "p"):
+            parts.append(f"<{block.kind}>{html.escape(block.text)}</{block.kind}>")
+        elif block.kind == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in block.headers)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif block.kind == "image":
+            data = base64.b64encode(block.path.read_bytes()).decode("ascii")
+            parts.append(f"<figure><img alt='{html.escape(block.text)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{html.escape(block.text)}</figcaption></figure>")
+    # Lets a headless browser report images that failed to load (scripts/screenshot_report.sh).
+    parts.append("<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
+                 "document.body.dataset.images = imgs.length; document.body.dataset.brokenImages = "
+                 "imgs.filter(i => !i.complete || i.naturalWidth === 0).length; });</script>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(targets: list[Path], out: Path, html_too: bool = False) -> list[Path]:
+    """Write ``out`` (Markdown, images in ``<stem>_files/`` beside it) and, with ``html_too``, ``out.html``."""
+    out = Path(out)
+    assets = out.parent / f"{out.stem}_files"
+    assets.mkdir(parents=True, exist_ok=True)
+    blocks = build_blocks([Path(t) for t in targets], assets)
+    atomic_write_text(out, to_markdown(blocks, out.parent))
+    written = [out]
+    if html_too:
+        page = out.with_suffix(".html")
+        atomic_write_text(page, to_html(blocks))
+        written.append(page)
+    return written
