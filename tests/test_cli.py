@@ -64,6 +64,7 @@ CASES = {
                         "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
     "data folder without files": (lambda t: ["run", CONFIGS / "lenet.yaml", "--data-dir", t], "lacks train-images"),
     "no cuda": (lambda t: ["run", CONFIGS / "lenet.yaml", "--device", "cuda:7"], "train.device: cuda:7"),
+    "sweep file": (lambda t: ["run", bad_file(t, "base: x.yaml\ngrid: {optim.lr: [0.1]}\n")], "is a sweep file"),
 }
 
 

@@ -287,6 +287,8 @@ def load_config(
         data = resolve_extends(path)
         data.setdefault("name", path.stem)
         source = str(path)
+        if {"grid", "base"} & set(data):
+            raise UserError(f"{path} is a sweep file (it has base/grid keys); run it with `cnnlab sweep {path}`")
     if overrides:
         data = apply_overrides(data, overrides)
         source += " with --set " + " ".join(overrides)
