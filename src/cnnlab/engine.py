@@ -261,29 +261,11 @@ def checkpoint_state(model: nn.Module, optimizer, scheduler, epoch: int, cfg: Co
     }
 
 
-def fit(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Train and test one experiment; returns its summary (also written to ``summary.json``).
-
-    Bad input raises ``UserError`` before the run folder exists. A failure during training is
-    recorded in ``summary.json`` (status ``failed`` or ``interrupted``) and re-raised.
-    """
-    wall_start = time.perf_counter()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    runtime = make_runtime(cfg.train.device, cfg.train.precision)
-    data = load_data(cfg.data, cfg.seed, runtime.device, channels_last=cfg.train.channels_last)
-    model = build_model(cfg, runtime)
-    flops = flops_per_image(model)
-    forward = torch.compile(model) if cfg.train.compile else model
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    optimizer = make_optimizer(model, cfg.optim)
-    steps_per_epoch = data.num_batches("train", cfg.train.batch_size)
-    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
-    order = torch.Generator().manual_seed(cfg.seed)
-
-    run = RunDir.create(cfg.output.dir, cfg.name)
-    run.write_config(dump_config(cfg))
-    summary: dict[str, Any] = {
+def describe_run(
+    cfg: Config, run: RunDir, data: Data, model: nn.Module, runtime: Runtime, flops: int
+) -> dict[str, Any]:
+    """The summary.json of a run that has just started: what is trained, on what, where."""
+    return {
         "status": "running",
         "name": cfg.name,
         "run_id": run.run_id,
@@ -304,6 +286,31 @@ def fit(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -
         "git_commit": git_commit(),
         "started": utc_now(),
     }
+
+
+def fit(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Train and test one experiment; returns its summary (also written to ``summary.json``).
+
+    Bad input raises ``UserError`` before the run folder exists. A failure during training is
+    recorded in ``summary.json`` (status ``failed`` or ``interrupted``) and re-raised.
+    """
+    wall_start = time.perf_counter()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    runtime = make_runtime(cfg.train.device, cfg.train.precision)
+    data = load_data(cfg.data, cfg.seed, runtime.device, channels_last=cfg.train.channels_last)
+    model = build_model(cfg, runtime)
+    flops = flops_per_image(model)  # before the run folder exists: a model that cannot run fails here
+    forward = torch.compile(model) if cfg.train.compile else model
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    optimizer = make_optimizer(model, cfg.optim)
+    steps_per_epoch = data.num_batches("train", cfg.train.batch_size)
+    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
+    order = torch.Generator().manual_seed(cfg.seed)
+
+    run = RunDir.create(cfg.output.dir, cfg.name)
+    run.write_config(dump_config(cfg))
+    summary = describe_run(cfg, run, data, model, runtime, flops)
     run.write_summary(summary)
     reporter = reporter or make_reporter(quiet=quiet)
     reporter.start_run(cfg.name, run.path, cfg.train.epochs)

@@ -19,7 +19,7 @@ from torch import nn
 from cnnlab.data import CLASSES, load_data
 from cnnlab.engine import load_trained
 from cnnlab.errors import UserError
-from cnnlab.results import atomic_write, atomic_write_text
+from cnnlab.results import atomic_write_text
 
 MAX_ERROR_TILES = 36
 
@@ -73,10 +73,7 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best") -
 
 
 def write_outputs(report: EvalReport, folder: Path, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from cnnlab.plots import plt, save_figure
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -101,9 +98,7 @@ def write_outputs(report: EvalReport, folder: Path, images: torch.Tensor, labels
     ax.set_ylabel("true")
     ax.set_title(f"{report.split} set: accuracy {report.accuracy:.4f} ({report.checkpoint} checkpoint)")
     fig.colorbar(shown, ax=ax, fraction=0.046, label="fraction of the true class")
-    fig.tight_layout()
-    atomic_write(folder / "confusion.png", lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    save_figure(fig, folder / "confusion.png")
 
     wrong = (preds != labels).nonzero().flatten()[:MAX_ERROR_TILES]
     cols = 6
@@ -116,6 +111,4 @@ def write_outputs(report: EvalReport, folder: Path, images: torch.Tensor, labels
             axis.imshow(images[i, 0].numpy(), cmap="gray")
             axis.set_title(f"#{i}\n{CLASSES[int(labels[i])]}\n-> {CLASSES[int(preds[i])]}", fontsize=7)
     fig.suptitle(f"first {len(wrong)} misclassified {report.split} images (true -> predicted)", fontsize=9)
-    fig.tight_layout()
-    atomic_write(folder / "errors.png", lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    save_figure(fig, folder / "errors.png")

@@ -16,6 +16,15 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from cnnlab.results import atomic_write, read_metrics_csv  # noqa: E402
 
 
+def save_figure(fig, out: Path, tight: bool = True) -> Path:
+    """Write ``fig`` to ``out`` as PNG, atomically, and free it."""
+    if tight:
+        fig.tight_layout()
+    atomic_write(out, lambda f: fig.savefig(f, format="png", bbox_inches="tight" if not tight else None))
+    plt.close(fig)
+    return out
+
+
 def plot_curves(metrics_csv: Path, out: Path, title: str | None = None) -> Path:
     """Train loss, train accuracy and validation accuracy against epoch, as the report's d2l plots."""
     rows = read_metrics_csv(metrics_csv)
@@ -30,10 +39,7 @@ def plot_curves(metrics_csv: Path, out: Path, title: str | None = None) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend()
     ax.set_title(title or Path(metrics_csv).parent.parent.name)
-    fig.tight_layout()
-    atomic_write(out, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_sweep_curves(rows: list[dict], out: Path, title: str = "") -> Path:
@@ -57,10 +63,7 @@ def plot_sweep_curves(rows: list[dict], out: Path, title: str = "") -> Path:
     if colours:
         ax.legend(fontsize="small", loc="lower right")
     ax.set_title(title)
-    fig.tight_layout()
-    atomic_write(out, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_accuracy_bars(table: list[dict], out: Path, title: str = "") -> Path:
@@ -84,7 +87,4 @@ def plot_accuracy_bars(table: list[dict], out: Path, title: str = "") -> Path:
     ax.set_ylim(max(0.0, low - 0.1), 1.0)
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(title)
-    fig.tight_layout()
-    atomic_write(out, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

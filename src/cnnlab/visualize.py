@@ -20,7 +20,6 @@ from cnnlab.data import CLASSES, Data, load_data
 from cnnlab.engine import load_trained
 from cnnlab.errors import UserError
 from cnnlab.modelinfo import profile, short_repr
-from cnnlab.results import atomic_write
 
 
 @dataclass
@@ -130,10 +129,7 @@ def visualize(
     mode: str = "maps",
 ) -> Picture:
     """Draw ``mode`` (maps, filters or cam) for one image of ``split``; writes a PNG and describes it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from cnnlab.plots import plt, save_figure
 
     cfg, model = load_trained(run_dir)
     data = load_data(cfg.data, cfg.seed, torch.device("cpu"))
@@ -200,6 +196,5 @@ def visualize(
             axis.set_xticks([])
             axis.set_yticks([])
         fig.suptitle(title, fontsize=10)
-    atomic_write(out, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
-    plt.close(fig)
+    save_figure(fig, out, tight=False)
     return Picture(out, len(tiles), layer, index, CLASSES[truth], CLASSES[predicted])
