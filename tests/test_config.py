@@ -48,7 +48,7 @@ def test_overrides_are_typed_and_win_over_the_file():
 
 
 def test_shipped_configs_all_validate():
-    files = sorted(CONFIGS.rglob("*.yaml"))
+    files = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "sweeps")
     assert len(files) >= 10
     for path in files:
         assert isinstance(load_config(path), Config)

@@ -109,3 +109,10 @@ def test_the_report_folder_expands_to_every_experiment():
     by_name = {t.name: t.config for t in trials}
     assert by_name["s5_1_lenet"].data.val_size == 0 and not by_name["s5_1_lenet"].data.normalize
     assert by_name["s6_4_resnet"].train.epochs == 50 and by_name["s6_4_resnet"].model.name == "resnet"
+
+
+def test_the_shipped_grid_sweep_expands():
+    name, trials = expand(CONFIGS / "sweeps" / "kernels_lr.yaml", [])
+    assert name == "kernels_lr" and len(trials) == 18 and all(t.config is not None for t in trials)
+    assert {t.name for t in trials} == {f"kernel_size={k}-lr={lr}" for k in (3, 5, 7) for lr in (0.05, 0.1)}
+    assert all(t.config.model.kwargs["activation"] == "relu" for t in trials)
