@@ -158,7 +158,9 @@ def compare(
 def print_table(table: list[dict]) -> None:
     from cnnlab.compare import HEADERS, table_cells
 
-    grid = Table(*HEADERS, box=None, header_style="bold")
+    grid = Table(box=None, header_style="bold")
+    for i, header in enumerate(HEADERS):
+        grid.add_column(header, no_wrap=i == 0)  # the variant name stays whole; numbers wrap first
     for entry in table:
         grid.add_row(*table_cells(entry))
     out.print(grid)
