@@ -129,3 +129,27 @@ def test_bf16_autocast_runs_on_cpu(tiny_overrides):
     summary = fit(cfg, quiet=True)
     assert summary["status"] == "completed" and summary["precision"] == "bf16"
     assert torch.isfinite(torch.tensor(summary["test_loss"]))
+
+
+def test_interrupt_is_recorded_and_partial_results_kept(tiny_overrides, tmp_path, monkeypatch):
+    import cnnlab.engine as engine
+
+    real = engine.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupt_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", interrupt_in_second_epoch)
+    cfg = load_config(None, [*tiny_overrides, "train.epochs=3"])
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, quiet=True)
+    run = only_run(tmp_path / "results")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["epochs_completed"] == 1
+    assert len(metric_rows(run / "metrics.csv")) == 1 and (run / "checkpoints" / "last.pt").is_file()
+    assert (run / "curves.png").is_file()
+    assert not [p for p in run.rglob("*.tmp")]  # no half-written files

@@ -241,7 +241,7 @@ def eval_(
 @app.command()
 def report(
     targets: Annotated[list[Path], typer.Argument(help="Runs, sweeps, or folders holding runs.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Markdown file to write; images go to <name>_files/ beside it.")] = Path("report/report.md"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Markdown file to write; images go to <name>_files/ beside it.")] = Path("results/report/report.md"),
     html: Annotated[bool, typer.Option("--html", help="Also write one self-contained HTML file (images embedded).")] = False,
     debug: DebugOption = False,
 ) -> None:
