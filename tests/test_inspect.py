@@ -41,6 +41,12 @@ def test_filters_and_cam(trained, tmp_path):
         visualize(run, "1", mode="filters")
 
 
+@pytest.mark.parametrize("spelling", ["T-shirt", "t-shirt/top", "T_SHIRT", "0"])
+def test_class_names_are_forgiving(trained, tmp_path, spelling):
+    run, _ = trained
+    assert visualize(run, "0", class_name=spelling, out=tmp_path / "x.png").true_label == "T-shirt/top"
+
+
 def test_grid_is_near_square():
     assert [grid_shape(n) for n in (1, 6, 16, 96)] == [(1, 1), (2, 3), (4, 4), (9, 11)]
 

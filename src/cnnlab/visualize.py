@@ -60,9 +60,12 @@ def layer_rows(model: nn.Module) -> list[tuple[str, str, str]]:
 def pick_image(data: Data, split: str, image: int | None, class_name: str | None) -> int:
     labels = data.split(split).labels
     if class_name is not None:
-        wanted = class_name.strip().lower().replace("-", " ").replace("_", " ")
-        matches = [i for i, name in enumerate(CLASSES) if name.lower().replace("-", " ") in (wanted,) or
-                   name.lower().split("/")[0] == wanted or str(i) == wanted]
+        def norm(text: str) -> str:
+            return text.strip().lower().replace("-", " ").replace("_", " ")
+
+        wanted = norm(class_name)
+        matches = [i for i, name in enumerate(CLASSES)
+                   if wanted in (norm(name), norm(name.split("/")[0]), str(i))]
         if not matches:
             raise UserError(f"--class {class_name!r}: not a Fashion-MNIST class; choose one of {', '.join(CLASSES)}")
         positions = (labels == matches[0]).nonzero()
