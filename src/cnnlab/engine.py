@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import platform
-import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,13 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlab.config import Config, OptimConfig, ScheduleConfig, dump_config
+from cnnlab.config import Config, OptimConfig, ScheduleConfig, dump_config, load_config
 from cnnlab.data import Data, load_data
 from cnnlab.errors import TrainingError, UserError
 from cnnlab.modelinfo import count_params, flops_per_image
 from cnnlab.models import get_model
 from cnnlab.progress import Reporter, make_reporter
-from cnnlab.results import RunDir, git_commit, utc_now
+from cnnlab.results import RunDir, git_commit, load_checkpoint, utc_now
 
 # ---------------------------------------------------------------------------------------------
 # Runtime: resolved once
@@ -51,8 +50,8 @@ class Runtime:
 
 
 def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "cpu"
@@ -83,11 +82,6 @@ def make_runtime(device_name: str, precision: str) -> Runtime:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
     return Runtime(device, precision, lambda: torch.autocast(device.type, dtype=dtype), scaler)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,9 +226,6 @@ def build_model(cfg: Config, runtime: Runtime | None = None) -> nn.Module:
 
 def load_trained(run_dir: Path, checkpoint: str = "best", device: str = "cpu") -> tuple[Config, nn.Module]:
     """The config and the trained model of a finished run, in eval mode (weights loaded safely)."""
-    from cnnlab.config import load_config
-    from cnnlab.results import load_checkpoint
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a cnnlab run folder (no config.yaml)")
@@ -366,8 +357,7 @@ def fit(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -
                 break
 
         if cfg.output.checkpoints:
-            best = torch.load(run.checkpoint_dir / "best.pt", map_location=runtime.device, weights_only=True)
-            model.load_state_dict(best["model"])
+            model.load_state_dict(load_checkpoint(run.checkpoint_dir / "best.pt", runtime.device)["model"])
         test = evaluate(model, data.batches("test", cfg.train.eval_batch_size), runtime)
     except BaseException as err:
         summary.update(
