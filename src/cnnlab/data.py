@@ -334,7 +334,7 @@ def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False)
         train, val = Split(train.images[train_idx], train.labels[train_idx]), Split(train.images[val_idx], train.labels[val_idx])
     mean, std = pixel_stats(train.images)
     augment = Augment(cfg.augment.crop_padding, cfg.augment.flip, cfg.augment.erasing)
-    data = Data(
+    return Data(
         train=train.to(device),
         val=val.to(device) if val is not None else None,
         test=test.to(device),
@@ -344,7 +344,5 @@ def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False)
         normalize=cfg.normalize,
         augment=augment if augment.active else None,
         channels_last=channels_last,
+        augment_generator=torch.Generator(device=device).manual_seed(seed + 1) if augment.active else None,
     )
-    if data.augment is not None:
-        data.augment_generator = torch.Generator(device=device).manual_seed(seed + 1)
-    return data
