@@ -1,4 +1,4 @@
-"""Usage: ``rows = layer_table(model)``; ``flops_per_image(model)``: what ``cnnlab summary`` prints.
+"""Usage: ``rows, total_flops = profile(model)``; ``flops_per_image(model)``: what ``cnnlab summary`` prints.
 
 FLOPs count the multiply-adds of convolutions and matrix products (2 FLOPs each), as
 ``torch.utils.flop_counter`` does; activations, pooling and normalisation are not counted.
@@ -81,10 +81,6 @@ def profile(model: nn.Module, input_shape: tuple[int, ...] = INPUT_SHAPE) -> tup
         for name, child in model.named_children()
     ]
     return rows, int(counter.get_total_flops())
-
-
-def layer_table(model: nn.Module, input_shape: tuple[int, ...] = INPUT_SHAPE) -> list[LayerRow]:
-    return profile(model, input_shape)[0]
 
 
 def flops_per_image(model: nn.Module, input_shape: tuple[int, ...] = INPUT_SHAPE) -> int:

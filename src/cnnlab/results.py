@@ -173,13 +173,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def read_summary(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a cnnlab run folder (no summary.json)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def latest_run(results_root: Path = Path("results")) -> Path:
     """The most recently finished completed run under ``results_root`` (sweeps included)."""
     finished = []
