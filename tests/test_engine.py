@@ -8,7 +8,7 @@ import torch
 from cnnlab.config import ScheduleConfig, load_config
 from cnnlab.engine import fit, lr_factor
 from cnnlab.errors import TrainingError
-from cnnlab.results import RunDir, atomic_write_text, load_checkpoint
+from cnnlab.results import Checkpoint, RunDir, atomic_write_text
 
 TIMING_COLUMNS = {"epoch_seconds", "train_examples_per_sec"}
 
@@ -31,8 +31,9 @@ def test_fit_writes_a_complete_self_describing_run(tiny_overrides, tmp_path):
     run = only_run(tmp_path / "results")
     assert run.parent.name == "tiny-run-..-x"  # sanitised into one path component
     assert run.parent.parent == tmp_path / "results"
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.csv", "summary.json", "curves.png", "checkpoints"}
-    assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.pt", "last.pt"}
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.csv", "summary.json", "curves.png", "checkpoints",
+                                               ".lock"}
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.pt", "last.pt", "best.pt.sha256", "last.pt.sha256"}
 
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
@@ -46,9 +47,9 @@ def test_fit_writes_a_complete_self_describing_run(tiny_overrides, tmp_path):
     assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
                              "train_examples_per_sec"]
 
-    best = load_checkpoint(run / "checkpoints" / "best.pt")
-    assert best["epoch"] == on_disk["best_epoch"] and best["config"] == cfg.to_dict()
-    assert set(best) >= {"model", "optimizer", "scheduler", "epoch", "config"}
+    best = Checkpoint.load(run / "checkpoints" / "best.pt")
+    assert best.epoch == on_disk["best_epoch"] and best.config == cfg.to_dict()
+    assert best.optimizer and best.scheduler and best.state["rng"]["generators"].keys() == {"order"}
 
     assert load_config(run / "config.yaml") == cfg  # the saved config reproduces the run
     from PIL import Image

@@ -137,7 +137,7 @@ def test_user_module_builder(tmp_path, monkeypatch):
     assert count_params(build_model(cfg)) == linear(784, 16) + linear(16, 10)
     with pytest.raises(UserError, match="model 'my_models:tiny' takes no argument 'width'"):
         load_config(None, ["model.name=my_models:tiny", "model.width=16"])
-    with pytest.raises(UserError, match="cannot import module 'no_such_module'"):
+    with pytest.raises(UserError, match="cannot find module 'no_such_module'"):
         load_config(None, ["model.name=no_such_module:net"])
     with pytest.raises(UserError, match="has no function 'nothing'"):
         load_config(None, ["model.name=my_models:nothing"])

@@ -2,7 +2,8 @@
 
 A thin typer CLI: each command parses its arguments, calls one library function and prints.
 Exit codes: 0 success, 1 a failure during training, 2 bad input (one message, no traceback unless
-``--debug``), 130 interrupted.
+``--debug``), 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP). Everything the user
+or a file supplies is printed literally: the consoles never interpret rich markup.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cnnlab.errors import TrainingError, UserError
 
@@ -28,8 +30,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 # Tables stay readable when piped or logged: rich would otherwise squeeze them into 80 columns.
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, markup=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+RED = "bold red"
 
 SetOption = Annotated[
     Optional[list[str]],
@@ -39,6 +42,10 @@ DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceb
 DataDirOption = Annotated[
     Optional[Path], typer.Option("--data-dir", help="Folder with the Fashion-MNIST IDX files (.gz or not); sets data.root.")
 ]
+TrustCodeOption = Annotated[
+    bool, typer.Option("--trust-code", help="Allow a run whose config names a Python model (module:function) to "
+                                            "import that module. Only for runs from people you trust.")
+]
 DownloadOption = Annotated[
     bool, typer.Option("--download", help="Fetch Fashion-MNIST through torchvision if no local copy is found.")
 ]
@@ -47,24 +54,32 @@ DownloadOption = Annotated[
 @contextlib.contextmanager
 def cli_errors(debug: bool) -> Iterator[None]:
     """Map failures to one message and an exit code; ``--debug`` re-raises with the traceback."""
+    from cnnlab.stopping import Interrupted
+
     try:
         yield
     except (UserError, TrainingError) as error:
         if debug:
             raise
-        label = "error" if isinstance(error, UserError) else "training failed"
-        err.print(f"[bold red]{label}:[/] {error}", markup=True)
+        say_error("error" if isinstance(error, UserError) else "training failed", str(error))
         raise typer.Exit(error.exit_code) from None
     except typer.Exit:
         raise
+    except Interrupted as stop:
+        err.print(str(stop))
+        raise typer.Exit(stop.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
     except Exception as error:  # an unexpected failure: still one line, unless debugging
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {type(error).__name__}: {error} (rerun with --debug for the traceback)", markup=True)
+        say_error("error", f"{type(error).__name__}: {error} (rerun with --debug for the traceback)")
         raise typer.Exit(1) from None
+
+
+def say_error(label: str, message: str) -> None:
+    err.print(Text.assemble((f"{label}:", RED), " ", message))
 
 
 @app.command()
@@ -77,6 +92,9 @@ def run(
     download: DownloadOption = False,
     results: Annotated[Optional[Path], typer.Option(help="Results folder (sets output.dir).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (sets seed).")] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", help="auto: continue the newest unfinished run of exactly this config, or start a new one "
+                         "(a command a cluster job can repeat blindly).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="One line per epoch instead of a progress bar.")] = False,
     debug: DebugOption = False,
 ) -> None:
@@ -84,6 +102,10 @@ def run(
     with cli_errors(debug):
         from cnnlab.config import load_config
         from cnnlab.engine import fit
+
+        if resume not in (None, "auto"):
+            raise UserError(f"--resume {resume!r}: the only choice is auto; to continue one run folder use "
+                            "`cnnlab resume RUN`")
 
         overrides = list(set_ or [])
         for key, value in (
@@ -98,7 +120,31 @@ def run(
         if download:
             overrides.append("data.download=true")
         cfg = load_config(config, overrides)
-        fit(cfg, quiet=quiet)
+        if resume == "auto":
+            from cnnlab.runs import run_or_resume
+
+            run_or_resume(cfg, quiet=quiet)
+        else:
+            fit(cfg, quiet=quiet)
+
+
+@app.command("resume")
+def resume_(
+    run_dir: Annotated[Path, typer.Argument(help="The run folder to continue.", show_default=False)],
+    epochs: Annotated[Optional[int], typer.Option(help="Train to N epochs in all (extends a completed run).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps (the run may move).")] = None,
+    data_dir: DataDirOption = None,
+    trust_code: TrustCodeOption = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="One line per epoch instead of a progress bar.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Continue an interrupted, failed or killed run in its own folder, from its last checkpoint."""
+    with cli_errors(debug):
+        from cnnlab.runs import resume
+
+        if epochs is not None and epochs < 1:
+            raise UserError(f"--epochs {epochs}: give a positive number of epochs")
+        resume(run_dir, epochs=epochs, device=device, data_root=data_dir, quiet=quiet, trust_code=trust_code)
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
@@ -131,14 +177,16 @@ def sweep(
         from cnnlab.compare import aggregate
         from cnnlab.sweep import run_sweep
 
-        sweep_dir, rows = run_sweep(
+        outcome = run_sweep(
             target, set_, jobs=jobs, seeds=parse_seeds(seeds), results=results, force=force, quiet=quiet
         )
-        print_table(aggregate(rows))
-        out.print(f"sweep results: {sweep_dir}")
-        failed = [r for r in rows if r["status"] == "failed"]
+        print_table(aggregate(outcome.rows))
+        out.print(f"sweep results: {outcome.folder}")
+        if outcome.stopped_by is not None:
+            raise typer.Exit(128 + outcome.stopped_by)
+        failed = [r for r in outcome.rows if r["status"] == "failed"]
         if failed:
-            err.print(f"{len(failed)} of {len(rows)} trials failed; see {sweep_dir / 'summary.csv'}")
+            err.print(f"{len(failed)} of {len(outcome.rows)} trials failed; see {outcome.folder / 'summary.csv'}")
             raise typer.Exit(1)
 
 
@@ -162,7 +210,7 @@ def print_table(table: list[dict]) -> None:
     for i, header in enumerate(HEADERS):
         grid.add_column(header, no_wrap=i == 0)  # the variant name stays whole; numbers wrap first
     for entry in table:
-        grid.add_row(*table_cells(entry))
+        grid.add_row(*map(Text, table_cells(entry)))
     out.print(grid)
 
 
@@ -184,6 +232,7 @@ def visualize(
     cam: Annotated[bool, typer.Option("--cam", help="Draw a Grad-CAM heat map of the predicted class.")] = False,
     list_layers: Annotated[bool, typer.Option("--list-layers", help="List the model's layers with their output shapes.")] = False,
     results: Annotated[Path, typer.Option(help="Where to look for the most recent run.")] = Path("results"),
+    trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Feature maps of a trained model's layer for one image (or its kernels, or a Grad-CAM map)."""
@@ -192,13 +241,13 @@ def visualize(
 
         run_dir = run_dir or latest_run(results)
         if list_layers:
-            from cnnlab.engine import load_trained
+            from cnnlab.runs import open_run
             from cnnlab.visualize import layer_rows
 
-            _, model = load_trained(run_dir)
+            model = open_run(run_dir, trust_code=trust_code).model
             grid = Table("layer", "module", "output shape", box=None, header_style="bold")
             for row in layer_rows(model):
-                grid.add_row(*row)
+                grid.add_row(*map(Text, row))
             out.print(f"{run_dir}")
             out.print(grid)
             return
@@ -207,7 +256,7 @@ def visualize(
         from cnnlab.visualize import visualize as draw
 
         picture = draw(run_dir, layer, image=image, class_name=class_name, split=split, out=out_file,
-                       mode="filters" if filters else "cam" if cam else "maps")
+                       mode="filters" if filters else "cam" if cam else "maps", trust_code=trust_code)
         out.print(f"{split} image {picture.image_index} ({picture.true_label}, predicted {picture.predicted_label}), "
                   f"layer {picture.layer}: {picture.tiles or 'heat map'}{' tiles' if picture.tiles else ''}")
         out.print(str(picture.path))
@@ -219,6 +268,7 @@ def eval_(
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
     results: Annotated[Path, typer.Option(help="Where to look for the most recent run.")] = Path("results"),
+    trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Accuracy, per-class accuracy, confusion matrix and misclassified examples of a trained run."""
@@ -226,12 +276,12 @@ def eval_(
         from cnnlab.evaluation import evaluate_run
         from cnnlab.results import latest_run
 
-        report = evaluate_run(run_dir or latest_run(results), split, checkpoint)
+        report = evaluate_run(run_dir or latest_run(results), split, checkpoint, trust_code=trust_code)
         out.print(f"{report.split} ({report.images:,} images, {report.checkpoint} checkpoint): "
                   f"accuracy {report.accuracy:.4f}, loss {report.loss:.4f}")
         grid = Table("class", "accuracy", box=None, header_style="bold")
         for name, acc in report.per_class.items():
-            grid.add_row(name, f"{acc:.3f}")
+            grid.add_row(Text(name), f"{acc:.3f}")
         out.print(grid)
         out.print("most confused (true -> predicted): " +
                   "; ".join(f"{t} -> {p} ({n})" for t, p, n in report.confused_pairs))
@@ -243,13 +293,14 @@ def report(
     targets: Annotated[list[Path], typer.Argument(help="Runs, sweeps, or folders holding runs.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Markdown file to write; images go to <name>_files/ beside it.")] = Path("results/report/report.md"),
     html: Annotated[bool, typer.Option("--html", help="Also write one self-contained HTML file (images embedded).")] = False,
+    trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
 ) -> None:
     """A lab report from results: setup, structure tables, curves, results table, comparisons, feature maps."""
     with cli_errors(debug):
         from cnnlab.report import write_report
 
-        for path in write_report(targets, output, html_too=html):
+        for path in write_report(targets, output, html_too=html, trust_code=trust_code):
             out.print(str(path))
 
 
@@ -264,7 +315,7 @@ def models() -> None:
         entry = get_entry(name)
         needs_options = any(f.is_required() for f in entry.options.model_fields.values())
         params = "(yours)" if needs_options else f"{count_params(get_model(name)):,}"
-        table.add_row(name, params, entry.description)
+        table.add_row(Text(name), params, Text(entry.description))
     out.print(table)
 
 
@@ -287,7 +338,7 @@ def summary(
         table = Table("#", "layer", "output shape", "params", "FLOPs", box=None, header_style="bold")
         for row in rows:
             shape = "x".join(map(str, row.output_shape))
-            table.add_row(row.name, row.layer, shape, f"{row.params:,}", f"{row.flops:,}")
+            table.add_row(Text(row.name), Text(row.layer), shape, f"{row.params:,}", f"{row.flops:,}")
         args = ", ".join(f"{k}={v}" for k, v in cfg.model.kwargs.items())
         out.print(f"{cfg.model.name}({args})  input 1x28x28")
         out.print(table)

@@ -14,7 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from cnnlab.errors import UserError
+from cnnlab.errors import UserError, warn
+from cnnlab.results import RunSummary, read_summary, run_state
 
 ROW_COLUMNS = (
     "name", "params_swept", "seed", "train_loss", "train_acc", "val_acc", "test_acc",
@@ -23,23 +24,32 @@ ROW_COLUMNS = (
 METRICS = ("train_loss", "train_acc", "val_acc", "test_acc", "examples_per_sec", "wall_seconds")
 
 
-def row_from_summary(summary: dict[str, Any], run_dir: Path | None, swept: str = "") -> dict[str, Any]:
-    final = summary.get("final") or {}
+DONE = ("completed", "skipped")  # statuses whose results count in the means
+
+
+def row_from_summary(summary: RunSummary, run_dir: Path | None, swept: str = "", status: str | None = None) -> dict[str, Any]:
+    final = summary.final or {}
     return {
-        "name": summary.get("name", ""),
+        "name": summary.name,
         "params_swept": swept,
-        "seed": summary.get("seed"),
+        "seed": summary.seed,
         "train_loss": final.get("train_loss"),
         "train_acc": final.get("train_acc"),
         "val_acc": final.get("val_acc"),
-        "test_acc": summary.get("test_acc"),
-        "examples_per_sec": summary.get("train_examples_per_sec"),
-        "wall_seconds": summary.get("wall_seconds"),
-        "params": summary.get("params"),
-        "status": summary.get("status", "unknown"),
-        "error": summary.get("error", ""),
+        "test_acc": summary.test_acc,
+        "examples_per_sec": summary.train_examples_per_sec,
+        "wall_seconds": summary.wall_seconds,
+        "params": summary.params,
+        "status": status or summary.status,
+        "error": summary.error or "",
         "run_dir": str(run_dir) if run_dir else "",
     }
+
+
+def run_row(run_dir: Path, swept: str = "") -> dict[str, Any]:
+    """The comparison row of one run folder, its status ``stale`` when its process died unrecorded."""
+    summary = read_summary(run_dir / "summary.json")
+    return row_from_summary(summary, run_dir, swept, status=run_state(run_dir, summary))
 
 
 def _run_dirs_under(folder: Path) -> list[Path]:
@@ -47,7 +57,10 @@ def _run_dirs_under(folder: Path) -> list[Path]:
 
 
 def collect_rows(targets: list[Path]) -> list[dict[str, Any]]:
-    """Rows for runs, sweeps (their latest ``trials.json``) or folders holding runs, in the order given."""
+    """Rows for runs, sweeps (their latest ``trials.json``) or folders holding runs, in the order given.
+
+    A run or sweep file that cannot be read is left out with a warning naming it; the rest is shown.
+    """
     rows: list[dict[str, Any]] = []
     for target in targets:
         target = Path(target)
@@ -55,15 +68,49 @@ def collect_rows(targets: list[Path]) -> list[dict[str, Any]]:
             raise UserError(f"{target}: no such run or sweep folder")
         sweep_file = latest_trials_file(target)
         if sweep_file is not None:
-            rows += json.loads(sweep_file.read_text(encoding="utf-8"))
-            continue
+            try:
+                rows += read_trials(sweep_file)
+                continue
+            except UserError as err:
+                warn(f"{err}; reading the run folders below {target} instead")
         runs = [target] if (target / "summary.json").is_file() else _run_dirs_under(target)
         if not runs:
             raise UserError(f"{target}: holds no cnnlab runs (no summary.json below it)")
         for run in runs:
-            summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-            rows.append(row_from_summary(summary, run))
+            try:
+                rows.append(run_row(run))
+            except UserError as err:
+                warn(f"{err}; skipped")
     return rows
+
+
+TRIAL_NUMBERS = ("seed", "train_loss", "train_acc", "val_acc", "test_acc", "examples_per_sec", "wall_seconds", "params")
+
+
+def read_trials(path: Path) -> list[dict[str, Any]]:
+    """A sweep's trials.json, validated; ``run_dir`` entries are relative to the file's folder."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path}: not a readable trials.json ({type(err).__name__})") from None
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: not a cnnlab trials.json (expected a list of trials)")
+    clean = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("name"), str) or not isinstance(row.get("status"), str):
+            raise UserError(f"{path}: trial {i} is not a cnnlab trial (needs a name and a status)")
+        for key in TRIAL_NUMBERS:
+            value = row.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise UserError(f"{path}: trial {i} ({row['name']}): {key} is not a number")
+        run_dir = row.get("run_dir") or ""
+        if not isinstance(run_dir, str):
+            raise UserError(f"{path}: trial {i} ({row['name']}): run_dir is not a path")
+        swept = row.get("swept") if isinstance(row.get("swept"), dict) else {}
+        clean.append({**{c: row.get(c) for c in ROW_COLUMNS}, "params_swept": str(row.get("params_swept") or ""),
+                      "error": str(row.get("error") or ""), "swept": swept,
+                      "run_dir": str(path.parent / run_dir) if run_dir else ""})
+    return clean
 
 
 def latest_trials_file(folder: Path) -> Path | None:
@@ -88,13 +135,18 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((row["name"], row.get("params_swept", "")), []).append(row)
     table = []
     for (name, swept), members in groups.items():
-        done = [r for r in members if r["status"] in ("completed", "skipped")]
+        done = [r for r in members if r["status"] in DONE]
+        unfinished: dict[str, int] = {}
+        for r in members:
+            if r["status"] not in DONE:
+                unfinished[r["status"]] = unfinished.get(r["status"], 0) + 1
         entry: dict[str, Any] = {
             "name": name,
             "params_swept": swept,
             "seeds": [r["seed"] for r in done],
             "runs": len(members),
             "failed": len(members) - len(done),
+            "unfinished": unfinished,  # status -> count: failed, interrupted, running, stale
             "params": next((r["params"] for r in members if r.get("params")), None),
         }
         for metric in METRICS:
@@ -119,7 +171,9 @@ HEADERS = ("variant", "seeds", "train loss", "train acc", "val acc", "test acc",
 
 def table_cells(entry: dict[str, Any]) -> list[str]:
     label = entry["name"]
-    status = "ok" if not entry["failed"] else f"{entry['failed']} of {entry['runs']} failed"
+    unfinished = entry.get("unfinished") or ({"failed": entry["failed"]} if entry["failed"] else {})
+    status = "ok" if not unfinished else \
+        ", ".join(f"{n} {state}" for state, n in sorted(unfinished.items())) + f" of {entry['runs']}"
     return [
         label,
         ",".join(map(str, entry["seeds"])) or "–",

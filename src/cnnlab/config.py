@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from cnnlab.errors import UserError
@@ -23,7 +23,8 @@ from cnnlab.models import registry
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a sensible learning rate, decay or ratio: rejected everywhere
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AugmentConfig(Section):
@@ -55,7 +56,13 @@ class ModelConfig(BaseModel):
         return dict(self.model_extra or {})
 
     @model_validator(mode="after")
-    def _check_builder_arguments(self) -> ModelConfig:
+    def _check_builder_arguments(self, info: ValidationInfo) -> ModelConfig:
+        trusted = (info.context or {}).get("trust_code", True)
+        if ":" in self.name and not trusted:
+            raise PydanticCustomError("model_args", "{detail}", {"detail": (
+                f"model.name: {self.name!r} is Python code (module {self.name.partition(':')[0]!r}); cnnlab does not "
+                "import code named by a results folder it reads back. If you trust whoever wrote this run, pass "
+                "--trust-code")})
         try:
             checked = registry.validate_model_args(self.name, self.kwargs)
         except registry.ModelArgumentError as err:
@@ -112,15 +119,23 @@ class TrainConfig(Section):
 
 
 class OutputConfig(Section):
-    dir: Path = Path("results")  # runs go to <dir>/<name>/<run id>/
-    checkpoints: bool = True  # write checkpoints/best.pt and last.pt
+    dir: Path = Path("results")  # runs go to <dir>/<name>/<run id>/ ('~' is the home folder)
+    checkpoints: bool = True  # write checkpoints/best.pt and last.pt (full training state: resume needs them)
+
+    @field_validator("dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
+MAX_SEED = 2**63 - 1  # torch's generators take 64-bit seeds
 
 
 class Config(Section):
     """A whole experiment. Saved, resolved, as config.yaml in every run folder."""
 
     name: str = Field("experiment", min_length=1)  # experiment name; the results sub-folder (sanitised)
-    seed: int = Field(0, ge=0)  # seeds the split, the initial weights and the batch order
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # seeds the split, the initial weights and the batch order
     init: Literal["xavier_uniform", "kaiming", "default"] = "xavier_uniform"  # weight init of Conv2d / Linear (the report: xavier_uniform)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -264,21 +279,26 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: invalid config:\n  " + "\n  ".join(lines)
 
 
-def validate(data: dict[str, Any], source: str = "config") -> Config:
+def validate(data: dict[str, Any], source: str = "config", trust_code: bool = True) -> Config:
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={"trust_code": trust_code})
     except ValidationError as err:
         raise UserError(format_validation_error(err, source)) from None
 
 
 def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+    *,
+    trust_code: bool = True,
 ) -> Config:
     """Read, inherit, override and validate one experiment config.
 
     ``path=None`` starts from the defaults alone. A config without ``name`` is named after its file.
     ``overrides`` are ``--set`` strings; ``values`` (dotted key -> value, e.g. a sweep's grid point)
-    are applied after them.
+    are applied after them. ``trust_code=False`` (a config read back from someone's run folder)
+    refuses a Python model (``model.name: module:function``) instead of importing it.
     """
     data: dict[str, Any] = {}
     source = "defaults"
@@ -294,7 +314,7 @@ def load_config(
         source += " with --set " + " ".join(overrides)
     for key, value in sorted((values or {}).items(), key=lambda kv: kv[0] != "model.name"):
         data = set_value(data, key, value)
-    return validate(data, source)
+    return validate(data, source, trust_code)
 
 
 def dump_config(cfg: Config) -> str:

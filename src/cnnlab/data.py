@@ -281,11 +281,19 @@ class Data:
         return x
 
     def batches(
-        self, name: str, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+        self,
+        name: str,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        skip: int = 0,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Model-ready (x, y) batches. Training batches (``shuffle``) are augmented when configured.
 
         A last batch of a single image is dropped when shuffling (BatchNorm cannot train on one).
+        ``skip`` leaves out the first batches of the (same) permutation: a resumed epoch goes on
+        where it stopped.
         """
         split = self.split(name)
         n = len(split)
@@ -293,7 +301,7 @@ class Data:
             order = torch.randperm(n, generator=generator).to(split.images.device)
             if n % batch_size == 1 and n > 1:
                 n -= 1
-        for start in range(0, n, batch_size):
+        for start in range(skip * batch_size, n, batch_size):
             if shuffle:
                 idx = order[start : min(start + batch_size, n)]
                 images, labels = split.images[idx], split.labels[idx]
@@ -304,8 +312,11 @@ class Data:
                 x = self.augment(x, self.augment_generator)
             yield x, labels
 
-    def num_batches(self, name: str, batch_size: int) -> int:
-        return -(-len(self.split(name)) // batch_size)
+    def num_batches(self, name: str, batch_size: int, shuffle: bool = False) -> int:
+        n = len(self.split(name))
+        if shuffle and n % batch_size == 1 and n > 1:
+            n -= 1
+        return -(-n // batch_size)
 
 
 def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
@@ -344,5 +355,5 @@ def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False)
         normalize=cfg.normalize,
         augment=augment if augment.active else None,
         channels_last=channels_last,
-        augment_generator=torch.Generator(device=device).manual_seed(seed + 1) if augment.active else None,
+        augment_generator=torch.Generator(device=device).manual_seed((seed + 1) % 2**63) if augment.active else None,
     )

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import platform
+import socket
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,13 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlab.config import Config, OptimConfig, ScheduleConfig, dump_config, load_config
+from cnnlab.config import Config, OptimConfig, ScheduleConfig, dump_config
 from cnnlab.data import Data, load_data
 from cnnlab.errors import TrainingError, UserError
 from cnnlab.modelinfo import count_params, flops_per_image
 from cnnlab.models import get_model
 from cnnlab.progress import Reporter, make_reporter
-from cnnlab.results import RunDir, git_commit, load_checkpoint, utc_now
+from cnnlab.results import Checkpoint, RunDir, RunSummary, git_commit, utc_now
+from cnnlab.state import EpochProgress, TrainState
+from cnnlab.stopping import Interrupted, StopSignals
 
 # ---------------------------------------------------------------------------------------------
 # Runtime: resolved once
@@ -150,49 +155,63 @@ def train_one_epoch(
     runtime: Runtime,
     grad_clip: float | None = None,
     reporter: Reporter | None = None,
+    *,
+    progress: EpochProgress | None = None,
+    stop: StopSignals | None = None,
 ) -> dict[str, float]:
+    """Train over ``batches``, adding into ``progress`` (the epoch so far; a fresh one if None).
+
+    ``progress`` is complete after every batch, so when ``stop`` raises between batches it holds
+    exactly what a checkpoint needs to continue the epoch later.
+    """
     model.train()
-    loss_sum = torch.zeros((), device=runtime.device)
-    correct = torch.zeros((), device=runtime.device, dtype=torch.long)
-    seen = 0
+    progress = progress if progress is not None else EpochProgress().to(runtime.device)
     start = time.perf_counter()
-    for x, y in batches:
-        with runtime.autocast():
-            logits = model(x)
-            loss = loss_fn(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        if runtime.scaler is not None:
-            runtime.scaler.scale(loss).backward()
-            runtime.scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if runtime.scaler is not None:
-            runtime.scaler.step(optimizer)
-            runtime.scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        n = len(y)
-        loss_sum += loss.detach().float() * n
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += n
-        if reporter is not None:
-            reporter.advance(loss_sum, correct, seen)
-    total_loss, total_correct = loss_sum.item(), correct.item()  # the epoch's one read-back
-    seconds = time.perf_counter() - start
-    return {
-        "loss": total_loss / max(seen, 1),
-        "acc": total_correct / max(seen, 1),
-        "examples": seen,
-        "seconds": seconds,
+    try:
+        for x, y in batches:
+            with runtime.autocast():
+                logits = model(x)
+                loss = loss_fn(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            if runtime.scaler is not None:
+                runtime.scaler.scale(loss).backward()
+                runtime.scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if runtime.scaler is not None:
+                runtime.scaler.step(optimizer)
+                runtime.scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            n = len(y)
+            progress.loss_sum += loss.detach().float() * n
+            progress.correct += (logits.detach().argmax(1) == y).sum()
+            progress.seen += n
+            progress.batches += 1
+            if reporter is not None:
+                reporter.advance(progress.loss_sum, progress.correct, progress.seen)
+            if stop is not None:
+                stop.check()
+    finally:
+        progress.seconds += time.perf_counter() - start
+    seen = max(progress.seen, 1)
+    return {  # the epoch's one read-back
+        "loss": progress.loss_sum.item() / seen,
+        "acc": progress.correct.item() / seen,
+        "examples": progress.seen,
+        "seconds": progress.seconds,
     }
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], runtime: Runtime
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    runtime: Runtime,
+    stop: StopSignals | None = None,
 ) -> dict[str, float]:
     """Mean cross-entropy (without label smoothing) and accuracy over ``batches``."""
     model.eval()
@@ -205,11 +224,13 @@ def evaluate(
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
+        if stop is not None:
+            stop.check()
     return {"loss": loss_sum.item() / max(seen, 1), "acc": correct.item() / max(seen, 1)}
 
 
 # ---------------------------------------------------------------------------------------------
-# A whole run
+# Building what a run trains with
 
 
 def build_model(cfg: Config, runtime: Runtime | None = None) -> nn.Module:
@@ -224,59 +245,139 @@ def build_model(cfg: Config, runtime: Runtime | None = None) -> nn.Module:
     return model
 
 
-def load_trained(run_dir: Path, checkpoint: str = "best", device: str = "cpu") -> tuple[Config, nn.Module]:
-    """The config and the trained model of a finished run, in eval mode (weights loaded safely)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a cnnlab run folder (no config.yaml)")
-    if checkpoint not in ("best", "last"):
-        raise UserError(f"--checkpoint {checkpoint!r}: choose best or last")
-    cfg = load_config(run_dir / "config.yaml")
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
-    if not path.is_file():
-        raise UserError(f"{path} is missing: the run wrote no checkpoints (output.checkpoints: false) or did not finish an epoch")
-    model = build_model(cfg)
-    model.load_state_dict(load_checkpoint(path)["model"])
-    return cfg, model.to(device).eval()
+def check_model(model: nn.Module, cfg: Config, data: Data) -> None:
+    """Run the model on two training images before anything is written: a model that cannot train
+    on this data (wrong output shape, an error in its forward pass) is bad input, not a failed run."""
+    x, _ = next(data.batches("train", 2))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.train()(x)
+    except Exception as err:
+        raise UserError(
+            f"model {cfg.model.name!r} fails on a batch of training images (shape {tuple(x.shape)}): "
+            f"{type(err).__name__}: {err}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.shape != (len(x), NUM_CLASSES):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(
+            f"model {cfg.model.name!r} must return logits of shape (batch, {NUM_CLASSES}); "
+            f"for a batch of {len(x)} images it returned {got}"
+        )
 
 
-def checkpoint_state(model: nn.Module, optimizer, scheduler, epoch: int, cfg: Config, metrics: dict) -> dict[str, Any]:
-    return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "metrics": metrics,
-        "config": cfg.to_dict(),
-        "torch_version": str(torch.__version__),
-    }
+NUM_CLASSES = 10
 
 
-def describe_run(
-    cfg: Config, run: RunDir, data: Data, model: nn.Module, runtime: Runtime, flops: int
-) -> dict[str, Any]:
-    """The summary.json of a run that has just started: what is trained, on what, where."""
-    return {
-        "status": "running",
-        "name": cfg.name,
-        "run_id": run.run_id,
-        "model": cfg.model.name,
-        "seed": cfg.seed,
-        "params": count_params(model),
-        "flops_per_image": flops,
-        "epochs": cfg.train.epochs,
-        "eval_split": data.eval_split_name,
-        "data_root": str(data.root),
-        "train_size": len(data.train),
-        "val_size": len(data.val) if data.val is not None else 0,
-        "test_size": len(data.test),
-        "device": str(runtime.device),
-        "device_name": runtime.device_name,
-        "precision": runtime.precision,
-        "torch_version": str(torch.__version__),
-        "git_commit": git_commit(),
-        "started": utc_now(),
-    }
+@dataclass
+class Session:
+    """Everything one run trains with, built and checked before its folder exists."""
+
+    cfg: Config
+    runtime: Runtime
+    data: Data
+    model: nn.Module
+    forward: nn.Module  # the model, or its compiled form
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int
+    order: torch.Generator  # the data order (shuffling) generator
+    flops: int
+    threads: int
+
+    @property
+    def generators(self) -> dict[str, torch.Generator | None]:
+        return {"order": self.order, "augment": self.data.augment_generator}
+
+    def checkpoint(self, state: TrainState) -> Checkpoint:
+        return Checkpoint(
+            model=self.model.state_dict(),
+            config=self.cfg.to_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.runtime.scaler.state_dict() if self.runtime.scaler is not None else None,
+            state=state.state_dict(self.generators),
+        )
+
+    def restore(self, checkpoint: Checkpoint, state: TrainState, path: Path) -> None:
+        """Model, optimiser, schedule, scaler and generators as ``checkpoint`` left them."""
+        try:
+            self.model.load_state_dict(checkpoint.model)
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+            self.scheduler.load_state_dict(checkpoint.scheduler)
+            if self.runtime.scaler is not None and checkpoint.scaler:
+                self.runtime.scaler.load_state_dict(checkpoint.scaler)
+            state.load_state_dict(checkpoint.state, self.generators)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise UserError(f"{path}: does not fit this run's model and optimiser ({type(err).__name__}); "
+                            "it belongs to another run or was changed") from None
+        if state.current is not None:
+            state.current.to(self.runtime.device)
+
+
+def resolve_threads(threads: int | None) -> int:
+    """Apply ``train.threads`` (validated against this machine) and return the count torch will use."""
+    if threads:
+        cpus = os.cpu_count() or 1
+        if threads > cpus:
+            raise UserError(f"train.threads: {threads} is more than this machine's {cpus} CPU(s), which only slows "
+                            f"training down; use at most {cpus}, or null for torch's default")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def prepare(cfg: Config) -> Session:
+    """Runtime, data, model, loss, optimiser and schedule for ``cfg``. Bad input raises ``UserError``."""
+    threads = resolve_threads(cfg.train.threads)
+    runtime = make_runtime(cfg.train.device, cfg.train.precision)
+    data = load_data(cfg.data, cfg.seed, runtime.device, channels_last=cfg.train.channels_last)
+    model = build_model(cfg, runtime)
+    check_model(model, cfg, data)
+    flops = flops_per_image(model)
+    forward = torch.compile(model) if cfg.train.compile else model
+    optimizer = make_optimizer(model, cfg.optim)
+    steps_per_epoch = data.num_batches("train", cfg.train.batch_size, shuffle=True)
+    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
+    return Session(
+        cfg, runtime, data, model, forward, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), optimizer,
+        scheduler, steps_per_epoch, torch.Generator().manual_seed(cfg.seed), flops, threads,
+    )
+
+
+def describe_run(session: Session, run: RunDir) -> RunSummary:
+    """The summary.json of a run that has just started: what is trained, on what, where, by whom."""
+    cfg, data, runtime = session.cfg, session.data, session.runtime
+    return RunSummary(
+        status="running",
+        name=cfg.name,
+        run_id=run.run_id,
+        model=cfg.model.name,
+        seed=cfg.seed,
+        params=count_params(session.model),
+        flops_per_image=session.flops,
+        epochs=cfg.train.epochs,
+        eval_split=data.eval_split_name,
+        data_root=str(data.root),
+        train_size=len(data.train),
+        val_size=len(data.val) if data.val is not None else 0,
+        test_size=len(data.test),
+        device=str(runtime.device),
+        device_name=runtime.device_name,
+        precision=runtime.precision,
+        threads=session.threads,
+        torch_version=str(torch.__version__),
+        git_commit=git_commit(),
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        started=utc_now(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole run
 
 
 def fit(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -286,114 +387,126 @@ def fit(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -
     recorded in ``summary.json`` (status ``failed`` or ``interrupted``) and re-raised.
     """
     wall_start = time.perf_counter()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    runtime = make_runtime(cfg.train.device, cfg.train.precision)
-    data = load_data(cfg.data, cfg.seed, runtime.device, channels_last=cfg.train.channels_last)
-    model = build_model(cfg, runtime)
-    flops = flops_per_image(model)  # before the run folder exists: a model that cannot run fails here
-    forward = torch.compile(model) if cfg.train.compile else model
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    optimizer = make_optimizer(model, cfg.optim)
-    steps_per_epoch = data.num_batches("train", cfg.train.batch_size)
-    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
-    order = torch.Generator().manual_seed(cfg.seed)
-
+    session = prepare(cfg)
     run = RunDir.create(cfg.output.dir, cfg.name)
+    run.lock()
     run.write_config(dump_config(cfg))
-    summary = describe_run(cfg, run, data, model, runtime, flops)
+    summary = describe_run(session, run)
     run.write_summary(summary)
-    reporter = reporter or make_reporter(quiet=quiet)
-    reporter.start_run(cfg.name, run.path, cfg.train.epochs)
+    return train(session, run, TrainState(), summary, reporter or make_reporter(quiet=quiet), wall_start)
 
-    best_acc, best_epoch, epochs_done = -1.0, 0, 0
-    train_seconds, train_examples = 0.0, 0
+
+def train(
+    session: Session, run: RunDir, state: TrainState, summary: RunSummary, reporter: Reporter, wall_start: float
+) -> dict[str, Any]:
+    """The epoch loop from wherever ``state`` stands, then the test; every ending is recorded."""
+    cfg, data, runtime, model, optimizer = session.cfg, session.data, session.runtime, session.model, session.optimizer
+    reporter.start_run(cfg.name, run.path, cfg.train.epochs, resumed=state.epoch + (state.current is not None) > 0)
+    wall_before = summary.wall_seconds or 0.0  # time spent in earlier sessions of a resumed run
+    run.metrics = state.metrics
     try:
-        for epoch in range(1, cfg.train.epochs + 1):
-            lr = optimizer.param_groups[0]["lr"]
-            reporter.start_epoch(epoch, steps_per_epoch)
-            epoch_start = time.perf_counter()
-            train = train_one_epoch(
-                forward,
-                data.batches("train", cfg.train.batch_size, shuffle=True, generator=order),
-                optimizer,
-                scheduler,
-                loss_fn,
-                runtime,
-                cfg.train.grad_clip,
-                reporter,
-            )
-            if not math.isfinite(train["loss"]):
-                raise TrainingError(
-                    f"the training loss diverged ({train['loss']}) in epoch {epoch}; lower optim.lr "
-                    f"(now {cfg.optim.lr}) or set train.grad_clip"
-                )
-            val = evaluate(forward, data.batches(data.eval_split_name, cfg.train.eval_batch_size), runtime)
-            row = {
-                "epoch": epoch,
-                "train_loss": train["loss"],
-                "train_acc": train["acc"],
-                "val_loss": val["loss"],
-                "val_acc": val["acc"],
-                "lr": lr,
-                "epoch_seconds": time.perf_counter() - epoch_start,
-                "train_examples_per_sec": train["examples"] / train["seconds"],
-            }
-            run.append_metrics(row)
-            train_seconds += train["seconds"]
-            train_examples += train["examples"]
-            epochs_done = epoch
-            if cfg.output.checkpoints:
-                state = checkpoint_state(model, optimizer, scheduler, epoch, cfg, row)
-                if val["acc"] > best_acc:
-                    run.save_checkpoint("best", state)
-                run.save_checkpoint("last", state)
-            if val["acc"] > best_acc:
-                best_acc, best_epoch = val["acc"], epoch
-            reporter.end_epoch(row, is_best=best_epoch == epoch)
-            if cfg.train.patience and epoch - best_epoch >= cfg.train.patience:
-                reporter.message(f"early stop: no better {data.eval_split_name} accuracy for {cfg.train.patience} epochs")
-                summary["stopped_early"] = True
-                break
+        with StopSignals() as stop:
+            while state.epoch < cfg.train.epochs and not state.stopped_early:
+                epoch = state.epoch + 1
+                if state.current is None:
+                    state.current = EpochProgress(lr=optimizer.param_groups[0]["lr"], order_state=session.order.get_state())
+                    state.current.to(runtime.device)
+                progress = state.current
+                session.order.set_state(progress.order_state)  # the epoch's permutation, drawn again on resume
+                reporter.start_epoch(epoch, session.steps_per_epoch, done=progress.batches)
+                epoch_start = time.perf_counter() - progress.seconds
+                batches = data.batches("train", cfg.train.batch_size, shuffle=True, generator=session.order,
+                                       skip=progress.batches)
+                train_metrics = train_one_epoch(session.forward, batches, optimizer, session.scheduler, session.loss_fn,
+                                                runtime, cfg.train.grad_clip, reporter, progress=progress, stop=stop)
+                if not math.isfinite(train_metrics["loss"]):
+                    raise TrainingError(
+                        f"the training loss diverged ({train_metrics['loss']}) in epoch {epoch}; lower optim.lr "
+                        f"(now {cfg.optim.lr}) or set train.grad_clip"
+                    )
+                val = evaluate(session.forward, data.batches(data.eval_split_name, cfg.train.eval_batch_size), runtime, stop)
+                row = {
+                    "epoch": epoch,
+                    "train_loss": train_metrics["loss"],
+                    "train_acc": train_metrics["acc"],
+                    "val_loss": val["loss"],
+                    "val_acc": val["acc"],
+                    "lr": progress.lr,
+                    "epoch_seconds": time.perf_counter() - epoch_start,
+                    "train_examples_per_sec": train_metrics["examples"] / max(train_metrics["seconds"], 1e-9),
+                }
+                is_best = val["acc"] > state.best_acc
+                if is_best:
+                    state.best_acc, state.best_epoch = val["acc"], epoch
+                state.epoch, state.current = epoch, None
+                state.train_seconds += train_metrics["seconds"]
+                state.train_examples += train_metrics["examples"]
+                run.append_metrics(row)  # state.metrics is run.metrics
+                if cfg.train.patience and epoch - state.best_epoch >= cfg.train.patience:
+                    state.stopped_early = True
+                if cfg.output.checkpoints:
+                    checkpoint = session.checkpoint(state)
+                    if is_best:
+                        run.save_checkpoint("best", checkpoint)
+                    run.save_checkpoint("last", checkpoint)
+                reporter.end_epoch(row, is_best=is_best)
+                if state.stopped_early:
+                    reporter.message(f"early stop: no better {data.eval_split_name} accuracy for {cfg.train.patience} epochs")
 
-        if cfg.output.checkpoints:
-            model.load_state_dict(load_checkpoint(run.checkpoint_dir / "best.pt", runtime.device)["model"])
-        test = evaluate(model, data.batches("test", cfg.train.eval_batch_size), runtime)
+            if cfg.output.checkpoints:
+                best = Checkpoint.load(run.checkpoint_dir / "best.pt", runtime.device)
+                model.load_state_dict(best.model)
+            test = evaluate(model, data.batches("test", cfg.train.eval_batch_size), runtime, stop)
+            summary.test_acc, summary.test_loss = test["acc"], test["loss"]
+            summary.test_checkpoint = "best" if cfg.output.checkpoints else "last"
+            final = run.metrics[-1]
+            summary.status = "completed"
+            summary.epochs_completed = state.epoch
+            summary.best_epoch, summary.best_val_acc = state.best_epoch, state.best_acc
+            summary.final = {k: final[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+            summary.train_examples_per_sec = state.train_examples / max(state.train_seconds, 1e-9)
+            summary.train_seconds = state.train_seconds
+            summary.stopped_early = state.stopped_early
+            summary.finished = utc_now()
+            summary.wall_seconds = wall_before + time.perf_counter() - wall_start
+            summary.run_dir = str(run.path)
+            run.write_summary(summary)
+            _draw_curves(run)
     except BaseException as err:
-        summary.update(
-            status="interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
-            error=f"{type(err).__name__}: {err}",
-            epochs_completed=epochs_done,
-            finished=utc_now(),
-            wall_seconds=time.perf_counter() - wall_start,
-        )
+        _record_ending(err, session, run, state, summary, wall_before + time.perf_counter() - wall_start)
+        reporter.finish(summary.to_dict(), run.path)
+        raise
+    finally:
+        run.unlock()
+    reporter.finish(summary.to_dict(), run.path)
+    return summary.to_dict()
+
+
+def _record_ending(
+    err: BaseException, session: Session, run: RunDir, state: TrainState, summary: RunSummary, wall_seconds: float
+) -> None:
+    """Write down how a run ended early: status, error, where it stopped; checkpoint a graceful stop."""
+    interrupted = isinstance(err, (Interrupted, KeyboardInterrupt))
+    summary.status = "interrupted" if interrupted else "failed"
+    summary.error = "interrupted (Ctrl-C)" if isinstance(err, KeyboardInterrupt) else \
+        str(err) if isinstance(err, Interrupted) else f"{type(err).__name__}: {err}"
+    summary.epochs_completed = state.epoch
+    done = state.current.batches if state.current is not None else 0
+    summary.stopped_at = f"epoch {state.epoch + 1}, batch {done} of {session.steps_per_epoch}" if done else \
+        f"after epoch {state.epoch}"
+    summary.finished = utc_now()
+    summary.wall_seconds = wall_seconds
+    if state.best_epoch:
+        summary.best_epoch, summary.best_val_acc = state.best_epoch, state.best_acc
+    try:
+        if isinstance(err, Interrupted) and session.cfg.output.checkpoints:
+            # Stopped between batches: everything agrees, so resume can continue from this very batch.
+            run.save_checkpoint("last", session.checkpoint(state))
         run.write_summary(summary)
         if run.metrics:
             _draw_curves(run)
-        reporter.finish(summary, run.path)
-        raise
-
-    final = run.metrics[-1]
-    summary.update(
-        status="completed",
-        epochs_completed=epochs_done,
-        best_epoch=best_epoch,
-        best_val_acc=best_acc,
-        final={k: final[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")},
-        test_acc=test["acc"],
-        test_loss=test["loss"],
-        test_checkpoint="best" if cfg.output.checkpoints else "last",
-        train_examples_per_sec=train_examples / train_seconds,
-        train_seconds=train_seconds,
-        finished=utc_now(),
-        wall_seconds=time.perf_counter() - wall_start,
-        run_dir=str(run.path),
-    )
-    summary.setdefault("stopped_early", False)
-    _draw_curves(run)
-    run.write_summary(summary)
-    reporter.finish(summary, run.path)
-    return summary
+    except Exception as second:  # e.g. the disk is full: the lock still tells that nobody is training
+        sys.stderr.write(f"warning: could not record the ending in {run.path}: {type(second).__name__}: {second}\n")
 
 
 def _draw_curves(run: RunDir) -> None:

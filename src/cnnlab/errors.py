@@ -5,6 +5,14 @@ bad input from the user (exit 2, checked before anything is written) and failure
 training (exit 1, recorded in the run's summary.json).
 """
 
+import sys
+
+
+def warn(text: str) -> None:
+    """One warning line on stderr, printed literally."""
+    sys.stderr.write(f"warning: {text}\n")
+    sys.stderr.flush()
+
 
 class UserError(Exception):
     """Bad input: a config, an override, a path or a data file. The message says how to fix it."""

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from cnnlab.data import CLASSES, load_data
-from cnnlab.engine import load_trained
 from cnnlab.errors import UserError
 from cnnlab.results import atomic_write_text
+from cnnlab.runs import open_run
 
 MAX_ERROR_TILES = 36
 
@@ -52,10 +52,11 @@ def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, classes: int = l
     return torch.bincount(labels * classes + preds, minlength=classes * classes).reshape(classes, classes)
 
 
-def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best") -> EvalReport:
+def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", trust_code: bool = False) -> EvalReport:
     if split not in ("test", "val"):
         raise UserError(f"--split {split!r}: choose test or val")
-    cfg, model = load_trained(run_dir, checkpoint)
+    opened = open_run(run_dir, checkpoint=checkpoint, trust_code=trust_code)
+    cfg, model = opened.cfg, opened.model
     data = load_data(cfg.data, cfg.seed, torch.device("cpu"))
     labels = data.split(split).labels
     preds, loss = predict(model, data, split)

@@ -10,18 +10,22 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
+matplotlib.rcParams["text.parse_math"] = False  # run names are printed literally: '$x$' is not a formula
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from cnnlab.errors import UserError, warn  # noqa: E402
 from cnnlab.results import atomic_write, read_metrics_csv  # noqa: E402
 
 
 def save_figure(fig, out: Path, tight: bool = True) -> Path:
     """Write ``fig`` to ``out`` as PNG, atomically, and free it."""
-    if tight:
-        fig.tight_layout()
-    atomic_write(out, lambda f: fig.savefig(f, format="png", bbox_inches="tight" if not tight else None))
-    plt.close(fig)
+    try:
+        if tight:
+            fig.tight_layout()
+        atomic_write(out, lambda f: fig.savefig(f, format="png", bbox_inches="tight" if not tight else None))
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -50,7 +54,11 @@ def plot_sweep_curves(rows: list[dict], out: Path, title: str = "") -> Path:
         metrics = Path(row["run_dir"]) / "metrics.csv" if row.get("run_dir") else None
         if metrics is None or not metrics.is_file():
             continue
-        data = read_metrics_csv(metrics)
+        try:
+            data = read_metrics_csv(metrics)
+        except UserError as err:
+            warn(f"{err}; left out of the curves")
+            continue
         label = row["name"]
         first = label not in colours
         line = ax.plot([r["epoch"] for r in data], [r["val_acc"] for r in data], marker=".",

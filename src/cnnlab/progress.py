@@ -23,15 +23,15 @@ class Reporter:
     """Prints one line per epoch. Subclasses add live progress."""
 
     def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
-        self.console = console or Console(highlight=False)
+        self.console = console or Console(highlight=False, markup=False)
         self.enabled = enabled
         self.epochs = 0
 
-    def start_run(self, name: str, run_dir: Path, epochs: int) -> None:
+    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False) -> None:
         self.epochs = epochs
-        self.message(f"run {name}: {epochs} epochs -> {run_dir}")
+        self.message(f"{'resume' if resumed else 'run'} {name}: {epochs} epochs -> {run_dir}")
 
-    def start_epoch(self, epoch: int, batches: int) -> None:
+    def start_epoch(self, epoch: int, batches: int, done: int = 0) -> None:
         pass
 
     def advance(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> None:
@@ -56,7 +56,8 @@ class Reporter:
                 f"{summary['eval_split']} acc {summary['best_val_acc']:.4f}), {summary['wall_seconds']:.1f}s -> {run_dir}"
             )
         else:
-            self.message(f"run {summary.get('status')}; partial results in {run_dir}")
+            where = f" ({summary['stopped_at']})" if summary.get("stopped_at") else ""
+            self.message(f"run {summary.get('status')}{where}; partial results in {run_dir}")
 
 
 class ProgressReporter(Reporter):
@@ -65,10 +66,10 @@ class ProgressReporter(Reporter):
     def __init__(self, console: Console | None = None) -> None:
         super().__init__(console)
         self.progress = Progress(
-            TextColumn("epoch {task.fields[epoch]}"),
+            TextColumn("epoch {task.fields[epoch]}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}"),
+            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}", markup=False),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=self.console,
@@ -77,9 +78,10 @@ class ProgressReporter(Reporter):
         self.task = None
         self.last_refresh = 0.0
 
-    def start_epoch(self, epoch: int, batches: int) -> None:
+    def start_epoch(self, epoch: int, batches: int, done: int = 0) -> None:
         self.progress.start()
-        self.task = self.progress.add_task("", total=batches, epoch=f"{epoch}/{self.epochs}", loss="-", acc="-")
+        self.task = self.progress.add_task("", total=batches, completed=done, epoch=f"{epoch}/{self.epochs}",
+                                           loss="-", acc="-")
         self.last_refresh = time.monotonic()
 
     def advance(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> None:

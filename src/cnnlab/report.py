@@ -12,16 +12,17 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from cnnlab.compare import aggregate, collect_rows
-from cnnlab.config import load_config
-from cnnlab.errors import UserError
-from cnnlab.results import atomic_write_text
+from cnnlab.errors import UserError, warn
+from cnnlab.results import atomic_write_text, check_output_file
 
 
 @dataclass
@@ -41,6 +42,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def final(summary, key: str) -> float | None:
+    return (summary.final or {}).get(key)
+
+
 def _unique_runs(rows: list[dict[str, Any]]) -> list[Path]:
     runs = []
     for row in rows:
@@ -51,17 +56,31 @@ def _unique_runs(rows: list[dict[str, Any]]) -> list[Path]:
     return runs
 
 
-def build_blocks(targets: list[Path], assets: Path) -> list[Block]:
+def _open_runs(runs: list[Path], trust_code: bool) -> dict[Path, Any]:
+    """Each run opened (config and summary validated); a bad one is left out with a warning."""
+    from cnnlab.runs import open_run
+
+    opened = {}
+    for run in runs:
+        try:
+            opened[run] = open_run(run, checkpoint=None, trust_code=trust_code)
+        except UserError as err:
+            warn(f"{err}; left out of the report")
+    return opened
+
+
+def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) -> list[Block]:
     from cnnlab.engine import build_model
     from cnnlab.modelinfo import profile
     from cnnlab.plots import plot_accuracy_bars, plot_sweep_curves
 
     rows = collect_rows(targets)
-    runs = _unique_runs(rows)
+    opened = _open_runs(_unique_runs(rows), trust_code)
+    runs = [run for run in opened if opened[run].state == "completed"]
     if not runs:
         raise UserError("no completed runs among " + ", ".join(map(str, targets)) + "; nothing to report")
-    summaries = {run: json.loads((run / "summary.json").read_text(encoding="utf-8")) for run in runs}
-    configs = {run: load_config(run / "config.yaml") for run in runs}
+    summaries = {run: opened[run].summary for run in runs}
+    configs = {run: opened[run].cfg for run in runs}
     blocks = [
         Block("h1", "Convolutional networks on Fashion-MNIST"),
         Block("p", f"Written by cnnlab from {len(runs)} run(s) on "
@@ -70,30 +89,30 @@ def build_blocks(targets: list[Path], assets: Path) -> list[Block]:
     ]
     first = configs[runs[0]]
     s0 = summaries[runs[0]]
-    split = ("the test set evaluated after every epoch (the lab report's mode)" if s0.get("eval_split") == "test"
-             else f"{s0.get('val_size', 0):,} training images held out for validation (stratified); the test set "
+    split = ("the test set evaluated after every epoch (the lab report's mode)" if s0.eval_split == "test"
+             else f"{(s0.val_size or 0):,} training images held out for validation (stratified); the test set "
                   "evaluated once, with the best checkpoint")
     blocks.append(Block("p", (
-        f"Data: Fashion-MNIST, {s0.get('train_size', 0):,} training / {s0.get('test_size', 0):,} test images of 1x28x28, "
-        f"10 classes, from {s0.get('data_root')}. Validation: {split}. Pixels "
+        f"Data: Fashion-MNIST, {(s0.train_size or 0):,} training / {(s0.test_size or 0):,} test images of 1x28x28, "
+        f"10 classes, from {s0.data_root}. Validation: {split}. Pixels "
         f"{'normalised by the training mean and std' if first.data.normalize else 'scaled to [0, 1]'}; augmentation "
         f"{'on' if first.data.augment.crop_padding or first.data.augment.flip or first.data.augment.erasing else 'none'}. "
         f"Loss: cross-entropy{f' with label smoothing {first.train.label_smoothing}' if first.train.label_smoothing else ''}. "
-        f"Initial weights: {first.init}. Hardware: {s0.get('device_name')} ({s0.get('device')}), torch {s0.get('torch_version')}."
+        f"Initial weights: {first.init}. Hardware: {s0.device_name} ({s0.device}), torch {s0.torch_version}."
     )))
     blocks.append(Block("table", headers=("run", "model", "optimizer", "lr", "schedule", "batch", "epochs", "seed"), rows=tuple(
-        (summaries[r]["name"], configs[r].model.name + "".join(f", {k}={v}" for k, v in configs[r].model.kwargs.items()),
+        (summaries[r].name, configs[r].model.name + "".join(f", {k}={v}" for k, v in configs[r].model.kwargs.items()),
          configs[r].optim.name + (f" (momentum {configs[r].optim.momentum})" if configs[r].optim.momentum else ""),
          f"{configs[r].optim.lr:g}", configs[r].schedule.name, str(configs[r].train.batch_size),
-         str(summaries[r].get("epochs_completed")), str(configs[r].seed)) for r in runs)))
+         str(summaries[r].epochs_completed), str(configs[r].seed)) for r in runs)))
 
     blocks.append(Block("h2", "2. Results"))
     blocks.append(Block("table", headers=("run", "train loss", "train acc", "val acc", "test acc", "examples/s",
                                            "wall s", "params", "FLOPs/image"), rows=tuple(
-        (summaries[r]["name"], _fmt(summaries[r]["final"]["train_loss"]), _fmt(summaries[r]["final"]["train_acc"]),
-         _fmt(summaries[r]["final"]["val_acc"]), _fmt(summaries[r].get("test_acc")),
-         f"{summaries[r].get('train_examples_per_sec', 0):,.0f}", f"{summaries[r].get('wall_seconds', 0):,.1f}",
-         _fmt(summaries[r].get("params")), _fmt(summaries[r].get("flops_per_image"))) for r in runs)))
+        (summaries[r].name, _fmt(final(summaries[r], "train_loss")), _fmt(final(summaries[r], "train_acc")),
+         _fmt(final(summaries[r], "val_acc")), _fmt(summaries[r].test_acc),
+         f"{summaries[r].train_examples_per_sec or 0:,.0f}", f"{summaries[r].wall_seconds or 0:,.1f}",
+         _fmt(summaries[r].params), _fmt(summaries[r].flops_per_image)) for r in runs)))
     table = aggregate(rows)
     if len(table) > 1:
         blocks.append(Block("p", "Across runs (mean ± std over seeds where there are several):"))
@@ -109,18 +128,18 @@ def build_blocks(targets: list[Path], assets: Path) -> list[Block]:
     lenet_run = None
     for run in runs:
         cfg, summary = configs[run], summaries[run]
-        blocks.append(Block("h3", f"{summary['name']} ({run.name})"))
+        blocks.append(Block("h3", f"{summary.name} ({run.name})"))
         key = json.dumps(cfg.model.model_dump(), sort_keys=True, default=str)
         if key not in seen_models:
             seen_models.add(key)
             layers, flops = profile(build_model(cfg))
             blocks.append(Block("table", headers=("#", "layer", "output shape", "params", "FLOPs"), rows=tuple(
                 (r.name, r.layer, "x".join(map(str, r.output_shape)), f"{r.params:,}", f"{r.flops:,}") for r in layers)))
-            blocks.append(Block("p", f"{summary.get('params', 0):,} parameters, {flops:,} FLOPs per image."))
+            blocks.append(Block("p", f"{summary.params or 0:,} parameters, {flops:,} FLOPs per image."))
         if (run / "curves.png").is_file():
             target = assets / f"{run.parent.name}-{run.name}-curves.png"
             shutil.copyfile(run / "curves.png", target)
-            blocks.append(Block("image", f"{summary['name']}: train loss, train accuracy and validation accuracy",
+            blocks.append(Block("image", f"{summary.name}: train loss, train accuracy and validation accuracy",
                                 path=target))
         if cfg.model.name == "lenet" and lenet_run is None and (run / "checkpoints" / "best.pt").is_file():
             lenet_run = run
@@ -128,30 +147,51 @@ def build_blocks(targets: list[Path], assets: Path) -> list[Block]:
     if lenet_run is not None:
         from cnnlab.visualize import visualize
 
+        try:
+            pictures = [visualize(lenet_run, layer, out=assets / f"lenet-layer{layer}.png", trust_code=trust_code)
+                        for layer in ("0", "3")]
+        except UserError as err:
+            warn(f"{err}; the report has no feature maps")
+            return blocks
         blocks.append(Block("h2", "4. What the convolutions see"))
         blocks.append(Block("p", f"Outputs of layer 0 (first convolution) and layer 3 (second convolution) of "
-                                 f"{summaries[lenet_run]['name']} for the first test image, one tile per channel."))
-        for layer in ("0", "3"):
-            picture = visualize(lenet_run, layer, out=assets / f"lenet-layer{layer}.png")
-            blocks.append(Block("image", f"Layer {layer}: {picture.tiles} channels", path=picture.path))
+                                 f"{summaries[lenet_run].name} for the first test image, one tile per channel."))
+        for picture in pictures:
+            blocks.append(Block("image", f"Layer {picture.layer}: {picture.tiles} channels", path=picture.path))
     return blocks
+
+
+MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|])")
+
+
+def md(text: str) -> str:
+    """Text shown literally in Markdown: HTML escaped (run names may hold any characters), and the
+    characters that would start code, emphasis, links or table cells backslash-escaped."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False)).replace("\n", " ")
 
 
 def to_markdown(blocks: list[Block], base: Path) -> str:
     lines: list[str] = []
     for block in blocks:
         if block.kind in ("h1", "h2", "h3"):
-            lines += ["#" * int(block.kind[1]) + " " + block.text, ""]
+            lines += ["#" * int(block.kind[1]) + " " + md(block.text), ""]
         elif block.kind == "p":
-            lines += [block.text, ""]
+            lines += [md(block.text), ""]
         elif block.kind == "table":
-            lines.append("| " + " | ".join(block.headers) + " |")
+            lines.append("| " + " | ".join(md(h) for h in block.headers) + " |")
             lines.append("|" + "---|" * len(block.headers))
-            lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in block.rows]
+            lines += ["| " + " | ".join(md(cell) for cell in row) + " |" for row in block.rows]
             lines.append("")
         elif block.kind == "image":
-            lines += [f"![{block.text}]({block.path.relative_to(base).as_posix()})", f"*{block.text}*", ""]
+            target = "/".join(quote_path_part(part) for part in block.path.relative_to(base).parts)
+            lines += [f"![{md(block.text)}]({target})", f"*{md(block.text)}*", ""]
     return "\n".join(lines)
+
+
+def quote_path_part(part: str) -> str:
+    from urllib.parse import quote
+
+    return quote(part, safe="")
 
 
 HTML_STYLE = """
@@ -186,12 +226,30 @@ def to_html(blocks: list[Block]) -> str:
     return "\n".join(parts)
 
 
-def write_report(targets: list[Path], out: Path, html_too: bool = False) -> list[Path]:
-    """Write ``out`` (Markdown, images in ``<stem>_files/`` beside it) and, with ``html_too``, ``out.html``."""
+def write_report(targets: list[Path], out: Path, html_too: bool = False, trust_code: bool = False) -> list[Path]:
+    """Write ``out`` (Markdown, images in ``<stem>_files/`` beside it) and, with ``html_too``, ``out.html``.
+
+    The images are drawn into a temporary folder that replaces ``<stem>_files/`` only once the whole
+    report is built: a rejected input leaves nothing behind.
+    """
     out = Path(out)
+    check_output_file(out, "--output")
+    if html_too:
+        check_output_file(out.with_suffix(".html"), "--output")
     assets = out.parent / f"{out.stem}_files"
-    assets.mkdir(parents=True, exist_ok=True)
-    blocks = build_blocks([Path(t) for t in targets], assets)
+    if assets.exists() and not assets.is_dir():
+        raise UserError(f"--output {out}: {assets} is a file, but the report's images go in a folder by that name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.stem}_files."))
+    try:
+        blocks = build_blocks([Path(t) for t in targets], building, trust_code)
+        blocks = [Block(b.kind, b.text, b.headers, b.rows, assets / b.path.relative_to(building) if b.path else None)
+                  for b in blocks]
+        if assets.exists():
+            shutil.rmtree(assets)
+        building.rename(assets)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
     atomic_write_text(out, to_markdown(blocks, out.parent))
     written = [out]
     if html_too:

@@ -1,28 +1,39 @@
-"""Usage: ``run = RunDir.create(Path("results"), "lenet")``; ``run.write_summary({...})``.
+"""Usage: ``run = RunDir.create(Path("results"), "lenet")``; ``run.write_summary(summary)``.
 
 A run folder describes itself: ``config.yaml`` (resolved), ``metrics.csv`` (a row per epoch),
-``summary.json``, ``curves.png`` and ``checkpoints/{best,last}.pt``. Every file is written to a
-temporary name and renamed into place, so a crash never leaves half a file; a run folder is created
-exclusively and never reused.
+``summary.json``, ``curves.png`` and ``checkpoints/{best,last}.pt`` (each with a ``.sha256`` beside
+it). Every file is written to a temporary name and renamed into place, so a crash never leaves half a
+file; a run folder is created exclusively and never reused. The process training a run holds an
+exclusive lock on ``<run>/.lock``; the kernel drops it when the process dies however it dies, which
+is how a dead run (``stale``) is told from a live one.
+
+Everything here that reads a file back treats it as untrusted: it is validated, never executed, and
+a bad file is a ``UserError`` that names it.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
+import hashlib
 import io
 import json
+import math
 import os
 import re
 import secrets
+import socket
 import subprocess
 import tempfile
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cnnlab.errors import UserError
 
@@ -64,6 +75,32 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
         raise
 
 
+def check_output_file(path: Path, option: str) -> None:
+    """A ``UserError`` before anything is written if ``path`` cannot be created as a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder; give a file name inside it, e.g. {path / ('out' + (path.suffix or '.png'))}")
+    _check_writable_parent(path.parent, option, path)
+
+
+def check_output_dir(path: Path, option: str) -> None:
+    """A ``UserError`` before anything is written if ``path`` cannot be (or be created as) a writable folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: is a file, not a folder; give a folder")
+    _check_writable_parent(path, option, path)
+
+
+def _check_writable_parent(folder: Path, option: str, target: Path) -> None:
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {target}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {target}: no permission to write in {existing}; choose another place")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
@@ -72,12 +109,23 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+MAX_NAME_CHARS, MAX_NAME_BYTES = 100, 200  # file systems allow 255 bytes per name; leave room for suffixes
+
+
 def sanitize_name(name: str) -> str:
-    """A run name as one safe path component: letters, digits, '.', '_', '=' and '-' only."""
-    safe = re.sub(r"[^A-Za-z0-9._=-]+", "-", name).strip("-.")
+    """A run name as one safe path component: letters and digits of any script, '.', '_', '=' and '-'.
+
+    Unicode is kept (``café`` stays ``café``, in NFC form); path separators, spaces and control or
+    punctuation characters become '-'; the result is cut to 100 characters and 200 UTF-8 bytes.
+    """
+    text = unicodedata.normalize("NFC", str(name))
+    safe = re.sub(r"[^\w.=-]+", "-", text).strip("-.")
     if not safe:
         raise UserError(f"name: {name!r} has no letters or digits to name a results folder with; pick another name")
-    return safe[:100]
+    safe = safe[:MAX_NAME_CHARS]
+    while len(safe.encode("utf-8")) > MAX_NAME_BYTES:
+        safe = safe[:-1]
+    return safe.rstrip("-.") or "run"
 
 
 def new_run_id() -> str:
@@ -119,29 +167,213 @@ def _csv_value(value: Any) -> Any:
 
 
 def read_metrics_csv(path: Path) -> list[dict[str, float]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()} for row in csv.DictReader(handle)]
+    """The rows of a run's metrics.csv as numbers; a file that is not one is a ``UserError`` naming it."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or "epoch" not in reader.fieldnames:
+                raise ValueError("no header with an 'epoch' column")
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                try:
+                    rows.append({str(k): float(v) if v not in ("", None) else math.nan for k, v in row.items() if k})
+                except (TypeError, ValueError):
+                    raise ValueError(f"line {line} holds a value that is not a number") from None
+            return rows
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as err:
+        raise UserError(f"{path}: not a readable cnnlab metrics.csv ({_reason(err)})") from None
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        return err.strerror or type(err).__name__
+    if isinstance(err, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# The run summary, typed
+
+RunStatus = Literal["running", "completed", "failed", "interrupted"]
+
+
+class RunSummary(BaseModel):
+    """summary.json. Unknown keys are kept (newer cnnlab versions may add some)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=True)
+
+    status: RunStatus
+    name: str
+    run_id: str | None = None
+    model: str | None = None
+    seed: int | None = None
+    params: int | None = None
+    flops_per_image: int | None = None
+    epochs: int | None = None
+    eval_split: str | None = None
+    data_root: str | None = None
+    train_size: int | None = None
+    val_size: int | None = None
+    test_size: int | None = None
+    device: str | None = None
+    device_name: str | None = None
+    precision: str | None = None
+    threads: int | None = None
+    torch_version: str | None = None
+    git_commit: str | None = None
+    pid: int | None = None
+    host: str | None = None
+    started: str | None = None
+    finished: str | None = None
+    error: str | None = None
+    epochs_completed: int | None = None
+    stopped_at: str | None = None  # where an interrupted run stopped, e.g. "epoch 3, batch 12 of 215"
+    best_epoch: int | None = None
+    best_val_acc: float | None = None
+    final: dict[str, float] | None = None
+    test_acc: float | None = None
+    test_loss: float | None = None
+    test_checkpoint: str | None = None
+    train_examples_per_sec: float | None = None
+    train_seconds: float | None = None
+    wall_seconds: float | None = None
+    stopped_early: bool | None = None
+    resumes: list[dict[str, Any]] = []  # one entry per `cnnlab resume`: when, from where, on what
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def read_summary(path: Path) -> RunSummary:
+    """A run's summary.json, validated; a missing or malformed one is a ``UserError`` naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return RunSummary.model_validate(data)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        if isinstance(err, ValidationError):
+            first = err.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "summary"
+            reason = f"{where}: {first['msg']}"
+        else:
+            reason = _reason(err)
+        raise UserError(f"{path}: not a readable cnnlab summary.json ({reason})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+CHECKPOINT_FORMAT = 2  # 1: model/optimizer/scheduler/epoch only (cnnlab 0.1); 2: full training state
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint file: the model and everything needed to continue training from this point."""
+
+    model: dict[str, Any]
+    config: dict[str, Any]
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    state: dict[str, Any] | None = None  # TrainState.state_dict(); None in format-1 checkpoints
+    format: int = CHECKPOINT_FORMAT
+    torch_version: str = str(torch.__version__)
+
+    @property
+    def epoch(self) -> int:
+        return int(self.state["epoch"]) if self.state else 0
+
+    def save(self, path: Path) -> None:
+        """Atomically, with its SHA-256 in ``<path>.sha256``; a crash at any point leaves a pair that verifies."""
+        buffer = io.BytesIO()
+        torch.save({**self.__dict__}, buffer)
+        payload = buffer.getvalue()
+        digest = hashlib.sha256(payload).hexdigest()
+        sidecar = digest_path(path)
+        old = _recorded_digests(sidecar)
+        # The sidecar accepts both files while the checkpoint is being replaced, then only the new one.
+        atomic_write_text(sidecar, "\n".join([digest, *old[:1]]) + "\n")
+        atomic_write(path, lambda f: f.write(payload))
+        atomic_write_text(sidecar, digest + "\n")
+
+    @classmethod
+    def load(cls, path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+        """Verify and load (``weights_only=True``: no pickled code runs). Bad files are a ``UserError``."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"checkpoint not found: {path}")
+        try:
+            payload = path.read_bytes()
+        except OSError as err:
+            raise UserError(f"{path}: cannot read the checkpoint ({_reason(err)})") from None
+        recorded = _recorded_digests(digest_path(path))
+        if recorded and hashlib.sha256(payload).hexdigest() not in recorded:
+            raise UserError(
+                f"{path} fails its SHA-256 check ({digest_path(path).name}): the file is corrupt, truncated or was "
+                "changed after cnnlab wrote it. Restore it from a backup, or use the run's other checkpoint "
+                "(--checkpoint best/last), or retrain"
+            )
+        try:
+            data = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+        except Exception as err:  # torch raises many types here; none of their texts is fit to show
+            unsafe = "weights_only" in str(err) or "Unsupported global" in str(err)
+            why = ("it holds pickled Python objects, which cnnlab does not load (only tensors and plain values, "
+                   "so that opening a file cannot run code)") if unsafe else \
+                "it is truncated, corrupt or not a PyTorch checkpoint"
+            raise UserError(f"{path}: not a readable cnnlab checkpoint: {why}") from None
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: Path) -> Checkpoint:
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or not isinstance(data.get("config"), dict):
+            raise UserError(f"{path}: not a cnnlab checkpoint (no model weights and config inside)")
+        if not all(isinstance(v, torch.Tensor) for v in data["model"].values()):
+            raise UserError(f"{path}: not a cnnlab checkpoint (its model entry is not a state dict of tensors)")
+        fmt = data.get("format", 1)
+        state = data.get("state")
+        if fmt == 1:  # cnnlab 0.1: epoch and metrics beside the weights, no generator states
+            state = None
+        elif not isinstance(state, dict):
+            raise UserError(f"{path}: not a cnnlab checkpoint (format {fmt!r} without a training state)")
+        return cls(model=data["model"], config=data["config"], optimizer=data.get("optimizer"),
+                   scheduler=data.get("scheduler"), scaler=data.get("scaler"), state=state,
+                   format=fmt if isinstance(fmt, int) else 0, torch_version=str(data.get("torch_version", "")))
+
+
+def digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _recorded_digests(sidecar: Path) -> list[str]:
+    try:
+        lines = sidecar.read_text(encoding="ascii").split()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line for line in lines if re.fullmatch(r"[0-9a-f]{64}", line)]
 
 
 @dataclass
 class RunDir:
     path: Path
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    _lock: Any = None
 
     @classmethod
     def create(cls, results_root: Path, name: str) -> RunDir:
         parent = Path(results_root) / sanitize_name(name)
         try:
             parent.mkdir(parents=True, exist_ok=True)
+            for _ in range(5):
+                path = parent / new_run_id()
+                try:
+                    path.mkdir()  # exclusive: an existing run is never reused
+                except FileExistsError:
+                    continue
+                return cls(path)
         except OSError as err:
-            raise UserError(f"cannot create the results folder {parent}: {err.strerror}; choose another with --results") from None
-        for _ in range(5):
-            path = parent / new_run_id()
-            try:
-                path.mkdir()  # exclusive: an existing run is never reused
-            except FileExistsError:
-                continue
-            return cls(path)
+            raise UserError(
+                f"cannot create a run folder in {parent}: {_reason(err)}; choose another results folder with --results"
+            ) from None
         raise RuntimeError(f"could not create a fresh run folder under {parent}")
 
     @property
@@ -152,6 +384,27 @@ class RunDir:
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoints"
 
+    def lock(self) -> None:
+        """Hold ``.lock`` for as long as this process lives; a ``UserError`` if another process holds it."""
+        handle = open(self.path / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held open on purpose)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"{self.path} is being trained right now ({holder}); wait for it, or stop it first") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def write_config(self, yaml_text: str) -> None:
         atomic_write_text(self.path / "config.yaml", yaml_text)
 
@@ -159,18 +412,47 @@ class RunDir:
         self.metrics.append(row)
         write_metrics_csv(self.path / "metrics.csv", self.metrics)
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    def write_summary(self, summary: RunSummary) -> None:
+        atomic_write_text(self.path / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
 
-    def save_checkpoint(self, name: str, state: dict[str, Any]) -> None:
-        atomic_torch_save(state, self.checkpoint_dir / f"{name}.pt")
+    def save_checkpoint(self, name: str, checkpoint: Checkpoint) -> None:
+        checkpoint.save(self.checkpoint_dir / f"{name}.pt")
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint written by cnnlab, loaded safely (``weights_only=True``: no pickled code runs)."""
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+LOCK_FILE = ".lock"
+
+
+def is_locked(run_dir: Path) -> bool:
+    """True while a live process holds the run's lock (flock: released by the kernel when it dies)."""
+    try:
+        handle = open(Path(run_dir) / LOCK_FILE, encoding="utf-8")  # noqa: SIM115
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def run_state(run_dir: Path, summary: RunSummary) -> str:
+    """The summary's status, except that a "running" run no live process holds is ``stale``."""
+    if summary.status != "running":
+        return summary.status
+    if (Path(run_dir) / LOCK_FILE).exists():
+        return "running" if is_locked(run_dir) else "stale"
+    # A run without a lock file (written elsewhere, or by cnnlab 0.1): trust a live pid on this host only.
+    if summary.pid and summary.host == socket.gethostname():
+        try:
+            os.kill(summary.pid, 0)
+        except ProcessLookupError:
+            return "stale"
+        except PermissionError:
+            return "running"
+        return "running"
+    return "stale"
 
 
 def latest_run(results_root: Path = Path("results")) -> Path:
@@ -178,11 +460,11 @@ def latest_run(results_root: Path = Path("results")) -> Path:
     finished = []
     for path in Path(results_root).rglob("summary.json"):
         try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if summary.get("status") == "completed" and (path.parent / "checkpoints" / "best.pt").is_file():
-            finished.append((summary.get("finished", ""), str(path.parent)))
+            summary = read_summary(path)
+        except UserError:
+            continue  # someone else's broken run must not hide the good ones
+        if summary.status == "completed" and (path.parent / "checkpoints" / "best.pt").is_file():
+            finished.append((summary.finished or "", str(path.parent)))
     if not finished:
         raise UserError(
             f"no finished run in {results_root}/ to look at. Train one first, e.g. `cnnlab run configs/lenet.yaml` "

@@ -6,20 +6,26 @@ A target is a folder (every ``*.yaml`` in it, sorted, one trial each) or a sweep
     grid: {model.kernel_size: [3, 5, 7], optim.lr: [0.1, 0.3]}
     seeds: [0, 1, 2]
 
-Each trial runs as its own ``cnnlab run`` process (``jobs`` at a time, CPU threads divided among
-them, one GPU each when there are several), so one crashing trial cannot take the others down.
-Runs go to ``<results>/sweeps/<sweep>/runs/<variant>/<run id>/``; each invocation writes
+Each trial runs as its own ``cnnlab run --resume auto`` process (``jobs`` at a time, CPU threads
+divided among them unless a config sets ``train.threads``, one GPU each when there are several), so
+one crashing trial cannot take the others down. Runs go to
+``<results>/sweeps/<sweep>/runs/<variant>/<run id>/``; each invocation writes
 ``<results>/sweeps/<sweep>/<timestamp>/`` with ``trials.json``, ``summary.csv``, ``summary.md``,
-``curves.png`` and ``bars.png``. A trial whose exact config already completed is skipped unless
-``force``.
+``curves.png`` and ``bars.png`` (run folders named relative to it, so the sweep folder can move).
+A trial whose exact config already completed is skipped unless ``force``; one that was interrupted
+continues from its checkpoint. SIGINT, SIGTERM or SIGHUP to the sweep is passed on to its running
+trials, which checkpoint and stop; the sweep then writes its files for what ran and exits 128 + N.
 """
 
 from __future__ import annotations
 
+import hashlib
+import contextlib
 import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -37,12 +43,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cnnlab.compare import aggregate, markdown_table, row_from_summary, rows_csv
 from cnnlab.config import Config, dump_config, load_config, read_yaml
 from cnnlab.errors import UserError
-from cnnlab.results import atomic_write_text, sanitize_name
+from cnnlab.results import MAX_NAME_CHARS, RunSummary, atomic_write_text, check_output_dir, read_summary, sanitize_name
+from cnnlab.runs import comparable
+from cnnlab.stopping import HANDLED, PARENT_ENV, signal_name
 
 SWEEP_KEYS = {"name", "base", "grid", "seeds"}
 EPOCH_LINE = re.compile(r"^epoch\s+(\d+)/(\d+)")
-# Keys that say where or how fast a trial runs, not what it computes: ignored when matching old runs.
-PLACEMENT_KEYS = (("train", "threads"), ("train", "device"))
 
 
 @dataclass
@@ -52,7 +58,7 @@ class Trial:
     swept: dict[str, Any] = field(default_factory=dict)  # grid key -> value ({} for folder sweeps)
     config: Config | None = None
     error: str = ""  # why the config could not be loaded
-    status: str = "pending"  # pending, completed, skipped (done before), failed
+    status: str = "pending"  # pending, completed, skipped (done before), failed, interrupted, not started
     run_dir: Path | None = None
 
     @property
@@ -113,9 +119,8 @@ def expand_sweep_file(path: Path, overrides: list[str], seeds: list[int] | None)
     base = (path.parent / spec["base"]) if spec.get("base") else None
     name = sanitize_name(str(spec.get("name") or path.stem))
     trials = []
-    for point in itertools.product(*grid.values()):
-        swept = dict(zip(grid, point))
-        variant = sanitize_name("-".join(f"{k.split('.')[-1]}={_value_label(v)}" for k, v in swept.items()) or name)
+    points = [dict(zip(grid, point)) for point in itertools.product(*grid.values())]
+    for swept, variant in zip(points, variant_names(points, name)):
         for seed in seed_list:
             values = {**swept, "name": variant, **({"seed": seed} if seed is not None else {})}
             try:
@@ -126,27 +131,32 @@ def expand_sweep_file(path: Path, overrides: list[str], seeds: list[int] | None)
     return name, trials
 
 
+def variant_names(points: list[dict[str, Any]], default: str) -> list[str]:
+    """A folder name per grid point, from its values (``kernel_size=3-lr=0.1``); names that sanitising
+    or the length limit made equal get a short hash of their values, so no two points share a folder."""
+    names = [sanitize_name("-".join(f"{k.split('.')[-1]}={_value_label(v)}" for k, v in p.items()) or default)
+             for p in points]
+    for i, (point, name) in enumerate(zip(points, names)):
+        if names.count(name) > 1 or names[:i].count(name):
+            digest = hashlib.sha256(json.dumps(point, sort_keys=True, default=str).encode()).hexdigest()[:8]
+            names[i] = sanitize_name(f"{name[: MAX_NAME_CHARS - 9]}-{digest}")
+    return names
+
+
 # ---------------------------------------------------------------------------------------------
 # Running trials
 
 
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    config = json.loads(json.dumps(config))
-    for section, key in PLACEMENT_KEYS:
-        config.get(section, {}).pop(key, None)
-    return config
-
-
 def finished_run(trial: Trial) -> Path | None:
-    """A completed earlier run of exactly this trial's config, if there is one."""
+    """A completed earlier run of exactly this trial's config (its device aside), if there is one."""
     folder = Path(trial.config.output.dir) / sanitize_name(trial.name)
-    wanted = _comparable(trial.config.to_dict())
+    wanted = comparable(trial.config.to_dict())
     for run in sorted(folder.glob("*/summary.json"), reverse=True):
         try:
-            summary = json.loads(run.read_text(encoding="utf-8"))
-            if summary.get("status") == "completed" and _comparable(read_yaml(run.parent / "config.yaml")) == wanted:
+            summary = read_summary(run)
+            if summary.status == "completed" and comparable(read_yaml(run.parent / "config.yaml")) == wanted:
                 return run.parent
-        except (OSError, ValueError, UserError):
+        except UserError:
             continue
     return None
 
@@ -159,7 +169,12 @@ def placement(index: int, jobs: int) -> tuple[str | None, int]:
 
 
 class Runner:
-    """Runs trials as ``cnnlab run`` subprocesses with one combined progress display."""
+    """Runs trials as ``cnnlab run --resume auto`` subprocesses with one combined progress display.
+
+    Used as a context manager around ``run_all``: inside it, SIGINT/SIGTERM/SIGHUP stop the sweep
+    (no new trial starts; the signal is passed on to the running ones, each in its own session so a
+    terminal's Ctrl-C reaches it only once, through here).
+    """
 
     def __init__(self, sweep_dir: Path, jobs: int, console: Console, live: bool) -> None:
         self.sweep_dir = sweep_dir
@@ -167,10 +182,32 @@ class Runner:
         self.console = console
         self.slots = list(range(jobs))
         self.lock = threading.Lock()
+        self.processes: dict[int, subprocess.Popen] = {}
+        self.stop_signal: int | None = None
+        self._previous: dict[int, Any] = {}
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, disable=not live,
         )
+
+    def __enter__(self) -> Runner:
+        if threading.current_thread() is threading.main_thread():
+            for signum in HANDLED:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        first = self.stop_signal is None
+        self.stop_signal = self.stop_signal or signum
+        if first:
+            self._say(f"{signal_name(signum)}: stopping the running trials (they checkpoint and can be resumed)")
+        for process in list(self.processes.values()):
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
 
     def run_all(self, trials: list[Trial]) -> None:
         with self.progress:
@@ -181,6 +218,9 @@ class Runner:
                 list(pool.map(self.run_one, pending))
 
     def run_one(self, trial: Trial) -> None:
+        if self.stop_signal is not None:
+            trial.status, trial.error = "not started", f"the sweep was stopped by {signal_name(self.stop_signal)}"
+            return
         with self.lock:
             slot = self.slots.pop(0)
         try:
@@ -195,36 +235,51 @@ class Runner:
 
     def _run(self, trial: Trial, slot: int) -> None:
         device, threads = placement(slot, self.jobs)
-        updates: dict[str, Any] = {"threads": threads}
+        cfg = trial.config
         if device:
-            updates["device"] = device
-        cfg = trial.config.model_copy(update={"train": trial.config.train.model_copy(update=updates)})
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device})})
+        # A config's own train.threads is part of what it computes (results differ with the thread count)
+        # and is kept; otherwise the trial gets its share of the CPUs through OMP_NUM_THREADS, which torch
+        # reads at start-up, and summary.json records the count it used.
+        threads = cfg.train.threads or threads
         config_path = self.sweep_dir / "configs" / f"{sanitize_name(trial.name)}-seed{trial.seed}.yaml"
         atomic_write_text(config_path, dump_config(cfg))
         log_path = self.sweep_dir / "logs" / config_path.with_suffix(".log").name
         task = self.progress.add_task(f"  {trial.label}", total=cfg.train.epochs)
         self._say(f"start {trial.label}")
-        command = [sys.executable, "-m", "cnnlab", "run", str(config_path), "--quiet"]
+        command = [sys.executable, "-m", "cnnlab", "run", str(config_path), "--quiet", "--resume", "auto"]
         error_lines: list[str] = []
         with open(log_path, "w", encoding="utf-8") as log:
             process = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                env={**os.environ, "OMP_NUM_THREADS": str(threads), PARENT_ENV: str(os.getpid())},
+                start_new_session=True,
             )
-            for line in process.stdout:
-                log.write(line)
-                if line.startswith("run ") and " -> " in line:
-                    trial.run_dir = Path(line.rsplit(" -> ", 1)[1].strip())
-                elif match := EPOCH_LINE.match(line):
-                    self.progress.update(task, completed=int(match.group(1)))
-                elif line.startswith(("error:", "training failed:")) or error_lines:
-                    error_lines.append(line.rstrip())
-            code = process.wait()
+            self.processes[process.pid] = process
+            if self.stop_signal is not None:  # the signal came while this trial was starting
+                process.send_signal(self.stop_signal)
+            try:
+                for line in process.stdout:
+                    log.write(line)
+                    if line.startswith(("run ", "resume ")) and " -> " in line:
+                        trial.run_dir = Path(line.rsplit(" -> ", 1)[1].strip())
+                    elif match := EPOCH_LINE.match(line):
+                        self.progress.update(task, completed=int(match.group(1)))
+                    elif line.startswith(("error:", "training failed:")) or error_lines:
+                        error_lines.append(line.rstrip())
+                code = process.wait()
+            finally:
+                self.processes.pop(process.pid, None)
         self.progress.remove_task(task)
-        trial.status = "completed" if code == 0 else "failed"
-        if code != 0:
+        if code == 0:
+            trial.status = "completed"
+        elif code > 128 and code - 128 in HANDLED:
+            trial.status, trial.error = "interrupted", f"interrupted by {signal_name(code - 128)}"
+        else:
+            trial.status = "failed"
             trial.error = " ".join(error_lines).strip() or f"exit code {code}; see {log_path}"
-        self._say(f"{'done ' if code == 0 else 'FAILED'} {trial.label}" + (f": {trial.error}" if code else ""))
+        word = {"completed": "done ", "interrupted": "STOPPED"}.get(trial.status, "FAILED")
+        self._say(f"{word} {trial.label}" + (f": {trial.error}" if trial.error else ""))
 
     def _say(self, text: str) -> None:
         if self.progress.disable:
@@ -238,12 +293,14 @@ class Runner:
 
 
 def trial_row(trial: Trial) -> dict[str, Any]:
-    summary: dict[str, Any] = {"name": trial.name, "seed": trial.seed, "status": trial.status, "error": trial.error}
+    summary = RunSummary(name=trial.name, seed=trial.seed, status="failed", error=trial.error or None)
     if trial.run_dir is not None and (trial.run_dir / "summary.json").is_file():
-        summary = json.loads((trial.run_dir / "summary.json").read_text(encoding="utf-8"))
-        summary["name"] = trial.name
-        if trial.status == "failed" and not summary.get("error"):
-            summary["error"] = trial.error
+        try:
+            summary = read_summary(trial.run_dir / "summary.json").model_copy(update={"name": trial.name})
+            if trial.status != "completed" and not summary.error:
+                summary.error = trial.error or None
+        except UserError as err:
+            summary.error = str(err)
     row = row_from_summary(summary, trial.run_dir, trial.swept_text)
     row["status"] = trial.status
     row["swept"] = trial.swept
@@ -259,15 +316,19 @@ def run_sweep(
     results: Path | None = None,
     force: bool = False,
     quiet: bool = False,
-) -> tuple[Path, list[dict[str, Any]]]:
-    """Run every trial of ``target``; returns the sweep folder and one row per trial."""
+) -> SweepOutcome:
+    """Run every trial of ``target``; returns the sweep folder, one row per trial, and the signal that
+    stopped the sweep, if one did."""
     if not Path(target).exists():
         raise UserError(f"sweep target not found: {target}; give a folder of configs or a sweep file")
     if jobs < 1:
         raise UserError("--jobs must be at least 1")
+    if results is not None:
+        check_output_dir(Path(results).expanduser(), "--results")
     name, trials = expand(Path(target), list(overrides or []), seeds)
-    root = Path(results) if results is not None else None
+    root = Path(results).expanduser() if results is not None else None
     sweep_root = (root or _results_root(trials)) / "sweeps" / sanitize_name(name)
+    check_output_dir(sweep_root, "results folder")
     for trial in trials:
         if trial.config is not None:
             trial.config = trial.config.model_copy(
@@ -279,8 +340,11 @@ def run_sweep(
     sweep_dir = sweep_root / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     while sweep_dir.exists():
         sweep_dir = sweep_dir.with_name(sweep_dir.name + "-1")
-    (sweep_dir / "logs").mkdir(parents=True)
-    console = Console(highlight=False)
+    try:
+        (sweep_dir / "logs").mkdir(parents=True)
+    except OSError as err:
+        raise UserError(f"cannot create the sweep folder {sweep_dir}: {err.strerror}; choose another with --results") from None
+    console = Console(highlight=False, markup=False)
     skipped = sum(t.status == "skipped" for t in trials)
     console.print(
         f"sweep {name}: {len(trials)} trials ({skipped} done before, {sum(t.status == 'failed' for t in trials)} "
@@ -289,10 +353,21 @@ def run_sweep(
     for trial in trials:
         if trial.status == "failed":
             console.print(f"FAILED {trial.label}: {trial.error}", soft_wrap=True)
-    Runner(sweep_dir, jobs, console, live=not quiet and console.is_terminal).run_all(trials)
-    rows = [trial_row(t) for t in trials]
-    write_sweep_files(sweep_dir, rows, list(dict.fromkeys(k for t in trials for k in t.swept)))
-    return sweep_dir, rows
+    with Runner(sweep_dir, jobs, console, live=not quiet and console.is_terminal) as runner:
+        runner.run_all(trials)
+        rows = [trial_row(t) for t in trials]
+        write_sweep_files(sweep_dir, rows, list(dict.fromkeys(k for t in trials for k in t.swept)))
+    if runner.stop_signal is not None:
+        console.print(f"sweep stopped by {signal_name(runner.stop_signal)}; rerun the same command to resume it",
+                      soft_wrap=True)
+    return SweepOutcome(sweep_dir, rows, runner.stop_signal)
+
+
+@dataclass
+class SweepOutcome:
+    folder: Path
+    rows: list[dict[str, Any]]
+    stopped_by: int | None = None  # the signal that stopped the sweep
 
 
 def _results_root(trials: list[Trial]) -> Path:
@@ -301,10 +376,14 @@ def _results_root(trials: list[Trial]) -> Path:
 
 
 def write_sweep_files(sweep_dir: Path, rows: list[dict[str, Any]], swept_keys: list[str]) -> None:
+    """trials.json and summary.csv name run folders relative to ``sweep_dir``: the sweep folder can be
+    moved or copied whole, together with its ``runs/`` beside it."""
     from cnnlab.plots import plot_accuracy_bars, plot_sweep_curves
 
-    atomic_write_text(sweep_dir / "trials.json", json.dumps(rows, indent=2, default=str) + "\n")
-    atomic_write_text(sweep_dir / "summary.csv", rows_csv(rows, swept_keys))
+    portable = [{**row, "run_dir": os.path.relpath(row["run_dir"], sweep_dir) if row.get("run_dir") else ""}
+                for row in rows]
+    atomic_write_text(sweep_dir / "trials.json", json.dumps(portable, indent=2, default=str) + "\n")
+    atomic_write_text(sweep_dir / "summary.csv", rows_csv(portable, swept_keys))
     title = f"# Sweep {sweep_dir.parent.name} ({sweep_dir.name})\n\n"
     atomic_write_text(sweep_dir / "summary.md", title + markdown_table(aggregate(rows)))
     plot_sweep_curves(rows, sweep_dir / "curves.png", title=sweep_dir.parent.name)

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from cnnlab.data import CLASSES, Data, load_data
-from cnnlab.engine import load_trained
 from cnnlab.errors import UserError
+from cnnlab.results import check_output_file
 from cnnlab.modelinfo import profile, short_repr
+from cnnlab.runs import open_run
 
 
 @dataclass
@@ -35,6 +36,9 @@ class Picture:
 def resolve_layer(model: nn.Module, spec: str) -> tuple[str, nn.Module]:
     """``"3"`` -> the 4th top-level layer; ``"features.0"`` -> that submodule. Errors list the choices."""
     children = list(model.named_children())
+    spec = spec.strip()
+    if not spec:
+        raise UserError("--layer: empty; give a top-level layer index such as 3, or a module name (see --list-layers)")
     if spec.lstrip("-").isdigit():
         index = int(spec)
         if not -len(children) <= index < len(children):
@@ -45,7 +49,7 @@ def resolve_layer(model: nn.Module, spec: str) -> tuple[str, nn.Module]:
         return children[index]
     try:
         return spec, model.get_submodule(spec)
-    except AttributeError:
+    except (AttributeError, ValueError, TypeError):
         top = ", ".join(name for name, _ in children)
         raise UserError(f"--layer {spec!r}: no such layer; top-level layers: {top} (see --list-layers)") from None
 
@@ -130,11 +134,15 @@ def visualize(
     split: str = "test",
     out: Path | None = None,
     mode: str = "maps",
+    trust_code: bool = False,
 ) -> Picture:
     """Draw ``mode`` (maps, filters or cam) for one image of ``split``; writes a PNG and describes it."""
     from cnnlab.plots import plt, save_figure
 
-    cfg, model = load_trained(run_dir)
+    if out is not None:
+        check_output_file(Path(out), "--out")
+    opened = open_run(run_dir, trust_code=trust_code)
+    cfg, model = opened.cfg, opened.model
     data = load_data(cfg.data, cfg.seed, torch.device("cpu"))
     if split not in ("test", "val"):
         raise UserError(f"--split {split!r}: choose test or val")

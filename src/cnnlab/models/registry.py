@@ -51,7 +51,7 @@ class ModelEntry:
                 continue
             default = ... if param.default is param.empty else param.default
             fields[param.name] = (hints.get(param.name, Any), default)
-        config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+        config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False)
         return create_model(f"{self.name}_options", __config__=config, **fields)
 
 
@@ -86,14 +86,29 @@ def import_builder(spec: str) -> ModelEntry:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
+    except ModuleNotFoundError as err:
+        if err.name != module_name.split(".")[0] and err.name != module_name:
+            raise ModelArgumentError(f"model.name: importing module {module_name!r} failed: {_describe(err)}") from None
         raise ModelArgumentError(
-            f"model.name: cannot import module {module_name!r} ({err}); put it in the current folder or on PYTHONPATH"
+            f"model.name: cannot find module {module_name!r}; put {module_name.replace('.', '/')}.py in the current "
+            "folder or on PYTHONPATH"
         ) from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # the module's own code failed (SyntaxError, an exception, even sys.exit)
+        raise ModelArgumentError(f"model.name: importing module {module_name!r} failed: {_describe(err)}") from None
     builder = getattr(module, attr, None)
     if not callable(builder):
         raise ModelArgumentError(f"model.name: module {module_name!r} has no function {attr!r}")
     return ModelEntry(spec, builder)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, SystemExit):
+        return f"it called sys.exit({err.code!r})"
+    if isinstance(err, SyntaxError):
+        return f"SyntaxError in {err.filename} line {err.lineno}: {err.msg}"
+    return f"{type(err).__name__}: {err}"
 
 
 def get_entry(name: str) -> ModelEntry:
@@ -139,7 +154,19 @@ def validate_model_args(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 def get_model(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs: Any) -> nn.Module:
     """Build a registered model; ``kwargs`` are validated as a config's would be."""
     options = validate_model_args(name, kwargs)
+    user_code = ":" in name
     try:
-        return get_entry(name).builder(num_classes=num_classes, in_channels=in_channels, **options)
+        model = get_entry(name).builder(num_classes=num_classes, in_channels=in_channels, **options)
     except ValueError as err:  # builders raise ValueError for options that cannot work together
         raise ModelArgumentError(f"model {name!r} cannot be built with {options}: {err}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:
+        if not user_code:
+            raise  # a bug in cnnlab's own builders: let it show
+        raise ModelArgumentError(f"model {name!r}: the builder failed: {_describe(err)}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelArgumentError(
+            f"model {name!r}: the builder returned {type(model).__name__}, not a torch.nn.Module; return the network"
+        )
+    return model

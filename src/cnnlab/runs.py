@@ -1,0 +1,240 @@
+"""Usage: ``opened = open_run(Path("results/lenet/20261128T..."))``; ``resume(run_dir, epochs=30)``.
+
+Opening a run folder that already exists: one ``open_run`` for eval, visualize and report (config,
+summary, liveness and a verified checkpoint, with a warning when the run did not complete), and
+``resume``, which continues an interrupted, failed or killed run in its own folder. A run folder
+may come from anyone, so nothing in it is trusted: files are validated, and a config that names
+Python code is refused unless the user passes ``trust_code``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnlab.config import Config, dump_config, load_config, read_yaml, validate
+from cnnlab.errors import UserError, warn
+from cnnlab.progress import Reporter, make_reporter
+from cnnlab.results import Checkpoint, RunDir, RunSummary, read_summary, run_state, utc_now
+
+RESUMABLE = ("interrupted", "failed", "stale")
+PLACEMENT_KEYS = (("train", "device"),)  # where a run trains, not what it computes
+
+
+@dataclass
+class OpenedRun:
+    path: Path
+    cfg: Config
+    summary: RunSummary
+    state: str  # the summary's status, or "stale" for a run whose process died without a word
+    model: nn.Module | None = None  # in eval mode, with the chosen checkpoint's weights
+    checkpoint: str | None = None
+
+
+def require_run_dir(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder")
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a cnnlab run folder (no config.yaml)")
+    return run_dir
+
+
+def open_run(
+    run_dir: Path, device: str | torch.device = "cpu", *, checkpoint: str | None = "best", trust_code: bool = False
+) -> OpenedRun:
+    """A run's config, summary and state, and (unless ``checkpoint`` is None) its trained model."""
+    from cnnlab.engine import build_model
+
+    run_dir = require_run_dir(run_dir)
+    cfg = load_config(run_dir / "config.yaml", trust_code=trust_code)
+    summary = read_summary(run_dir / "summary.json")
+    state = run_state(run_dir, summary)
+    opened = OpenedRun(run_dir, cfg, summary, state)
+    if checkpoint is None:
+        return opened
+    if checkpoint not in ("best", "last"):
+        raise UserError(f"--checkpoint {checkpoint!r}: choose best or last")
+    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the run wrote no checkpoints (output.checkpoints: false) or did not "
+                        "finish an epoch")
+    if state != "completed":
+        warn(f"{run_dir} is {describe_state(opened)}; using its {checkpoint} checkpoint anyway")
+    weights = Checkpoint.load(path)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(weights.model)
+    except RuntimeError:
+        raise UserError(f"{path}: its weights do not fit the model described by {run_dir / 'config.yaml'} "
+                        "(the file belongs to another run, or config.yaml was changed)") from None
+    opened.model, opened.checkpoint = model.to(device).eval(), checkpoint
+    return opened
+
+
+def describe_state(opened: OpenedRun) -> str:
+    summary = opened.summary
+    if opened.state == "stale":
+        return (f"stale: its process (pid {summary.pid} on {summary.host}) died without recording an ending, "
+                f"after {_epochs_done(opened.path)} epoch(s)")
+    if opened.state == "running":
+        return f"still training (pid {summary.pid} on {summary.host})"
+    where = f" ({summary.stopped_at})" if summary.stopped_at else ""
+    return f"{opened.state}{where}" + (f": {summary.error}" if summary.error else "")
+
+
+def _epochs_done(run_dir: Path) -> str:
+    try:
+        return str(Checkpoint.load(run_dir / "checkpoints" / "last.pt").epoch)
+    except UserError:
+        return "an unknown number of"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config mappings."""
+    keys = []
+    for key in sorted(set(saved) | set(current), key=str):
+        path = f"{prefix}{key}"
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_differences(a, b, path + ".")
+        elif a != b:
+            keys.append(path)
+    return keys
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config as a mapping with the placement keys dropped: two runs of it compute the same thing."""
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for section, key in PLACEMENT_KEYS:
+        if isinstance(config.get(section), dict):
+            config[section].pop(key, None)
+    return config
+
+
+def resume(
+    run_dir: Path,
+    *,
+    epochs: int | None = None,
+    device: str | None = None,
+    data_root: Path | None = None,
+    quiet: bool = False,
+    reporter: Reporter | None = None,
+    trust_code: bool = False,
+) -> dict[str, Any]:
+    """Continue ``run_dir`` from ``checkpoints/last.pt`` in the same folder; returns the summary.
+
+    ``epochs`` extends (or, for an unfinished run, changes) the total; ``device`` and ``data_root``
+    may change because a run can move to another machine. Anything else that differs between
+    ``config.yaml`` and the checkpoint is refused.
+    """
+    from cnnlab.engine import describe_run, prepare, train
+    from cnnlab.state import TrainState
+
+    wall_start = time.perf_counter()
+    opened = open_run(run_dir, checkpoint=None, trust_code=trust_code)
+    run_dir, summary = opened.path, opened.summary
+    if opened.state == "running":
+        raise UserError(f"{run_dir} is {describe_state(opened)}; stop it before resuming it")
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise UserError(f"{run_dir} has no checkpoints/last.pt to resume from (output.checkpoints was false, or it "
+                        f"stopped before its first epoch ended); start it again with `cnnlab run {run_dir / 'config.yaml'}`")
+    checkpoint = Checkpoint.load(last)
+    if checkpoint.state is None:
+        raise UserError(f"{last} was written by an older cnnlab without the training state a resume needs; it can "
+                        "still be evaluated, but the run must be started again to train further")
+    saved = comparable(checkpoint.config)
+    differing = config_differences({**saved, "train": {**saved.get("train", {}), "epochs": None}},
+                                   {**comparable(opened.cfg.to_dict()),
+                                    "train": {**comparable(opened.cfg.to_dict())["train"], "epochs": None}})
+    if differing:
+        raise UserError(f"{run_dir / 'config.yaml'} differs from the config its checkpoint was trained with, in "
+                        f"{', '.join(differing)}; put config.yaml back as it was, or start a new run with the new config")
+
+    done = checkpoint.epoch
+    total = epochs if epochs is not None else opened.cfg.train.epochs
+    if total < done or (total == done and checkpoint.state.get("current") is not None):
+        raise UserError(f"--epochs {total}: the run has already trained {done} epoch(s); give a larger number")
+    if opened.state == "completed" and total <= done:
+        raise UserError(f"{run_dir} has completed its {done} epochs; to train it further pass --epochs N with N > {done}")
+
+    values = opened.cfg.to_dict()
+    values["train"]["epochs"] = total
+    if device is not None:
+        values["train"]["device"] = device
+    if data_root is not None:
+        values["data"]["root"] = str(data_root)
+    cfg = validate(values, f"resuming {run_dir}", trust_code=trust_code)
+
+    session = prepare(cfg)
+    state = TrainState()
+    session.restore(checkpoint, state, last)
+    if total > done:
+        state.stopped_early = False  # an extended run trains on
+    run = RunDir(run_dir)
+    run.lock()
+    if cfg != opened.cfg:
+        run.write_config(dump_config(cfg))
+    run.metrics = state.metrics
+    from cnnlab.results import write_metrics_csv
+
+    write_metrics_csv(run_dir / "metrics.csv", state.metrics)  # rows past the checkpoint are redone
+    fresh = describe_run(session, run)
+    resumed = summary.model_copy(update={k: getattr(fresh, k) for k in (
+        "status", "epochs", "device", "device_name", "precision", "threads", "torch_version", "git_commit", "pid",
+        "host", "data_root")})
+    for key in ("error", "stopped_at", "finished", "test_acc", "test_loss", "test_checkpoint", "final"):
+        setattr(resumed, key, None)
+    at = state.current.batches if state.current is not None else 0
+    resumed.resumes = [*summary.resumes, {
+        "at": utc_now(), "from_status": opened.state, "from_epoch": done, "from_batch": at, "epochs": total,
+        "device": str(session.runtime.device), "host": socket.gethostname(), "pid": os.getpid(),
+    }]
+    run.write_summary(resumed)
+    reporter = reporter or make_reporter(quiet=quiet)
+    where = f"epoch {done + 1}, batch {at}" if at else f"epoch {done + 1}"
+    reporter.message(f"resuming {run_dir} ({opened.state}) at {where} of {total}")
+    return train(session, run, state, resumed, reporter, wall_start)
+
+
+def find_resumable(cfg: Config) -> Path | None:
+    """The newest unfinished run (interrupted, failed, stale) of exactly ``cfg`` that has a checkpoint."""
+    from cnnlab.results import sanitize_name
+
+    folder = Path(cfg.output.dir) / sanitize_name(cfg.name)
+    wanted = comparable(cfg.to_dict())
+    candidates = []
+    for summary_path in folder.glob("*/summary.json"):
+        run_dir = summary_path.parent
+        try:
+            summary = read_summary(summary_path)
+            if run_state(run_dir, summary) not in RESUMABLE or not (run_dir / "checkpoints" / "last.pt").is_file():
+                continue
+            if comparable(read_yaml(run_dir / "config.yaml")) != wanted:
+                continue
+        except UserError:
+            continue  # a broken folder is not a candidate
+        candidates.append((summary.started or "", str(run_dir)))
+    return Path(max(candidates)[1]) if candidates else None
+
+
+def run_or_resume(cfg: Config, *, quiet: bool = False) -> dict[str, Any]:
+    """``cnnlab run CONFIG --resume auto``: continue the newest unfinished run of this config, or start one."""
+    from cnnlab.engine import fit
+
+    previous = find_resumable(cfg)
+    if previous is None:
+        return fit(cfg, quiet=quiet)
+    return resume(previous, device=cfg.train.device, quiet=quiet, trust_code=True)

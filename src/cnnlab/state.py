@@ -1,0 +1,104 @@
+"""Usage: ``state = TrainState()``; ``ckpt["state"] = state.state_dict()``; ``state.load_state_dict(ckpt["state"])``.
+
+Everything the epoch loop knows that is not a module, optimiser or scheduler: how far it got (epochs
+done, batches done in the epoch under way and that epoch's running sums), the best accuracy so far,
+the timers, the metrics rows, and the state of every random generator that decides what comes next
+(Python's, torch's global CPU and CUDA generators, the data-order and augmentation generators).
+Saved in every checkpoint, so a resumed run draws the same batches and the same dropout masks as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class EpochProgress:
+    """The epoch under way: batches done and its running sums (on the training device)."""
+
+    batches: int = 0
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    correct: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    seen: int = 0
+    seconds: float = 0.0
+    lr: float | None = None  # the learning rate the epoch started with (the metrics row reports it)
+    order_state: torch.Tensor | None = None  # the data-order generator before this epoch's permutation
+
+    def to(self, device: torch.device) -> EpochProgress:
+        self.loss_sum = self.loss_sum.to(device)
+        self.correct = self.correct.to(device)
+        return self
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    best_acc: float = -1.0  # best validation accuracy so far (-1: none yet)
+    best_epoch: int = 0
+    train_seconds: float = 0.0  # time spent in training steps, completed epochs
+    train_examples: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv, a row per completed epoch
+    current: EpochProgress | None = None  # the epoch under way, when a run stopped inside it
+    stopped_early: bool = False
+
+    def state_dict(self, generators: dict[str, torch.Generator | None]) -> dict[str, Any]:
+        current = None
+        if self.current is not None:
+            c = self.current
+            current = {"batches": c.batches, "loss_sum": c.loss_sum.detach().cpu(), "correct": c.correct.detach().cpu(),
+                       "seen": c.seen, "seconds": c.seconds, "lr": c.lr, "order_state": c.order_state}
+        return {
+            "epoch": self.epoch,
+            "best_acc": self.best_acc,
+            "best_epoch": self.best_epoch,
+            "train_seconds": self.train_seconds,
+            "train_examples": self.train_examples,
+            "metrics": [dict(row) for row in self.metrics],
+            "current": current,
+            "stopped_early": self.stopped_early,
+            "rng": capture_rng(generators),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], generators: dict[str, torch.Generator | None]) -> None:
+        self.epoch = int(state["epoch"])
+        self.best_acc = float(state["best_acc"])
+        self.best_epoch = int(state["best_epoch"])
+        self.train_seconds = float(state["train_seconds"])
+        self.train_examples = int(state["train_examples"])
+        self.metrics = [dict(row) for row in state["metrics"]]
+        self.stopped_early = bool(state.get("stopped_early", False))
+        current = state.get("current")
+        self.current = None if current is None else EpochProgress(
+            batches=int(current["batches"]), loss_sum=current["loss_sum"], correct=current["correct"],
+            seen=int(current["seen"]), seconds=float(current["seconds"]), lr=current["lr"],
+            order_state=current["order_state"],
+        )
+        restore_rng(state["rng"], generators)
+
+
+def capture_rng(generators: dict[str, torch.Generator | None]) -> dict[str, Any]:
+    """Every generator's state: Python's ``random``, torch's global CPU (and CUDA) ones, and ``generators``."""
+    python_state = random.getstate()
+    return {
+        # Python's state as plain lists and ints, which weights_only loading accepts.
+        "python": [python_state[0], list(python_state[1]), python_state[2]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "generators": {name: g.get_state() for name, g in generators.items() if g is not None},
+    }
+
+
+def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator | None]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, generator in generators.items():
+        if generator is not None and name in state["generators"]:
+            generator.set_state(state["generators"][name])

@@ -1,0 +1,68 @@
+"""Usage: ``with StopSignals() as stop: ... stop.check()`` between batches.
+
+How a run ends when asked to: SIGINT (Ctrl-C), SIGTERM (``kill``, ``timeout``, every scheduler's
+preemption) and SIGHUP (a closed terminal) only *request* a stop; the loop honours it at the next
+batch boundary, where the model, optimiser and generators agree, checkpoints there and exits with
+128 + the signal number (130, 143, 129). A second Ctrl-C stops at once. A trial started by a sweep
+also stops this way when the sweep that started it dies (its parent process changes).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType
+
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PARENT_ENV = "CNNLAB_PARENT_PID"  # set by the sweep launcher for its trials
+
+
+class Interrupted(Exception):
+    """A run stopped on a signal, at a batch boundary."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal_name(signum)}")
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM/SIGHUP into a stop request for the duration of a ``with`` block."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, object] = {}
+        parent = os.environ.get(PARENT_ENV, "")
+        self._parent = int(parent) if parent.isdigit() else None
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for signum in HANDLED:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
+        if self.requested is None:
+            self.requested = signum
+
+    def check(self) -> None:
+        """Raise ``Interrupted`` if a stop was requested (or the launching sweep is gone)."""
+        if self.requested is None and self._parent is not None and os.getppid() != self._parent:
+            self.requested = signal.SIGHUP
+        if self.requested is not None:
+            raise Interrupted(self.requested)
