@@ -7,6 +7,7 @@ epoch, fit for logs.
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,8 @@ class Reporter:
         else:
             where = f" ({summary['stopped_at']})" if summary.get("stopped_at") else ""
             self.message(f"run {summary.get('status')}{where}; partial results in {run_dir}")
+            if (Path(run_dir) / "checkpoints" / "last.pt").is_file():
+                self.message(f"continue it with: cnnlab resume {shlex.quote(str(run_dir))}")
 
 
 class ProgressReporter(Reporter):

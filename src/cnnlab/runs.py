@@ -204,8 +204,8 @@ def resume(
     }]
     run.write_summary(resumed)
     reporter = reporter or make_reporter(quiet=quiet)
-    where = f"epoch {done + 1}, batch {at}" if at else f"epoch {done + 1}"
-    reporter.message(f"resuming {run_dir} ({opened.state}) at {where} of {total}")
+    where = f"epoch {done + 1} of {total}" + (f", batch {at}" if at else "")
+    reporter.message(f"resuming {run_dir} ({opened.state}) at {where}")
     return train(session, run, state, resumed, reporter, wall_start)
 
 

@@ -1,0 +1,241 @@
+"""Never lose a run: real `cnnlab run` processes killed with real signals, then resumed.
+
+Each training here is a subprocess on generated data big enough (2,800 images, 88 batches an epoch)
+that a signal lands inside an epoch. Augmentation, dropout and a cosine schedule are on, so every
+generator the resume restores is exercised.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+from conftest import write_dataset
+
+TIMING = {"epoch_seconds", "train_examples_per_sec"}
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    write_dataset(root / "data", n_train=3000, n_test=200)
+    (root / "cfg.yaml").write_text(
+        "name: resumable\n"
+        "data: {root: data, check_counts: false, val_size: 200, augment: {flip: true, crop_padding: 2}}\n"
+        "model: {activation: relu, dropout: 0.1}\n"
+        "optim: {lr: 0.05, momentum: 0.9}\n"
+        "schedule: {name: cosine}\n"
+        "train: {epochs: 5, batch_size: 32, device: cpu, threads: 1}\n"
+    )
+    return root
+
+
+def start(workdir: Path, results: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cnnlab", "run", "cfg.yaml", "--quiet", "--results", results, *extra],
+        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def only_run(folder: Path) -> Path:
+    runs = [p for p in folder.glob("resumable/*") if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def wait_for_epochs(process: subprocess.Popen, results: Path, epochs: int) -> Path:
+    """Block until the run has finished ``epochs`` epochs (its metrics.csv says so); return its folder."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for metrics in results.glob("resumable/*/metrics.csv"):
+            if len(metrics.read_text().splitlines()) > epochs:
+                return metrics.parent
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.01)
+    raise AssertionError("the run did not reach epoch {epochs}")
+
+
+def metric_rows(run: Path) -> list[dict]:
+    with open(run / "metrics.csv") as handle:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(handle)]
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(workdir: Path) -> Path:
+    """The same config trained without interruption."""
+    process = start(workdir, "reference")
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output
+    return only_run(workdir / "reference")
+
+
+def resume(run: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cnnlab", "resume", str(run), "--quiet", *args],
+                          cwd=run.parents[2], capture_output=True, text=True, timeout=300)
+
+
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(workdir, reference):
+    process = start(workdir, "killed")
+    run = wait_for_epochs(process, workdir / "killed", 2)
+    time.sleep(0.1)  # well inside epoch 3
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert summary(run)["status"] == "running"  # nobody could write anything down...
+
+    listing = runner.invoke(app, ["compare", str(run)])
+    assert "1 stale of 1" in listing.output  # ...but the dead run is told from a live one
+
+    done = resume(run)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming" in done.stdout and "(stale)" in done.stdout
+    assert metric_rows(run) == metric_rows(reference)
+    result, expected = summary(run), summary(reference)
+    assert result["status"] == "completed" and result["test_acc"] == expected["test_acc"]
+    assert result["best_epoch"] == expected["best_epoch"] and result["epochs_completed"] == 5
+    [entry] = result["resumes"]
+    assert entry["from_status"] == "stale" and entry["from_epoch"] >= 2
+
+
+def test_sigterm_stops_at_a_batch_exits_143_and_resume_completes_identically(workdir, reference):
+    process = start(workdir, "terminated")
+    run = wait_for_epochs(process, workdir / "terminated", 1)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 143, output
+    stopped = summary(run)
+    assert stopped["status"] == "interrupted" and stopped["error"] == "interrupted by SIGTERM"
+    assert stopped["epochs_completed"] >= 1 and "stopped_at" in stopped
+    assert f"cnnlab resume {run.relative_to(workdir)}" in output
+    assert not list(run.rglob("*.tmp")) and not list(run.rglob(".*.tmp"))
+
+    done = resume(run)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert metric_rows(run) == metric_rows(reference)
+    assert summary(run)["test_acc"] == summary(reference)["test_acc"]
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_sigint_and_sighup_are_recorded_like_sigterm(workdir, signum, code):
+    results = f"sig{code}"
+    process = start(workdir, results)
+    run = wait_for_epochs(process, workdir / results, 1)
+    process.send_signal(signum)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == code, output
+    assert summary(run)["status"] == "interrupted"
+    assert signal.Signals(signum).name in summary(run)["error"]
+
+
+def test_resume_extends_a_completed_run_and_refuses_what_it_cannot_do(workdir, reference, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy" / "resumable" / reference.name
+    shutil.copytree(reference, run)  # a run folder copied from elsewhere resumes in its new place
+    refused = resume(run)
+    assert refused.returncode == 2 and "completed its 5 epochs" in refused.stderr and "--epochs" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    extended = resume(run, "--epochs", "6", "--data-dir", str(workdir / "data"))  # the data moved too
+    assert extended.returncode == 0, extended.stdout + extended.stderr
+    rows = metric_rows(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6] and rows[:5] == metric_rows(reference)
+    assert summary(run)["epochs_completed"] == 6 and "epochs: 6" in (run / "config.yaml").read_text()
+
+
+def test_a_changed_config_or_a_corrupt_checkpoint_is_refused_with_exit_2(workdir, reference, tmp_path):
+    import shutil
+
+    run = tmp_path / "r" / "resumable" / reference.name
+    shutil.copytree(reference, run)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("lr: 0.05", "lr: 0.07").replace("batch_size: 32", "batch_size: 64"))
+    changed = resume(run, "--epochs", "6")
+    assert changed.returncode == 2, changed.stderr
+    assert "optim.lr" in changed.stderr and "train.batch_size" in changed.stderr and "Traceback" not in changed.stderr
+    (run / "config.yaml").write_text(config)
+
+    last = run / "checkpoints" / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # a truncated copy
+    corrupt = resume(run, "--epochs", "6")
+    assert corrupt.returncode == 2 and str(last) in corrupt.stderr and "SHA-256" in corrupt.stderr
+    assert "weights_only=False" not in corrupt.stderr
+    assert summary(run)["status"] == "completed" and len(metric_rows(run)) == 5  # nothing was touched
+
+
+def test_run_resume_auto_continues_the_unfinished_run_of_the_same_config(workdir, reference):
+    process = start(workdir, "auto")
+    run = wait_for_epochs(process, workdir / "auto", 1)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+
+    again = subprocess.run([sys.executable, "-m", "cnnlab", "run", "cfg.yaml", "--quiet", "--results", "auto",
+                            "--resume", "auto"], cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert only_run(workdir / "auto") == run  # continued in place, no second folder
+    assert metric_rows(run) == metric_rows(reference)
+
+    other = subprocess.run([sys.executable, "-m", "cnnlab", "run", "cfg.yaml", "--quiet", "--results", "auto",
+                            "--resume", "auto", "--epochs", "1"], cwd=workdir, capture_output=True, text=True,
+                           timeout=300)
+    assert other.returncode == 0, other.stderr
+    assert len(list((workdir / "auto" / "resumable").iterdir())) == 2  # a finished run is not resumed: a new one
+
+
+def test_a_failure_after_the_last_epoch_is_recorded_with_the_test_accuracy(workdir):
+    """A real 'disk full' while drawing the curves: the file-size limit makes the PNG write fail."""
+    import resource
+
+    def small_files():
+        limit = 20_000  # summary.json and metrics.csv fit, curves.png (about 30 kB) does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    process = subprocess.run(
+        [sys.executable, "-m", "cnnlab", "run", "cfg.yaml", "--quiet", "--results", "full", "--epochs", "1",
+         "--set", "output.checkpoints=false"],
+        cwd=workdir, capture_output=True, text=True, timeout=300, preexec_fn=small_files,
+    )
+    assert process.returncode == 1, process.stdout + process.stderr
+    assert "Traceback" not in process.stderr and "File too large" in process.stderr
+    result = summary(only_run(workdir / "full"))
+    assert result["status"] == "failed" and "File too large" in result["error"]
+    assert result["test_acc"] > 0.5 and result["epochs_completed"] == 1
+
+
+def test_a_live_run_cannot_be_resumed_twice(workdir):
+    process = start(workdir, "live", "--epochs", "50")
+    try:
+        run = wait_for_epochs(process, workdir / "live", 1)
+        clash = resume(run)
+        assert clash.returncode == 2 and "still training" in clash.stderr
+        listing = runner.invoke(app, ["compare", str(run)])
+        assert "1 running of 1" in listing.output
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    assert summary(run)["status"] == "interrupted"
+
+
+def test_os_level_handlers_are_restored_after_a_run(tiny_overrides):
+    from cnnlab.config import load_config
+    from cnnlab.engine import fit
+
+    before = signal.getsignal(signal.SIGTERM)
+    fit(load_config(None, [*tiny_overrides, "train.epochs=1"]), quiet=True)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert os.environ.get("CNNLAB_PARENT_PID") is None
