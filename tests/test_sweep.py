@@ -117,3 +117,48 @@ def test_the_shipped_grid_sweep_expands():
     assert name == "kernels_lr" and len(trials) == 18 and all(t.config is not None for t in trials)
     assert {t.name for t in trials} == {f"kernel_size={k}-lr={lr}" for k in (3, 5, 7) for lr in (0.05, 0.1)}
     assert all(t.config.model.kwargs["activation"] == "relu" for t in trials)
+
+
+def test_a_sweep_stopped_by_sigterm_records_what_ran_and_resumes_the_stopped_trial(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import write_dataset
+
+    data = write_dataset(tmp_path / "data", n_train=3000, n_test=200)
+    family = tmp_path / "family"
+    family.mkdir()
+    for name, lr in (("a", 0.05), ("b", 0.03)):
+        (family / f"{name}.yaml").write_text(
+            f"data: {{root: {data}, check_counts: false, val_size: 200}}\nmodel: {{activation: relu}}\n"
+            f"optim: {{lr: {lr}, momentum: 0.9}}\ntrain: {{epochs: 5, batch_size: 32, device: cpu, threads: 1}}\n")
+    command = [sys.executable, "-m", "cnnlab", "sweep", str(family), "--results", str(tmp_path / "results"), "--quiet"]
+    sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = tmp_path / "results" / "sweeps" / "family" / "runs"
+    deadline = time.monotonic() + 180
+    while not any(len(m.read_text().splitlines()) > 1 for m in runs.glob("b/*/metrics.csv")):
+        assert sweep.poll() is None and time.monotonic() < deadline, sweep.stdout.read()
+        time.sleep(0.01)
+    sweep.send_signal(signal.SIGTERM)
+    output = sweep.communicate(timeout=60)[0]
+    assert sweep.returncode == 143, output
+    [stopped_dir] = (tmp_path / "results" / "sweeps" / "family").glob("2*")
+    trials = {t["name"]: t for t in json.loads((stopped_dir / "trials.json").read_text())}
+    assert trials["a"]["status"] == "completed" and trials["b"]["status"] == "interrupted"
+    assert {r["name"]: r["status"] for r in read_csv(stopped_dir / "summary.csv")} == {"a": "completed", "b": "interrupted"}
+    [b_run] = runs.glob("b/*")
+    assert json.loads((b_run / "summary.json").read_text())["status"] == "interrupted"
+    time.sleep(1.1)  # the next sweep folder gets a new timestamp
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 done before" in again.stdout and "resume b seed 0" in again.stdout
+    assert list(runs.glob("b/*")) == [b_run]  # continued in its own folder, not started over
+    finished = json.loads((b_run / "summary.json").read_text())
+    assert finished["status"] == "completed" and finished["epochs_completed"] == 5
+    assert finished["resumes"][0]["from_status"] == "interrupted"
+    assert len(read_csv(b_run / "metrics.csv")) == 5
+    assert os.environ.get("CNNLAB_PARENT_PID") is None

@@ -263,6 +263,8 @@ class Runner:
                     log.write(line)
                     if line.startswith(("run ", "resume ")) and " -> " in line:
                         trial.run_dir = Path(line.rsplit(" -> ", 1)[1].strip())
+                    elif line.startswith("resuming "):
+                        self._say(f"resume {trial.label}: {line.rstrip()}")
                     elif match := EPOCH_LINE.match(line):
                         self.progress.update(task, completed=int(match.group(1)))
                     elif line.startswith(("error:", "training failed:")) or error_lines:
@@ -273,8 +275,8 @@ class Runner:
         self.progress.remove_task(task)
         if code == 0:
             trial.status = "completed"
-        elif code > 128 and code - 128 in HANDLED:
-            trial.status, trial.error = "interrupted", f"interrupted by {signal_name(code - 128)}"
+        elif (signum := -code if code < 0 else code - 128) in HANDLED:  # stopped (or killed while starting) by a signal
+            trial.status, trial.error = "interrupted", f"interrupted by {signal_name(signum)}"
         else:
             trial.status = "failed"
             trial.error = " ".join(error_lines).strip() or f"exit code {code}; see {log_path}"
