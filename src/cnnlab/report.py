@@ -10,6 +10,7 @@ self-contained HTML file (images embedded).
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import re
@@ -239,6 +240,7 @@ def write_report(targets: list[Path], out: Path, html_too: bool = False, trust_c
     assets = out.parent / f"{out.stem}_files"
     if assets.exists() and not assets.is_dir():
         raise UserError(f"--output {out}: {assets} is a file, but the report's images go in a folder by that name")
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.stem}_files."))
     try:
@@ -248,8 +250,12 @@ def write_report(targets: list[Path], out: Path, html_too: bool = False, trust_c
         if assets.exists():
             shutil.rmtree(assets)
         building.rename(assets)
-    finally:
+    except BaseException:
         shutil.rmtree(building, ignore_errors=True)
+        for folder in created:  # deepest first: leave the disk as it was
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     atomic_write_text(out, to_markdown(blocks, out.parent))
     written = [out]
     if html_too:

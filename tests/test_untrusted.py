@@ -1,0 +1,350 @@
+"""The bad-input corpus: hostile or unlucky text, files and paths, as a user or a stranger's results
+folder would bring them. Every case: exit 2 (or a warning and the rest shown), one message naming
+what is wrong, no traceback, nothing half-written, and never any code run from a results folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+from cnnlab.results import sanitize_name
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+runner = CliRunner()
+
+
+def invoke(*args, env=None):
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+def clean_exit_2(result, *expected):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for text in expected:
+        assert text in result.output, result.output
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> Path:
+    """A private copy of a trained run folder (so it can be damaged), under results/<name>/<id>."""
+    run, _ = trained
+    copy = tmp_path / "results" / run.parent.name / run.name
+    shutil.copytree(run, copy)
+    return copy
+
+
+def tiny_run(tiny_data, results, *extra):
+    return ["run", CONFIGS / "lenet_relu.yaml", "--data-dir", tiny_data, "--results", results, "--epochs", "1",
+            "--set", "data.check_counts=false", "--set", "data.val_size=100", "--set", "train.batch_size=64",
+            "--device", "cpu", "--quiet", *extra]
+
+
+# ---------------------------------------------------------------------------------------------
+# User text is printed literally
+
+
+def test_markup_in_a_run_name_is_printed_literally_and_never_crashes(tiny_data, tmp_path):
+    result = invoke(*tiny_run(tiny_data, tmp_path / "res[old]", "--set", "name=[/x]bold[b]café[old]"))
+    assert result.exit_code == 0, result.output
+    assert "[/x]bold[b]café[old]" in result.output  # the name, exactly as given
+    assert str(tmp_path / "res[old]") in result.output  # paths shown are the real paths
+    [run] = (tmp_path / "res[old]").glob("*/*")
+    assert run.parent.name == "x-bold-b-café-old"  # sanitised, with its accent kept
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+    compared = invoke("compare", tmp_path / "res[old]")
+    assert compared.exit_code == 0 and "[/x]bold[b]café[old]" in compared.output
+
+
+def test_markup_in_a_missing_path_is_shown_as_typed(tmp_path):
+    clean_exit_2(invoke("run", tmp_path / "[/x][old]nope.yaml"), "[/x][old]nope.yaml")
+
+
+@pytest.mark.parametrize("name, folder", [
+    ("café", "café"),
+    ("模型 对比", "模型-对比"),
+    ("../../etc/passwd", "etc-passwd"),
+    ("-rf --all", "rf---all"),
+    ("line\nbreak\ttab", "line-break-tab"),
+    ("ok.name=1", "ok.name=1"),
+])
+def test_names_become_one_safe_path_component(name, folder):
+    assert sanitize_name(name) == folder
+
+
+def test_long_unicode_names_fit_a_file_system_name():
+    safe = sanitize_name("é" * 300)
+    assert len(safe) <= 100 and len(safe.encode()) <= 200
+    with pytest.raises(Exception, match="no letters or digits"):
+        sanitize_name("/// ...")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files read back: checkpoints
+
+
+class Foreign:  # a pickled class: weights_only loading must refuse it, not run it
+    pass
+
+
+def _foreign_checkpoint(path: Path) -> None:
+    torch.save({"model": Foreign()}, path)
+
+
+CHECKPOINT_DAMAGE = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:1000]), "SHA-256"),
+    "empty": (lambda p: p.write_bytes(b""), "SHA-256"),
+    "foreign, no checksum": (lambda p: (_foreign_checkpoint(p), Path(f"{p}.sha256").unlink()), "pickled Python objects"),
+    "text, no checksum": (lambda p: (p.write_text("hello"), Path(f"{p}.sha256").unlink()), "truncated, corrupt or not"),
+    "weights of another model": (lambda p: (torch.save({"model": {"w": torch.zeros(3)}, "config": {}}, p),
+                                            Path(f"{p}.sha256").unlink()), "do not fit the model"),
+}
+
+
+@pytest.mark.parametrize("damage", CHECKPOINT_DAMAGE)
+def test_a_bad_checkpoint_is_exit_2_naming_the_file(run_copy, damage):
+    best = run_copy / "checkpoints" / "best.pt"
+    harm, expected = CHECKPOINT_DAMAGE[damage]
+    harm(best)
+    for command in (["eval", run_copy], ["visualize", run_copy, "--out", run_copy.parent / "x.png"]):
+        result = invoke(*command)
+        clean_exit_2(result, str(best), expected)
+        assert "weights_only=False" not in result.output  # never advise the unsafe setting
+
+
+# ---------------------------------------------------------------------------------------------
+# Files read back: summaries, metrics, trials, configs
+
+
+def _break(run: Path, name: str, text: str) -> None:
+    (run / name).write_text(text)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("summary.json", "{not json"),
+    ("summary.json", "[1, 2]"),
+    ("summary.json", '{"status": "done", "name": "x"}'),
+    ("metrics.csv", "epoch,val_acc\n1,abc\n"),
+    ("metrics.csv", "\x00\x01binary"),
+])
+def test_compare_and_report_skip_a_corrupt_run_and_show_the_others(trained, tmp_path, name, text):
+    run, _ = trained
+    results = tmp_path / "results"
+    good = results / "good" / run.name
+    bad = results / "bad" / run.name
+    shutil.copytree(run, good)
+    shutil.copytree(run, bad)
+    _break(bad, name, text)
+
+    compared = invoke("compare", results)
+    assert compared.exit_code == 0, compared.output
+    if name == "summary.json":
+        assert str(bad / name) in compared.output and "skipped" in compared.output
+
+    report = invoke("report", results, "-o", tmp_path / "out" / "report.md")
+    assert report.exit_code == 0, report.output
+    assert str(bad / name) in report.output  # the warning names the bad file
+    assert (tmp_path / "out" / "report.md").is_file()
+
+
+def test_the_default_run_of_eval_skips_broken_runs(trained, tmp_path, monkeypatch):
+    run, _ = trained
+    results = tmp_path / "results"
+    shutil.copytree(run, results / "good" / run.name)
+    (results / "broken" / "x").mkdir(parents=True)
+    (results / "broken" / "x" / "summary.json").write_text("\xff garbage")
+    result = invoke("eval", "--results", results)
+    assert result.exit_code == 0, result.output
+
+
+def test_a_corrupt_trials_json_falls_back_to_the_run_folders(tiny_data, tmp_path):
+    sweep = tmp_path / "results" / "sweeps" / "s"
+    stamp = sweep / "20260101T000000Z"
+    stamp.mkdir(parents=True)
+    (stamp / "trials.json").write_text('[{"name": 1}]')
+    result = invoke(*tiny_run(tiny_data, sweep / "runs"))
+    assert result.exit_code == 0, result.output
+    compared = invoke("compare", sweep)
+    assert compared.exit_code == 0, compared.output
+    assert "trials.json" in compared.output and "lenet_relu" in compared.output
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("optim: {lr: [1, 2]}", "optim.lr"),
+    ("\xff\xfe not text", "not a text file"),
+    ("- just\n- a list", "must be a YAML mapping"),
+    ("!!python/object/apply:os.system ['echo owned']", "YAML"),
+])
+def test_a_bad_config_yaml_in_a_run_folder_is_exit_2_naming_it(run_copy, text, expected):
+    (run_copy / "config.yaml").write_bytes(text.encode("latin-1"))
+    clean_exit_2(invoke("eval", run_copy), str(run_copy / "config.yaml"), expected)
+    clean_exit_2(invoke("resume", run_copy), str(run_copy / "config.yaml"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening someone's results never runs their code
+
+
+def test_a_run_naming_python_code_needs_trust_code(trained, tmp_path, monkeypatch):
+    run, _ = trained
+    (tmp_path / "evil.py").write_text(textwrap.dedent(f"""
+        from pathlib import Path
+        Path({str(tmp_path / 'OWNED')!r}).write_text("ran")
+        from cnnlab.models.lenet import lenet as build
+    """))
+    monkeypatch.chdir(tmp_path)
+    copy = tmp_path / "results" / "evil" / run.name
+    shutil.copytree(run, copy)
+    config = (copy / "config.yaml").read_text()
+    (copy / "config.yaml").write_text(config.replace("name: lenet", "name: evil:build", 1))
+
+    for command in (["eval", copy], ["visualize", copy, "--layer", "0"], ["report", copy],
+                    ["resume", copy, "--epochs", "9"]):
+        clean_exit_2(invoke(*command), "--trust-code", "evil:build")
+        assert not (tmp_path / "OWNED").exists(), command
+    assert not (tmp_path / "results" / "report").exists()
+
+    trusted = invoke("eval", copy, "--trust-code")
+    assert trusted.exit_code == 0, trusted.output
+    assert (tmp_path / "OWNED").read_text() == "ran"
+
+
+# ---------------------------------------------------------------------------------------------
+# User Python models that misbehave: exit 2 before any folder exists
+
+BAD_MODELS = {
+    "raises on import": ("raise RuntimeError('boom at import')", "importing module", "boom at import"),
+    "syntax error": ("def net(:\n    pass", "SyntaxError", "line 1"),
+    "sys.exit(0) on import": ("import sys\nsys.exit(0)", "sys.exit(0)", "importing module"),
+    "builder raises": ("def net(num_classes=10, in_channels=1):\n    raise ValueError('no way')", "no way", ""),
+    "builder exits": ("import sys\ndef net(num_classes=10, in_channels=1):\n    sys.exit(0)", "sys.exit(0)", "builder"),
+    "not a module": ("def net(num_classes=10, in_channels=1):\n    return 42", "returned int", "nn.Module"),
+    "wrong output": ("from torch import nn\ndef net(num_classes=10, in_channels=1):\n"
+                     "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 7))", "shape (batch, 10)", "(2, 7)"),
+    "forward fails": ("from torch import nn\ndef net(num_classes=10, in_channels=1):\n"
+                      "    return nn.Sequential(nn.Linear(3, 10))", "fails on a batch", "RuntimeError"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MODELS)
+def test_a_broken_user_model_is_exit_2_before_anything_is_written(case, tiny_data, tmp_path, monkeypatch):
+    source, *expected = BAD_MODELS[case]
+    module = f"usermodel_{abs(hash(case))}"
+    (tmp_path / f"{module}.py").write_text(source + "\n")
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*tiny_run(tiny_data, tmp_path / "results", "--set", f"model.name={module}:net"))
+    clean_exit_2(result, *[e for e in expected if e])
+    assert not (tmp_path / "results").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Output paths: exit 2 before anything is written
+
+
+def test_output_paths_that_cannot_be_written(trained, tmp_path, tiny_data):
+    run, _ = trained
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    clean_exit_2(invoke("sweep", CONFIGS / "kernels", "--results", a_file), "--results", "is a file")
+    clean_exit_2(invoke("visualize", run, "--out", folder), "--out", "is a folder")
+    clean_exit_2(invoke("visualize", run, "--out", a_file / "x.png"), "is a file, not a folder")
+    clean_exit_2(invoke("report", run, "-o", folder), "--output", "is a folder")
+    clean_exit_2(invoke(*tiny_run(tiny_data, a_file)), str(a_file))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "file.txt", "folder"]
+    assert list(folder.iterdir()) == []
+
+
+def test_a_rejected_report_leaves_nothing_behind(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "x").mkdir()
+    (empty / "x" / "summary.json").write_text('{"status": "failed", "name": "x"}')
+    (empty / "x" / "config.yaml").write_text("name: x\n")
+    result = invoke("report", empty, "-o", tmp_path / "out" / "r.md")
+    clean_exit_2(result, "no completed runs")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_results_folder(tiny_data, tmp_path):
+    results = tmp_path / "results"
+    (results / "lenet_relu").mkdir(parents=True)
+    (results / "lenet_relu").chmod(0o500)
+    try:
+        clean_exit_2(invoke(*tiny_run(tiny_data, results)), "cannot create a run folder", "--results")
+    finally:
+        (results / "lenet_relu").chmod(0o700)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lr=.inf", "optim.lr"),
+    ("optim.lr=.nan", "optim.lr"),
+    ("schedule.warmup_epochs=.inf", "schedule.warmup_epochs"),
+    ("optim.weight_decay=.inf", "optim.weight_decay"),
+    ("seed=18446744073709551617", "seed"),
+    ("seed=-1", "seed"),
+    ("train.threads=1000", "train.threads: 1000 is more than"),
+    ("model.dropout=.inf", "model.dropout"),
+    ("train.eval_batch_size=1e99", "train.eval_batch_size"),
+    ("name=''", "name"),
+    ("name=///", "no letters or digits"),
+])
+def test_non_finite_huge_and_empty_values_are_rejected(override, expected, tiny_data, tmp_path):
+    clean_exit_2(invoke(*tiny_run(tiny_data, tmp_path / "results", "--set", override)), expected)
+    assert not (tmp_path / "results").exists()
+
+
+def test_home_folder_in_output_dir_is_expanded(tiny_data, tmp_path):
+    result = invoke(*tiny_run(tiny_data, "~/cnnlab-results"), env={"HOME": str(tmp_path / "home")})
+    assert result.exit_code == 0, result.output
+    assert list((tmp_path / "home" / "cnnlab-results" / "lenet_relu").iterdir())
+    assert not Path("~").exists()
+
+
+@pytest.mark.parametrize("layer, expected", [("", "--layer: empty"), (" ", "--layer: empty"), ("x.y", "no such layer"),
+                                             ("3.5", "no such layer"), ("99", "top-level layers"), ("-", "no such layer")])
+def test_visualize_layer_values(trained, tmp_path, layer, expected):
+    run, _ = trained
+    clean_exit_2(invoke("visualize", run, "--layer", layer, "--out", tmp_path / "x.png"), expected)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_markdown_report_shows_html_in_run_names_as_text(trained, tmp_path):
+    run, summary = trained
+    copy = tmp_path / "results" / "x" / run.name
+    shutil.copytree(run, copy)
+    data = json.loads((copy / "summary.json").read_text())
+    data["name"] = "<img src=x onerror=alert(1)>|[link](http://e.x)"
+    (copy / "summary.json").write_text(json.dumps(data))
+    result = invoke("report", copy, "-o", tmp_path / "r" / "r.md", "--html")
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "r" / "r.md").read_text()
+    assert "<img src=x" not in markdown and "&lt;img src=x onerror=alert(1)&gt;" in markdown
+    assert "\\[link\\](http://e.x)" in markdown and "\\|" in markdown
+    assert "<img src=x" not in (tmp_path / "r" / "r.html").read_text()
+
+
+def test_sweep_variant_names_never_collide_and_a_threads_grid_is_kept(tmp_path):
+    from cnnlab.sweep import expand
+
+    long = "x" * 120
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(f"base: {CONFIGS / 'lenet.yaml'}\ngrid:\n  name: ['{long}a', '{long}b']\n  train.threads: [1, 2]\n")
+    _, trials = expand(spec, [])
+    names = [t.name for t in trials]
+    assert len(set(names)) == 4 and all(len(n) <= 100 for n in names)
+    assert sorted(t.config.train.threads for t in trials) == [1, 1, 2, 2]
