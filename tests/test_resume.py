@@ -99,6 +99,9 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(workdir, refe
 
     listing = runner.invoke(app, ["compare", str(run)])
     assert "1 stale of 1" in listing.output  # ...but the dead run is told from a live one
+    looked = subprocess.run([sys.executable, "-m", "cnnlab", "eval", str(run)], capture_output=True, text=True,
+                            cwd=workdir, timeout=120)
+    assert looked.returncode == 0 and "warning:" in looked.stderr and "stale" in looked.stderr
 
     done = resume(run)
     assert done.returncode == 0, done.stdout + done.stderr

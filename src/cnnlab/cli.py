@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from cnnlab.errors import TrainingError, UserError
+from cnnlab.console import SafeConsole
 
 app = typer.Typer(
     name="cnnlab",
@@ -30,8 +30,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 # Tables stay readable when piped or logged: rich would otherwise squeeze them into 80 columns.
-out = Console(highlight=False, markup=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+out = SafeConsole(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = SafeConsole(stderr=True, soft_wrap=True)
 RED = "bold red"
 
 SetOption = Annotated[

@@ -10,8 +10,11 @@ import sys
 
 def warn(text: str) -> None:
     """One warning line on stderr, printed literally."""
-    sys.stderr.write(f"warning: {text}\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(f"warning: {text}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # nobody is reading: the warning cannot be shown, and must not stop the command
 
 
 class UserError(Exception):

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from rich.console import Console
+
+from cnnlab.console import SafeConsole
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 REFRESH_SECONDS = 0.25
@@ -24,7 +26,7 @@ class Reporter:
     """Prints one line per epoch. Subclasses add live progress."""
 
     def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
-        self.console = console or Console(highlight=False, markup=False)
+        self.console = console or SafeConsole()
         self.enabled = enabled
         self.epochs = 0
 

@@ -76,6 +76,10 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
     from cnnlab.plots import plot_accuracy_bars, plot_sweep_curves
 
     rows = collect_rows(targets)
+    unfinished = [r for r in rows if r.get("status") not in ("completed", "skipped")]
+    if unfinished:
+        warn(f"{len(unfinished)} run(s) did not complete and are left out of the results: "
+             + ", ".join(f"{r['name']} ({r['status']})" for r in unfinished))
     opened = _open_runs(_unique_runs(rows), trust_code)
     runs = [run for run in opened if opened[run].state == "completed"]
     if not runs:

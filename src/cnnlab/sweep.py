@@ -19,8 +19,8 @@ trials, which checkpoint and stop; the sweep then writes its files for what ran 
 
 from __future__ import annotations
 
-import hashlib
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -43,6 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cnnlab.compare import aggregate, markdown_table, row_from_summary, rows_csv
 from cnnlab.config import Config, dump_config, load_config, read_yaml
 from cnnlab.errors import UserError
+from cnnlab.console import SafeConsole
 from cnnlab.results import MAX_NAME_CHARS, RunSummary, atomic_write_text, check_output_dir, read_summary, sanitize_name
 from cnnlab.runs import comparable
 from cnnlab.stopping import HANDLED, PARENT_ENV, signal_name
@@ -346,7 +347,7 @@ def run_sweep(
         (sweep_dir / "logs").mkdir(parents=True)
     except OSError as err:
         raise UserError(f"cannot create the sweep folder {sweep_dir}: {err.strerror}; choose another with --results") from None
-    console = Console(highlight=False, markup=False)
+    console = SafeConsole()
     skipped = sum(t.status == "skipped" for t in trials)
     console.print(
         f"sweep {name}: {len(trials)} trials ({skipped} done before, {sum(t.status == 'failed' for t in trials)} "
