@@ -76,11 +76,17 @@ def collect_rows(targets: list[Path]) -> list[dict[str, Any]]:
         runs = [target] if (target / "summary.json").is_file() else _run_dirs_under(target)
         if not runs:
             raise UserError(f"{target}: holds no cnnlab runs (no summary.json below it)")
+        readable = 0
         for run in runs:
             try:
                 rows.append(run_row(run))
+                readable += 1
             except UserError as err:
+                if len(runs) == 1:
+                    raise
                 warn(f"{err}; skipped")
+        if not readable:
+            raise UserError(f"{target}: none of its {len(runs)} runs could be read (see the warnings above)")
     return rows
 
 

@@ -387,91 +387,102 @@ def fit(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -
     recorded in ``summary.json`` (status ``failed`` or ``interrupted``) and re-raised.
     """
     wall_start = time.perf_counter()
-    session = prepare(cfg)
-    run = RunDir.create(cfg.output.dir, cfg.name)
-    run.lock()
-    run.write_config(dump_config(cfg))
-    summary = describe_run(session, run)
-    run.write_summary(summary)
-    return train(session, run, TrainState(), summary, reporter or make_reporter(quiet=quiet), wall_start)
+    with StopSignals() as stop:
+        session = prepare(cfg)
+        stop.check()  # asked to stop while setting up: leave before anything is written
+        run = RunDir.create(cfg.output.dir, cfg.name)
+        run.lock()
+        run.write_config(dump_config(cfg))
+        summary = describe_run(session, run)
+        run.write_summary(summary)
+        return train(session, run, TrainState(), summary, reporter or make_reporter(quiet=quiet), wall_start, stop)
 
 
 def train(
-    session: Session, run: RunDir, state: TrainState, summary: RunSummary, reporter: Reporter, wall_start: float
+    session: Session,
+    run: RunDir,
+    state: TrainState,
+    summary: RunSummary,
+    reporter: Reporter,
+    wall_start: float,
+    stop: StopSignals,
 ) -> dict[str, Any]:
-    """The epoch loop from wherever ``state`` stands, then the test; every ending is recorded."""
+    """The epoch loop from wherever ``state`` stands, then the test; every ending is recorded.
+
+    ``stop`` must be entered (its signal handlers installed) by the caller, before the run's folder
+    was made, so that no moment of a run's life is left to the default, unrecorded death by signal.
+    """
     cfg, data, runtime, model, optimizer = session.cfg, session.data, session.runtime, session.model, session.optimizer
     reporter.start_run(cfg.name, run.path, cfg.train.epochs, resumed=state.epoch + (state.current is not None) > 0)
     wall_before = summary.wall_seconds or 0.0  # time spent in earlier sessions of a resumed run
     run.metrics = state.metrics
     try:
-        with StopSignals() as stop:
-            while state.epoch < cfg.train.epochs and not state.stopped_early:
-                epoch = state.epoch + 1
-                if state.current is None:
-                    state.current = EpochProgress(lr=optimizer.param_groups[0]["lr"], order_state=session.order.get_state())
-                    state.current.to(runtime.device)
-                progress = state.current
-                session.order.set_state(progress.order_state)  # the epoch's permutation, drawn again on resume
-                reporter.start_epoch(epoch, session.steps_per_epoch, done=progress.batches)
-                epoch_start = time.perf_counter() - progress.seconds
-                batches = data.batches("train", cfg.train.batch_size, shuffle=True, generator=session.order,
-                                       skip=progress.batches)
-                train_metrics = train_one_epoch(session.forward, batches, optimizer, session.scheduler, session.loss_fn,
-                                                runtime, cfg.train.grad_clip, reporter, progress=progress, stop=stop)
-                if not math.isfinite(train_metrics["loss"]):
-                    raise TrainingError(
-                        f"the training loss diverged ({train_metrics['loss']}) in epoch {epoch}; lower optim.lr "
-                        f"(now {cfg.optim.lr}) or set train.grad_clip"
-                    )
-                val = evaluate(session.forward, data.batches(data.eval_split_name, cfg.train.eval_batch_size), runtime, stop)
-                row = {
-                    "epoch": epoch,
-                    "train_loss": train_metrics["loss"],
-                    "train_acc": train_metrics["acc"],
-                    "val_loss": val["loss"],
-                    "val_acc": val["acc"],
-                    "lr": progress.lr,
-                    "epoch_seconds": time.perf_counter() - epoch_start,
-                    "train_examples_per_sec": train_metrics["examples"] / max(train_metrics["seconds"], 1e-9),
-                }
-                is_best = val["acc"] > state.best_acc
-                if is_best:
-                    state.best_acc, state.best_epoch = val["acc"], epoch
-                state.epoch, state.current = epoch, None
-                state.train_seconds += train_metrics["seconds"]
-                state.train_examples += train_metrics["examples"]
-                run.append_metrics(row)  # state.metrics is run.metrics
-                if cfg.train.patience and epoch - state.best_epoch >= cfg.train.patience:
-                    state.stopped_early = True
-                if cfg.output.checkpoints:
-                    checkpoint = session.checkpoint(state)
-                    if is_best:
-                        run.save_checkpoint("best", checkpoint)
-                    run.save_checkpoint("last", checkpoint)
-                reporter.end_epoch(row, is_best=is_best)
-                if state.stopped_early:
-                    reporter.message(f"early stop: no better {data.eval_split_name} accuracy for {cfg.train.patience} epochs")
-
+        while state.epoch < cfg.train.epochs and not state.stopped_early:
+            epoch = state.epoch + 1
+            if state.current is None:
+                state.current = EpochProgress(lr=optimizer.param_groups[0]["lr"], order_state=session.order.get_state())
+                state.current.to(runtime.device)
+            progress = state.current
+            session.order.set_state(progress.order_state)  # the epoch's permutation, drawn again on resume
+            reporter.start_epoch(epoch, session.steps_per_epoch, done=progress.batches)
+            epoch_start = time.perf_counter() - progress.seconds
+            batches = data.batches("train", cfg.train.batch_size, shuffle=True, generator=session.order,
+                                   skip=progress.batches)
+            train_metrics = train_one_epoch(session.forward, batches, optimizer, session.scheduler, session.loss_fn,
+                                            runtime, cfg.train.grad_clip, reporter, progress=progress, stop=stop)
+            if not math.isfinite(train_metrics["loss"]):
+                raise TrainingError(
+                    f"the training loss diverged ({train_metrics['loss']}) in epoch {epoch}; lower optim.lr "
+                    f"(now {cfg.optim.lr}) or set train.grad_clip"
+                )
+            val = evaluate(session.forward, data.batches(data.eval_split_name, cfg.train.eval_batch_size), runtime, stop)
+            row = {
+                "epoch": epoch,
+                "train_loss": train_metrics["loss"],
+                "train_acc": train_metrics["acc"],
+                "val_loss": val["loss"],
+                "val_acc": val["acc"],
+                "lr": progress.lr,
+                "epoch_seconds": time.perf_counter() - epoch_start,
+                "train_examples_per_sec": train_metrics["examples"] / max(train_metrics["seconds"], 1e-9),
+            }
+            is_best = val["acc"] > state.best_acc
+            if is_best:
+                state.best_acc, state.best_epoch = val["acc"], epoch
+            state.epoch, state.current = epoch, None
+            state.train_seconds += train_metrics["seconds"]
+            state.train_examples += train_metrics["examples"]
+            run.append_metrics(row)  # state.metrics is run.metrics
+            if cfg.train.patience and epoch - state.best_epoch >= cfg.train.patience:
+                state.stopped_early = True
             if cfg.output.checkpoints:
-                best = Checkpoint.load(run.checkpoint_dir / "best.pt", runtime.device)
-                model.load_state_dict(best.model)
-            test = evaluate(model, data.batches("test", cfg.train.eval_batch_size), runtime, stop)
-            summary.test_acc, summary.test_loss = test["acc"], test["loss"]
-            summary.test_checkpoint = "best" if cfg.output.checkpoints else "last"
-            final = run.metrics[-1]
-            summary.status = "completed"
-            summary.epochs_completed = state.epoch
-            summary.best_epoch, summary.best_val_acc = state.best_epoch, state.best_acc
-            summary.final = {k: final[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
-            summary.train_examples_per_sec = state.train_examples / max(state.train_seconds, 1e-9)
-            summary.train_seconds = state.train_seconds
-            summary.stopped_early = state.stopped_early
-            summary.finished = utc_now()
-            summary.wall_seconds = wall_before + time.perf_counter() - wall_start
-            summary.run_dir = str(run.path)
-            run.write_summary(summary)
-            _draw_curves(run)
+                checkpoint = session.checkpoint(state)
+                if is_best:
+                    run.save_checkpoint("best", checkpoint)
+                run.save_checkpoint("last", checkpoint)
+            reporter.end_epoch(row, is_best=is_best)
+            if state.stopped_early:
+                reporter.message(f"early stop: no better {data.eval_split_name} accuracy for {cfg.train.patience} epochs")
+
+        if cfg.output.checkpoints:
+            best = Checkpoint.load(run.checkpoint_dir / "best.pt", runtime.device)
+            model.load_state_dict(best.model)
+        test = evaluate(model, data.batches("test", cfg.train.eval_batch_size), runtime, stop)
+        summary.test_acc, summary.test_loss = test["acc"], test["loss"]
+        summary.test_checkpoint = "best" if cfg.output.checkpoints else "last"
+        final = run.metrics[-1]
+        summary.status = "completed"
+        summary.epochs_completed = state.epoch
+        summary.best_epoch, summary.best_val_acc = state.best_epoch, state.best_acc
+        summary.final = {k: final[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+        summary.train_examples_per_sec = state.train_examples / max(state.train_seconds, 1e-9)
+        summary.train_seconds = state.train_seconds
+        summary.stopped_early = state.stopped_early
+        summary.finished = utc_now()
+        summary.wall_seconds = wall_before + time.perf_counter() - wall_start
+        summary.run_dir = str(run.path)
+        run.write_summary(summary)
+        _draw_curves(run)
     except BaseException as err:
         _record_ending(err, session, run, state, summary, wall_before + time.perf_counter() - wall_start)
         reporter.finish(summary.to_dict(), run.path)

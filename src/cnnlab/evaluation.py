@@ -18,7 +18,7 @@ from torch import nn
 
 from cnnlab.data import CLASSES, load_data
 from cnnlab.errors import UserError
-from cnnlab.results import atomic_write_text
+from cnnlab.results import atomic_write_text, check_output_dir
 from cnnlab.runs import open_run
 
 MAX_ERROR_TILES = 36
@@ -55,6 +55,8 @@ def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, classes: int = l
 def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", trust_code: bool = False) -> EvalReport:
     if split not in ("test", "val"):
         raise UserError(f"--split {split!r}: choose test or val")
+    folder = Path(run_dir) / "eval" / f"{split}-{checkpoint}"
+    check_output_dir(folder, "eval output")
     opened = open_run(run_dir, checkpoint=checkpoint, trust_code=trust_code)
     cfg, model = opened.cfg, opened.model
     data = load_data(cfg.data, cfg.seed, torch.device("cpu"))
@@ -66,7 +68,6 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", t
     off.fill_diagonal_(0)
     order = torch.argsort(off.flatten(), descending=True)[:5]
     pairs = [(CLASSES[int(i) // 10], CLASSES[int(i) % 10], int(off.flatten()[i])) for i in order if off.flatten()[i] > 0]
-    folder = Path(run_dir) / "eval" / f"{split}-{checkpoint}"
     report = EvalReport(split, checkpoint, len(labels), (preds == labels).float().mean().item(), loss, per_class,
                         pairs, matrix.tolist(), str(folder))
     write_outputs(report, folder, data.split(split).images, labels, preds)

@@ -386,7 +386,11 @@ class RunDir:
 
     def lock(self) -> None:
         """Hold ``.lock`` for as long as this process lives; a ``UserError`` if another process holds it."""
-        handle = open(self.path / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held open on purpose)
+        try:
+            handle = open(self.path / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held open on purpose)
+        except OSError as err:
+            raise UserError(f"cannot write in the run folder {self.path} ({_reason(err)}); copy it somewhere "
+                            "writable first") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

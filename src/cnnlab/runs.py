@@ -139,8 +139,9 @@ def resume(
     may change because a run can move to another machine. Anything else that differs between
     ``config.yaml`` and the checkpoint is refused.
     """
-    from cnnlab.engine import describe_run, prepare, train
+    from cnnlab.engine import prepare
     from cnnlab.state import TrainState
+    from cnnlab.stopping import StopSignals
 
     wall_start = time.perf_counter()
     opened = open_run(run_dir, checkpoint=None, trust_code=trust_code)
@@ -178,18 +179,27 @@ def resume(
         values["data"]["root"] = str(data_root)
     cfg = validate(values, f"resuming {run_dir}", trust_code=trust_code)
 
-    session = prepare(cfg)
-    state = TrainState()
-    session.restore(checkpoint, state, last)
-    if total > done:
-        state.stopped_early = False  # an extended run trains on
-    run = RunDir(run_dir)
-    run.lock()
-    if cfg != opened.cfg:
-        run.write_config(dump_config(cfg))
-    run.metrics = state.metrics
+    with StopSignals() as stop:
+        session = prepare(cfg)
+        state = TrainState()
+        session.restore(checkpoint, state, last)
+        if total > done:
+            state.stopped_early = False  # an extended run trains on
+        stop.check()
+        run = RunDir(run_dir)
+        run.lock()
+        return _continue(run, session, state, opened, cfg, checkpoint, done, total, reporter, quiet, wall_start, stop)
+
+
+def _continue(run: RunDir, session, state, opened: OpenedRun, cfg: Config, checkpoint: Checkpoint, done: int,
+              total: int, reporter: Reporter | None, quiet: bool, wall_start: float, stop) -> dict[str, Any]:
+    """Rewrite the folder's config, metrics and summary for the resumed run, then train."""
+    from cnnlab.engine import describe_run, train
     from cnnlab.results import write_metrics_csv
 
+    run_dir, summary = run.path, opened.summary
+    if cfg != opened.cfg:
+        run.write_config(dump_config(cfg))
     write_metrics_csv(run_dir / "metrics.csv", state.metrics)  # rows past the checkpoint are redone
     fresh = describe_run(session, run)
     resumed = summary.model_copy(update={k: getattr(fresh, k) for k in (
@@ -206,7 +216,7 @@ def resume(
     reporter = reporter or make_reporter(quiet=quiet)
     where = f"epoch {done + 1} of {total}" + (f", batch {at}" if at else "")
     reporter.message(f"resuming {run_dir} ({opened.state}) at {where}")
-    return train(session, run, state, resumed, reporter, wall_start)
+    return train(session, run, state, resumed, reporter, wall_start, stop)
 
 
 def find_resumable(cfg: Config) -> Path | None:

@@ -180,7 +180,9 @@ def visualize(
             raise UserError(f"layer {layer} outputs shape {tuple(activation.shape)}; pick a conv or pooling layer")
         title = f"{described} output, {len(tiles)} channels of {'x'.join(map(str, activation.shape[2:])) or activation.shape[1]}"
 
-    out = Path(out) if out is not None else Path(run_dir) / "visualize" / f"{mode}-layer{layer}-{split}{index}.png"
+    if out is None:
+        out = Path(run_dir) / "visualize" / f"{mode}-layer{layer}-{split}{index}.png"
+        check_output_file(out, "visualize output")
     fig = plt.figure(figsize=(10, 5) if mode != "cam" else (8, 4.2), dpi=110)
     label = f"true: {CLASSES[truth]}\npredicted: {CLASSES[predicted]}"
     if mode == "cam":
