@@ -14,6 +14,7 @@ run: data
 	$(BIN)/cnnlab run $(CONFIG)
 
 test: data browser
+	$(BIN)/ruff check src tests scripts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 install: $(STAMP)

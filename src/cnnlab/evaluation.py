@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.data import CLASSES, load_data
+from cnnlab.data import CLASSES
 from cnnlab.errors import UserError
 from cnnlab.results import atomic_write_text, check_output_dir
 from cnnlab.runs import open_run
@@ -58,8 +58,8 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", t
     folder = Path(run_dir) / "eval" / f"{split}-{checkpoint}"
     check_output_dir(folder, "eval output")
     opened = open_run(run_dir, checkpoint=checkpoint, trust_code=trust_code)
-    cfg, model = opened.cfg, opened.model
-    data = load_data(cfg.data, cfg.seed, torch.device("cpu"))
+    model = opened.model
+    data = opened.load_data()
     labels = data.split(split).labels
     preds, loss = predict(model, data, split)
     matrix = confusion_matrix(labels, preds)

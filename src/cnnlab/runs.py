@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnlab.data import Data, load_data
 from cnnlab.config import Config, dump_config, load_config, read_yaml, validate
 from cnnlab.errors import UserError, warn
 from cnnlab.progress import Reporter, make_reporter
@@ -36,6 +37,10 @@ class OpenedRun:
     state: str  # the summary's status, or "stale" for a run whose process died without a word
     model: nn.Module | None = None  # in eval mode, with the chosen checkpoint's weights
     checkpoint: str | None = None
+
+    def load_data(self, device: str | torch.device = "cpu") -> Data:
+        """The run's data, split exactly as it was for training (same seed, same validation images)."""
+        return load_data(self.cfg.data, self.cfg.seed, torch.device(device))
 
 
 def require_run_dir(run_dir: Path) -> Path:
@@ -145,7 +150,7 @@ def resume(
 
     wall_start = time.perf_counter()
     opened = open_run(run_dir, checkpoint=None, trust_code=trust_code)
-    run_dir, summary = opened.path, opened.summary
+    run_dir = opened.path
     if opened.state == "running":
         raise UserError(f"{run_dir} is {describe_state(opened)}; stop it before resuming it")
     last = run_dir / "checkpoints" / "last.pt"

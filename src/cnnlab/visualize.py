@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.data import CLASSES, Data, load_data
+from cnnlab.data import CLASSES, Data
 from cnnlab.errors import UserError
 from cnnlab.results import check_output_file
 from cnnlab.modelinfo import profile, short_repr
@@ -142,8 +142,8 @@ def visualize(
     if out is not None:
         check_output_file(Path(out), "--out")
     opened = open_run(run_dir, trust_code=trust_code)
-    cfg, model = opened.cfg, opened.model
-    data = load_data(cfg.data, cfg.seed, torch.device("cpu"))
+    model = opened.model
+    data = opened.load_data()
     if split not in ("test", "val"):
         raise UserError(f"--split {split!r}: choose test or val")
     index = pick_image(data, split, image, class_name)
