@@ -393,11 +393,13 @@ class RunDir:
                             "writable first") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
             raise UserError(f"{self.path} is being trained right now ({holder}); wait for it, or stop it first") from None
+        except OSError:
+            pass  # a file system without locks (some network mounts): liveness falls back to pid and host
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -426,17 +428,20 @@ class RunDir:
 LOCK_FILE = ".lock"
 
 
-def is_locked(run_dir: Path) -> bool:
-    """True while a live process holds the run's lock (flock: released by the kernel when it dies)."""
+def is_locked(run_dir: Path) -> bool | None:
+    """True while a live process holds the run's lock (flock: released by the kernel when it dies);
+    None where there is no lock file or its file system cannot lock."""
     try:
         handle = open(Path(run_dir) / LOCK_FILE, encoding="utf-8")  # noqa: SIM115
     except OSError:
-        return False
+        return None
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             return True
+        except OSError:
+            return None
         fcntl.flock(handle, fcntl.LOCK_UN)
         return False
 
@@ -445,9 +450,10 @@ def run_state(run_dir: Path, summary: RunSummary) -> str:
     """The summary's status, except that a "running" run no live process holds is ``stale``."""
     if summary.status != "running":
         return summary.status
-    if (Path(run_dir) / LOCK_FILE).exists():
-        return "running" if is_locked(run_dir) else "stale"
-    # A run without a lock file (written elsewhere, or by cnnlab 0.1): trust a live pid on this host only.
+    locked = is_locked(run_dir)
+    if locked is not None:
+        return "running" if locked else "stale"
+    # No usable lock (a run from cnnlab 0.1, or a file system without locks): trust a live pid on this host only.
     if summary.pid and summary.host == socket.gethostname():
         try:
             os.kill(summary.pid, 0)
