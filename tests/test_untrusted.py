@@ -177,14 +177,19 @@ def test_a_corrupt_trials_json_falls_back_to_the_run_folders(tiny_data, tmp_path
     assert "trials.json" in compared.output and "lenet_relu" in compared.output
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("optim: {lr: [1, 2]}", "optim.lr"),
-    ("\xff\xfe not text", "not a text file"),
-    ("- just\n- a list", "must be a YAML mapping"),
-    ("!!python/object/apply:os.system ['echo owned']", "YAML"),
+@pytest.mark.parametrize("damage, expected", [
+    (lambda text: text.replace("lr: 0.1", "lr: [1, 2]"), "optim.lr"),
+    (lambda text: "\xff\xfe not text", "not a text file"),
+    (lambda text: "- just\n- a list", "must be a YAML mapping"),
+    (lambda text: "!!python/object/apply:os.system ['echo owned']", "YAML"),
+    (lambda text: "", "not the resolved config"),
+    (lambda text: f"extends: {CONFIGS / 'lenet.yaml'}\n", "it extends another file"),
+    (lambda text: "[" * 50_000, "nested too deeply"),
 ])
-def test_a_bad_config_yaml_in_a_run_folder_is_exit_2_naming_it(run_copy, text, expected):
-    (run_copy / "config.yaml").write_bytes(text.encode("latin-1"))
+def test_a_bad_config_yaml_in_a_run_folder_is_exit_2_naming_it(run_copy, damage, expected):
+    text = damage((run_copy / "config.yaml").read_text())
+    (run_copy / "config.yaml").write_bytes(text.encode("utf-8", "surrogateescape") if text.isascii() or "\xff" not in text
+                                           else text.encode("latin-1"))
     clean_exit_2(invoke("eval", run_copy), str(run_copy / "config.yaml"), expected)
     clean_exit_2(invoke("resume", run_copy), str(run_copy / "config.yaml"))
 
@@ -229,6 +234,9 @@ BAD_MODELS = {
     "not a module": ("def net(num_classes=10, in_channels=1):\n    return 42", "returned int", "nn.Module"),
     "wrong output": ("from torch import nn\ndef net(num_classes=10, in_channels=1):\n"
                      "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 7))", "shape (batch, 10)", "(2, 7)"),
+    "forward exits": ("import sys\nfrom torch import nn\nclass Exit(nn.Module):\n    def forward(self, x):\n"
+                      "        sys.exit(0)\ndef net(num_classes=10, in_channels=1):\n    return Exit()",
+                      "fails on a batch", "SystemExit"),
     "forward fails": ("from torch import nn\ndef net(num_classes=10, in_channels=1):\n"
                       "    return nn.Sequential(nn.Linear(3, 10))", "fails on a batch", "RuntimeError"),
 }
@@ -300,6 +308,8 @@ def test_a_read_only_results_folder(tiny_data, tmp_path):
     ("train.threads=1000", "train.threads: 1000 is more than"),
     ("model.dropout=.inf", "model.dropout"),
     ("train.eval_batch_size=1e99", "train.eval_batch_size"),
+    ("optim.lr=1e39", "optim.lr"),
+    ("name='a\x1b[31mred'", "control characters"),
     ("name=''", "name"),
     ("name=///", "no letters or digits"),
 ])
@@ -348,3 +358,148 @@ def test_sweep_variant_names_never_collide_and_a_threads_grid_is_kept(tmp_path):
     names = [t.name for t in trials]
     assert len(set(names)) == 4 and all(len(n) <= 100 for n in names)
     assert sorted(t.config.train.threads for t in trials) == [1, 1, 2, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by a hostile review
+
+
+def test_a_report_never_copies_what_a_link_in_a_run_folder_points_to(run_copy, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-TOKEN-123")
+    (run_copy / "curves.png").unlink()
+    (run_copy / "curves.png").symlink_to(secret)
+    result = invoke("report", run_copy, "-o", tmp_path / "rep" / "r.md", "--html")
+    assert result.exit_code == 0, result.output
+    assert "not a regular PNG file" in result.output
+    written = b"".join(p.read_bytes() for p in (tmp_path / "rep").rglob("*") if p.is_file())
+    assert b"SECRET-TOKEN" not in written and b"U0VDUkVUL" not in written  # nor its base64
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: {**d, "status": "running", "pid": 10**30},
+    lambda d: {**d, "status": "running", "pid": -1},
+    lambda d: "[" * 100_000,
+])
+def test_summaries_that_break_parsers_are_skipped_by_compare(trained, tmp_path, damage):
+    run, _ = trained
+    results = tmp_path / "results"
+    shutil.copytree(run, results / "good" / run.name)
+    bad = results / "bad" / run.name
+    shutil.copytree(run, bad)
+    (bad / ".lock").unlink()
+    damaged = damage(json.loads((bad / "summary.json").read_text()))
+    (bad / "summary.json").write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
+    compared = invoke("compare", results)
+    assert compared.exit_code == 0, compared.output
+    assert str(bad / "summary.json") in compared.output and "skipped" in compared.output
+    clean_exit_2(invoke("eval", bad), str(bad / "summary.json"))
+    assert invoke("eval", "--results", results).exit_code == 0
+
+
+def test_a_deeply_nested_trials_json_is_skipped(tiny_data, tmp_path):
+    sweep = tmp_path / "results" / "sweeps" / "s"
+    (sweep / "20260101T000000Z").mkdir(parents=True)
+    (sweep / "20260101T000000Z" / "trials.json").write_text("[" * 100_000)
+    assert invoke(*tiny_run(tiny_data, sweep / "runs")).exit_code == 0
+    compared = invoke("compare", sweep)
+    assert compared.exit_code == 0 and "nested too deeply" in compared.output
+
+
+def test_a_metrics_csv_without_its_columns_is_left_out_of_plots(run_copy, tmp_path):
+    (run_copy / "metrics.csv").write_text("epoch,train_loss,train_acc\n1,1,1\n")
+    result = invoke("report", run_copy, "-o", tmp_path / "rep" / "r.md")
+    assert result.exit_code == 0, result.output
+    assert "lacks the column(s) val_loss, val_acc" in result.output
+
+
+def _resave(path: Path, change) -> None:
+    """Change a checkpoint and give it a matching checksum, as someone who knows the format could."""
+    import hashlib
+
+    data = torch.load(path, weights_only=True)
+    change(data)
+    torch.save(data, path)
+    Path(f"{path}.sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda d: d["state"].pop("epoch"), "state.epoch is not a count"),
+    (lambda d: d["state"].update(epoch="abc"), "state.epoch is not a count"),
+    (lambda d: d["state"].update(epoch=-5), "state.epoch is not a count"),
+    (lambda d: d["state"].update(epoch=1), "one row per completed epoch"),
+    (lambda d: d["state"]["metrics"][0].update(epoch="x"), "row 1"),
+    (lambda d: d["state"].update(current={"batches": -30}), "state.current.batches"),
+    (lambda d: d.update(config={"train": "x"}), "not a valid cnnlab config"),
+    (lambda d: d.update(optimizer=None), "does not fit"),
+    (lambda d: d["state"].update(rng={}), "state.rng"),
+])
+def test_crafted_checkpoints_with_valid_checksums_are_refused_by_resume(run_copy, change, expected):
+    last = run_copy / "checkpoints" / "last.pt"
+    _resave(last, change)
+    clean_exit_2(invoke("resume", run_copy, "--epochs", "5"), str(last), expected)
+    assert json.loads((run_copy / "summary.json").read_text())["epochs_completed"] == 3
+
+
+def test_a_checksum_file_without_a_checksum_is_an_error(run_copy):
+    sidecar = run_copy / "checkpoints" / "best.pt.sha256"
+    sidecar.write_text("zzz\n")
+    clean_exit_2(invoke("eval", run_copy), str(sidecar), "no SHA-256")
+
+
+def test_resume_refuses_other_data_than_the_run_was_trained_on(run_copy, tmp_path):
+    from conftest import write_dataset
+
+    other = write_dataset(tmp_path / "other", n_train=600, n_test=200)
+    clean_exit_2(invoke("resume", run_copy, "--epochs", "5", "--data-dir", other),
+                 "is not the data", "train_size", "--data-dir")
+
+
+def test_long_variant_names_never_cut_the_numbers(trained, tmp_path):
+    run, summary = trained
+    for i, length in enumerate((8, 100, 150)):
+        copy = tmp_path / "long" / f"r{i}"
+        shutil.copytree(run, copy)
+        data = json.loads((copy / "summary.json").read_text())
+        data["name"] = "y" * length
+        (copy / "summary.json").write_text(json.dumps(data))
+    result = invoke("compare", tmp_path / "long")
+    assert result.exit_code == 0
+    assert "y" * 150 in result.output and "…" not in result.output
+    rows = [line for line in result.output.splitlines() if "yyyyyyyy" in line]
+    assert len(rows) == 3 and all(f"{summary['params']:,}" in row and row.rstrip().endswith("ok") for row in rows)
+
+
+def test_terminal_escapes_in_a_foreign_run_name_are_shown_escaped(run_copy, tmp_path):
+    data = json.loads((run_copy / "summary.json").read_text())
+    data["name"] = "\x1b[31mred\x07"
+    (run_copy / "summary.json").write_text(json.dumps(data))
+    compared = invoke("compare", run_copy)
+    assert compared.exit_code == 0 and "\x1b" not in compared.output and "\\x1b[31mred\\x07" in compared.output
+    assert invoke("report", run_copy, "-o", tmp_path / "r" / "r.md", "--html").exit_code == 0
+    for page in ("r.md", "r.html"):
+        assert "\x1b" not in (tmp_path / "r" / page).read_text()
+
+
+def test_markdown_math_and_emphasis_in_names_are_escaped():
+    from cnnlab.report import md
+
+    assert md("$a^2$ _x_ *y*") == "\\$a^2\\$ \\_x\\_ \\*y\\*"
+
+
+def test_a_ctrl_c_at_any_moment_of_start_up_stops_the_command(tiny_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for delay in (0.05, 0.4, 1.2):
+        results = tmp_path / f"r{delay}"
+        process = subprocess.Popen([sys.executable, "-m", "cnnlab", *map(str, tiny_run(tiny_data, results))],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=120)[0].decode()
+        assert process.returncode == 130, (delay, output)
+        completed = [p for p in results.glob("*/*/summary.json") if '"completed"' in p.read_text()]
+        assert not completed, delay

@@ -1,5 +1,5 @@
 """Usage: ``python -m cnnlab run configs/lenet.yaml`` (same as the ``cnnlab`` command)."""
 
-from cnnlab.cli import main
+from cnnlab.entry import main
 
 main()

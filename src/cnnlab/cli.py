@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cnnlab.errors import TrainingError, UserError
-from cnnlab.console import SafeConsole
+from cnnlab.console import SafeConsole, literal
 
 app = typer.Typer(
     name="cnnlab",
@@ -30,7 +30,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 # Tables stay readable when piped or logged: rich would otherwise squeeze them into 80 columns.
-out = SafeConsole(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+# Piped or logged output is never squeezed: rich would otherwise fit tables into 80 columns.
+out = SafeConsole(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
 err = SafeConsole(stderr=True, soft_wrap=True)
 RED = "bold red"
 
@@ -52,11 +53,19 @@ DownloadOption = Annotated[
 
 
 @contextlib.contextmanager
-def cli_errors(debug: bool) -> Iterator[None]:
-    """Map failures to one message and an exit code; ``--debug`` re-raises with the traceback."""
-    from cnnlab.stopping import Interrupted
+def cli_errors(debug: bool, trains: bool = False) -> Iterator[None]:
+    """Map failures to one message and an exit code; ``--debug`` re-raises with the traceback.
+
+    Commands that train (``trains``) keep signals recorded until the training loop takes them over;
+    the others get the usual signal behaviour back once torch is imported.
+    """
+    from cnnlab.stopping import Interrupted, settle_signals
 
     try:
+        import torch  # noqa: F401  (the slow import, done while signals are only recorded)
+
+        if not trains:
+            settle_signals()
         yield
     except (UserError, TrainingError) as error:
         if debug:
@@ -68,6 +77,11 @@ def cli_errors(debug: bool) -> Iterator[None]:
     except Interrupted as stop:
         err.print(str(stop))
         raise typer.Exit(stop.exit_code) from None
+    except SystemExit as exit_:  # only user code (a model) raises this inside cnnlab
+        if debug:
+            raise
+        say_error("training failed", f"the model's code called sys.exit({exit_.code!r})")
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
@@ -99,7 +113,7 @@ def run(
     debug: DebugOption = False,
 ) -> None:
     """Train and test one experiment; results go to <output.dir>/<name>/<run id>/."""
-    with cli_errors(debug):
+    with cli_errors(debug, trains=True):
         from cnnlab.config import load_config
         from cnnlab.engine import fit
 
@@ -139,7 +153,7 @@ def resume_(
     debug: DebugOption = False,
 ) -> None:
     """Continue an interrupted, failed or killed run in its own folder, from its last checkpoint."""
-    with cli_errors(debug):
+    with cli_errors(debug, trains=True):
         from cnnlab.runs import resume
 
         if epochs is not None and epochs < 1:
@@ -173,7 +187,7 @@ def sweep(
     A failed trial is recorded and the others go on; the exit code is 1 if any failed. Rerunning
     skips trials whose exact config already completed (--force reruns them).
     """
-    with cli_errors(debug):
+    with cli_errors(debug, trains=True):
         from cnnlab.compare import aggregate
         from cnnlab.sweep import run_sweep
 
@@ -208,9 +222,11 @@ def print_table(table: list[dict]) -> None:
 
     grid = Table(box=None, header_style="bold")
     for i, header in enumerate(HEADERS):
-        grid.add_column(header, no_wrap=i == 0)  # the variant name stays whole; numbers wrap first
+        # Numbers are never cut or wrapped; a variant name too long for the terminal folds onto
+        # more lines. (Piped output has no width limit at all: see `out`.)
+        grid.add_column(header, no_wrap=i > 0, overflow="fold", min_width=len(header) if i > 0 else 8)
     for entry in table:
-        grid.add_row(*map(Text, table_cells(entry)))
+        grid.add_row(*map(literal, table_cells(entry)))
     out.print(grid)
 
 
@@ -247,7 +263,7 @@ def visualize(
             model = open_run(run_dir, trust_code=trust_code).model
             grid = Table("layer", "module", "output shape", box=None, header_style="bold")
             for row in layer_rows(model):
-                grid.add_row(*map(Text, row))
+                grid.add_row(*map(literal, row))
             out.print(f"{run_dir}")
             out.print(grid)
             return
@@ -281,7 +297,7 @@ def eval_(
                   f"accuracy {report.accuracy:.4f}, loss {report.loss:.4f}")
         grid = Table("class", "accuracy", box=None, header_style="bold")
         for name, acc in report.per_class.items():
-            grid.add_row(Text(name), f"{acc:.3f}")
+            grid.add_row(literal(name), f"{acc:.3f}")
         out.print(grid)
         out.print("most confused (true -> predicted): " +
                   "; ".join(f"{t} -> {p} ({n})" for t, p, n in report.confused_pairs))
@@ -315,7 +331,7 @@ def models() -> None:
         entry = get_entry(name)
         needs_options = any(f.is_required() for f in entry.options.model_fields.values())
         params = "(yours)" if needs_options else f"{count_params(get_model(name)):,}"
-        table.add_row(Text(name), params, Text(entry.description))
+        table.add_row(literal(name), params, literal(entry.description))
     out.print(table)
 
 
@@ -338,7 +354,7 @@ def summary(
         table = Table("#", "layer", "output shape", "params", "FLOPs", box=None, header_style="bold")
         for row in rows:
             shape = "x".join(map(str, row.output_shape))
-            table.add_row(Text(row.name), Text(row.layer), shape, f"{row.params:,}", f"{row.flops:,}")
+            table.add_row(literal(row.name), literal(row.layer), shape, f"{row.params:,}", f"{row.flops:,}")
         args = ", ".join(f"{k}={v}" for k, v in cfg.model.kwargs.items())
         out.print(f"{cfg.model.name}({args})  input 1x28x28")
         out.print(table)

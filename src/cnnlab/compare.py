@@ -97,6 +97,8 @@ def read_trials(path: Path) -> list[dict[str, Any]]:
     """A sweep's trials.json, validated; ``run_dir`` entries are relative to the file's folder."""
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
+    except (RecursionError, MemoryError):
+        raise UserError(f"{path}: not a readable trials.json (nested too deeply or too large)") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise UserError(f"{path}: not a readable trials.json ({type(err).__name__})") from None
     if not isinstance(rows, list):

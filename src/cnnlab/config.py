@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,12 +72,15 @@ class ModelConfig(BaseModel):
         return self
 
 
+FLOAT32_MAX = 3.4e38  # larger numbers cannot enter a float32 optimiser step at all
+
+
 class OptimConfig(Section):
     name: Literal["sgd", "adam", "adamw"] = "sgd"  # the report used plain SGD
-    lr: float = Field(0.9, gt=0)  # peak learning rate (the report's LeNet: 0.9)
+    lr: float = Field(0.9, gt=0, le=FLOAT32_MAX)  # peak learning rate (the report's LeNet: 0.9)
     momentum: float = Field(0.0, ge=0, lt=1)  # SGD only; the report used none
     nesterov: bool = False  # SGD only; needs momentum > 0
-    weight_decay: float = Field(0.0, ge=0)  # L2 penalty (decoupled for adamw)
+    weight_decay: float = Field(0.0, ge=0, le=FLOAT32_MAX)  # L2 penalty (decoupled for adamw)
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> OptimConfig:
@@ -144,6 +148,13 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
 
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, value: str) -> str:
+        if any(unicodedata.category(c) == "Cc" for c in value):
+            raise ValueError("must not contain control characters (newlines, tabs, terminal escapes)")
+        return value
+
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-safe values (paths as strings, tuples as lists)."""
         return self.model_dump(mode="json")
@@ -167,6 +178,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: YAML syntax error{where}: {problem}") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text file; a config must be UTF-8 YAML") from None
+    except (RecursionError, MemoryError):
+        raise UserError(f"{path}: nested too deeply or too large to be a config") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -1,16 +1,32 @@
 """Usage: ``out = SafeConsole()``; ``out.print(user_text)``: every console cnnlab prints through.
 
 User text (names, paths, values, messages from files) is printed literally: rich markup is never
-interpreted, so ``[/x]`` cannot crash a command and ``[old]`` is not swallowed.
+interpreted, so ``[/x]`` cannot crash a command and ``[old]`` is not swallowed, and control
+characters (terminal escape sequences a hostile name could carry) are shown as ``\x1b``-style
+escapes instead of being sent to the terminal.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but tab and newline
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters written as escapes: safe to show on a terminal or in a file."""
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
+def literal(text: str) -> Text:
+    """A rich ``Text`` that shows ``text`` exactly (markup and controls neutralised), e.g. a table cell."""
+    return Text(printable(text))
 
 
 class SafeConsole(Console):
@@ -21,6 +37,16 @@ class SafeConsole(Console):
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("highlight", False)
         super().__init__(markup=False, **kwargs)
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        cleaned = []
+        for item in objects:
+            if isinstance(item, str):
+                item = printable(item)
+            elif isinstance(item, Text) and CONTROL.search(item.plain):
+                item = Text(printable(item.plain), style=item.style)
+            cleaned.append(item)
+        super().print(*cleaned, **kwargs)
 
     def on_broken_pipe(self) -> None:
         self.quiet = True

@@ -253,7 +253,9 @@ def check_model(model: nn.Module, cfg: Config, data: Data) -> None:
     try:
         with torch.no_grad():
             out = model.train()(x)
-    except Exception as err:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # user code may even call sys.exit in its forward pass
         raise UserError(
             f"model {cfg.model.name!r} fails on a batch of training images (shape {tuple(x.shape)}): "
             f"{type(err).__name__}: {err}"
@@ -311,10 +313,14 @@ class Session:
             if self.runtime.scaler is not None and checkpoint.scaler:
                 self.runtime.scaler.load_state_dict(checkpoint.scaler)
             state.load_state_dict(checkpoint.state, self.generators)
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise UserError(f"{path}: does not fit this run's model and optimiser ({type(err).__name__}); "
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
+            why = str(err) if isinstance(err, ValueError) and str(err).startswith("state") else type(err).__name__
+            raise UserError(f"{path}: does not fit this run's model, optimiser and training state ({why}); "
                             "it belongs to another run or was changed") from None
         if state.current is not None:
+            if state.current.batches > self.steps_per_epoch:
+                raise UserError(f"{path}: says {state.current.batches} batches of an epoch of "
+                                f"{self.steps_per_epoch} were done; it belongs to another run or was changed")
             state.current.to(self.runtime.device)
 
 
@@ -364,6 +370,8 @@ def describe_run(session: Session, run: RunDir) -> RunSummary:
         train_size=len(data.train),
         val_size=len(data.val) if data.val is not None else 0,
         test_size=len(data.test),
+        pixel_mean=data.mean,
+        pixel_std=data.std,
         device=str(runtime.device),
         device_name=runtime.device_name,
         precision=runtime.precision,

@@ -14,6 +14,7 @@ matplotlib.rcParams["text.parse_math"] = False  # run names are printed literall
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from cnnlab.console import printable  # noqa: E402
 from cnnlab.errors import UserError, warn  # noqa: E402
 from cnnlab.results import atomic_write, read_metrics_csv  # noqa: E402
 
@@ -42,7 +43,7 @@ def plot_curves(metrics_csv: Path, out: Path, title: str | None = None) -> Path:
     ax.set_xlim(1, max(epochs[-1], 2))
     ax.grid(True, alpha=0.3)
     ax.legend()
-    ax.set_title(title or Path(metrics_csv).parent.parent.name)
+    ax.set_title(printable(title or Path(metrics_csv).parent.parent.name))
     return save_figure(fig, out)
 
 
@@ -59,7 +60,7 @@ def plot_sweep_curves(rows: list[dict], out: Path, title: str = "") -> Path:
         except UserError as err:
             warn(f"{err}; left out of the curves")
             continue
-        label = row["name"]
+        label = printable(row["name"])
         first = label not in colours
         line = ax.plot([r["epoch"] for r in data], [r["val_acc"] for r in data], marker=".",
                        color=colours.get(label), label=label if first else None, alpha=0.85)[0]
@@ -70,7 +71,7 @@ def plot_sweep_curves(rows: list[dict], out: Path, title: str = "") -> Path:
     ax.grid(True, alpha=0.3)
     if colours:
         ax.legend(fontsize="small", loc="lower right")
-    ax.set_title(title)
+    ax.set_title(printable(title))
     return save_figure(fig, out)
 
 
@@ -83,7 +84,7 @@ def plot_accuracy_bars(table: list[dict], out: Path, title: str = "") -> Path:
             mean, std = entry["val_acc"]
         if mean != mean:  # no completed run of this variant: nothing to draw
             continue
-        labels.append(entry["name"])
+        labels.append(printable(entry["name"]))
         means.append(mean)
         stds.append(std)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 4.2), dpi=120)
@@ -94,5 +95,5 @@ def plot_accuracy_bars(table: list[dict], out: Path, title: str = "") -> Path:
     low = min([m for m in means if m > 0] or [0.0])
     ax.set_ylim(max(0.0, low - 0.1), 1.0)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.set_title(title)
+    ax.set_title(printable(title))
     return save_figure(fig, out)

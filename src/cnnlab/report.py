@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.compare import aggregate, collect_rows
+from cnnlab.console import printable
 from cnnlab.errors import UserError, warn
 from cnnlab.results import atomic_write_text, check_output_file
 
@@ -68,6 +69,26 @@ def _open_runs(runs: list[Path], trust_code: bool) -> dict[Path, Any]:
         except UserError as err:
             warn(f"{err}; left out of the report")
     return opened
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PNG_BYTES = 50 * 2**20
+
+
+def copy_png(source: Path, target: Path) -> bool:
+    """Copy a run's picture into the report only if it is what it claims: a regular file (not a link,
+    which could pull any readable file into a report meant for others) holding a PNG."""
+    if not source.exists() and not source.is_symlink():
+        return False
+    if source.is_symlink() or not source.is_file() or source.stat().st_size > MAX_PNG_BYTES:
+        warn(f"{source}: not a regular PNG file of cnnlab's; left out of the report")
+        return False
+    data = source.read_bytes()
+    if not data.startswith(PNG_SIGNATURE):
+        warn(f"{source}: not a PNG file; left out of the report")
+        return False
+    target.write_bytes(data)
+    return True
 
 
 def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) -> list[Block]:
@@ -141,9 +162,8 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
             blocks.append(Block("table", headers=("#", "layer", "output shape", "params", "FLOPs"), rows=tuple(
                 (r.name, r.layer, "x".join(map(str, r.output_shape)), f"{r.params:,}", f"{r.flops:,}") for r in layers)))
             blocks.append(Block("p", f"{summary.params or 0:,} parameters, {flops:,} FLOPs per image."))
-        if (run / "curves.png").is_file():
-            target = assets / f"{run.parent.name}-{run.name}-curves.png"
-            shutil.copyfile(run / "curves.png", target)
+        target = assets / f"{run.parent.name}-{run.name}-curves.png"
+        if copy_png(run / "curves.png", target):
             blocks.append(Block("image", f"{summary.name}: train loss, train accuracy and validation accuracy",
                                 path=target))
         if cfg.model.name == "lenet" and lenet_run is None and (run / "checkpoints" / "best.pt").is_file():
@@ -166,13 +186,13 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
     return blocks
 
 
-MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|])")
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_$\[\]|])")
 
 
 def md(text: str) -> str:
     """Text shown literally in Markdown: HTML escaped (run names may hold any characters), and the
     characters that would start code, emphasis, links or table cells backslash-escaped."""
-    return MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False)).replace("\n", " ")
+    return MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(printable(text), quote=False)).replace("\n", " ")
 
 
 def to_markdown(blocks: list[Block], base: Path) -> str:
@@ -214,15 +234,15 @@ def to_html(blocks: list[Block]) -> str:
              f"<style>{HTML_STYLE}</style></head><body>"]
     for block in blocks:
         if block.kind in ("h1", "h2", "h3", "p"):
-            parts.append(f"<{block.kind}>{html.escape(block.text)}</{block.kind}>")
+            parts.append(f"<{block.kind}>{html.escape(printable(block.text))}</{block.kind}>")
         elif block.kind == "table":
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in block.headers)
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+            head = "".join(f"<th>{html.escape(printable(h))}</th>" for h in block.headers)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(printable(c))}</td>" for c in row) + "</tr>" for row in block.rows)
             parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         elif block.kind == "image":
             data = base64.b64encode(block.path.read_bytes()).decode("ascii")
-            parts.append(f"<figure><img alt='{html.escape(block.text)}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption>{html.escape(block.text)}</figcaption></figure>")
+            parts.append(f"<figure><img alt='{html.escape(printable(block.text))}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{html.escape(printable(block.text))}</figcaption></figure>")
     # Lets a headless browser report images that failed to load (scripts/screenshot_report.sh).
     parts.append("<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
                  "document.body.dataset.images = imgs.length; document.body.dataset.brokenImages = "

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnnlab.errors import UserError
 
@@ -171,8 +171,9 @@ def read_metrics_csv(path: Path) -> list[dict[str, float]]:
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
-            if reader.fieldnames is None or "epoch" not in reader.fieldnames:
-                raise ValueError("no header with an 'epoch' column")
+            missing = [c for c in METRIC_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"its header lacks the column(s) {', '.join(missing)}")
             rows = []
             for line, row in enumerate(reader, start=2):
                 try:
@@ -180,7 +181,7 @@ def read_metrics_csv(path: Path) -> list[dict[str, float]]:
                 except (TypeError, ValueError):
                     raise ValueError(f"line {line} holds a value that is not a number") from None
             return rows
-    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as err:
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError, MemoryError) as err:
         raise UserError(f"{path}: not a readable cnnlab metrics.csv ({_reason(err)})") from None
 
 
@@ -216,13 +217,15 @@ class RunSummary(BaseModel):
     train_size: int | None = None
     val_size: int | None = None
     test_size: int | None = None
+    pixel_mean: float | None = None  # of the training split: with the sizes, tells whether resumed data is the same
+    pixel_std: float | None = None
     device: str | None = None
     device_name: str | None = None
     precision: str | None = None
     threads: int | None = None
     torch_version: str | None = None
     git_commit: str | None = None
-    pid: int | None = None
+    pid: int | None = Field(None, ge=1, le=2**31 - 1)
     host: str | None = None
     started: str | None = None
     finished: str | None = None
@@ -250,6 +253,8 @@ def read_summary(path: Path) -> RunSummary:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         return RunSummary.model_validate(data)
+    except (RecursionError, MemoryError):
+        raise UserError(f"{path}: not a readable cnnlab summary.json (nested too deeply or too large)") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
         if isinstance(err, ValidationError):
             first = err.errors()[0]
@@ -306,7 +311,11 @@ class Checkpoint:
             payload = path.read_bytes()
         except OSError as err:
             raise UserError(f"{path}: cannot read the checkpoint ({_reason(err)})") from None
-        recorded = _recorded_digests(digest_path(path))
+        sidecar = digest_path(path)
+        recorded = _recorded_digests(sidecar)
+        if sidecar.exists() and not recorded:
+            raise UserError(f"{sidecar}: holds no SHA-256 digest, so {path.name} cannot be checked; restore the file, "
+                            "or delete it to load the checkpoint unchecked (as for runs of cnnlab 0.1)")
         if recorded and hashlib.sha256(payload).hexdigest() not in recorded:
             raise UserError(
                 f"{path} fails its SHA-256 check ({digest_path(path).name}): the file is corrupt, truncated or was "
@@ -333,8 +342,13 @@ class Checkpoint:
         state = data.get("state")
         if fmt == 1:  # cnnlab 0.1: epoch and metrics beside the weights, no generator states
             state = None
-        elif not isinstance(state, dict):
-            raise UserError(f"{path}: not a cnnlab checkpoint (format {fmt!r} without a training state)")
+        else:
+            from cnnlab.state import check_state_dict
+
+            try:
+                check_state_dict(state)
+            except ValueError as err:
+                raise UserError(f"{path}: not a cnnlab checkpoint, or one that was changed ({err})") from None
         return cls(model=data["model"], config=data["config"], optimizer=data.get("optimizer"),
                    scheduler=data.get("scheduler"), scaler=data.get("scaler"), state=state,
                    format=fmt if isinstance(fmt, int) else 0, torch_version=str(data.get("torch_version", "")))
@@ -457,10 +471,10 @@ def run_state(run_dir: Path, summary: RunSummary) -> str:
     if summary.pid and summary.host == socket.gethostname():
         try:
             os.kill(summary.pid, 0)
-        except ProcessLookupError:
-            return "stale"
         except PermissionError:
-            return "running"
+            return "running"  # alive, another user's
+        except (OSError, OverflowError, ValueError):
+            return "stale"
         return "running"
     return "stale"
 

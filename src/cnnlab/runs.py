@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnlab.config import Config, dump_config, read_yaml, validate
 from cnnlab.data import Data, load_data
-from cnnlab.config import Config, dump_config, load_config, read_yaml, validate
 from cnnlab.errors import UserError, warn
 from cnnlab.progress import Reporter, make_reporter
 from cnnlab.results import Checkpoint, RunDir, RunSummary, read_summary, run_state, utc_now
@@ -59,7 +59,7 @@ def open_run(
     from cnnlab.engine import build_model
 
     run_dir = require_run_dir(run_dir)
-    cfg = load_config(run_dir / "config.yaml", trust_code=trust_code)
+    cfg = load_run_config(run_dir / "config.yaml", trust_code)
     summary = read_summary(run_dir / "summary.json")
     state = run_state(run_dir, summary)
     opened = OpenedRun(run_dir, cfg, summary, state)
@@ -82,6 +82,18 @@ def open_run(
                         "(the file belongs to another run, or config.yaml was changed)") from None
     opened.model, opened.checkpoint = model.to(device).eval(), checkpoint
     return opened
+
+
+def load_run_config(path: Path, trust_code: bool) -> Config:
+    """A run folder's config.yaml: the complete, resolved config cnnlab wrote there (no ``extends``,
+    every section present), validated; anything else is refused rather than filled in with defaults."""
+    data = read_yaml(path)
+    missing = [key for key in Config.model_fields if key not in data]
+    if "extends" in data or missing:
+        why = "it extends another file" if "extends" in data else f"it lacks {', '.join(missing)}"
+        raise UserError(f"{path}: not the resolved config cnnlab writes into a run folder ({why}); put back the "
+                        "config.yaml this run was written with")
+    return validate(data, str(path), trust_code)
 
 
 def describe_state(opened: OpenedRun) -> str:
@@ -161,6 +173,10 @@ def resume(
     if checkpoint.state is None:
         raise UserError(f"{last} was written by an older cnnlab without the training state a resume needs; it can "
                         "still be evaluated, but the run must be started again to train further")
+    try:
+        validate(checkpoint.config, "its config", trust_code)
+    except UserError as err:
+        raise UserError(f"{last}: the config stored in it is not a valid cnnlab config ({err})") from None
     saved = comparable(checkpoint.config)
     differing = config_differences({**saved, "train": {**saved.get("train", {}), "epochs": None}},
                                    {**comparable(opened.cfg.to_dict()),
@@ -186,6 +202,7 @@ def resume(
 
     with StopSignals() as stop:
         session = prepare(cfg)
+        check_same_data(session.data, opened.summary, run_dir)
         state = TrainState()
         session.restore(checkpoint, state, last)
         if total > done:
@@ -193,7 +210,22 @@ def resume(
         stop.check()
         run = RunDir(run_dir)
         run.lock()
+        if read_summary(run_dir / "summary.json") != opened.summary:  # another resume got here first
+            run.unlock()
+            raise UserError(f"{run_dir} changed while this resume was starting (another process resumed it); "
+                            "look at it again before resuming")
         return _continue(run, session, state, opened, cfg, checkpoint, done, total, reporter, quiet, wall_start, stop)
+
+
+def check_same_data(data: Data, summary: RunSummary, run_dir: Path) -> None:
+    """Refuse to continue a run on other data than it was trained on (sizes and pixel statistics)."""
+    now = {"train_size": len(data.train), "val_size": len(data.val) if data.val is not None else 0,
+           "test_size": len(data.test), "pixel_mean": data.mean, "pixel_std": data.std}
+    differs = [f"{key} {getattr(summary, key)} then, {value} now" for key, value in now.items()
+               if getattr(summary, key) is not None and getattr(summary, key) != value]
+    if differs:
+        raise UserError(f"the data in {data.root} is not the data {run_dir} was trained on ({'; '.join(differs)}); "
+                        f"point --data-dir at the original files (the run used {summary.data_root})")
 
 
 def _continue(run: RunDir, session, state, opened: OpenedRun, cfg: Config, checkpoint: Checkpoint, done: int,

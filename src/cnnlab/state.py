@@ -65,6 +65,8 @@ class TrainState:
         }
 
     def load_state_dict(self, state: dict[str, Any], generators: dict[str, torch.Generator | None]) -> None:
+        """Restore from ``state_dict()`` output; ``ValueError`` (saying what) if it is not one."""
+        check_state_dict(state)
         self.epoch = int(state["epoch"])
         self.best_acc = float(state["best_acc"])
         self.best_epoch = int(state["best_epoch"])
@@ -79,6 +81,57 @@ class TrainState:
             order_state=current["order_state"],
         )
         restore_rng(state["rng"], generators)
+
+
+METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
+               "train_examples_per_sec")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_state_dict(state: Any) -> None:
+    """A checkpoint's training state, checked field by field: a checkpoint may come from anyone."""
+    if not isinstance(state, dict):
+        raise ValueError("its training state is not a mapping")
+    for key in ("epoch", "best_epoch", "train_examples"):
+        if not _count(state.get(key)):
+            raise ValueError(f"state.{key} is not a count")
+    if not _number(state.get("best_acc")) or not -1 <= state["best_acc"] <= 1:
+        raise ValueError("state.best_acc is not an accuracy")
+    if not _number(state.get("train_seconds")) or state["train_seconds"] < 0:
+        raise ValueError("state.train_seconds is not a duration")
+    if state["best_epoch"] > state["epoch"]:
+        raise ValueError("state.best_epoch is after state.epoch")
+    metrics = state.get("metrics")
+    if not isinstance(metrics, list) or len(metrics) != state["epoch"]:
+        raise ValueError("state.metrics does not hold one row per completed epoch")
+    for i, row in enumerate(metrics, start=1):
+        if not isinstance(row, dict) or not all(_number(row.get(k)) for k in METRIC_KEYS) or row["epoch"] != i:
+            raise ValueError(f"state.metrics row {i} is not a metrics row of epoch {i}")
+    current = state.get("current")
+    if current is not None:
+        if not isinstance(current, dict):
+            raise ValueError("state.current is not a mapping")
+        for key in ("batches", "seen"):
+            if not _count(current.get(key)):
+                raise ValueError(f"state.current.{key} is not a count")
+        for key in ("loss_sum", "correct", "order_state"):
+            if not isinstance(current.get(key), torch.Tensor):
+                raise ValueError(f"state.current.{key} is not a tensor")
+        if current["loss_sum"].numel() != 1 or current["correct"].numel() != 1:
+            raise ValueError("state.current's running sums are not single numbers")
+        if not _number(current.get("seconds")) or not (current.get("lr") is None or _number(current["lr"])):
+            raise ValueError("state.current.seconds or .lr is not a number")
+    rng = state.get("rng")
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) \
+            or not isinstance(rng.get("generators"), dict) or not isinstance(rng.get("python"), list):
+        raise ValueError("state.rng does not hold the generator states")
 
 
 def capture_rng(generators: dict[str, torch.Generator | None]) -> dict[str, Any]:

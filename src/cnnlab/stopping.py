@@ -18,6 +18,47 @@ HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PARENT_ENV = "CNNLAB_PARENT_PID"  # set by the sweep launcher for its trials
 
 
+_pending: int | None = None  # a signal that came while the process was starting
+_recording = False
+
+
+def record_early_signals() -> None:
+    """Called first thing by the ``cnnlab`` command: until a command settles its signal handling,
+    SIGINT/SIGTERM/SIGHUP are only recorded. (A KeyboardInterrupt raised inside ``import torch`` can
+    be swallowed by it, and the run then starts as if nothing had happened.)"""
+    global _recording
+    if threading.current_thread() is threading.main_thread():
+        for signum in HANDLED:
+            signal.signal(signum, _record)
+        _recording = True
+
+
+def _record(signum: int, frame: FrameType | None) -> None:
+    global _pending
+    if _pending is None:
+        _pending = signum
+    elif signum == signal.SIGINT:
+        raise KeyboardInterrupt
+
+
+def pending_signal() -> int | None:
+    return _pending
+
+
+def settle_signals() -> None:
+    """For commands that do not train: the usual signal behaviour from here on, and ``Interrupted``
+    now if a signal came while starting."""
+    global _recording
+    if not _recording:
+        return
+    _recording = False
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    if _pending is not None:
+        raise Interrupted(_pending)
+
+
 class Interrupted(Exception):
     """A run stopped on a signal, at a batch boundary."""
 
@@ -47,6 +88,7 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
             for signum in HANDLED:
                 self._previous[signum] = signal.signal(signum, self._handle)
+        self.requested = _pending  # a signal that came while the command was starting counts
         return self
 
     def __exit__(self, *exc: object) -> None:

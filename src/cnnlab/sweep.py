@@ -45,7 +45,7 @@ from cnnlab.errors import UserError
 from cnnlab.console import SafeConsole
 from cnnlab.results import MAX_NAME_CHARS, RunSummary, atomic_write_text, check_output_dir, read_summary, sanitize_name
 from cnnlab.runs import comparable
-from cnnlab.stopping import HANDLED, PARENT_ENV, signal_name
+from cnnlab.stopping import HANDLED, PARENT_ENV, pending_signal, signal_name
 
 SWEEP_KEYS = {"name", "base", "grid", "seeds"}
 EPOCH_LINE = re.compile(r"^epoch\s+(\d+)/(\d+)")
@@ -194,6 +194,7 @@ class Runner:
         if threading.current_thread() is threading.main_thread():
             for signum in HANDLED:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
+        self.stop_signal = pending_signal()  # asked to stop while the sweep was starting: start nothing
         return self
 
     def __exit__(self, *exc: object) -> None:
