@@ -110,6 +110,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(workdir, refe
     result, expected = summary(run), summary(reference)
     assert result["status"] == "completed" and result["test_acc"] == expected["test_acc"]
     assert result["best_epoch"] == expected["best_epoch"] and result["epochs_completed"] == 5
+    assert result["wall_seconds"] >= result["train_seconds"]  # the killed session's time is not lost
     [entry] = result["resumes"]
     assert entry["from_status"] == "stale" and entry["from_epoch"] >= 2
 
@@ -150,7 +151,7 @@ def test_resume_extends_a_completed_run_and_refuses_what_it_cannot_do(workdir, r
     run = tmp_path / "copy" / "resumable" / reference.name
     shutil.copytree(reference, run)  # a run folder copied from elsewhere resumes in its new place
     refused = resume(run)
-    assert refused.returncode == 2 and "completed its 5 epochs" in refused.stderr and "--epochs" in refused.stderr
+    assert refused.returncode == 2 and "has completed (5 epochs)" in refused.stderr and "--epochs" in refused.stderr
     assert "Traceback" not in refused.stderr
 
     extended = resume(run, "--epochs", "6", "--data-dir", str(workdir / "data"))  # the data moved too
@@ -242,3 +243,69 @@ def test_os_level_handlers_are_restored_after_a_run(tiny_overrides):
     fit(load_config(None, [*tiny_overrides, "train.epochs=1"]), quiet=True)
     assert signal.getsignal(signal.SIGTERM) is before
     assert os.environ.get("CNNLAB_PARENT_PID") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process cases (fast): what resume and --resume auto decide
+
+
+def _interrupted_run(tiny_overrides, monkeypatch, *extra):
+    """A run stopped by Ctrl-C in its second epoch (the way test_engine does it): (cfg, run folder)."""
+    import cnnlab.engine as engine
+    from cnnlab.config import load_config
+
+    real, calls = engine.train_one_epoch, {"n": 0}
+
+    def interrupt_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    cfg = load_config(None, [*tiny_overrides, "train.epochs=3", *extra])
+    monkeypatch.setattr(engine, "train_one_epoch", interrupt_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit(cfg, quiet=True)
+    monkeypatch.setattr(engine, "train_one_epoch", real)
+    [run] = Path(cfg.output.dir).glob("*/*")
+    return cfg, run
+
+
+def test_resume_auto_passes_over_a_run_whose_checkpoint_is_corrupt(tiny_overrides, monkeypatch, capsys):
+    from cnnlab.runs import run_or_resume
+
+    cfg, run = _interrupted_run(tiny_overrides, monkeypatch)
+    last = run / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:100])
+    result = run_or_resume(cfg, quiet=True)
+    assert result["status"] == "completed" and Path(result["run_dir"]) != run  # a fresh run
+    assert "fails its SHA-256 check" in capsys.readouterr().err
+    assert summary(run)["status"] == "interrupted"  # the broken one is left as it was
+
+
+def test_resume_auto_finds_the_run_however_the_results_folder_is_written(tiny_overrides, monkeypatch, tmp_path):
+    from cnnlab.runs import run_or_resume
+
+    monkeypatch.chdir(tmp_path)
+    cfg, run = _interrupted_run([o for o in tiny_overrides if not o.startswith("output.dir")], monkeypatch,
+                                "output.dir=rel-results")
+    absolute = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": tmp_path / "rel-results"})})
+    result = run_or_resume(absolute, quiet=True)
+    assert Path(result["run_dir"]).resolve() == run.resolve() and result["epochs_completed"] == 3
+
+
+def test_an_early_stopped_run_is_completed_and_an_extension_counts_patience_afresh(tiny_overrides):
+    from cnnlab.config import load_config
+    from cnnlab.engine import fit
+    from cnnlab.errors import UserError
+    from cnnlab.runs import resume as resume_run
+
+    first = fit(load_config(None, [*tiny_overrides, "optim.lr=1e-12", "train.epochs=10", "train.patience=2"]),
+                quiet=True)
+    run = Path(first["run_dir"])
+    assert first["stopped_early"] and first["epochs_completed"] == 3
+    with pytest.raises(UserError, match="stopped early"):
+        resume_run(run, quiet=True)
+    extended = resume_run(run, epochs=6, quiet=True)
+    assert extended["epochs_completed"] == 5 and extended["stopped_early"]  # two more epochs of patience
+    assert len(metric_rows(run)) == 5

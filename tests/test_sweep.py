@@ -162,3 +162,15 @@ def test_a_sweep_stopped_by_sigterm_records_what_ran_and_resumes_the_stopped_tri
     assert finished["resumes"][0]["from_status"] == "interrupted"
     assert len(read_csv(b_run / "metrics.csv")) == 5
     assert os.environ.get("CNNLAB_PARENT_PID") is None
+
+
+def test_a_results_path_with_an_arrow_in_it(tmp_path, sweep_overrides):
+    """The sweep learns each trial's folder from a file the trial writes, not by parsing its output."""
+    results = tmp_path / "x -> y"
+    result = runner.invoke(app, ["sweep", str(CONFIGS / "kernels"), "--results", str(results), *sweep_overrides,
+                                 "--set", "train.epochs=1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    [sweep_dir] = (results / "sweeps" / "kernels").glob("2*")
+    rows = read_csv(sweep_dir / "summary.csv")
+    assert len(rows) == 3 and all(float(r["test_acc"]) > 0 for r in rows)
+    assert all((sweep_dir / r["run_dir"] / "summary.json").is_file() for r in rows)

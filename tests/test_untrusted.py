@@ -503,3 +503,40 @@ def test_a_ctrl_c_at_any_moment_of_start_up_stops_the_command(tiny_data, tmp_pat
         assert process.returncode == 130, (delay, output)
         completed = [p for p in results.glob("*/*/summary.json") if '"completed"' in p.read_text()]
         assert not completed, delay
+
+
+def test_folder_sweep_files_that_sanitise_alike_get_their_own_trials(tmp_path):
+    from cnnlab.sweep import expand
+
+    folder = tmp_path / "family"
+    folder.mkdir()
+    (folder / "a b.yaml").write_text("optim: {lr: 0.05}\n")
+    (folder / "a-b.yaml").write_text("optim: {lr: 0.1}\n")
+    _, trials = expand(folder, [])
+    names = [t.name for t in trials]
+    assert len(set(names)) == 2 and all(n.startswith("a-b-") for n in names)
+    assert sorted(t.config.optim.lr for t in trials) == [0.05, 0.1]
+    assert len({sanitize_name(t.config.name) for t in trials}) == 2  # two run folders
+
+
+def test_a_fifo_in_place_of_a_summary_is_skipped_not_waited_on(trained, tmp_path):
+    run, _ = trained
+    results = tmp_path / "results"
+    shutil.copytree(run, results / "good" / run.name)
+    bad = results / "bad" / run.name
+    shutil.copytree(run, bad)
+    (bad / "summary.json").unlink()
+    os.mkfifo(bad / "summary.json")
+    (bad / ".lock").unlink()
+    os.mkfifo(bad / ".lock")
+    compared = invoke("compare", results)
+    assert compared.exit_code == 0 and "not a regular file" in compared.output
+
+
+def test_compare_says_when_a_sweeps_run_folders_are_missing(tmp_path):
+    stamp = tmp_path / "sweep" / "20260101T000000Z"
+    stamp.mkdir(parents=True)
+    (stamp / "trials.json").write_text(json.dumps([{"name": "a", "status": "completed", "seed": 0, "test_acc": 0.9,
+                                                     "run_dir": "../runs/a/1"}]))
+    result = invoke("compare", tmp_path / "sweep")
+    assert result.exit_code == 0 and "1 of its run folders are missing" in result.output and "0.900" in result.output

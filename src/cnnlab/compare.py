@@ -69,10 +69,17 @@ def collect_rows(targets: list[Path]) -> list[dict[str, Any]]:
         sweep_file = latest_trials_file(target)
         if sweep_file is not None:
             try:
-                rows += read_trials(sweep_file)
-                continue
+                trials = read_trials(sweep_file)
             except UserError as err:
                 warn(f"{err}; reading the run folders below {target} instead")
+            else:
+                missing = [r for r in trials if r["status"] in DONE and r["run_dir"]
+                           and not Path(r["run_dir"], "summary.json").is_file()]
+                if missing:
+                    warn(f"{sweep_file}: {len(missing)} of its run folders are missing (a sweep folder moved without "
+                         f"the runs/ beside it?), e.g. {missing[0]['run_dir']}; their numbers come from trials.json")
+                rows += trials
+                continue
         runs = [target] if (target / "summary.json").is_file() else _run_dirs_under(target)
         if not runs:
             raise UserError(f"{target}: holds no cnnlab runs (no summary.json below it)")
@@ -95,6 +102,8 @@ TRIAL_NUMBERS = ("seed", "train_loss", "train_acc", "val_acc", "test_acc", "exam
 
 def read_trials(path: Path) -> list[dict[str, Any]]:
     """A sweep's trials.json, validated; ``run_dir`` entries are relative to the file's folder."""
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file")
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except (RecursionError, MemoryError):

@@ -30,9 +30,9 @@ from cnnlab.errors import TrainingError, UserError
 from cnnlab.modelinfo import count_params, flops_per_image
 from cnnlab.models import get_model
 from cnnlab.progress import Reporter, make_reporter
-from cnnlab.results import Checkpoint, RunDir, RunSummary, git_commit, utc_now
+from cnnlab.results import Checkpoint, RunDir, RunSummary, atomic_write_text, git_commit, utc_now
 from cnnlab.state import EpochProgress, TrainState
-from cnnlab.stopping import Interrupted, StopSignals
+from cnnlab.stopping import RUN_DIR_ENV, Interrupted, StopSignals
 
 # ---------------------------------------------------------------------------------------------
 # Runtime: resolved once
@@ -421,8 +421,9 @@ def train(
     was made, so that no moment of a run's life is left to the default, unrecorded death by signal.
     """
     cfg, data, runtime, model, optimizer = session.cfg, session.data, session.runtime, session.model, session.optimizer
+    announce_run_dir(run.path)
     reporter.start_run(cfg.name, run.path, cfg.train.epochs, resumed=state.epoch + (state.current is not None) > 0)
-    wall_before = summary.wall_seconds or 0.0  # time spent in earlier sessions of a resumed run
+    wall_before = state.wall_seconds  # time spent in earlier sessions of a resumed run, as its checkpoint says
     run.metrics = state.metrics
     try:
         while state.epoch < cfg.train.epochs and not state.stopped_early:
@@ -461,8 +462,9 @@ def train(
             state.train_seconds += train_metrics["seconds"]
             state.train_examples += train_metrics["examples"]
             run.append_metrics(row)  # state.metrics is run.metrics
-            if cfg.train.patience and epoch - state.best_epoch >= cfg.train.patience:
+            if cfg.train.patience and epoch - max(state.best_epoch, state.patience_start) >= cfg.train.patience:
                 state.stopped_early = True
+            state.wall_seconds = wall_before + time.perf_counter() - wall_start
             if cfg.output.checkpoints:
                 checkpoint = session.checkpoint(state)
                 if is_best:
@@ -517,6 +519,7 @@ def _record_ending(
     summary.wall_seconds = wall_seconds
     if state.best_epoch:
         summary.best_epoch, summary.best_val_acc = state.best_epoch, state.best_acc
+    state.wall_seconds = wall_seconds
     try:
         if isinstance(err, Interrupted) and session.cfg.output.checkpoints:
             # Stopped between batches: everything agrees, so resume can continue from this very batch.
@@ -526,6 +529,14 @@ def _record_ending(
             _draw_curves(run)
     except Exception as second:  # e.g. the disk is full: the lock still tells that nobody is training
         sys.stderr.write(f"warning: could not record the ending in {run.path}: {type(second).__name__}: {second}\n")
+
+
+def announce_run_dir(path: Path) -> None:
+    """Tell a launching sweep which folder this trial writes (a file it names, not console text)."""
+    target = os.environ.get(RUN_DIR_ENV)
+    if target:
+        with contextlib.suppress(OSError):
+            atomic_write_text(Path(target), str(path.resolve()))
 
 
 def _draw_curves(run: RunDir) -> None:

@@ -168,6 +168,8 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
                                 path=target))
         if cfg.model.name == "lenet" and lenet_run is None and (run / "checkpoints" / "best.pt").is_file():
             lenet_run = run
+    if lenet_run is None and any(configs[r].model.name == "lenet" for r in runs):
+        warn("no LeNet run here has checkpoints/best.pt; the report has no feature maps")
 
     if lenet_run is not None:
         from cnnlab.visualize import visualize

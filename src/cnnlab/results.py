@@ -168,6 +168,8 @@ def _csv_value(value: Any) -> Any:
 
 def read_metrics_csv(path: Path) -> list[dict[str, float]]:
     """The rows of a run's metrics.csv as numbers; a file that is not one is a ``UserError`` naming it."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: missing, or not a regular file")
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
@@ -250,6 +252,8 @@ class RunSummary(BaseModel):
 
 def read_summary(path: Path) -> RunSummary:
     """A run's summary.json, validated; a missing or malformed one is a ``UserError`` naming the file."""
+    if not Path(path).is_file():  # also refuses a FIFO or a device, which would block or never end
+        raise UserError(f"{path}: missing, or not a regular file; a run folder holds summary.json as a file")
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         return RunSummary.model_validate(data)
@@ -319,8 +323,8 @@ class Checkpoint:
         if recorded and hashlib.sha256(payload).hexdigest() not in recorded:
             raise UserError(
                 f"{path} fails its SHA-256 check ({digest_path(path).name}): the file is corrupt, truncated or was "
-                "changed after cnnlab wrote it. Restore it from a backup, or use the run's other checkpoint "
-                "(--checkpoint best/last), or retrain"
+                "changed after cnnlab wrote it. Restore it from a backup; `cnnlab eval --checkpoint best|last` can "
+                "use the run's other checkpoint, and `cnnlab run` on the run's config.yaml trains it afresh"
             )
         try:
             data = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
@@ -359,6 +363,8 @@ def digest_path(path: Path) -> Path:
 
 
 def _recorded_digests(sidecar: Path) -> list[str]:
+    if not sidecar.is_file():  # missing, or something that is not a file (a FIFO would block)
+        return []
     try:
         lines = sidecar.read_text(encoding="ascii").split()
     except (OSError, UnicodeDecodeError):
@@ -400,8 +406,11 @@ class RunDir:
 
     def lock(self) -> None:
         """Hold ``.lock`` for as long as this process lives; a ``UserError`` if another process holds it."""
+        lock_path = self.path / LOCK_FILE
+        if lock_path.exists() and (lock_path.is_symlink() or not lock_path.is_file()):
+            raise UserError(f"{lock_path}: not a regular file; remove it (cnnlab makes a new one)")
         try:
-            handle = open(self.path / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held open on purpose)
+            handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 (held open on purpose)
         except OSError as err:
             raise UserError(f"cannot write in the run folder {self.path} ({_reason(err)}); copy it somewhere "
                             "writable first") from None
@@ -445,6 +454,8 @@ LOCK_FILE = ".lock"
 def is_locked(run_dir: Path) -> bool | None:
     """True while a live process holds the run's lock (flock: released by the kernel when it dies);
     None where there is no lock file or its file system cannot lock."""
+    if not (Path(run_dir) / LOCK_FILE).is_file():  # opening a FIFO planted there would block
+        return None
     try:
         handle = open(Path(run_dir) / LOCK_FILE, encoding="utf-8")  # noqa: SIM115
     except OSError:

@@ -26,7 +26,8 @@ from cnnlab.progress import Reporter, make_reporter
 from cnnlab.results import Checkpoint, RunDir, RunSummary, read_summary, run_state, utc_now
 
 RESUMABLE = ("interrupted", "failed", "stale")
-PLACEMENT_KEYS = (("train", "device"),)  # where a run trains, not what it computes
+# Where a run trains and where its results go, not what it computes: ignored when matching runs.
+PLACEMENT_KEYS = (("train", "device"), ("output", "dir"))
 
 
 @dataclass
@@ -137,6 +138,9 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     for section, key in PLACEMENT_KEYS:
         if isinstance(config.get(section), dict):
             config[section].pop(key, None)
+    data = config.get("data")
+    if isinstance(data, dict) and isinstance(data.get("root"), str):  # the same folder, however it was written
+        data["root"] = os.path.abspath(os.path.expanduser(data["root"]))
     return config
 
 
@@ -189,8 +193,10 @@ def resume(
     total = epochs if epochs is not None else opened.cfg.train.epochs
     if total < done or (total == done and checkpoint.state.get("current") is not None):
         raise UserError(f"--epochs {total}: the run has already trained {done} epoch(s); give a larger number")
-    if opened.state == "completed" and total <= done:
-        raise UserError(f"{run_dir} has completed its {done} epochs; to train it further pass --epochs N with N > {done}")
+    if opened.state == "completed" and (epochs is None or total <= done):
+        raise UserError(f"{run_dir} has completed ({done} epochs"
+                        + (", stopped early" if checkpoint.state.get("stopped_early") else "")
+                        + f"); to train it further pass --epochs N with N > {done}")
 
     values = opened.cfg.to_dict()
     values["train"]["epochs"] = total
@@ -205,8 +211,8 @@ def resume(
         check_same_data(session.data, opened.summary, run_dir)
         state = TrainState()
         session.restore(checkpoint, state, last)
-        if total > done:
-            state.stopped_early = False  # an extended run trains on
+        if opened.state == "completed":  # extended: it trains on, and patience counts afresh
+            state.stopped_early, state.patience_start = False, done
         stop.check()
         run = RunDir(run_dir)
         run.lock()
@@ -274,7 +280,13 @@ def find_resumable(cfg: Config) -> Path | None:
         except UserError:
             continue  # a broken folder is not a candidate
         candidates.append((summary.started or "", str(run_dir)))
-    return Path(max(candidates)[1]) if candidates else None
+    for _, run_dir in sorted(candidates, reverse=True):
+        try:
+            if Checkpoint.load(Path(run_dir) / "checkpoints" / "last.pt").state is not None:
+                return Path(run_dir)
+        except UserError as err:
+            warn(f"{err}; not resuming that run")
+    return None
 
 
 def run_or_resume(cfg: Config, *, quiet: bool = False) -> dict[str, Any]:

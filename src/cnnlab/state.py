@@ -45,6 +45,8 @@ class TrainState:
     metrics: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv, a row per completed epoch
     current: EpochProgress | None = None  # the epoch under way, when a run stopped inside it
     stopped_early: bool = False
+    patience_start: int = 0  # early-stopping patience counts from here or the best epoch (an extended run resets it)
+    wall_seconds: float = 0.0  # wall time of the run up to this state, every session of it together
 
     def state_dict(self, generators: dict[str, torch.Generator | None]) -> dict[str, Any]:
         current = None
@@ -61,6 +63,8 @@ class TrainState:
             "metrics": [dict(row) for row in self.metrics],
             "current": current,
             "stopped_early": self.stopped_early,
+            "patience_start": self.patience_start,
+            "wall_seconds": self.wall_seconds,
             "rng": capture_rng(generators),
         }
 
@@ -74,6 +78,8 @@ class TrainState:
         self.train_examples = int(state["train_examples"])
         self.metrics = [dict(row) for row in state["metrics"]]
         self.stopped_early = bool(state.get("stopped_early", False))
+        self.patience_start = int(state.get("patience_start", 0))
+        self.wall_seconds = float(state.get("wall_seconds", 0.0))
         current = state.get("current")
         self.current = None if current is None else EpochProgress(
             batches=int(current["batches"]), loss_sum=current["loss_sum"], correct=current["correct"],
@@ -106,6 +112,8 @@ def check_state_dict(state: Any) -> None:
         raise ValueError("state.best_acc is not an accuracy")
     if not _number(state.get("train_seconds")) or state["train_seconds"] < 0:
         raise ValueError("state.train_seconds is not a duration")
+    if not _count(state.get("patience_start", 0)) or not _number(state.get("wall_seconds", 0.0)):
+        raise ValueError("state.patience_start or state.wall_seconds is not a number")
     if state["best_epoch"] > state["epoch"]:
         raise ValueError("state.best_epoch is after state.epoch")
     metrics = state.get("metrics")

@@ -45,7 +45,7 @@ from cnnlab.errors import UserError
 from cnnlab.console import SafeConsole
 from cnnlab.results import MAX_NAME_CHARS, RunSummary, atomic_write_text, check_output_dir, read_summary, sanitize_name
 from cnnlab.runs import comparable
-from cnnlab.stopping import HANDLED, PARENT_ENV, pending_signal, signal_name
+from cnnlab.stopping import HANDLED, PARENT_ENV, RUN_DIR_ENV, pending_signal, signal_name
 
 SWEEP_KEYS = {"name", "base", "grid", "seeds"}
 EPOCH_LINE = re.compile(r"^epoch\s+(\d+)/(\d+)")
@@ -90,14 +90,14 @@ def expand(target: Path, overrides: list[str], seeds: list[int] | None = None) -
         if not files:
             raise UserError(f"{target}: no *.yaml configs in this folder")
         trials = []
-        for path in files:
+        for path, name in zip(files, unique_names([p.stem for p in files], [p.name for p in files])):
             for seed in seeds or [None]:
                 trial_overrides = [*overrides, *([f"seed={seed}"] if seed is not None else [])]
                 try:
-                    cfg = load_config(path, trial_overrides, {"name": path.stem})
-                    trials.append(Trial(path.stem, cfg.seed, config=cfg))
+                    cfg = load_config(path, trial_overrides, {"name": name})
+                    trials.append(Trial(name, cfg.seed, config=cfg))
                 except UserError as err:
-                    trials.append(Trial(path.stem, seed or 0, error=one_line(err), status="failed"))
+                    trials.append(Trial(name, seed or 0, error=one_line(err), status="failed"))
         return target.name or "sweep", trials
     return expand_sweep_file(target, overrides, seeds)
 
@@ -132,15 +132,23 @@ def expand_sweep_file(path: Path, overrides: list[str], seeds: list[int] | None)
 
 
 def variant_names(points: list[dict[str, Any]], default: str) -> list[str]:
-    """A folder name per grid point, from its values (``kernel_size=3-lr=0.1``); names that sanitising
-    or the length limit made equal get a short hash of their values, so no two points share a folder."""
-    names = [sanitize_name("-".join(f"{k.split('.')[-1]}={_value_label(v)}" for k, v in p.items()) or default)
-             for p in points]
-    for i, (point, name) in enumerate(zip(points, names)):
-        if names.count(name) > 1 or names[:i].count(name):
-            digest = hashlib.sha256(json.dumps(point, sort_keys=True, default=str).encode()).hexdigest()[:8]
-            names[i] = sanitize_name(f"{name[: MAX_NAME_CHARS - 9]}-{digest}")
-    return names
+    """A folder name per grid point, from its values (``kernel_size=3-lr=0.1``), unique (see unique_names)."""
+    names = ["-".join(f"{k.split('.')[-1]}={_value_label(v)}" for k, v in p.items()) or default for p in points]
+    return unique_names(names, [json.dumps(p, sort_keys=True, default=str) for p in points])
+
+
+def unique_names(names: list[str], identities: list[str]) -> list[str]:
+    """``names`` sanitised into folder names; where sanitising or the length limit makes two equal
+    (``a b`` and ``a-b``), each gets a short hash of its identity, so no two trials share a folder,
+    a config file or a log."""
+    safe = [sanitize_name(n) for n in names]
+    result = []
+    for name, identity in zip(safe, identities):
+        if safe.count(name) > 1:
+            digest = hashlib.sha256(identity.encode()).hexdigest()[:8]
+            name = sanitize_name(f"{name[: MAX_NAME_CHARS - 9]}-{digest}")
+        result.append(name)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,11 +257,14 @@ class Runner:
         task = self.progress.add_task(f"  {trial.label}", total=cfg.train.epochs)
         self._say(f"start {trial.label}")
         command = [sys.executable, "-m", "cnnlab", "run", str(config_path), "--quiet", "--resume", "auto"]
+        run_dir_file = log_path.with_suffix(".rundir")  # the trial writes its run folder here (no text scraping)
+        run_dir_file.unlink(missing_ok=True)
         error_lines: list[str] = []
         with open(log_path, "w", encoding="utf-8") as log:
             process = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                env={**os.environ, "OMP_NUM_THREADS": str(threads), PARENT_ENV: str(os.getpid())},
+                env={**os.environ, "OMP_NUM_THREADS": str(threads), PARENT_ENV: str(os.getpid()),
+                     RUN_DIR_ENV: str(run_dir_file.resolve())},
                 start_new_session=True,
             )
             self.processes[process.pid] = process
@@ -262,9 +273,7 @@ class Runner:
             try:
                 for line in process.stdout:
                     log.write(line)
-                    if line.startswith(("run ", "resume ")) and " -> " in line:
-                        trial.run_dir = Path(line.rsplit(" -> ", 1)[1].strip())
-                    elif line.startswith("resuming "):
+                    if line.startswith("resuming "):
                         self._say(f"resume {trial.label}: {line.rstrip()}")
                     elif match := EPOCH_LINE.match(line):
                         self.progress.update(task, completed=int(match.group(1)))
@@ -273,6 +282,8 @@ class Runner:
                 code = process.wait()
             finally:
                 self.processes.pop(process.pid, None)
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            trial.run_dir = Path(run_dir_file.read_text(encoding="utf-8"))
         self.progress.remove_task(task)
         if code == 0:
             trial.status = "completed"
