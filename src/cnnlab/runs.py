@@ -14,7 +14,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +24,11 @@ from cnnlab.data import Data, load_data
 from cnnlab.errors import UserError, warn
 from cnnlab.progress import Reporter, make_reporter
 from cnnlab.results import Checkpoint, RunDir, RunSummary, read_summary, run_state, utc_now
+
+if TYPE_CHECKING:  # engine imports this module's callers; only the type names are needed here
+    from cnnlab.engine import Session
+    from cnnlab.state import TrainState
+    from cnnlab.stopping import StopSignals
 
 RESUMABLE = ("interrupted", "failed", "stale")
 # Where a run trains and where its results go, not what it computes: ignored when matching runs.
@@ -220,7 +225,8 @@ def resume(
             run.unlock()
             raise UserError(f"{run_dir} changed while this resume was starting (another process resumed it); "
                             "look at it again before resuming")
-        return _continue(run, session, state, opened, cfg, checkpoint, done, total, reporter, quiet, wall_start, stop)
+        return _continue(run, session, state, opened, cfg, done, total, reporter or make_reporter(quiet=quiet),
+                         wall_start, stop)
 
 
 def check_same_data(data: Data, summary: RunSummary, run_dir: Path) -> None:
@@ -234,9 +240,9 @@ def check_same_data(data: Data, summary: RunSummary, run_dir: Path) -> None:
                         f"point --data-dir at the original files (the run used {summary.data_root})")
 
 
-def _continue(run: RunDir, session, state, opened: OpenedRun, cfg: Config, checkpoint: Checkpoint, done: int,
-              total: int, reporter: Reporter | None, quiet: bool, wall_start: float, stop) -> dict[str, Any]:
-    """Rewrite the folder's config, metrics and summary for the resumed run, then train."""
+def _continue(run: RunDir, session: Session, state: TrainState, opened: OpenedRun, cfg: Config, done: int,
+              total: int, reporter: Reporter, wall_start: float, stop: StopSignals) -> dict[str, Any]:
+    """Rewrite the folder's config, metrics and summary for the resumed run, then train (holding its lock)."""
     from cnnlab.engine import describe_run, train
     from cnnlab.results import write_metrics_csv
 
@@ -256,7 +262,6 @@ def _continue(run: RunDir, session, state, opened: OpenedRun, cfg: Config, check
         "device": str(session.runtime.device), "host": socket.gethostname(), "pid": os.getpid(),
     }]
     run.write_summary(resumed)
-    reporter = reporter or make_reporter(quiet=quiet)
     where = f"epoch {done + 1} of {total}" + (f", batch {at}" if at else "")
     reporter.message(f"resuming {run_dir} ({opened.state}) at {where}")
     return train(session, run, state, resumed, reporter, wall_start, stop)
