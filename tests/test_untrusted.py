@@ -128,6 +128,17 @@ def _break(run: Path, name: str, text: str) -> None:
     (run / name).write_text(text)
 
 
+def good_and_bad_runs(run: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(results folder, the bad run's folder): two copies of ``run``, under good/ and bad/, the second
+    without its lock file so that it can be damaged freely."""
+    results = tmp_path / "results"
+    shutil.copytree(run, results / "good" / run.name)
+    bad = results / "bad" / run.name
+    shutil.copytree(run, bad)
+    (bad / ".lock").unlink()
+    return results, bad
+
+
 @pytest.mark.parametrize("name, text", [
     ("summary.json", "{not json"),
     ("summary.json", "[1, 2]"),
@@ -136,12 +147,7 @@ def _break(run: Path, name: str, text: str) -> None:
     ("metrics.csv", "\x00\x01binary"),
 ])
 def test_compare_and_report_skip_a_corrupt_run_and_show_the_others(trained, tmp_path, name, text):
-    run, _ = trained
-    results = tmp_path / "results"
-    good = results / "good" / run.name
-    bad = results / "bad" / run.name
-    shutil.copytree(run, good)
-    shutil.copytree(run, bad)
+    results, bad = good_and_bad_runs(trained[0], tmp_path)
     _break(bad, name, text)
 
     compared = invoke("compare", results)
@@ -382,12 +388,7 @@ def test_a_report_never_copies_what_a_link_in_a_run_folder_points_to(run_copy, t
     lambda d: "[" * 100_000,
 ])
 def test_summaries_that_break_parsers_are_skipped_by_compare(trained, tmp_path, damage):
-    run, _ = trained
-    results = tmp_path / "results"
-    shutil.copytree(run, results / "good" / run.name)
-    bad = results / "bad" / run.name
-    shutil.copytree(run, bad)
-    (bad / ".lock").unlink()
+    results, bad = good_and_bad_runs(trained[0], tmp_path)
     damaged = damage(json.loads((bad / "summary.json").read_text()))
     (bad / "summary.json").write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
     compared = invoke("compare", results)
@@ -520,14 +521,9 @@ def test_folder_sweep_files_that_sanitise_alike_get_their_own_trials(tmp_path):
 
 
 def test_a_fifo_in_place_of_a_summary_is_skipped_not_waited_on(trained, tmp_path):
-    run, _ = trained
-    results = tmp_path / "results"
-    shutil.copytree(run, results / "good" / run.name)
-    bad = results / "bad" / run.name
-    shutil.copytree(run, bad)
+    results, bad = good_and_bad_runs(trained[0], tmp_path)
     (bad / "summary.json").unlink()
     os.mkfifo(bad / "summary.json")
-    (bad / ".lock").unlink()
     os.mkfifo(bad / ".lock")
     compared = invoke("compare", results)
     assert compared.exit_code == 0 and "not a regular file" in compared.output

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.errors import UserError, warn
-from cnnlab.results import RunSummary, read_summary, run_state
+from cnnlab.results import RunSummary, read_regular_text, read_summary, run_state
 
 ROW_COLUMNS = (
     "name", "params_swept", "seed", "train_loss", "train_acc", "val_acc", "test_acc",
@@ -102,10 +102,8 @@ TRIAL_NUMBERS = ("seed", "train_loss", "train_acc", "val_acc", "test_acc", "exam
 
 def read_trials(path: Path) -> list[dict[str, Any]]:
     """A sweep's trials.json, validated; ``run_dir`` entries are relative to the file's folder."""
-    if not path.is_file():
-        raise UserError(f"{path}: not a regular file")
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(read_regular_text(path))
     except (RecursionError, MemoryError):
         raise UserError(f"{path}: not a readable trials.json (nested too deeply or too large)") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:

@@ -14,7 +14,6 @@ import math
 import os
 import platform
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,8 +24,8 @@ import torch
 from torch import nn
 
 from cnnlab.config import Config, OptimConfig, ScheduleConfig, dump_config
-from cnnlab.data import Data, load_data
-from cnnlab.errors import TrainingError, UserError
+from cnnlab.data import CLASSES, Data, load_data
+from cnnlab.errors import TrainingError, UserError, warn
 from cnnlab.modelinfo import count_params, flops_per_image
 from cnnlab.models import get_model
 from cnnlab.progress import Reporter, make_reporter
@@ -262,15 +261,12 @@ def check_model(model: nn.Module, cfg: Config, data: Data) -> None:
         ) from None
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.shape != (len(x), NUM_CLASSES):
+    if not isinstance(out, torch.Tensor) or out.shape != (len(x), len(CLASSES)):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(
-            f"model {cfg.model.name!r} must return logits of shape (batch, {NUM_CLASSES}); "
+            f"model {cfg.model.name!r} must return logits of shape (batch, {len(CLASSES)}); "
             f"for a batch of {len(x)} images it returned {got}"
         )
-
-
-NUM_CLASSES = 10
 
 
 @dataclass
@@ -314,8 +310,8 @@ class Session:
                 self.runtime.scaler.load_state_dict(checkpoint.scaler)
             state.load_state_dict(checkpoint.state, self.generators)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
-            why = str(err) if isinstance(err, ValueError) and str(err).startswith("state") else type(err).__name__
-            raise UserError(f"{path}: does not fit this run's model, optimiser and training state ({why}); "
+            raise UserError(f"{path}: does not fit this run's model, optimiser and training state "
+                            f"({type(err).__name__}); "
                             "it belongs to another run or was changed") from None
         if state.current is not None:
             if state.current.batches > self.steps_per_epoch:
@@ -466,10 +462,7 @@ def train(
                 state.stopped_early = True
             state.wall_seconds = wall_before + time.perf_counter() - wall_start
             if cfg.output.checkpoints:
-                checkpoint = session.checkpoint(state)
-                if is_best:
-                    run.save_checkpoint("best", checkpoint)
-                run.save_checkpoint("last", checkpoint)
+                run.save_checkpoint(session.checkpoint(state), *(("best", "last") if is_best else ("last",)))
             reporter.end_epoch(row, is_best=is_best)
             if state.stopped_early:
                 reporter.message(f"early stop: no better {data.eval_split_name} accuracy for {cfg.train.patience} epochs")
@@ -523,12 +516,12 @@ def _record_ending(
     try:
         if isinstance(err, Interrupted) and session.cfg.output.checkpoints:
             # Stopped between batches: everything agrees, so resume can continue from this very batch.
-            run.save_checkpoint("last", session.checkpoint(state))
+            run.save_checkpoint(session.checkpoint(state), "last")
         run.write_summary(summary)
         if run.metrics:
             _draw_curves(run)
     except Exception as second:  # e.g. the disk is full: the lock still tells that nobody is training
-        sys.stderr.write(f"warning: could not record the ending in {run.path}: {type(second).__name__}: {second}\n")
+        warn(f"could not record the ending in {run.path}: {type(second).__name__}: {second}")
 
 
 def announce_run_dir(path: Path) -> None:

@@ -36,6 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnnlab.errors import UserError
+from cnnlab.state import check_state_dict
 
 METRIC_COLUMNS = (
     "epoch",
@@ -187,6 +188,14 @@ def read_metrics_csv(path: Path) -> list[dict[str, float]]:
         raise UserError(f"{path}: not a readable cnnlab metrics.csv ({_reason(err)})") from None
 
 
+def read_regular_text(path: Path) -> str:
+    """The UTF-8 text of a file read back from a results folder. Only a regular file is opened (a FIFO
+    or a device planted there would block or never end): anything else is a ``UserError``."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: missing, or not a regular file")
+    return Path(path).read_text(encoding="utf-8")
+
+
 def _reason(err: BaseException) -> str:
     if isinstance(err, OSError):
         return err.strerror or type(err).__name__
@@ -252,10 +261,8 @@ class RunSummary(BaseModel):
 
 def read_summary(path: Path) -> RunSummary:
     """A run's summary.json, validated; a missing or malformed one is a ``UserError`` naming the file."""
-    if not Path(path).is_file():  # also refuses a FIFO or a device, which would block or never end
-        raise UserError(f"{path}: missing, or not a regular file; a run folder holds summary.json as a file")
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(read_regular_text(path))
         return RunSummary.model_validate(data)
     except (RecursionError, MemoryError):
         raise UserError(f"{path}: not a readable cnnlab summary.json (nested too deeply or too large)") from None
@@ -292,18 +299,20 @@ class Checkpoint:
     def epoch(self) -> int:
         return int(self.state["epoch"]) if self.state else 0
 
-    def save(self, path: Path) -> None:
-        """Atomically, with its SHA-256 in ``<path>.sha256``; a crash at any point leaves a pair that verifies."""
+    def save(self, *paths: Path) -> None:
+        """Serialise once and write to each path atomically, with its SHA-256 in ``<path>.sha256``; a
+        crash at any point leaves pairs that verify."""
         buffer = io.BytesIO()
         torch.save({**self.__dict__}, buffer)
         payload = buffer.getvalue()
         digest = hashlib.sha256(payload).hexdigest()
-        sidecar = digest_path(path)
-        old = _recorded_digests(sidecar)
-        # The sidecar accepts both files while the checkpoint is being replaced, then only the new one.
-        atomic_write_text(sidecar, "\n".join([digest, *old[:1]]) + "\n")
-        atomic_write(path, lambda f: f.write(payload))
-        atomic_write_text(sidecar, digest + "\n")
+        for path in paths:
+            sidecar = digest_path(path)
+            old = _recorded_digests(sidecar)
+            # The sidecar accepts both files while the checkpoint is being replaced, then only the new one.
+            atomic_write_text(sidecar, "\n".join([digest, *old[:1]]) + "\n")
+            atomic_write(path, lambda f: f.write(payload))
+            atomic_write_text(sidecar, digest + "\n")
 
     @classmethod
     def load(cls, path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -322,7 +331,7 @@ class Checkpoint:
                             "or delete it to load the checkpoint unchecked (as for runs of cnnlab 0.1)")
         if recorded and hashlib.sha256(payload).hexdigest() not in recorded:
             raise UserError(
-                f"{path} fails its SHA-256 check ({digest_path(path).name}): the file is corrupt, truncated or was "
+                f"{path} fails its SHA-256 check ({sidecar.name}): the file is corrupt, truncated or was "
                 "changed after cnnlab wrote it. Restore it from a backup; `cnnlab eval --checkpoint best|last` can "
                 "use the run's other checkpoint, and `cnnlab run` on the run's config.yaml trains it afresh"
             )
@@ -347,8 +356,6 @@ class Checkpoint:
         if fmt == 1:  # cnnlab 0.1: epoch and metrics beside the weights, no generator states
             state = None
         else:
-            from cnnlab.state import check_state_dict
-
             try:
                 check_state_dict(state)
             except ValueError as err:
@@ -444,8 +451,9 @@ class RunDir:
     def write_summary(self, summary: RunSummary) -> None:
         atomic_write_text(self.path / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
 
-    def save_checkpoint(self, name: str, checkpoint: Checkpoint) -> None:
-        checkpoint.save(self.checkpoint_dir / f"{name}.pt")
+    def save_checkpoint(self, checkpoint: Checkpoint, *names: str) -> None:
+        """``checkpoint`` as ``checkpoints/<name>.pt`` for each name (serialised once)."""
+        checkpoint.save(*(self.checkpoint_dir / f"{name}.pt" for name in names))
 
 
 LOCK_FILE = ".lock"

@@ -23,7 +23,9 @@ from cnnlab.config import Config, dump_config, read_yaml, validate
 from cnnlab.data import Data, load_data
 from cnnlab.errors import UserError, warn
 from cnnlab.progress import Reporter, make_reporter
-from cnnlab.results import Checkpoint, RunDir, RunSummary, read_summary, run_state, utc_now
+from cnnlab.results import (
+    Checkpoint, RunDir, RunSummary, read_metrics_csv, read_summary, run_state, sanitize_name, utc_now,
+)
 
 if TYPE_CHECKING:  # engine imports this module's callers; only the type names are needed here
     from cnnlab.engine import Session
@@ -115,7 +117,7 @@ def describe_state(opened: OpenedRun) -> str:
 
 def _epochs_done(run_dir: Path) -> str:
     try:
-        return str(Checkpoint.load(run_dir / "checkpoints" / "last.pt").epoch)
+        return str(len(read_metrics_csv(run_dir / "metrics.csv")))
     except UserError:
         return "an unknown number of"
 
@@ -186,10 +188,8 @@ def resume(
         validate(checkpoint.config, "its config", trust_code)
     except UserError as err:
         raise UserError(f"{last}: the config stored in it is not a valid cnnlab config ({err})") from None
-    saved = comparable(checkpoint.config)
-    differing = config_differences({**saved, "train": {**saved.get("train", {}), "epochs": None}},
-                                   {**comparable(opened.cfg.to_dict()),
-                                    "train": {**comparable(opened.cfg.to_dict())["train"], "epochs": None}})
+    differing = [key for key in config_differences(comparable(checkpoint.config), comparable(opened.cfg.to_dict()))
+                 if key != "train.epochs"]  # the one key a resume may change (--epochs)
     if differing:
         raise UserError(f"{run_dir / 'config.yaml'} differs from the config its checkpoint was trained with, in "
                         f"{', '.join(differing)}; put config.yaml back as it was, or start a new run with the new config")
@@ -267,28 +267,31 @@ def _continue(run: RunDir, session: Session, state: TrainState, opened: OpenedRu
     return train(session, run, state, resumed, reporter, wall_start, stop)
 
 
-def find_resumable(cfg: Config) -> Path | None:
-    """The newest unfinished run (interrupted, failed, stale) of exactly ``cfg`` that has a checkpoint."""
-    from cnnlab.results import sanitize_name
-
+def runs_of(cfg: Config) -> list[tuple[Path, RunSummary, str]]:
+    """Every readable run of exactly ``cfg`` (where it trained and where its results go aside), newest
+    first, with its state (``run_state``). Folders that cannot be read are passed over."""
     folder = Path(cfg.output.dir) / sanitize_name(cfg.name)
     wanted = comparable(cfg.to_dict())
-    candidates = []
-    for summary_path in folder.glob("*/summary.json"):
-        run_dir = summary_path.parent
+    found = []
+    for run_dir in sorted((p.parent for p in folder.glob("*/summary.json")), reverse=True):  # run ids start with the time
         try:
-            summary = read_summary(summary_path)
-            if run_state(run_dir, summary) not in RESUMABLE or not (run_dir / "checkpoints" / "last.pt").is_file():
-                continue
-            if comparable(read_yaml(run_dir / "config.yaml")) != wanted:
-                continue
+            summary = read_summary(run_dir / "summary.json")
+            if comparable(read_yaml(run_dir / "config.yaml")) == wanted:
+                found.append((run_dir, summary, run_state(run_dir, summary)))
         except UserError:
-            continue  # a broken folder is not a candidate
-        candidates.append((summary.started or "", str(run_dir)))
-    for _, run_dir in sorted(candidates, reverse=True):
+            continue
+    return found
+
+
+def find_resumable(cfg: Config) -> Path | None:
+    """The newest unfinished run (interrupted, failed, stale) of exactly ``cfg`` whose checkpoint loads."""
+    for run_dir, _, state in runs_of(cfg):
+        last = run_dir / "checkpoints" / "last.pt"
+        if state not in RESUMABLE or not last.is_file():
+            continue
         try:
-            if Checkpoint.load(Path(run_dir) / "checkpoints" / "last.pt").state is not None:
-                return Path(run_dir)
+            if Checkpoint.load(last).state is not None:
+                return run_dir
         except UserError as err:
             warn(f"{err}; not resuming that run")
     return None

@@ -69,8 +69,7 @@ class TrainState:
         }
 
     def load_state_dict(self, state: dict[str, Any], generators: dict[str, torch.Generator | None]) -> None:
-        """Restore from ``state_dict()`` output; ``ValueError`` (saying what) if it is not one."""
-        check_state_dict(state)
+        """Restore from ``state_dict()`` output (from a checkpoint file: ``check_state_dict`` it first)."""
         self.epoch = int(state["epoch"])
         self.best_acc = float(state["best_acc"])
         self.best_epoch = int(state["best_epoch"])

@@ -44,7 +44,7 @@ from cnnlab.config import Config, dump_config, load_config, read_yaml
 from cnnlab.errors import UserError
 from cnnlab.console import SafeConsole
 from cnnlab.results import MAX_NAME_CHARS, RunSummary, atomic_write_text, check_output_dir, read_summary, sanitize_name
-from cnnlab.runs import comparable
+from cnnlab.runs import runs_of
 from cnnlab.stopping import HANDLED, PARENT_ENV, RUN_DIR_ENV, pending_signal, signal_name
 
 SWEEP_KEYS = {"name", "base", "grid", "seeds"}
@@ -156,17 +156,8 @@ def unique_names(names: list[str], identities: list[str]) -> list[str]:
 
 
 def finished_run(trial: Trial) -> Path | None:
-    """A completed earlier run of exactly this trial's config (its device aside), if there is one."""
-    folder = Path(trial.config.output.dir) / sanitize_name(trial.name)
-    wanted = comparable(trial.config.to_dict())
-    for run in sorted(folder.glob("*/summary.json"), reverse=True):
-        try:
-            summary = read_summary(run)
-            if summary.status == "completed" and comparable(read_yaml(run.parent / "config.yaml")) == wanted:
-                return run.parent
-        except UserError:
-            continue
-    return None
+    """The newest completed earlier run of exactly this trial's config, if there is one."""
+    return next((run_dir for run_dir, _, state in runs_of(trial.config) if state == "completed"), None)
 
 
 def placement(index: int, jobs: int) -> tuple[str | None, int]:
