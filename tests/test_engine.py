@@ -154,3 +154,18 @@ def test_interrupt_is_recorded_and_partial_results_kept(tiny_overrides, tmp_path
     assert len(metric_rows(run / "metrics.csv")) == 1 and (run / "checkpoints" / "last.pt").is_file()
     assert (run / "curves.png").is_file()
     assert not [p for p in run.rglob("*.tmp")]  # no half-written files
+
+
+def test_checking_a_model_before_training_leaves_no_trace(tiny_overrides):
+    """The pre-flight batch must not move BatchNorm statistics or consume dropout's random draws."""
+    from cnnlab.data import load_data
+    from cnnlab.engine import build_model, check_model
+
+    cfg = load_config(None, [*tiny_overrides, "model.batch_norm=true", "model.dropout=0.5"])
+    data = load_data(cfg.data, cfg.seed, torch.device("cpu"))
+    model = build_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    check_model(model, cfg, data)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng) and model.training

@@ -246,12 +246,16 @@ def build_model(cfg: Config, runtime: Runtime | None = None) -> nn.Module:
 
 def check_model(model: nn.Module, cfg: Config, data: Data) -> None:
     """Run the model on two training images before anything is written: a model that cannot train
-    on this data (wrong output shape, an error in its forward pass) is bad input, not a failed run."""
+    on this data (wrong output shape, an error in its forward pass) is bad input, not a failed run.
+
+    In eval mode and with the random generators put back afterwards, so that the check leaves no
+    trace: BatchNorm's running statistics and dropout's random draws are as if it never ran.
+    """
     x, _ = next(data.batches("train", 2))
     was_training = model.training
     try:
-        with torch.no_grad():
-            out = model.train()(x)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = model.eval()(x)
     except KeyboardInterrupt:
         raise
     except BaseException as err:  # user code may even call sys.exit in its forward pass
