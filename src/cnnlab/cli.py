@@ -70,7 +70,7 @@ def cli_errors(debug: bool, trains: bool = False) -> Iterator[None]:
     except (UserError, TrainingError) as error:
         if debug:
             raise
-        say_error("error" if isinstance(error, UserError) else "training failed", str(error))
+        say_error("error" if isinstance(error, UserError) else "training failed", str(error), error.exit_code)
         raise typer.Exit(error.exit_code) from None
     except typer.Exit:
         raise
@@ -92,8 +92,23 @@ def cli_errors(debug: bool, trains: bool = False) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def say_error(label: str, message: str) -> None:
+def say_error(label: str, message: str, exit_code: int = 1) -> None:
+    from cnnlab.events import event_channel
+
     err.print(Text.assemble((f"{label}:", RED), " ", message))
+    channel = event_channel()  # a launching sweep hears why, without reading this text
+    if channel is not None:
+        channel.error(label, message, exit_code)
+
+
+def run_reporter(quiet: bool):
+    """What a training command reports to: the console, and a launcher's event pipe when it has one."""
+    from cnnlab.events import FanOut, event_channel
+    from cnnlab.progress import make_reporter
+
+    channel = event_channel()
+    console = make_reporter(quiet=quiet)
+    return console if channel is None else FanOut(console, channel)
 
 
 @app.command()
@@ -137,9 +152,9 @@ def run(
         if resume == "auto":
             from cnnlab.runs import run_or_resume
 
-            run_or_resume(cfg, quiet=quiet)
+            run_or_resume(cfg, reporter=run_reporter(quiet))
         else:
-            fit(cfg, quiet=quiet)
+            fit(cfg, reporter=run_reporter(quiet))
 
 
 @app.command("resume")
@@ -158,7 +173,8 @@ def resume_(
 
         if epochs is not None and epochs < 1:
             raise UserError(f"--epochs {epochs}: give a positive number of epochs")
-        resume(run_dir, epochs=epochs, device=device, data_root=data_dir, quiet=quiet, trust_code=trust_code)
+        resume(run_dir, epochs=epochs, device=device, data_root=data_dir, reporter=run_reporter(quiet),
+               trust_code=trust_code)
 
 
 def parse_seeds(text: str | None) -> list[int] | None:

@@ -29,9 +29,9 @@ from cnnlab.errors import TrainingError, UserError, warn
 from cnnlab.modelinfo import count_params, flops_per_image
 from cnnlab.models import get_model
 from cnnlab.progress import Reporter, make_reporter
-from cnnlab.results import Checkpoint, RunDir, RunSummary, atomic_write_text, git_commit, utc_now
+from cnnlab.results import Checkpoint, RunDir, RunSummary, git_commit, utc_now
 from cnnlab.state import EpochProgress, TrainState
-from cnnlab.stopping import RUN_DIR_ENV, Interrupted, StopSignals
+from cnnlab.stopping import Interrupted, StopSignals
 
 # ---------------------------------------------------------------------------------------------
 # Runtime: resolved once
@@ -421,7 +421,6 @@ def train(
     was made, so that no moment of a run's life is left to the default, unrecorded death by signal.
     """
     cfg, data, runtime, model, optimizer = session.cfg, session.data, session.runtime, session.model, session.optimizer
-    announce_run_dir(run.path)
     reporter.start_run(cfg.name, run.path, cfg.train.epochs, resumed=state.epoch + (state.current is not None) > 0)
     wall_before = state.wall_seconds  # time spent in earlier sessions of a resumed run, as its checkpoint says
     run.metrics = state.metrics
@@ -526,14 +525,6 @@ def _record_ending(
             _draw_curves(run)
     except Exception as second:  # e.g. the disk is full: the lock still tells that nobody is training
         warn(f"could not record the ending in {run.path}: {type(second).__name__}: {second}")
-
-
-def announce_run_dir(path: Path) -> None:
-    """Tell a launching sweep which folder this trial writes (a file it names, not console text)."""
-    target = os.environ.get(RUN_DIR_ENV)
-    if target:
-        with contextlib.suppress(OSError):
-            atomic_write_text(Path(target), str(path.resolve()))
 
 
 def _draw_curves(run: RunDir) -> None:

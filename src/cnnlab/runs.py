@@ -297,11 +297,11 @@ def find_resumable(cfg: Config) -> Path | None:
     return None
 
 
-def run_or_resume(cfg: Config, *, quiet: bool = False) -> dict[str, Any]:
+def run_or_resume(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
     """``cnnlab run CONFIG --resume auto``: continue the newest unfinished run of this config, or start one."""
     from cnnlab.engine import fit
 
     previous = find_resumable(cfg)
     if previous is None:
-        return fit(cfg, quiet=quiet)
-    return resume(previous, device=cfg.train.device, quiet=quiet, trust_code=True)
+        return fit(cfg, quiet=quiet, reporter=reporter)
+    return resume(previous, device=cfg.train.device, quiet=quiet, reporter=reporter, trust_code=True)

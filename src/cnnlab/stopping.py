@@ -16,7 +16,6 @@ from types import FrameType
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PARENT_ENV = "CNNLAB_PARENT_PID"  # set by the sweep launcher for its trials
-RUN_DIR_ENV = "CNNLAB_RUN_DIR_FILE"  # set by the sweep launcher: where a trial writes its run folder's path
 
 
 _pending: int | None = None  # a signal that came while the process was starting

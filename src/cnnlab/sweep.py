@@ -24,7 +24,6 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,10 +45,11 @@ from cnnlab.errors import UserError
 from cnnlab.console import SafeConsole
 from cnnlab.results import MAX_NAME_CHARS, RunSummary, atomic_write_text, check_output_dir, read_summary, sanitize_name
 from cnnlab.runs import runs_of
-from cnnlab.stopping import HANDLED, PARENT_ENV, RUN_DIR_ENV, pending_signal, signal_name
+from cnnlab.events import EVENTS_FD_ENV, read_events
+from cnnlab.stopping import HANDLED, PARENT_ENV, pending_signal, signal_name
+from cnnlab.trial import TrialRecorder, TrialResult
 
 SWEEP_KEYS = {"name", "base", "grid", "seeds"}
-EPOCH_LINE = re.compile(r"^epoch\s+(\d+)/(\d+)")
 
 
 @dataclass
@@ -167,27 +168,154 @@ def placement(index: int, jobs: int) -> tuple[str | None, int]:
     return (f"cuda:{index % gpus}" if gpus > 1 else None), threads
 
 
-class Runner:
-    """Runs trials as ``cnnlab run --resume auto`` subprocesses with one combined progress display.
+class SweepDisplay:
+    """What a sweep shows while it runs: an overall bar and a bar per running trial on a terminal
+    (``live``), otherwise a line per trial start and end. Fed with the trials' events."""
 
-    Used as a context manager around ``run_all``: inside it, SIGINT/SIGTERM/SIGHUP stop the sweep
-    (no new trial starts; the signal is passed on to the running ones, each in its own session so a
-    terminal's Ctrl-C reaches it only once, through here).
-    """
-
-    def __init__(self, sweep_dir: Path, jobs: int, console: Console, live: bool) -> None:
-        self.sweep_dir = sweep_dir
-        self.jobs = jobs
+    def __init__(self, console: Console, live: bool) -> None:
         self.console = console
-        self.slots = list(range(jobs))
-        self.lock = threading.Lock()
-        self.processes: dict[int, subprocess.Popen] = {}
-        self.stop_signal: int | None = None
-        self._previous: dict[int, Any] = {}
         self.progress = Progress(
             TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, disable=not live,
         )
+        self.overall: Any = None
+
+    def __enter__(self) -> SweepDisplay:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def begin(self, total: int, done: int) -> None:
+        self.overall = self.progress.add_task("sweep", total=total, completed=done)
+
+    def trial_started(self, trial: Trial) -> Any:
+        self.say(f"start {trial.label}")
+        return self.progress.add_task(f"  {trial.label}", total=trial.config.train.epochs)
+
+    def on_event(self, task: Any, trial: Trial, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "run_start" and event.get("resumed"):
+            self.say(f"resume {trial.label} in {event.get('run_dir')}")
+        elif kind in ("epoch_start", "epoch_end") and isinstance(event.get("epoch"), int):
+            self.progress.update(task, completed=event["epoch"] - (kind == "epoch_start"))
+
+    def trial_finished(self, task: Any, trial: Trial) -> None:
+        if task is not None:
+            self.progress.remove_task(task)
+        self.progress.advance(self.overall)
+        word = {"completed": "done ", "interrupted": "STOPPED", "not started": "SKIPPED"}.get(trial.status, "FAILED")
+        self.say(f"{word} {trial.label}" + (f": {trial.error}" if trial.error else ""))
+
+    def say(self, text: str) -> None:
+        if self.progress.disable:
+            self.console.print(text, soft_wrap=True)
+        else:
+            self.progress.console.print(text, soft_wrap=True)
+
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+class Launcher:
+    """Where and how a sweep's trials run. ``launch`` runs one trial to its end (called from one of
+    ``jobs`` threads) and returns its result, passing its events to ``on_event`` as they come;
+    ``stop`` asks every running trial to checkpoint and stop. Used as a context manager."""
+
+    name = "base"
+
+    def __enter__(self) -> Launcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def launch(self, trial: Trial, config_path: Path, slot: int, on_event: EventSink) -> TrialResult:
+        raise NotImplementedError
+
+    def stop(self, signum: int) -> None:
+        raise NotImplementedError
+
+
+class LocalLauncher(Launcher):
+    """Each trial is a ``cnnlab run CONFIG --resume auto`` process on this machine, in its own session
+    (so a terminal's Ctrl-C reaches it once, through the sweep), its output in ``logs/``, its events
+    on an inherited pipe. ``jobs`` at a time share the CPUs (or get a GPU each when there are several)."""
+
+    name = "local"
+
+    def __init__(self, sweep_dir: Path, jobs: int) -> None:
+        self.sweep_dir = sweep_dir
+        self.jobs = jobs
+        self.processes: dict[int, subprocess.Popen] = {}
+        self.stop_signal: int | None = None
+
+    def stop(self, signum: int) -> None:
+        self.stop_signal = self.stop_signal or signum
+        for process in list(self.processes.values()):
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
+
+    def launch(self, trial: Trial, config_path: Path, slot: int, on_event: EventSink) -> TrialResult:
+        device, threads = placement(slot, self.jobs)
+        if device:  # the trial's copy of its config says where it runs
+            cfg = trial.config.model_copy(update={"train": trial.config.train.model_copy(update={"device": device})})
+            atomic_write_text(config_path, dump_config(cfg))
+        # A config's own train.threads is part of what it computes (results differ with the thread count)
+        # and is kept; otherwise the trial gets its share of the CPUs through OMP_NUM_THREADS, which torch
+        # reads at start-up, and summary.json records the count it used.
+        threads = trial.config.train.threads or threads
+        log_path = self.sweep_dir / "logs" / config_path.with_suffix(".log").name
+        command = [sys.executable, "-m", "cnnlab", "run", str(config_path), "--quiet", "--resume", "auto"]
+        recorder = TrialRecorder()
+        read_fd, write_fd = os.pipe()
+        try:
+            with open(log_path, "w", encoding="utf-8") as log:
+                try:
+                    process = subprocess.Popen(
+                        command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(write_fd,),
+                        env={**os.environ, "OMP_NUM_THREADS": str(threads), PARENT_ENV: str(os.getpid()),
+                             EVENTS_FD_ENV: str(write_fd)},
+                        start_new_session=True,
+                    )
+                finally:
+                    os.close(write_fd)  # the trial holds the only writing end: the pipe ends when it does
+                self.processes[process.pid] = process
+                if self.stop_signal is not None:  # the signal came while this trial was starting
+                    process.send_signal(self.stop_signal)
+                try:
+                    with open(read_fd, encoding="utf-8", errors="replace", closefd=False) as events:
+                        for event in read_events(events):
+                            recorder.on_event(event)
+                            on_event(event)
+                    code = process.wait()
+                finally:
+                    self.processes.pop(process.pid, None)
+        finally:
+            os.close(read_fd)
+        result = recorder.result(code)
+        if result.status == "failed" and not recorder.error and result.summary is None:
+            result.error = f"{result.error}; see {log_path}"
+        return result
+
+
+class Runner:
+    """Runs a sweep's pending trials through a ``launcher``, ``jobs`` at a time, shown on ``display``.
+
+    Used as a context manager around ``run_all``: inside it, SIGINT/SIGTERM/SIGHUP stop the sweep
+    (no new trial starts; the launcher asks the running ones to checkpoint and stop).
+    """
+
+    def __init__(self, sweep_dir: Path, launcher: Launcher, jobs: int, display: SweepDisplay) -> None:
+        self.sweep_dir = sweep_dir
+        self.launcher = launcher
+        self.jobs = jobs
+        self.display = display
+        self.slots = list(range(jobs))
+        self.lock = threading.Lock()
+        self.stop_signal: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> Runner:
         if threading.current_thread() is threading.main_thread():
@@ -201,96 +329,40 @@ class Runner:
             signal.signal(signum, handler)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        first = self.stop_signal is None
+        if self.stop_signal is None:
+            self.display.say(f"{signal_name(signum)}: stopping the running trials (they checkpoint and can be resumed)")
         self.stop_signal = self.stop_signal or signum
-        if first:
-            self._say(f"{signal_name(signum)}: stopping the running trials (they checkpoint and can be resumed)")
-        for process in list(self.processes.values()):
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signum)
+        self.launcher.stop(signum)
 
     def run_all(self, trials: list[Trial]) -> None:
-        with self.progress:
-            self.overall = self.progress.add_task("sweep", total=len(trials))
-            pending = [t for t in trials if t.status == "pending"]
-            self.progress.advance(self.overall, len(trials) - len(pending))
-            with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-                list(pool.map(self.run_one, pending))
+        pending = [t for t in trials if t.status == "pending"]
+        self.display.begin(len(trials), len(trials) - len(pending))
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            list(pool.map(self.run_one, pending))
 
     def run_one(self, trial: Trial) -> None:
         if self.stop_signal is not None:
             trial.status, trial.error = "not started", f"the sweep was stopped by {signal_name(self.stop_signal)}"
+            self.display.trial_finished(None, trial)
             return
         with self.lock:
             slot = self.slots.pop(0)
+        task = None
         try:
-            self._run(trial, slot)
+            config_path = self.sweep_dir / "configs" / f"{sanitize_name(trial.name)}-seed{trial.seed}.yaml"
+            atomic_write_text(config_path, dump_config(trial.config))
+            task = self.display.trial_started(trial)
+            result = self.launcher.launch(trial, config_path, slot,
+                                          lambda event: self.display.on_event(task, trial, event))
+            trial.status, trial.run_dir, trial.error = result.status, result.run_dir, result.error
+        except UserError as err:  # the launcher refused the trial (e.g. it asks for more than the cluster has)
+            trial.status, trial.error = "failed", str(err)
         except Exception as err:  # the trial could not even start (e.g. no disk space for its log)
             trial.status, trial.error = "failed", f"{type(err).__name__}: {err}"
-            self._say(f"FAILED {trial.label}: {trial.error}")
         finally:
             with self.lock:
                 self.slots.append(slot)
-            self.progress.advance(self.overall)
-
-    def _run(self, trial: Trial, slot: int) -> None:
-        device, threads = placement(slot, self.jobs)
-        cfg = trial.config
-        if device:
-            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device})})
-        # A config's own train.threads is part of what it computes (results differ with the thread count)
-        # and is kept; otherwise the trial gets its share of the CPUs through OMP_NUM_THREADS, which torch
-        # reads at start-up, and summary.json records the count it used.
-        threads = cfg.train.threads or threads
-        config_path = self.sweep_dir / "configs" / f"{sanitize_name(trial.name)}-seed{trial.seed}.yaml"
-        atomic_write_text(config_path, dump_config(cfg))
-        log_path = self.sweep_dir / "logs" / config_path.with_suffix(".log").name
-        task = self.progress.add_task(f"  {trial.label}", total=cfg.train.epochs)
-        self._say(f"start {trial.label}")
-        command = [sys.executable, "-m", "cnnlab", "run", str(config_path), "--quiet", "--resume", "auto"]
-        run_dir_file = log_path.with_suffix(".rundir")  # the trial writes its run folder here (no text scraping)
-        run_dir_file.unlink(missing_ok=True)
-        error_lines: list[str] = []
-        with open(log_path, "w", encoding="utf-8") as log:
-            process = subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                env={**os.environ, "OMP_NUM_THREADS": str(threads), PARENT_ENV: str(os.getpid()),
-                     RUN_DIR_ENV: str(run_dir_file.resolve())},
-                start_new_session=True,
-            )
-            self.processes[process.pid] = process
-            if self.stop_signal is not None:  # the signal came while this trial was starting
-                process.send_signal(self.stop_signal)
-            try:
-                for line in process.stdout:
-                    log.write(line)
-                    if line.startswith("resuming "):
-                        self._say(f"resume {trial.label}: {line.rstrip()}")
-                    elif match := EPOCH_LINE.match(line):
-                        self.progress.update(task, completed=int(match.group(1)))
-                    elif line.startswith(("error:", "training failed:")) or error_lines:
-                        error_lines.append(line.rstrip())
-                code = process.wait()
-            finally:
-                self.processes.pop(process.pid, None)
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            trial.run_dir = Path(run_dir_file.read_text(encoding="utf-8"))
-        self.progress.remove_task(task)
-        if code == 0:
-            trial.status = "completed"
-        elif (signum := -code if code < 0 else code - 128) in HANDLED:  # stopped (or killed while starting) by a signal
-            trial.status, trial.error = "interrupted", f"interrupted by {signal_name(signum)}"
-        else:
-            trial.status = "failed"
-            trial.error = " ".join(error_lines).strip() or f"exit code {code}; see {log_path}"
-        word = {"completed": "done ", "interrupted": "STOPPED"}.get(trial.status, "FAILED")
-        self._say(f"{word} {trial.label}" + (f": {trial.error}" if trial.error else ""))
-
-    def _say(self, text: str) -> None:
-        if self.progress.disable:
-            self.console.print(text, soft_wrap=True)
-        else:
-            self.progress.console.print(text, soft_wrap=True)
+            self.display.trial_finished(task, trial)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +430,8 @@ def run_sweep(
     for trial in trials:
         if trial.status == "failed":
             console.print(f"FAILED {trial.label}: {trial.error}", soft_wrap=True)
-    with Runner(sweep_dir, jobs, console, live=not quiet and console.is_terminal) as runner:
+    with SweepDisplay(console, live=not quiet and console.is_terminal) as display, LocalLauncher(sweep_dir, jobs) as launcher, \
+            Runner(sweep_dir, launcher, jobs, display) as runner:
         runner.run_all(trials)
         rows = [trial_row(t) for t in trials]
         write_sweep_files(sweep_dir, rows, list(dict.fromkeys(k for t in trials for k in t.swept)))

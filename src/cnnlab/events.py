@@ -1,0 +1,138 @@
+"""Usage: ``fit(cfg, reporter=FanOut(make_reporter(), EventWriter(stream)))``; ``for event in read_events(pipe)``.
+
+A run's progress as structured events, so that whoever launched it (a sweep's local processes, a
+Ray task, Ray Tune) follows it without reading console text. Every listener of a run has the
+``Reporter`` interface (``progress.py``): start_run, start_epoch, advance, end_epoch, message,
+finish. ``EventWriter`` turns those calls into JSON lines::
+
+    {"event": "run_start", "name": "lenet", "run_dir": "/abs/results/lenet/2026...", "epochs": 10, "resumed": false}
+    {"event": "epoch_end", "epoch": 1, "epochs": 10, "best": true, "row": {"train_loss": ..., "val_acc": ...}}
+    {"event": "run_end", "run_dir": "...", "summary": {...summary.json...}}
+    {"event": "error", "kind": "error", "message": "...", "exit_code": 2}
+
+A trial started by ``cnnlab sweep`` gets an inherited pipe whose descriptor is in
+``CNNLAB_EVENTS_FD``; ``event_channel()`` opens it (once) for the ``cnnlab`` command that runs there.
+Lines read back are checked (JSON objects with a known ``event``); anything else is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from cnnlab.progress import Reporter
+
+EVENTS_FD_ENV = "CNNLAB_EVENTS_FD"
+EVENTS = ("run_start", "epoch_start", "epoch_end", "message", "run_end", "error")
+MAX_EVENT_BYTES = 1 << 20  # a summary is a few kB; a longer line is not ours
+
+
+class FanOut(Reporter):
+    """Passes every call on to each of ``listeners``, in order."""
+
+    def __init__(self, *listeners: Reporter | None) -> None:
+        super().__init__(enabled=False)
+        self.listeners = [listener for listener in listeners if listener is not None]
+
+    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False) -> None:
+        for listener in self.listeners:
+            listener.start_run(name, run_dir, epochs, resumed)
+
+    def start_epoch(self, epoch: int, batches: int, done: int = 0) -> None:
+        for listener in self.listeners:
+            listener.start_epoch(epoch, batches, done)
+
+    def advance(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> None:
+        for listener in self.listeners:
+            listener.advance(loss_sum, correct, seen)
+
+    def end_epoch(self, row: dict[str, Any], is_best: bool) -> None:
+        for listener in self.listeners:
+            listener.end_epoch(row, is_best)
+
+    def message(self, text: str) -> None:
+        for listener in self.listeners:
+            listener.message(text)
+
+    def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
+        for listener in self.listeners:
+            listener.finish(summary, run_dir)
+
+
+class EventWriter(Reporter):
+    """Writes a run's events as JSON lines to ``stream`` (or hands each to ``sink``), flushing each."""
+
+    def __init__(self, stream: IO[str] | None = None, sink: Callable[[dict[str, Any]], None] | None = None) -> None:
+        super().__init__(enabled=False)
+        self.stream = stream
+        self.sink = sink
+        self.epochs = 0
+
+    def emit(self, event: str, **fields: Any) -> None:
+        record = {"event": event, **fields}
+        try:
+            if self.sink is not None:
+                self.sink(record)
+            if self.stream is not None:
+                self.stream.write(json.dumps(record, default=str, allow_nan=True) + "\n")
+                self.stream.flush()
+        except (OSError, ValueError):
+            self.stream = None  # the reader is gone: training goes on without it
+
+    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False) -> None:
+        self.epochs = epochs
+        self.emit("run_start", name=name, run_dir=str(Path(run_dir).resolve()), epochs=epochs, resumed=resumed)
+
+    def start_epoch(self, epoch: int, batches: int, done: int = 0) -> None:
+        self.emit("epoch_start", epoch=epoch, epochs=self.epochs, batches=batches, done=done)
+
+    def end_epoch(self, row: dict[str, Any], is_best: bool) -> None:
+        self.emit("epoch_end", epoch=row["epoch"], epochs=self.epochs, best=is_best, row=row)
+
+    def message(self, text: str) -> None:
+        self.emit("message", text=text)
+
+    def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
+        self.emit("run_end", run_dir=str(Path(run_dir).resolve()), summary=summary)
+
+    def error(self, kind: str, message: str, exit_code: int) -> None:
+        self.emit("error", kind=kind, message=message, exit_code=exit_code)
+
+
+_channel: EventWriter | None = None
+
+
+def event_channel() -> EventWriter | None:
+    """The launcher's event pipe (``CNNLAB_EVENTS_FD``) as an ``EventWriter``, or None when not launched so."""
+    global _channel
+    if _channel is None:
+        fd = os.environ.get(EVENTS_FD_ENV, "")
+        if not fd.isdigit():
+            return None
+        try:
+            os.set_inheritable(int(fd), False)  # this process's children must not hold the pipe open
+            _channel = EventWriter(open(int(fd), "w", encoding="utf-8", closefd=True))  # noqa: SIM115 (lives as long as the process)
+        except OSError:
+            return None
+        finally:
+            os.environ.pop(EVENTS_FD_ENV, None)
+    return _channel
+
+
+def read_events(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The well-formed events among ``lines``; anything else (a stray print, a cut line) is skipped."""
+    for line in lines:
+        if len(line) > MAX_EVENT_BYTES:
+            continue
+        try:
+            record = json.loads(line, parse_constant=lambda name: math.nan)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict) and record.get("event") in EVENTS:
+            yield record
