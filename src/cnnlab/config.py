@@ -113,6 +113,7 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(None, gt=0)  # clip the global gradient norm to this value; null = off
     patience: int | None = Field(None, ge=1)  # early stopping: epochs without a better val accuracy; null = off
     threads: int | None = Field(None, ge=1)  # CPU threads for torch; null = torch's default
+    sync_bn: bool = True  # under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
 
     @field_validator("device")
     @classmethod

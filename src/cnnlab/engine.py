@@ -16,7 +16,7 @@ import platform
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from torch import nn
 
 from cnnlab.config import Config, OptimConfig, ScheduleConfig, dump_config
 from cnnlab.data import CLASSES, Data, load_data
+from cnnlab.distributed import World, current_world, use_sync_batchnorm
 from cnnlab.errors import TrainingError, UserError, warn
 from cnnlab.modelinfo import count_params, flops_per_image
 from cnnlab.models import get_model
@@ -157,11 +158,13 @@ def train_one_epoch(
     *,
     progress: EpochProgress | None = None,
     stop: StopSignals | None = None,
+    world: World | None = None,
 ) -> dict[str, float]:
     """Train over ``batches``, adding into ``progress`` (the epoch so far; a fresh one if None).
 
     ``progress`` is complete after every batch, so when ``stop`` raises between batches it holds
-    exactly what a checkpoint needs to continue the epoch later.
+    exactly what a checkpoint needs to continue the epoch later. Under torchrun (``world``) the
+    returned figures are summed over every rank's shard.
     """
     model.train()
     progress = progress if progress is not None else EpochProgress().to(runtime.device)
@@ -196,13 +199,18 @@ def train_one_epoch(
                 stop.check()
     finally:
         progress.seconds += time.perf_counter() - start
-    seen = max(progress.seen, 1)
-    return {  # the epoch's one read-back
-        "loss": progress.loss_sum.item() / seen,
-        "acc": progress.correct.item() / seen,
-        "examples": progress.seen,
-        "seconds": progress.seconds,
-    }
+    loss_sum, correct, seen = _totals(progress.loss_sum, progress.correct, progress.seen, world)  # the one read-back
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "examples": seen, "seconds": progress.seconds}
+
+
+def _totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, world: World | None) -> tuple[float, int, int]:
+    """(loss sum, correct, seen) as numbers, summed over the ranks under torchrun (one collective)."""
+    if world is None or not world.distributed:
+        return loss_sum.item(), int(correct.item()), seen
+    local = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), dtype=torch.float64,
+                                                                            device=loss_sum.device)])
+    total_loss, total_correct, total_seen = world.sum(local).tolist()
+    return total_loss, round(total_correct), round(total_seen)
 
 
 @torch.no_grad()
@@ -211,8 +219,10 @@ def evaluate(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     runtime: Runtime,
     stop: StopSignals | None = None,
+    world: World | None = None,
 ) -> dict[str, float]:
-    """Mean cross-entropy (without label smoothing) and accuracy over ``batches``."""
+    """Mean cross-entropy (without label smoothing) and accuracy over ``batches`` (summed over the
+    ranks' shards under torchrun)."""
     model.eval()
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), device=runtime.device, dtype=torch.long)
@@ -225,7 +235,8 @@ def evaluate(
         seen += len(y)
         if stop is not None:
             stop.check()
-    return {"loss": loss_sum.item() / max(seen, 1), "acc": correct.item() / max(seen, 1)}
+    loss_total, correct_total, seen = _totals(loss_sum, correct, seen, world)
+    return {"loss": loss_total / max(seen, 1), "acc": correct_total / max(seen, 1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +300,8 @@ class Session:
     order: torch.Generator  # the data order (shuffling) generator
     flops: int
     threads: int
+    world: World = field(default_factory=World)
+    sync_bn: bool = False
 
     @property
     def generators(self) -> dict[str, torch.Generator | None]:
@@ -336,21 +349,41 @@ def resolve_threads(threads: int | None) -> int:
 
 
 def prepare(cfg: Config) -> Session:
-    """Runtime, data, model, loss, optimiser and schedule for ``cfg``. Bad input raises ``UserError``."""
+    """Runtime, data, model, loss, optimiser and schedule for ``cfg``. Bad input raises ``UserError``.
+
+    Under torchrun this process joins the group here and its model is wrapped in
+    DistributedDataParallel (``forward``); ``model`` stays the plain module that checkpoints hold.
+    """
+    world = join_world(cfg)
     threads = resolve_threads(cfg.train.threads)
-    runtime = make_runtime(cfg.train.device, cfg.train.precision)
+    runtime = make_runtime(world.device_name(cfg.train.device), cfg.train.precision)
     data = load_data(cfg.data, cfg.seed, runtime.device, channels_last=cfg.train.channels_last)
     model = build_model(cfg, runtime)
     check_model(model, cfg, data)
     flops = flops_per_image(model)
-    forward = torch.compile(model) if cfg.train.compile else model
+    model, sync_bn = use_sync_batchnorm(model, cfg.train.sync_bn, world, runtime.device)
+    parallel = model
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        parallel = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    forward = torch.compile(parallel) if cfg.train.compile else parallel
     optimizer = make_optimizer(model, cfg.optim)
     steps_per_epoch = data.num_batches("train", cfg.train.batch_size, shuffle=True)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
     return Session(
         cfg, runtime, data, model, forward, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), optimizer,
-        scheduler, steps_per_epoch, torch.Generator().manual_seed(cfg.seed), flops, threads,
+        scheduler, steps_per_epoch, torch.Generator().manual_seed(cfg.seed), flops, threads, world, sync_bn,
     )
+
+
+def join_world(cfg: Config) -> World:
+    """This process's torchrun group (a world of one for a plain run), joined for ``cfg``'s device."""
+    world = current_world()
+    if world.distributed:
+        world.check_batch_size(cfg.train.batch_size)
+        world.join(resolve_device(world.device_name(cfg.train.device)).type)
+    return world
 
 
 def describe_run(session: Session, run: RunDir) -> RunSummary:
@@ -376,6 +409,9 @@ def describe_run(session: Session, run: RunDir) -> RunSummary:
         device_name=runtime.device_name,
         precision=runtime.precision,
         threads=session.threads,
+        world_size=session.world.size,
+        backend=session.world.backend,
+        sync_bn=session.sync_bn if session.world.distributed else None,
         torch_version=str(torch.__version__),
         git_commit=git_commit(),
         pid=os.getpid(),
@@ -398,7 +434,10 @@ def fit(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -
     with StopSignals() as stop:
         session = prepare(cfg)
         stop.check()  # asked to stop while setting up: leave before anything is written
-        run = RunDir.create(cfg.output.dir, cfg.name)
+        world = session.world
+        run = RunDir.create(cfg.output.dir, cfg.name) if world.is_main else None
+        path = world.broadcast(str(run.path) if run is not None else None)
+        run = run or RunDir(Path(path), writer=False)
         run.lock()
         run.write_config(dump_config(cfg))
         summary = describe_run(session, run)
@@ -421,6 +460,8 @@ def train(
     was made, so that no moment of a run's life is left to the default, unrecorded death by signal.
     """
     cfg, data, runtime, model, optimizer = session.cfg, session.data, session.runtime, session.model, session.optimizer
+    world = session.world
+    reporter = for_rank(reporter, world)
     reporter.start_run(cfg.name, run.path, cfg.train.epochs, resumed=state.epoch + (state.current is not None) > 0)
     wall_before = state.wall_seconds  # time spent in earlier sessions of a resumed run, as its checkpoint says
     run.metrics = state.metrics
@@ -434,16 +475,18 @@ def train(
             session.order.set_state(progress.order_state)  # the epoch's permutation, drawn again on resume
             reporter.start_epoch(epoch, session.steps_per_epoch, done=progress.batches)
             epoch_start = time.perf_counter() - progress.seconds
-            batches = data.batches("train", cfg.train.batch_size, shuffle=True, generator=session.order,
-                                   skip=progress.batches)
+            batches = world.shard(data.batches("train", cfg.train.batch_size, shuffle=True, generator=session.order,
+                                               skip=progress.batches))
             train_metrics = train_one_epoch(session.forward, batches, optimizer, session.scheduler, session.loss_fn,
-                                            runtime, cfg.train.grad_clip, reporter, progress=progress, stop=stop)
+                                            runtime, cfg.train.grad_clip, reporter, progress=progress, stop=stop,
+                                            world=world)
             if not math.isfinite(train_metrics["loss"]):
                 raise TrainingError(
                     f"the training loss diverged ({train_metrics['loss']}) in epoch {epoch}; lower optim.lr "
                     f"(now {cfg.optim.lr}) or set train.grad_clip"
                 )
-            val = evaluate(session.forward, data.batches(data.eval_split_name, cfg.train.eval_batch_size), runtime, stop)
+            val = evaluate(session.forward, world.shard(data.batches(data.eval_split_name, cfg.train.eval_batch_size)),
+                           runtime, stop, world)
             row = {
                 "epoch": epoch,
                 "train_loss": train_metrics["loss"],
@@ -464,16 +507,17 @@ def train(
             if cfg.train.patience and epoch - max(state.best_epoch, state.patience_start) >= cfg.train.patience:
                 state.stopped_early = True
             state.wall_seconds = wall_before + time.perf_counter() - wall_start
-            if cfg.output.checkpoints:
+            if cfg.output.checkpoints and run.writer:
                 run.save_checkpoint(session.checkpoint(state), *(("best", "last") if is_best else ("last",)))
             reporter.end_epoch(row, is_best=is_best)
             if state.stopped_early:
                 reporter.message(f"early stop: no better {data.eval_split_name} accuracy for {cfg.train.patience} epochs")
 
         if cfg.output.checkpoints:
-            best = Checkpoint.load(run.checkpoint_dir / "best.pt", runtime.device)
-            model.load_state_dict(best.model)
-        test = evaluate(model, data.batches("test", cfg.train.eval_batch_size), runtime, stop)
+            if run.writer:
+                model.load_state_dict(Checkpoint.load(run.checkpoint_dir / "best.pt", runtime.device).model)
+            world.broadcast_module(model)  # the other ranks test the same weights without reading the folder
+        test = evaluate(model, world.shard(data.batches("test", cfg.train.eval_batch_size)), runtime, stop, world)
         summary.test_acc, summary.test_loss = test["acc"], test["loss"]
         summary.test_checkpoint = "best" if cfg.output.checkpoints else "last"
         final = run.metrics[-1]
@@ -489,8 +533,10 @@ def train(
         summary.run_dir = str(run.path)
         run.write_summary(summary)
         _draw_curves(run)
+        world.barrier()  # under torchrun the others wait for rank 0's files, then all leave the group together
+        world.leave()
     except BaseException as err:
-        _record_ending(err, session, run, state, summary, wall_before + time.perf_counter() - wall_start)
+        _record_ending(err, session, run, state, summary, wall_before + time.perf_counter() - wall_start, stop)
         reporter.finish(summary.to_dict(), run.path)
         raise
     finally:
@@ -499,10 +545,16 @@ def train(
     return summary.to_dict()
 
 
-def _record_ending(
-    err: BaseException, session: Session, run: RunDir, state: TrainState, summary: RunSummary, wall_seconds: float
-) -> None:
-    """Write down how a run ended early: status, error, where it stopped; checkpoint a graceful stop."""
+def _record_ending(err: BaseException, session: Session, run: RunDir, state: TrainState, summary: RunSummary,
+                   wall_seconds: float, stop: StopSignals) -> None:
+    """Write down how a run ended early: status, error, where it stopped; checkpoint a graceful stop.
+
+    Under torchrun a signal reaches the ranks at different batches, and a rank whose peers left
+    sees its collective fail: the run is then ``interrupted`` (by the signal this rank received)
+    and continues from the last epoch's checkpoint, the only state every rank agreed on.
+    """
+    if stop.requested is not None and session.world.distributed and not isinstance(err, (Interrupted, KeyboardInterrupt)):
+        err = Interrupted(stop.requested)
     interrupted = isinstance(err, (Interrupted, KeyboardInterrupt))
     summary.status = "interrupted" if interrupted else "failed"
     summary.error = "interrupted (Ctrl-C)" if isinstance(err, KeyboardInterrupt) else \
@@ -517,7 +569,7 @@ def _record_ending(
         summary.best_epoch, summary.best_val_acc = state.best_epoch, state.best_acc
     state.wall_seconds = wall_seconds
     try:
-        if isinstance(err, Interrupted) and session.cfg.output.checkpoints:
+        if isinstance(err, Interrupted) and session.cfg.output.checkpoints and not session.world.distributed:
             # Stopped between batches: everything agrees, so resume can continue from this very batch.
             run.save_checkpoint(session.checkpoint(state), "last")
         run.write_summary(summary)
@@ -527,7 +579,14 @@ def _record_ending(
         warn(f"could not record the ending in {run.path}: {type(second).__name__}: {second}")
 
 
+def for_rank(reporter: Reporter, world: World) -> Reporter:
+    """Under torchrun only rank 0 reports (prints, tells a launcher); the others train in silence."""
+    return reporter if world.is_main else Reporter(enabled=False)
+
+
 def _draw_curves(run: RunDir) -> None:
+    if not run.writer:
+        return
     from cnnlab.plots import plot_curves  # matplotlib is slow to import; only load it when drawing
 
     plot_curves(run.path / "metrics.csv", run.path / "curves.png")

@@ -234,6 +234,9 @@ class RunSummary(BaseModel):
     device_name: str | None = None
     precision: str | None = None
     threads: int | None = None
+    world_size: int = Field(1, ge=1, le=2**31 - 1)  # processes training this run together (torchrun); 1 for a plain `cnnlab run`
+    backend: str | None = None  # their collective backend: nccl (GPUs) or gloo (CPUs)
+    sync_bn: bool | None = None  # whether BatchNorm statistics were synchronised over the processes
     torch_version: str | None = None
     git_commit: str | None = None
     pid: int | None = Field(None, ge=1, le=2**31 - 1)
@@ -384,6 +387,7 @@ class RunDir:
     path: Path
     metrics: list[dict[str, Any]] = field(default_factory=list)
     _lock: Any = None
+    writer: bool = True  # False on torchrun's other ranks: they train with the folder, only rank 0 writes it
 
     @classmethod
     def create(cls, results_root: Path, name: str) -> RunDir:
@@ -413,6 +417,8 @@ class RunDir:
 
     def lock(self) -> None:
         """Hold ``.lock`` for as long as this process lives; a ``UserError`` if another process holds it."""
+        if not self.writer:
+            return
         lock_path = self.path / LOCK_FILE
         if lock_path.exists() and (lock_path.is_symlink() or not lock_path.is_file()):
             raise UserError(f"{lock_path}: not a regular file; remove it (cnnlab makes a new one)")
@@ -442,18 +448,25 @@ class RunDir:
             self._lock = None
 
     def write_config(self, yaml_text: str) -> None:
-        atomic_write_text(self.path / "config.yaml", yaml_text)
+        if self.writer:
+            atomic_write_text(self.path / "config.yaml", yaml_text)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         self.metrics.append(row)
-        write_metrics_csv(self.path / "metrics.csv", self.metrics)
+        self.write_metrics()
+
+    def write_metrics(self) -> None:
+        if self.writer:
+            write_metrics_csv(self.path / "metrics.csv", self.metrics)
 
     def write_summary(self, summary: RunSummary) -> None:
-        atomic_write_text(self.path / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+        if self.writer:
+            atomic_write_text(self.path / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
 
     def save_checkpoint(self, checkpoint: Checkpoint, *names: str) -> None:
         """``checkpoint`` as ``checkpoints/<name>.pt`` for each name (serialised once)."""
-        checkpoint.save(*(self.checkpoint_dir / f"{name}.pt" for name in names))
+        if self.writer:
+            checkpoint.save(*(self.checkpoint_dir / f"{name}.pt" for name in names))
 
 
 LOCK_FILE = ".lock"

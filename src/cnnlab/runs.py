@@ -219,9 +219,10 @@ def resume(
         if opened.state == "completed":  # extended: it trains on, and patience counts afresh
             state.stopped_early, state.patience_start = False, done
         stop.check()
-        run = RunDir(run_dir)
+        session.world.barrier()  # under torchrun: every rank has read the folder before rank 0 writes to it
+        run = RunDir(run_dir, writer=session.world.is_main)
         run.lock()
-        if read_summary(run_dir / "summary.json") != opened.summary:  # another resume got here first
+        if run.writer and read_summary(run_dir / "summary.json") != opened.summary:  # another resume got here first
             run.unlock()
             raise UserError(f"{run_dir} changed while this resume was starting (another process resumed it); "
                             "look at it again before resuming")
@@ -243,13 +244,14 @@ def check_same_data(data: Data, summary: RunSummary, run_dir: Path) -> None:
 def _continue(run: RunDir, session: Session, state: TrainState, opened: OpenedRun, cfg: Config, done: int,
               total: int, reporter: Reporter, wall_start: float, stop: StopSignals) -> dict[str, Any]:
     """Rewrite the folder's config, metrics and summary for the resumed run, then train (holding its lock)."""
-    from cnnlab.engine import describe_run, train
-    from cnnlab.results import write_metrics_csv
+    from cnnlab.engine import describe_run, for_rank, train
 
     run_dir, summary = run.path, opened.summary
+    reporter = for_rank(reporter, session.world)
     if cfg != opened.cfg:
         run.write_config(dump_config(cfg))
-    write_metrics_csv(run_dir / "metrics.csv", state.metrics)  # rows past the checkpoint are redone
+    run.metrics = state.metrics
+    run.write_metrics()  # rows past the checkpoint are redone
     fresh = describe_run(session, run)
     resumed = summary.model_copy(update={k: getattr(fresh, k) for k in (
         "status", "epochs", "device", "device_name", "precision", "threads", "torch_version", "git_commit", "pid",
@@ -299,9 +301,10 @@ def find_resumable(cfg: Config) -> Path | None:
 
 def run_or_resume(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
     """``cnnlab run CONFIG --resume auto``: continue the newest unfinished run of this config, or start one."""
-    from cnnlab.engine import fit
+    from cnnlab.engine import fit, join_world
 
-    previous = find_resumable(cfg)
+    world = join_world(cfg)  # under torchrun, rank 0 decides for every rank
+    previous = world.broadcast(find_resumable(cfg) if world.is_main else None)
     if previous is None:
         return fit(cfg, quiet=quiet, reporter=reporter)
     return resume(previous, device=cfg.train.device, quiet=quiet, reporter=reporter, trust_code=True)

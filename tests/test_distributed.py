@@ -1,0 +1,145 @@
+"""One run on several processes: torchrun with gloo on the CPU, on tiny data (real processes, real
+collectives), against the same run in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab.distributed import World
+from cnnlab.errors import UserError
+from cnnlab.results import read_metrics_csv
+
+from conftest import write_dataset
+
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def write_config(tmp_path: Path, data: Path, name: str, epochs: int, batch_size: int = 64) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"extends: {CONFIGS / 'lenet.yaml'}\nname: {name}\n"
+        f"data: {{root: {data}, check_counts: false, val_size: 100}}\n"
+        f"train: {{epochs: {epochs}, batch_size: {batch_size}, device: cpu}}\n"
+        "model: {activation: relu}\noptim: {lr: 0.1}\n"
+        f"output: {{dir: {tmp_path / 'results'}}}\n"
+    )
+    return path
+
+
+def torchrun(*args: str, **popen: object) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([TORCHRUN, "--standalone", "--nproc-per-node", "2", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def only_run(results: Path, name: str) -> Path:
+    [run_dir] = (results / name).iterdir()
+    return run_dir
+
+
+def test_two_processes_train_one_run_like_one_process(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=800, n_test=200)
+    config = write_config(tmp_path, data, "ddp", epochs=3)
+    process = torchrun("-m", "cnnlab", "run", str(config), "--quiet")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    assert output.count("done: test acc") == 1  # only rank 0 speaks
+    ddp_run = only_run(tmp_path / "results", "ddp")  # one folder, written by rank 0 only
+    summary = json.loads((ddp_run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["backend"] == "gloo"
+    assert summary["sync_bn"] is False  # PyTorch has no SyncBatchNorm on the CPU
+    assert summary["train_size"] == 700 and {p.name for p in (ddp_run / "checkpoints").iterdir()} >= {"best.pt", "last.pt"}
+
+    single = subprocess.run([sys.executable, "-m", "cnnlab", "run", str(config), "--quiet", "--results",
+                             str(tmp_path / "single")], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    one = read_metrics_csv(only_run(tmp_path / "single", "ddp") / "metrics.csv")
+    two = read_metrics_csv(ddp_run / "metrics.csv")
+    assert [r["epoch"] for r in two] == [r["epoch"] for r in one] == [1, 2, 3]
+    # The same global batches, gradients averaged over two halves: the same training up to float
+    # rounding (the sums run in another order), not merely "within noise".
+    for a, b in zip(one, two):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert abs(a[key] - b[key]) < 2e-3, (key, a, b)
+    single_summary = json.loads((only_run(tmp_path / "single", "ddp") / "summary.json").read_text())
+    assert abs(single_summary["test_acc"] - summary["test_acc"]) < 0.02
+    assert single_summary["world_size"] == 1
+
+
+def worker_pids(parent: int, rank: int) -> list[int]:
+    """torchrun's workers of ``rank`` (its children, told apart by the RANK torchrun gave them)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_a_killed_worker_restarts_with_the_others_and_continues_from_the_checkpoint(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=3000, n_test=200)
+    config = write_config(tmp_path, data, "restart", epochs=10)
+    process = torchrun("--max-restarts", "1", "-m", "cnnlab", "run", str(config), "--quiet", "--resume", "auto")
+    metrics, killed = tmp_path / "results" / "restart", None
+    deadline = time.monotonic() + 240
+    while process.poll() is None and killed is None and time.monotonic() < deadline:
+        files = list(metrics.glob("*/metrics.csv"))
+        if files and len(files[0].read_text().splitlines()) >= 3:  # two epochs done and checkpointed
+            workers = worker_pids(process.pid, rank=1)
+            if workers:
+                os.kill(workers[0], signal.SIGKILL)
+                killed = workers[0]
+        time.sleep(0.02)
+    output, _ = process.communicate(timeout=300)
+    assert killed is not None, f"the run ended before a worker could be killed:\n{output}"
+    assert process.returncode == 0, output
+    run_dir = only_run(tmp_path / "results", "restart")  # continued in its own folder, not started anew
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 10
+    [resumed] = summary["resumes"]
+    assert resumed["from_status"] in ("failed", "interrupted", "stale") and resumed["from_epoch"] >= 2
+    assert [r["epoch"] for r in read_metrics_csv(run_dir / "metrics.csv")] == list(range(1, 11))
+    assert f"resuming {run_dir}" in output
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=400, n_test=100)
+    config = write_config(tmp_path, data, "uneven", epochs=1, batch_size=63)
+    process = torchrun("-m", "cnnlab", "run", str(config), "--quiet")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    # One message from cnnlab (before torchrun's own traceback of a failed child)
+    assert "train.batch_size: 63 images cannot be split evenly over 2 processes" in output.split("Traceback")[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_world_of_one_changes_nothing_and_shards_cover_each_batch():
+    x, y = torch.arange(10.0).reshape(5, 2), torch.arange(5)
+    assert list(World().shard([(x, y)]))[0][0] is x
+    shards = [next(World(rank=r, size=2).shard([(x, y)])) for r in (0, 1)]
+    assert torch.equal(torch.cat([s[1] for s in shards]), y)  # every image in exactly one shard
+    assert World().sum(torch.ones(2)).tolist() == [1.0, 1.0]
+    assert World().broadcast("x") == "x"
+    with pytest.raises(UserError, match="multiple of 4"):
+        World(rank=0, size=4).check_batch_size(30)
+    with pytest.raises(UserError, match="local rank"):
+        World(rank=1, size=2).device_name("cuda:1")
+    assert World(rank=1, size=2, local_rank=1).device_name("cpu") == "cpu"
