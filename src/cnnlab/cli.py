@@ -47,6 +47,14 @@ TrustCodeOption = Annotated[
     bool, typer.Option("--trust-code", help="Allow a run whose config names a Python model (module:function) to "
                                             "import that module. Only for runs from people you trust.")
 ]
+AddressOption = Annotated[
+    Optional[str], typer.Option(help="Ray cluster: auto (on one of its nodes) or ray://HEAD:10001; default: a Ray "
+                                     "instance started on this machine for the command.")
+]
+GpusOption = Annotated[Optional[float], typer.Option(
+    "--gpus-per-trial", min=0, help="GPUs each trial gets on Ray (default: 1 where the cluster has GPUs, else 0).")]
+CpusOption = Annotated[Optional[float], typer.Option(
+    "--cpus-per-trial", min=0.01, help="CPUs each trial gets on Ray (default: the CPUs divided among the trials).")]
 DownloadOption = Annotated[
     bool, typer.Option("--download", help="Fetch Fashion-MNIST through torchvision if no local copy is found.")
 ]
@@ -191,11 +199,17 @@ def sweep(
     target: Annotated[Path, typer.Argument(help="A folder of configs (every *.yaml) or a sweep file (base/grid/seeds).",
                                            show_default=False)],
     set_: SetOption = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Trials run at once, as separate processes.")] = 1,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Trials run at once (default: 1 locally; on Ray "
+                                                                 "as many as the cluster holds).")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Run every trial with each seed: --seeds 0,1,2.")] = None,
     results: Annotated[Optional[Path], typer.Option(help="Results folder (default: the configs' output.dir).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun trials that already completed.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="A line per trial instead of live progress.")] = False,
+    launcher: Annotated[str, typer.Option(help="local: trials as processes on this machine; ray: as Ray tasks "
+                                                "(pip install 'cnnlab[ray]').")] = "local",
+    address: AddressOption = None,
+    gpus_per_trial: GpusOption = None,
+    cpus_per_trial: CpusOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Run a family of experiments and compare them: summary.csv, summary.md, curves.png, bars.png.
@@ -205,10 +219,15 @@ def sweep(
     """
     with cli_errors(debug, trains=True):
         from cnnlab.compare import aggregate
-        from cnnlab.sweep import run_sweep
+        from cnnlab.sweep import RayOptions, run_sweep
 
+        if launcher not in ("local", "ray"):
+            raise UserError(f"--launcher {launcher!r}: choose local or ray")
+        if launcher == "local" and (address or gpus_per_trial is not None or cpus_per_trial is not None):
+            raise UserError("--address, --gpus-per-trial and --cpus-per-trial are for --launcher ray")
+        ray = RayOptions(address, gpus_per_trial, cpus_per_trial) if launcher == "ray" else None
         outcome = run_sweep(
-            target, set_, jobs=jobs, seeds=parse_seeds(seeds), results=results, force=force, quiet=quiet
+            target, set_, jobs=jobs, seeds=parse_seeds(seeds), results=results, force=force, quiet=quiet, ray=ray
         )
         print_table(aggregate(outcome.rows))
         out.print(f"sweep results: {outcome.folder}")

@@ -384,27 +384,38 @@ def trial_row(trial: Trial) -> dict[str, Any]:
     return row
 
 
+@dataclass
+class RayOptions:
+    """Where and with what a sweep's trials run on Ray (``--launcher ray``)."""
+
+    address: str | None = None  # None: an embedded Ray instance on this machine; auto, or ray://HEAD:10001
+    gpus_per_trial: float | None = None  # None: 1 where the cluster has GPUs, else 0
+    cpus_per_trial: float | None = None  # None: the CPUs divided among the trials that run at once
+    ship_runs: bool | None = None  # None: ship run folders back only when the driver's storage is not shared
+
+
 def run_sweep(
     target: Path,
     overrides: list[str] | None = None,
     *,
-    jobs: int = 1,
+    jobs: int | None = None,
     seeds: list[int] | None = None,
     results: Path | None = None,
     force: bool = False,
     quiet: bool = False,
+    ray: RayOptions | None = None,
 ) -> SweepOutcome:
-    """Run every trial of ``target``; returns the sweep folder, one row per trial, and the signal that
-    stopped the sweep, if one did."""
+    """Run every trial of ``target`` (on Ray when ``ray`` is given, else as local processes);
+    returns the sweep folder, one row per trial, and the signal that stopped the sweep, if one did."""
     if not Path(target).exists():
         raise UserError(f"sweep target not found: {target}; give a folder of configs or a sweep file")
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         raise UserError("--jobs must be at least 1")
     if results is not None:
         check_output_dir(Path(results).expanduser(), "--results")
     name, trials = expand(Path(target), list(overrides or []), seeds)
     root = Path(results).expanduser() if results is not None else None
-    sweep_root = (root or _results_root(trials)) / "sweeps" / sanitize_name(name)
+    sweep_root = ((root or _results_root(trials)) / "sweeps" / sanitize_name(name)).absolute()
     check_output_dir(sweep_root, "results folder")
     for trial in trials:
         if trial.config is not None:
@@ -414,6 +425,41 @@ def run_sweep(
             previous = None if force else finished_run(trial)
             if previous is not None:
                 trial.status, trial.run_dir = "skipped", previous
+    pending = sum(t.status == "pending" for t in trials)
+    with contextlib.ExitStack() as stack:
+        if ray is not None:
+            from cnnlab.cluster import RayLauncher, ray_session, trial_resources
+
+            stack.enter_context(ray_session(ray.address, "--launcher ray"))
+            cpus, gpus, jobs = trial_resources(ray.gpus_per_trial, ray.cpus_per_trial, jobs, pending)
+            where = f"on Ray ({cpus:g} CPU, {gpus:g} GPU per trial)"
+        else:
+            jobs = jobs or 1
+            where = "as local processes"
+        sweep_dir = _new_sweep_dir(sweep_root)
+        console = SafeConsole()
+        skipped = sum(t.status == "skipped" for t in trials)
+        console.print(
+            f"sweep {name}: {len(trials)} trials ({skipped} done before, {sum(t.status == 'failed' for t in trials)} "
+            f"invalid), {jobs} at a time {where} -> {sweep_dir}", soft_wrap=True,
+        )
+        for trial in trials:
+            if trial.status == "failed":
+                console.print(f"FAILED {trial.label}: {trial.error}", soft_wrap=True)
+        launcher = RayLauncher(sweep_dir, sweep_root / "runs", ray.address, cpus, gpus, ray.ship_runs) if ray is not None \
+            else LocalLauncher(sweep_dir, jobs)
+        with SweepDisplay(console, live=not quiet and console.is_terminal) as display, launcher, \
+                Runner(sweep_dir, launcher, jobs, display) as runner:
+            runner.run_all(trials)
+            rows = [trial_row(t) for t in trials]
+            write_sweep_files(sweep_dir, rows, list(dict.fromkeys(k for t in trials for k in t.swept)))
+    if runner.stop_signal is not None:
+        console.print(f"sweep stopped by {signal_name(runner.stop_signal)}; rerun the same command to resume it",
+                      soft_wrap=True)
+    return SweepOutcome(sweep_dir, rows, runner.stop_signal)
+
+
+def _new_sweep_dir(sweep_root: Path) -> Path:
     sweep_dir = sweep_root / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     while sweep_dir.exists():
         sweep_dir = sweep_dir.with_name(sweep_dir.name + "-1")
@@ -421,24 +467,7 @@ def run_sweep(
         (sweep_dir / "logs").mkdir(parents=True)
     except OSError as err:
         raise UserError(f"cannot create the sweep folder {sweep_dir}: {err.strerror}; choose another with --results") from None
-    console = SafeConsole()
-    skipped = sum(t.status == "skipped" for t in trials)
-    console.print(
-        f"sweep {name}: {len(trials)} trials ({skipped} done before, {sum(t.status == 'failed' for t in trials)} "
-        f"invalid), {jobs} at a time -> {sweep_dir}", soft_wrap=True,
-    )
-    for trial in trials:
-        if trial.status == "failed":
-            console.print(f"FAILED {trial.label}: {trial.error}", soft_wrap=True)
-    with SweepDisplay(console, live=not quiet and console.is_terminal) as display, LocalLauncher(sweep_dir, jobs) as launcher, \
-            Runner(sweep_dir, launcher, jobs, display) as runner:
-        runner.run_all(trials)
-        rows = [trial_row(t) for t in trials]
-        write_sweep_files(sweep_dir, rows, list(dict.fromkeys(k for t in trials for k in t.swept)))
-    if runner.stop_signal is not None:
-        console.print(f"sweep stopped by {signal_name(runner.stop_signal)}; rerun the same command to resume it",
-                      soft_wrap=True)
-    return SweepOutcome(sweep_dir, rows, runner.stop_signal)
+    return sweep_dir
 
 
 @dataclass

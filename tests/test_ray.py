@@ -1,0 +1,169 @@
+"""Sweeps on Ray: a real local Ray cluster (``ray start``) that the tests start and stop."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'cnnlab[ray]')")
+
+from cnnlab.cli import app  # noqa: E402
+from cnnlab.cluster import pack_run, unpack_run  # noqa: E402
+from cnnlab.errors import UserError  # noqa: E402
+from cnnlab.results import Checkpoint, read_summary  # noqa: E402
+from cnnlab.sweep import RayOptions, run_sweep  # noqa: E402
+
+RAY = str(Path(sys.executable).parent / "ray")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+runner = CliRunner()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A one-node Ray cluster with 2 CPUs, started with `ray start` and stopped after the tests;
+    cnnlab finds it with `--address auto`, as on a cluster's node."""
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    started = subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+                              "--include-dashboard=false", "--disable-usage-stats"],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield "auto"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def family(tmp_path: Path, data: Path) -> Path:
+    folder = tmp_path / "family"
+    folder.mkdir()
+    common = (f"extends: {CONFIGS / 'lenet.yaml'}\ndata: {{root: {data}, check_counts: false, val_size: 100}}\n"
+              "train: {epochs: 2, batch_size: 64, device: cpu}\nmodel: {activation: relu}\noptim: {lr: 0.1}\n")
+    (folder / "small.yaml").write_text(common + "model: {activation: relu, channels: [4, 8]}\n")
+    (folder / "wide.yaml").write_text(common + "model: {activation: relu, channels: [8, 16]}\n")
+    # A valid config whose trial fails at run time (no data there): recorded, the others finish.
+    (folder / "nodata.yaml").write_text(common.replace(str(data), str(tmp_path / "missing")))
+    return folder
+
+
+def summary_rows(sweep_folder: Path) -> dict[str, dict[str, str]]:
+    [sweep_dir] = sweep_folder.glob("2*")
+    with open(sweep_dir / "summary.csv") as handle:
+        return {row["name"]: row for row in csv.DictReader(handle)}
+
+
+def test_ray_sweep_gives_the_local_launchers_rows_and_records_a_failing_trial(tmp_path, tiny_data, ray_cluster):
+    folder = family(tmp_path, tiny_data)
+    local = runner.invoke(app, ["sweep", str(folder), "--results", str(tmp_path / "local"), "--jobs", "2", "--quiet"])
+    assert local.exit_code == 1, local.output  # the failing trial
+    on_ray = runner.invoke(app, ["sweep", str(folder), "--results", str(tmp_path / "ray"), "--launcher", "ray",
+                                 "--address", ray_cluster, "--jobs", "2", "--quiet"])
+    assert on_ray.exit_code == 1, on_ray.output
+    assert "2 at a time on Ray (1 CPU, 0 GPU per trial)" in on_ray.output
+    local_rows = summary_rows(tmp_path / "local" / "sweeps" / "family")
+    ray_rows = summary_rows(tmp_path / "ray" / "sweeps" / "family")
+    assert set(ray_rows) == set(local_rows) == {"small", "wide", "nodata"}
+    assert ray_rows["nodata"]["status"] == "failed" and "missing" in ray_rows["nodata"]["error"]
+    for name in ("small", "wide"):
+        assert ray_rows[name]["status"] == local_rows[name]["status"] == "completed"
+        for column in ("train_loss", "train_acc", "val_acc", "test_acc", "params"):  # one thread each: same numbers
+            assert float(ray_rows[name][column]) == pytest.approx(float(local_rows[name][column]), abs=1e-6), column
+        [sweep_dir] = (tmp_path / "ray" / "sweeps" / "family").glob("2*")
+        assert (sweep_dir / ray_rows[name]["run_dir"] / "checkpoints" / "best.pt").is_file()
+    # A rerun on Ray skips what completed, as the local launcher does.
+    again = runner.invoke(app, ["sweep", str(folder), "--results", str(tmp_path / "ray"), "--launcher", "ray",
+                                "--address", ray_cluster, "--quiet"])
+    assert "3 trials (2 done before" in again.output
+
+
+def test_without_shared_storage_run_folders_come_back_as_archives(tmp_path, tiny_overrides, ray_cluster):
+    sweep_file = tmp_path / "lr.yaml"
+    sweep_file.write_text(f"base: {CONFIGS / 'lenet.yaml'}\ngrid: {{optim.lr: [0.1]}}\n")
+    outcome = run_sweep(sweep_file, [*tiny_overrides, "model.activation=relu"], results=tmp_path / "results", quiet=True,
+                        ray=RayOptions(address=ray_cluster, ship_runs=True))
+    [row] = outcome.rows
+    assert row["status"] == "completed", row
+    run_dir = Path(row["run_dir"])
+    assert run_dir.parent.parent == (tmp_path / "results" / "sweeps" / "lr" / "runs").absolute()
+    summary = read_summary(run_dir / "summary.json")
+    assert summary.run_dir == str(run_dir) and summary.test_acc > 0.5
+    assert Checkpoint.load(run_dir / "checkpoints" / "best.pt").epoch == summary.best_epoch
+    assert not (run_dir / ".lock").exists()
+
+
+def archive(entries: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for info, data in entries:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name,kind", [("../escape.txt", tarfile.REGTYPE), ("/etc/evil", tarfile.REGTYPE),
+                                       ("link", tarfile.SYMTYPE), ("fifo", tarfile.FIFOTYPE)])
+def test_a_shipped_folder_that_reaches_outside_is_refused_and_nothing_is_left(tmp_path, name, kind):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    if kind == tarfile.SYMTYPE:
+        info.linkname = "/etc/passwd"
+    payload = archive([(tarfile.TarInfo("summary.json"), b"{}"), (info, b"x" if kind == tarfile.REGTYPE else b"")])
+    target = tmp_path / "runs" / "lenet" / "20261128T000000Z-abcdef"
+    target.parent.mkdir(parents=True)
+    with pytest.raises(UserError, match="not a plain file inside the folder"):
+        unpack_run(payload, target)
+    assert list(target.parent.iterdir()) == [] and not (tmp_path / "escape.txt").exists()
+
+
+def test_pack_and_unpack_keep_a_run_folder(trained, tmp_path):
+    run_dir, _ = trained
+    copy = tmp_path / "copy" / run_dir.name
+    unpack_run(pack_run(run_dir), copy)
+    originals = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock")
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file()) == originals
+    assert json.loads((copy / "summary.json").read_text()) == json.loads((run_dir / "summary.json").read_text())
+    with pytest.raises(UserError, match="already exists"):
+        unpack_run(pack_run(run_dir), copy)
+    with pytest.raises(UserError, match="cannot be unpacked"):
+        unpack_run(b"not an archive", tmp_path / "copy" / "other")
+
+
+def test_asking_for_more_than_the_cluster_has_is_refused_before_anything_runs(tmp_path, tiny_data, ray_cluster):
+    folder = family(tmp_path, tiny_data)
+    result = runner.invoke(app, ["sweep", str(folder), "--results", str(tmp_path / "results"), "--launcher", "ray",
+                                 "--address", ray_cluster, "--gpus-per-trial", "1"])
+    assert result.exit_code == 2
+    assert "--gpus-per-trial 1: no node of this Ray cluster has that many GPUs" in result.output
+    assert not list((tmp_path / "results").rglob("summary.json"))
+    bad = runner.invoke(app, ["sweep", str(folder), "--address", "auto"])
+    assert bad.exit_code == 2 and "are for --launcher ray" in bad.output
+
+
+def test_without_ray_installed_the_command_says_how_to_install_it(tmp_path, tiny_data):
+    blocker = tmp_path / "noray"
+    (blocker / "ray").mkdir(parents=True)
+    (blocker / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    folder = family(tmp_path, tiny_data)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "sweep", str(folder), "--launcher", "ray", "--results",
+                             str(tmp_path / "results")], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "needs Ray, which is not installed; install it with: pip install 'cnnlab[ray]'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "results").exists()
