@@ -240,6 +240,45 @@ def sweep(
 
 
 @app.command()
+def tune(
+    space: Annotated[Path, typer.Argument(help="A search space file: base config, metric, trials and a distribution per "
+                                               "key, e.g. configs/tune/lenet_relu.yaml.", show_default=False)],
+    set_: SetOption = None,
+    trials: Annotated[Optional[int], typer.Option(min=1, help="Number of trials (overrides the file's).")] = None,
+    results: Annotated[Optional[Path], typer.Option(help="Results folder (default: the base config's output.dir).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the newest interrupted tune of this space.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line per finished trial.")] = False,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Trials run at once (default: as many as "
+                                                                           "the Ray cluster holds).")] = None,
+    address: AddressOption = None,
+    gpus_per_trial: GpusOption = None,
+    cpus_per_trial: CpusOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Search hyperparameters with Ray Tune (Optuna's TPE, ASHA early stopping); writes best.yaml.
+
+    Every trial is an ordinary run folder under <results>/tune/<name>/runs/; the tune folder gets
+    summary.csv, summary.md, progress.png and best.yaml, which `cnnlab run` reproduces.
+    """
+    with cli_errors(debug, trains=True):
+        from cnnlab.compare import aggregate
+        from cnnlab.tune import run_tune
+
+        outcome = run_tune(space, set_, trials=trials, results=results, resume=resume, quiet=quiet, address=address,
+                           jobs=jobs, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial)
+        print_table(aggregate(outcome.rows))
+        out.print(f"tune results: {outcome.folder}")
+        if outcome.best is not None:
+            out.print(f"best config: {outcome.best}  (reproduce it: cnnlab run {outcome.best})")
+        else:
+            err.print("no trial completed: no best.yaml; see summary.csv")
+        if outcome.interrupted:
+            raise typer.Exit(130)
+        if outcome.best is None:
+            raise typer.Exit(1)
+
+
+@app.command()
 def compare(
     targets: Annotated[list[Path], typer.Argument(help="Run folders, sweep folders, or folders holding runs.",
                                                   show_default=False)],

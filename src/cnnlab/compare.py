@@ -204,10 +204,10 @@ def markdown_table(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rows_csv(rows: list[dict[str, Any]], swept_keys: list[str]) -> str:
-    """summary.csv: a row per trial with each swept key as its own column."""
+def rows_csv(rows: list[dict[str, Any]], swept_keys: list[str], extra: tuple[str, ...] = ()) -> str:
+    """summary.csv: a row per trial with each swept key as its own column (and ``extra`` columns after them)."""
     buffer = io.StringIO()
-    columns = ["name", *swept_keys, *(c for c in ROW_COLUMNS if c not in ("name", "params_swept"))]
+    columns = ["name", *swept_keys, *extra, *(c for c in ROW_COLUMNS if c not in ("name", "params_swept"))]
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:

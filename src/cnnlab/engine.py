@@ -32,7 +32,7 @@ from cnnlab.models import get_model
 from cnnlab.progress import Reporter, make_reporter
 from cnnlab.results import Checkpoint, RunDir, RunSummary, git_commit, utc_now
 from cnnlab.state import EpochProgress, TrainState
-from cnnlab.stopping import Interrupted, StopSignals
+from cnnlab.stopping import Interrupted, Pruned, StopSignals
 
 # ---------------------------------------------------------------------------------------------
 # Runtime: resolved once
@@ -556,13 +556,15 @@ def _record_ending(err: BaseException, session: Session, run: RunDir, state: Tra
     if stop.requested is not None and session.world.distributed and not isinstance(err, (Interrupted, KeyboardInterrupt)):
         err = Interrupted(stop.requested)
     interrupted = isinstance(err, (Interrupted, KeyboardInterrupt))
-    summary.status = "interrupted" if interrupted else "failed"
-    summary.error = "interrupted (Ctrl-C)" if isinstance(err, KeyboardInterrupt) else \
-        str(err) if isinstance(err, Interrupted) else f"{type(err).__name__}: {err}"
+    summary.status = "pruned" if isinstance(err, Pruned) else "interrupted" if interrupted else "failed"
+    summary.error = None if isinstance(err, Pruned) else "interrupted (Ctrl-C)" if isinstance(err, KeyboardInterrupt) \
+        else str(err) if isinstance(err, Interrupted) else f"{type(err).__name__}: {err}"
     summary.epochs_completed = state.epoch
     done = state.current.batches if state.current is not None else 0
-    summary.stopped_at = f"epoch {state.epoch + 1}, batch {done} of {session.steps_per_epoch}" if done else \
-        f"after epoch {state.epoch}"
+    summary.stopped_at = str(err) if isinstance(err, Pruned) else \
+        f"epoch {state.epoch + 1}, batch {done} of {session.steps_per_epoch}" if done else f"after epoch {state.epoch}"
+    if state.metrics:  # the last finished epoch's figures, as a completed run has them
+        summary.final = {k: state.metrics[-1][k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
     summary.finished = utc_now()
     summary.wall_seconds = wall_seconds
     if state.best_epoch:
@@ -573,7 +575,7 @@ def _record_ending(err: BaseException, session: Session, run: RunDir, state: Tra
             # Stopped between batches: everything agrees, so resume can continue from this very batch.
             run.save_checkpoint(session.checkpoint(state), "last")
         run.write_summary(summary)
-        if run.metrics:
+        if run.metrics and not isinstance(err, Pruned):  # a pruned trial's process is about to be ended by Ray Tune
             _draw_curves(run)
     except Exception as second:  # e.g. the disk is full: the lock still tells that nobody is training
         warn(f"could not record the ending in {run.path}: {type(second).__name__}: {second}")

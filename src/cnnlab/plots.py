@@ -97,3 +97,23 @@ def plot_accuracy_bars(table: list[dict], out: Path, title: str = "") -> Path:
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(printable(title))
     return save_figure(fig, out)
+
+
+def plot_tune_progress(scores: list[float | None], metric: str, mode: str, out: Path, title: str = "") -> Path:
+    """Each trial's metric (dots) and the best so far (a step line) against the trial number."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    points = [(i, s) for i, s in enumerate(scores, start=1) if s is not None]
+    if points:
+        ax.scatter(*zip(*points), s=18, color="tab:gray", label="trial")
+        best, steps = None, []
+        for i, s in points:
+            best = s if best is None else (max(best, s) if mode == "max" else min(best, s))
+            steps.append((i, best))
+        ax.step(*zip(*steps), where="post", color="tab:blue", label=f"best {metric}")
+        ax.legend()
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    ax.set_title(printable(f"{title}: best {metric} against trials" if title else f"best {metric} against trials"))
+    return save_figure(fig, out)

@@ -207,7 +207,7 @@ def _reason(err: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 # The run summary, typed
 
-RunStatus = Literal["running", "completed", "failed", "interrupted"]
+RunStatus = Literal["running", "completed", "failed", "interrupted", "pruned"]  # pruned: stopped early by a tuner
 
 
 class RunSummary(BaseModel):

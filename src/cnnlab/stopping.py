@@ -68,6 +68,11 @@ class Interrupted(Exception):
         super().__init__(f"interrupted by {signal_name(signum)}")
 
 
+class Pruned(Exception):
+    """A run its tuner stopped on purpose after an epoch (ASHA: not promising enough to go on).
+    Not a failure: recorded as ``pruned``, with the epoch's checkpoint."""
+
+
 def signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name

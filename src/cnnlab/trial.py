@@ -19,12 +19,12 @@ from cnnlab.errors import TrainingError, UserError
 from cnnlab.events import FanOut
 from cnnlab.progress import Reporter
 from cnnlab.results import RunSummary, read_metrics_csv, read_summary
-from cnnlab.stopping import HANDLED, Interrupted, signal_name
+from cnnlab.stopping import HANDLED, Interrupted, Pruned, signal_name
 
 
 @dataclass
 class TrialResult:
-    status: str  # completed, failed or interrupted
+    status: str  # completed, failed, interrupted, or pruned (stopped early by a tuner)
     run_dir: Path | None = None  # None when the trial failed before its folder existed (bad config, bad data)
     summary: RunSummary | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
@@ -63,8 +63,8 @@ class TrialRecorder(Reporter):
         """The trial's result from what was heard and how its process ended (negative: killed by a signal)."""
         summary, metrics, problem = self._read_back()
         signum = -exit_code if exit_code < 0 else exit_code - 128
-        if exit_code == 0 and summary is not None and summary.status == "completed":
-            status, error = "completed", ""
+        if exit_code == 0 and summary is not None and summary.status in ("completed", "pruned"):
+            status, error = summary.status, ""
         elif signum in HANDLED:
             status, error = "interrupted", f"interrupted by {signal_name(signum)}"
         else:
@@ -98,6 +98,8 @@ def run_trial(cfg: Config, events: Reporter | None = None) -> TrialResult:
         recorder.error, code = str(err), err.exit_code
     except Interrupted as err:
         code = err.exit_code
+    except Pruned:
+        code = 0
     except KeyboardInterrupt:
         code = 130
     except SystemExit as err:  # only user code (a model) raises this inside cnnlab

@@ -1,0 +1,439 @@
+"""Usage: ``cnnlab tune configs/tune/lenet_relu.yaml [--trials 20] [--resume]``: hyperparameter search.
+
+A search space file names a base config, the metric, the number of trials and a distribution per
+config key::
+
+    base: ../lenet_relu.yaml          # relative to this file
+    metric: val_acc                   # val_acc or train_acc (maximised), val_loss or train_loss (minimised)
+    trials: 20
+    space:
+      optim.lr: {loguniform: [0.01, 0.5]}
+      train.batch_size: {choice: [64, 128, 256]}
+      model.dropout: {uniform: [0.0, 0.5]}
+      model.channels: {choice: [[6, 16], [12, 32]]}
+      train.epochs: {int: [5, 10]}    # both ends included
+
+Ray Tune runs the trials (an optional extra: ``pip install 'cnnlab[ray]'``), Optuna's TPE sampler
+proposes them and ASHA stops poor ones early on the metric, epoch by epoch. Every trial is an
+ordinary run folder under ``<results>/tune/<name>/runs/``; each invocation writes
+``<results>/tune/<name>/<timestamp>/`` with ``summary.csv``/``summary.md`` (pruned trials marked),
+``progress.png`` (the best metric against trials) and ``best.yaml``, a complete config that
+``cnnlab run`` reproduces. ``--resume`` continues the newest interrupted tune: Ray Tune restores the
+search (Optuna's state included), and each unfinished trial continues its run from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cnnlab.compare import aggregate, markdown_table, row_from_summary, rows_csv
+from cnnlab.config import Config, dump_config, load_config, read_yaml, validate
+from cnnlab.console import SafeConsole
+from cnnlab.errors import UserError
+from cnnlab.progress import Reporter
+from cnnlab.results import RunDir, RunSummary, atomic_write_text, check_output_dir, read_metrics_csv, read_summary, run_state, \
+    sanitize_name
+from cnnlab.stopping import Pruned
+
+SPACE_KEYS = {"name", "base", "metric", "mode", "trials", "space", "seed", "grace_period", "reduction_factor"}
+METRICS = {"val_acc": "max", "train_acc": "max", "val_loss": "min", "train_loss": "min"}
+DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
+STATE_FOLDER = "ray"  # Ray Tune's experiment state, inside the tune folder
+
+
+@dataclass
+class Dimension:
+    key: str  # a config key, e.g. optim.lr
+    kind: str  # one of DISTRIBUTIONS
+    values: list[Any]  # [low, high] or the choices
+
+    def domain(self) -> Any:
+        from ray import tune
+
+        if self.kind == "loguniform":
+            return tune.loguniform(*self.values)
+        if self.kind == "uniform":
+            return tune.uniform(*self.values)
+        if self.kind == "int":
+            return tune.randint(self.values[0], self.values[1] + 1)  # Ray's upper bound is exclusive
+        return tune.choice(list(range(len(self.values))))  # Optuna wants plain choices: an index, decoded below
+
+    def decode(self, sampled: Any) -> Any:
+        if self.kind == "choice":
+            return self.values[int(sampled)]
+        if self.kind == "int":
+            return int(sampled)
+        return float(sampled)
+
+    def samples(self) -> list[Any]:
+        """Values at the edges of the range, to check the space before anything runs."""
+        return list(self.values) if self.kind in ("choice", "int") else [float(v) for v in self.values]
+
+
+@dataclass
+class Space:
+    name: str
+    path: Path
+    base: Path | None
+    metric: str
+    mode: str
+    trials: int
+    dimensions: list[Dimension]
+    seed: int = 0
+    grace_period: int = 1
+    reduction_factor: int = 3
+    overrides: list[str] = field(default_factory=list)
+
+    def config(self, point: dict[str, Any], name: str | None = None) -> Config:
+        values = {**point, **({"name": name} if name else {})}
+        return load_config(self.base, self.overrides, values)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_space(path: Path, overrides: list[str], trials: int | None) -> Space:
+    """The search space file, every point it can propose checked as a config before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"search space file not found: {path}")
+    spec = read_yaml(path)
+    unknown = set(spec) - SPACE_KEYS
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; a search space file has "
+                        f"{', '.join(sorted(SPACE_KEYS))}")
+    metric = spec.get("metric", "val_acc")
+    if metric not in METRICS:
+        raise UserError(f"{path}: metric {metric!r}: choose one of {', '.join(METRICS)}")
+    mode = spec.get("mode", METRICS[metric])
+    if mode != METRICS[metric]:
+        raise UserError(f"{path}: mode {mode!r}: {metric} is {'maximised' if METRICS[metric] == 'max' else 'minimised'}"
+                        f" (mode {METRICS[metric]})")
+    count = trials if trials is not None else spec.get("trials", 10)
+    for key, value, low in (("trials", count, 1), ("grace_period", spec.get("grace_period", 1), 1),
+                            ("reduction_factor", spec.get("reduction_factor", 3), 2), ("seed", spec.get("seed", 0), 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UserError(f"{path}: {key} must be an integer of at least {low} (got {value!r})")
+    raw = spec.get("space")
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{path}: space must map config keys to distributions, e.g. "
+                        "space: {optim.lr: {loguniform: [0.01, 0.5]}}")
+    dimensions = [_dimension(path, key, value) for key, value in raw.items()]
+    base = (path.parent / spec["base"]) if spec.get("base") else None
+    space = Space(sanitize_name(str(spec.get("name") or path.stem)), path, base, metric, mode, count, dimensions,
+                  spec.get("seed", 0), spec.get("grace_period", 1), spec.get("reduction_factor", 3), list(overrides))
+    for dimension in dimensions:  # every edge of every range makes a valid config
+        for sample in dimension.samples():
+            try:
+                space.config({dimension.key: sample})
+            except UserError as err:
+                raise UserError(f"{path}: space.{dimension.key} = {sample!r} does not make a valid config: {err}") from None
+    return space
+
+
+def _dimension(path: Path, key: Any, value: Any) -> Dimension:
+    where = f"{path}: space.{key}"
+    if not isinstance(key, str) or not isinstance(value, dict) or len(value) != 1:
+        raise UserError(f"{where}: give one distribution, e.g. {{loguniform: [0.01, 0.5]}} "
+                        f"({', '.join(DISTRIBUTIONS)})")
+    [(kind, values)] = value.items()
+    if kind not in DISTRIBUTIONS:
+        raise UserError(f"{where}: unknown distribution {kind!r}; use one of {', '.join(DISTRIBUTIONS)}")
+    if not isinstance(values, list) or not values:
+        raise UserError(f"{where}: {kind} takes a list, e.g. {kind}: [0.1, 0.5]")
+    if kind != "choice":
+        if len(values) != 2 or not all(_number(v) for v in values) or values[0] >= values[1]:
+            raise UserError(f"{where}: {kind} takes [low, high] with low < high")
+        if kind == "int" and not all(isinstance(v, int) for v in values):
+            raise UserError(f"{where}: int takes two integers [low, high] (both included)")
+        if kind == "loguniform" and values[0] <= 0:
+            raise UserError(f"{where}: loguniform needs a positive low end")
+    return Dimension(key, kind, values)
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial, inside Ray Tune
+
+
+class TuneReporter(Reporter):
+    """Reports each epoch's metrics to Ray Tune; when ASHA stops the trial, Ray raises SystemExit out
+    of ``tune.report``, which becomes ``Pruned`` so that the run records it and ends at once."""
+
+    def __init__(self, run_dir_box: dict[str, str]) -> None:
+        super().__init__(enabled=False)
+        self.box = run_dir_box
+
+    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False) -> None:
+        self.epochs = epochs
+        self.box["run_dir"] = str(run_dir)
+
+    def end_epoch(self, row: dict[str, Any], is_best: bool) -> None:
+        if row["epoch"] >= self.epochs:
+            return  # the last epoch is reported with the test result, once the run has completed
+        from ray import tune
+
+        try:
+            tune.report(epoch_metrics(row, self.box["run_dir"]))
+        except SystemExit:
+            raise Pruned(f"stopped by ASHA after epoch {row['epoch']}") from None
+
+
+def epoch_metrics(row: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    return {"epoch": int(row["epoch"]), **{k: float(row[k]) for k in METRICS}, "run_dir": run_dir}
+
+
+def tune_trial(params: dict[str, Any], space: Space, runs_dir: str) -> None:
+    """Ray Tune's function for one trial: the sampled point as a config, run (or continued) as an
+    ordinary run folder, each epoch reported; the last report carries the test accuracy."""
+    from ray import tune
+
+    from cnnlab.trial import run_trial
+
+    point = {d.key: d.decode(params[d.key]) for d in space.dimensions}
+    name = trial_name(space, point)
+    cfg = space.config(point, name)
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": Path(runs_dir)})})
+    if cfg.train.threads is None:
+        import torch
+
+        torch.set_num_threads(max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1))))
+    box: dict[str, str] = {}
+    result = run_trial(cfg, TuneReporter(box))
+    if result.status == "pruned":
+        return
+    final: dict[str, Any] = {"status": result.status, "run_dir": str(result.run_dir or ""), "error": result.error}
+    if result.metrics:
+        final.update(epoch_metrics(result.metrics[-1], final["run_dir"]))
+    if result.summary is not None and result.summary.test_acc is not None:
+        final["test_acc"] = result.summary.test_acc
+    if result.status != "completed":  # an error in Ray Tune's eyes, with cnnlab's message
+        raise RuntimeError(f"trial {name} {result.status}: {result.error}")
+    tune.report(final)
+
+
+def trial_name(space: Space, point: dict[str, Any]) -> str:
+    """A run name for a point of the space: the same point gets the same name, so a restored tune
+    finds its unfinished runs (``--resume auto``) and continues them."""
+    digest = hashlib.sha256(json.dumps(point, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{space.name}-{digest}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole search
+
+
+@dataclass
+class TuneOutcome:
+    folder: Path
+    rows: list[dict[str, Any]]
+    best: Path | None  # best.yaml
+    interrupted: bool = False
+
+
+def run_tune(
+    space_file: Path,
+    overrides: list[str] | None = None,
+    *,
+    trials: int | None = None,
+    results: Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    address: str | None = None,
+    jobs: int | None = None,
+    gpus_per_trial: float | None = None,
+    cpus_per_trial: float | None = None,
+) -> TuneOutcome:
+    from cnnlab.cluster import ray_session, require_ray, trial_resources
+
+    require_ray("cnnlab tune")
+    space = read_space(space_file, list(overrides or []), trials)
+    base = space.config({})
+    root = (Path(results).expanduser() if results is not None else Path(base.output.dir)).absolute()
+    if results is not None:
+        check_output_dir(root, "--results")
+    tune_root = root / "tune" / space.name
+    check_output_dir(tune_root, "results folder")
+    folder = _resumable(tune_root) if resume else None
+    if resume and folder is None:
+        raise UserError(f"nothing to resume: no interrupted tune of {space.name} under {tune_root}; run it without --resume")
+    console = SafeConsole()
+    with ray_session(address, "cnnlab tune"):
+        cpus, gpus, jobs = trial_resources(gpus_per_trial, cpus_per_trial, jobs, space.trials)
+        if folder is None:
+            folder = _new_folder(tune_root)
+        console.print(f"tune {space.name}: {space.trials} trials, {jobs} at a time ({cpus:g} CPU, {gpus:g} GPU each), "
+                      f"{space.metric} {'maximised' if space.mode == 'max' else 'minimised'} -> {folder}", soft_wrap=True)
+        grid = _fit(space, folder, tune_root / "runs", cpus, gpus, jobs, resume, quiet, console)
+    rows = tune_rows(space, grid)
+    best = write_tune_files(space, folder, rows)
+    interrupted = len(rows) < space.trials or any(r["status"] in ("interrupted", "running", "stale") for r in rows)
+    if interrupted:
+        console.print(f"tune stopped before all {space.trials} trials ran; continue it with --resume", soft_wrap=True)
+    return TuneOutcome(folder, rows, best, interrupted)
+
+
+def _new_folder(tune_root: Path) -> Path:
+    folder = tune_root / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    while folder.exists():
+        folder = folder.with_name(folder.name + "-1")
+    try:
+        folder.mkdir(parents=True)
+    except OSError as err:
+        raise UserError(f"cannot create the tune folder {folder}: {err.strerror}; choose another with --results") from None
+    return folder
+
+
+def _resumable(tune_root: Path) -> Path | None:
+    from ray import tune
+
+    for folder in sorted((p for p in tune_root.glob("2*") if p.is_dir()), reverse=True):
+        if tune.Tuner.can_restore(str(folder / STATE_FOLDER)):
+            return folder
+    return None
+
+
+def _fit(space: Space, folder: Path, runs_dir: Path, cpus: float, gpus: float, jobs: int, resume: bool, quiet: bool,
+         console: SafeConsole) -> Any:
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A resumed trial reports its epochs under Ray's restarted iteration count; Optuna keeps the first.
+    warnings.filterwarnings("ignore", message="The reported value is ignored because this", category=UserWarning)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, space=space, runs_dir=str(runs_dir)),
+                                    {"cpu": cpus, "gpu": gpus})
+    state = folder / STATE_FOLDER
+    if resume:
+        tuner = tune.Tuner.restore(str(state), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        epochs = max(space.config(point).train.epochs for point in _edge_points(space))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={d.key: d.domain() for d in space.dimensions},
+            tune_config=tune.TuneConfig(
+                metric=space.metric, mode=space.mode, num_samples=space.trials, max_concurrent_trials=jobs,
+                search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=space.seed)),
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=space.grace_period,
+                                        reduction_factor=space.reduction_factor),
+            ),
+            run_config=tune.RunConfig(name=STATE_FOLDER, storage_path=str(folder), verbose=0,
+                                      callbacks=[] if quiet else [trial_lines()],
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    return tuner.fit()
+
+
+def _edge_points(space: Space) -> list[dict[str, Any]]:
+    return [{}] + [{d.key: sample} for d in space.dimensions for sample in d.samples()]
+
+
+def trial_lines() -> Any:
+    """A Ray Tune callback that prints a line per trial as it ends (it is pickled with the tune's
+    state, so it holds nothing but makes its console when it prints)."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            result = trial.last_result or {}
+            value = result.get("val_acc")
+            word = "done  " if result.get("status") == "completed" else "PRUNED"
+            SafeConsole().print(f"{word} trial {trials.index(trial) + 1}: epoch {result.get('epoch', '?')}"
+                                + (f", val acc {value:.4f}" if isinstance(value, float) else ""), soft_wrap=True)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            SafeConsole().print(f"FAILED trial {trials.index(trial) + 1}", soft_wrap=True)
+
+    return TrialLines()
+
+
+def tune_rows(space: Space, grid: Any) -> list[dict[str, Any]]:
+    """One row per trial, from its run folder (as a sweep's are), with its sampled values."""
+    rows = []
+    for number, result in enumerate(grid, start=1):
+        config = result.config or {}
+        point = {d.key: d.decode(config[d.key]) for d in space.dimensions if d.key in config}
+        metrics = result.metrics or {}
+        run_dir = Path(metrics["run_dir"]) if isinstance(metrics.get("run_dir"), str) and metrics["run_dir"] else None
+        summary = None
+        if run_dir is not None and (run_dir / "summary.json").is_file():
+            with contextlib.suppress(UserError):
+                summary = read_summary(run_dir / "summary.json")
+        swept = ", ".join(f"{k}={v}" for k, v in point.items())
+        if summary is None:
+            error = str(result.error).strip().splitlines()[-1] if result.error else "no run folder"
+            summary = RunSummary(name=trial_name(space, point), status="failed", error=error)
+        if summary.status == "pruned" and not metrics.get("done") and result.error is None and run_dir is not None:
+            # Ray Tune stops a trial the same way for ASHA and for an interrupted tune; only here is it
+            # known which: a trial the tune did not finish was interrupted, and --resume continues it.
+            summary.status, summary.stopped_at = "interrupted", f"after epoch {summary.epochs_completed}: the tune stopped"
+            RunDir(run_dir).write_summary(summary)
+        state = run_state(run_dir, summary) if run_dir is not None else summary.status
+        row = row_from_summary(summary, run_dir, swept, status=state)
+        row["trial"] = number
+        row["swept"] = point
+        rows.append(row)
+    return rows
+
+
+def _column(run_dir: Path | None, key: str) -> list[float]:
+    if run_dir is None or not (run_dir / "metrics.csv").is_file():
+        return []
+    try:
+        return [float(r[key]) for r in read_metrics_csv(run_dir / "metrics.csv")]
+    except (UserError, KeyError, ValueError):
+        return []
+
+
+def score(row: dict[str, Any], space: Space) -> float | None:
+    """A trial's value of the metric: its best epoch's (the run's best checkpoint is chosen so)."""
+    values = _column(Path(row["run_dir"]) if row.get("run_dir") else None, space.metric)
+    if not values:
+        return None
+    return max(values) if space.mode == "max" else min(values)
+
+
+def write_tune_files(space: Space, folder: Path, rows: list[dict[str, Any]]) -> Path | None:
+    """summary.csv, summary.md, progress.png and best.yaml (the best completed trial's config)."""
+    from cnnlab.plots import plot_tune_progress
+
+    scores = [score(row, space) for row in rows]
+    for row, value in zip(rows, scores):
+        row["score"] = value  # the metric at the trial's best epoch
+    keys = list(dict.fromkeys(d.key for d in space.dimensions))
+    portable = [{**row, "run_dir": os.path.relpath(row["run_dir"], folder) if row.get("run_dir") else ""} for row in rows]
+    atomic_write_text(folder / "trials.json", json.dumps(portable, indent=2, default=str) + "\n")
+    atomic_write_text(folder / "summary.csv", rows_csv(portable, keys, extra=("trial", "score")))
+    title = f"# Tune {space.name} ({folder.name}): {len(rows)} trials, {space.metric} ({space.mode})\n\n"
+    atomic_write_text(folder / "summary.md", title + markdown_table(aggregate(rows)))
+    plot_tune_progress(scores, space.metric, space.mode, folder / "progress.png", title=space.name)
+    for row in rows:  # a pruned trial's process was ended before it could draw its curves
+        run_dir = Path(row["run_dir"]) if row.get("run_dir") else None
+        if run_dir is not None and not (run_dir / "curves.png").exists() and (run_dir / "metrics.csv").is_file():
+            from cnnlab.plots import plot_curves
+
+            with contextlib.suppress(Exception):
+                plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
+    completed = [(s, r) for s, r in zip(scores, rows) if r["status"] == "completed" and s is not None]
+    if not completed:
+        return None
+    best_score, best_row = (max if space.mode == "max" else min)(completed, key=lambda pair: pair[0])
+    cfg = validate(read_yaml(Path(best_row["run_dir"]) / "config.yaml"), "the best trial's config", trust_code=True)
+    base_dir = space.config({}).output.dir
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": base_dir})})
+    header = (f"# The best of {len(rows)} trials of {space.path} ({space.metric} {best_score:.4f}, trial "
+              f"{best_row['trial']}: {best_row['params_swept']}).\n# Reproduce it with: cnnlab run {folder / 'best.yaml'}\n")
+    atomic_write_text(folder / "best.yaml", header + dump_config(cfg))
+    return folder / "best.yaml"

@@ -1,0 +1,161 @@
+"""`cnnlab tune`: Ray Tune with Optuna's TPE and ASHA on tiny data, in an embedded Ray instance."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'cnnlab[ray]')")
+
+from cnnlab.cli import app  # noqa: E402
+from cnnlab.results import read_summary  # noqa: E402
+
+from conftest import write_dataset  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+runner = CliRunner()
+
+
+def space_file(tmp_path: Path, data: Path, trials: int = 4, epochs: int = 3) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        f"base: {CONFIGS / 'lenet_relu.yaml'}\nmetric: val_acc\ntrials: {trials}\nseed: 0\n"
+        "space:\n"
+        "  optim.lr: {loguniform: [0.0005, 0.3]}\n"  # the low end learns nothing in 3 epochs: ASHA stops it
+        "  model.channels: {choice: [[4, 8], [6, 16]]}\n"
+        "  model.dropout: {uniform: [0.0, 0.3]}\n"
+    )
+    (tmp_path / "sets").write_text("\n".join([
+        f"data.root={data}", "data.check_counts=false", "data.val_size=200", f"train.epochs={epochs}",
+        "train.batch_size=64", "train.device=cpu"]))
+    return path
+
+
+def sets(tmp_path: Path) -> list[str]:
+    return [arg for line in (tmp_path / "sets").read_text().splitlines() for arg in ("--set", line)]
+
+
+def read_rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "summary.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_tune_prunes_poor_trials_and_writes_a_best_yaml_that_run_reproduces(tmp_path, monkeypatch):
+    data = write_dataset(tmp_path / "data", n_train=1200, n_test=200)
+    space = space_file(tmp_path, data)
+    result = runner.invoke(app, ["tune", str(space), "--results", str(tmp_path / "results"), "--jobs", "1",
+                                 *sets(tmp_path)])
+    assert result.exit_code == 0, result.output
+    [folder] = (tmp_path / "results" / "tune" / "space").glob("2*")
+    rows = read_rows(folder)
+    assert [row["trial"] for row in rows] == ["1", "2", "3", "4"]
+    statuses = {row["status"] for row in rows}
+    assert "completed" in statuses and "pruned" in statuses and statuses <= {"completed", "pruned"}, rows
+    for row in rows:  # every trial is an ordinary run folder, its sampled values in their own columns
+        summary = read_summary(folder / row["run_dir"] / "summary.json")
+        assert summary.status == row["status"] and float(row["optim.lr"]) > 0 and row["model.channels"] in ("[4, 8]", "[6, 16]")
+        if row["status"] == "pruned":
+            assert summary.epochs_completed < 3 and "ASHA" in summary.stopped_at
+            assert (folder / row["run_dir"] / "curves.png").is_file()
+    assert "pruned" in (folder / "summary.md").read_text()
+    with Image.open(folder / "progress.png") as image:
+        assert image.format == "PNG"
+
+    best = folder / "best.yaml"
+    completed = [row for row in rows if row["status"] == "completed"]
+    winner = max(completed, key=lambda row: float(row["score"]))
+    assert f"trial {winner['trial']}" in best.read_text()
+    monkeypatch.chdir(tmp_path)  # best.yaml writes to the base config's output.dir (results/, relative)
+    again = runner.invoke(app, ["run", str(best), "--quiet"])
+    assert again.exit_code == 0, again.output
+    [rerun] = (tmp_path / "results" / winner["name"]).glob("2*")
+    reproduced = read_summary(rerun / "summary.json")
+    original = read_summary(folder / winner["run_dir"] / "summary.json")
+    assert reproduced.best_val_acc == pytest.approx(original.best_val_acc, abs=0.02)
+    assert reproduced.params == original.params
+
+
+def test_an_interrupted_tune_resumes_its_unfinished_trials_from_their_checkpoints(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=3000, n_test=200)
+    space = space_file(tmp_path, data, trials=2, epochs=6)
+    command = [sys.executable, "-m", "cnnlab", "tune", str(space), "--results", str(tmp_path / "results"), "--jobs", "1",
+               "--quiet", *sets(tmp_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    runs = tmp_path / "results" / "tune" / "space" / "runs"
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        metrics = list(runs.glob("*/*/metrics.csv"))
+        if metrics and len(metrics[0].read_text().splitlines()) >= 3:  # the first trial is in its third epoch
+            process.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 130, output
+    assert "continue it with --resume" in output
+    [first] = runs.glob("*/*/summary.json")
+    assert read_summary(first).status in ("interrupted", "running")  # running: its process was ended mid-epoch
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    [folder] = (tmp_path / "results" / "tune" / "space").glob("2*")  # the same tune folder, continued
+    rows = read_rows(folder)
+    assert len(rows) == 2 and {row["status"] for row in rows} <= {"completed", "pruned"}
+    continued = read_summary(first)
+    assert continued.status in ("completed", "pruned") and len(continued.resumes) == 1
+    assert continued.resumes[0]["from_epoch"] >= 2  # from its checkpoint, not from epoch 1
+    assert (folder / "best.yaml").is_file() or all(row["status"] == "pruned" for row in rows)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("space: {optim.lr: {loguniform: [0.1, 0.01]}}", "loguniform takes [low, high] with low < high"),
+    ("space: {optim.lr: {normal: [0, 1]}}", "unknown distribution 'normal'"),
+    ("space: {model.channelz: {choice: [[4, 8]]}}", "space.model.channelz"),
+    ("space: {train.batch_size: {int: [0, 8]}}", "space.train.batch_size = 0 does not make a valid config"),
+    ("metric: test_acc\nspace: {optim.lr: {uniform: [0.1, 0.2]}}", "metric 'test_acc'"),
+    ("metric: val_loss\nmode: max\nspace: {optim.lr: {uniform: [0.1, 0.2]}}", "val_loss is minimised"),
+    ("trials: 0\nspace: {optim.lr: {uniform: [0.1, 0.2]}}", "trials must be an integer of at least 1"),
+    ("grid: {optim.lr: [0.1]}", "unknown key(s) grid"),
+    ("space: {}", "space must map config keys to distributions"),
+])
+def test_a_bad_search_space_is_one_message_exit_2_and_nothing_written(tmp_path, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(f"base: {CONFIGS / 'lenet_relu.yaml'}\n{text}\n")
+    result = runner.invoke(app, ["tune", str(path), "--results", str(tmp_path / "results")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "results" / "tune").exists()
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path, tiny_data):
+    result = runner.invoke(app, ["tune", str(space_file(tmp_path, tiny_data)), "--results", str(tmp_path / "results"),
+                                 "--resume", *sets(tmp_path)])
+    assert result.exit_code == 2 and "nothing to resume" in result.output
+
+
+def test_without_ray_tune_says_how_to_install_it(tmp_path, tiny_data):
+    blocker = tmp_path / "noray"
+    (blocker / "ray").mkdir(parents=True)
+    (blocker / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "tune", str(space_file(tmp_path, tiny_data)), "--results",
+                             str(tmp_path / "results")], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and "cnnlab tune needs Ray" in result.stderr and "pip install 'cnnlab[ray]'" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_shipped_example_space_is_valid():
+    from cnnlab.tune import read_space
+
+    space = read_space(CONFIGS / "tune" / "lenet_relu.yaml", [], None)
+    assert {d.key for d in space.dimensions} == {"optim.lr", "train.batch_size", "model.channels", "model.dropout"}
+    assert space.metric == "val_acc" and space.mode == "max" and space.trials == 20
