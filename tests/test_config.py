@@ -48,12 +48,14 @@ def test_overrides_are_typed_and_win_over_the_file():
 
 
 def test_shipped_configs_all_validate():
-    files = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "sweeps")
+    files = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name not in ("sweeps", "tune"))
     assert len(files) >= 10
     for path in files:
         assert isinstance(load_config(path), Config)
     relu = load_config(CONFIGS / "lenet_relu.yaml")
     assert relu.model.kwargs["activation"] == "relu" and relu.optim.lr == 0.1
+    with pytest.raises(UserError, match="is a search space file .* run it with `cnnlab tune"):
+        load_config(CONFIGS / "tune" / "lenet_relu.yaml")
 
 
 def test_resolved_config_round_trips(tmp_path):

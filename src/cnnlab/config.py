@@ -323,6 +323,8 @@ def load_config(
         data = resolve_extends(path)
         data.setdefault("name", path.stem)
         source = str(path)
+        if "space" in data and "base" in data:
+            raise UserError(f"{path} is a search space file (it has base/space keys); run it with `cnnlab tune {path}`")
         if {"grid", "base"} & set(data):
             raise UserError(f"{path} is a sweep file (it has base/grid keys); run it with `cnnlab sweep {path}`")
     if overrides:

@@ -63,7 +63,11 @@ class World:
         else:
             backend = "gloo"
         try:
-            dist.init_process_group(backend=backend, timeout=TIMEOUT)
+            # torchrun's store outlives a restart of the workers; under keys of their own per attempt, the
+            # restarted ranks never read the addresses their dead predecessors published (a hang otherwise).
+            store, _, _ = next(dist.rendezvous("env://", timeout=TIMEOUT))
+            store = dist.PrefixStore(f"cnnlab/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+            dist.init_process_group(backend=backend, store=store, rank=self.rank, world_size=self.size, timeout=TIMEOUT)
         except (RuntimeError, ValueError) as err:
             raise UserError(f"could not join torchrun's process group ({err}); check --rdzv-endpoint / "
                             "MASTER_ADDR and that every node runs the same command") from None
