@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import warnings
@@ -48,6 +49,7 @@ SPACE_KEYS = {"name", "base", "metric", "mode", "trials", "space", "seed", "grac
 METRICS = {"val_acc": "max", "train_acc": "max", "val_loss": "min", "train_loss": "min"}
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 STATE_FOLDER = "ray"  # Ray Tune's experiment state, inside the tune folder
+WORST_LOSS = 1e6  # what a failed trial scores on a loss metric (finite: Optuna's TPE takes it as a value)
 
 
 @dataclass
@@ -211,13 +213,16 @@ def tune_trial(params: dict[str, Any], space: Space, runs_dir: str) -> None:
     result = run_trial(cfg, TuneReporter(box))
     if result.status == "pruned":
         return
-    final: dict[str, Any] = {"status": result.status, "run_dir": str(result.run_dir or ""), "error": result.error}
+    final: dict[str, Any] = {"epoch": result.epochs_done, "status": result.status, "error": result.error,
+                             "run_dir": str(result.run_dir or box.get("run_dir", ""))}
     if result.metrics:
         final.update(epoch_metrics(result.metrics[-1], final["run_dir"]))
     if result.summary is not None and result.summary.test_acc is not None:
         final["test_acc"] = result.summary.test_acc
-    if result.status != "completed":  # an error in Ray Tune's eyes, with cnnlab's message
-        raise RuntimeError(f"trial {name} {result.status}: {result.error}")
+    if result.status != "completed":
+        # A trial that failed (a diverging loss, a bad point of the space) is a finished trial with the
+        # worst score: the search learns to avoid its region, and the run folder says what happened.
+        final.update({key: 0.0 if mode == "max" else WORST_LOSS for key, mode in METRICS.items()})
     tune.report(final)
 
 
@@ -333,7 +338,15 @@ def _fit(space: Space, folder: Path, runs_dir: Path, cpus: float, gpus: float, j
                                       callbacks=[] if quiet else [trial_lines()],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
-    return tuner.fit()
+    quiet_loggers = [logging.getLogger(name) for name in ("ray", "ray.tune", "ray.train")]
+    levels = [logger.level for logger in quiet_loggers]
+    for logger in quiet_loggers:  # Ray logs a trial's traceback itself; cnnlab says what failed, once
+        logger.setLevel(logging.CRITICAL)
+    try:
+        return tuner.fit()
+    finally:
+        for logger, level in zip(quiet_loggers, levels):
+            logger.setLevel(level)
 
 
 def _edge_points(space: Space) -> list[dict[str, Any]]:
@@ -348,9 +361,13 @@ def trial_lines() -> Any:
     class TrialLines(Callback):
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             result = trial.last_result or {}
+            number = trials.index(trial) + 1
+            if result.get("status") == "failed":
+                SafeConsole().print(f"FAILED trial {number}: {result.get('error')}", soft_wrap=True)
+                return
             value = result.get("val_acc")
             word = "done  " if result.get("status") == "completed" else "PRUNED"
-            SafeConsole().print(f"{word} trial {trials.index(trial) + 1}: epoch {result.get('epoch', '?')}"
+            SafeConsole().print(f"{word} trial {number}: epoch {result.get('epoch', '?')}"
                                 + (f", val acc {value:.4f}" if isinstance(value, float) else ""), soft_wrap=True)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
