@@ -143,3 +143,18 @@ def test_world_of_one_changes_nothing_and_shards_cover_each_batch():
     with pytest.raises(UserError, match="local rank"):
         World(rank=1, size=2).device_name("cuda:1")
     assert World(rank=1, size=2, local_rank=1).device_name("cpu") == "cpu"
+
+
+def test_a_short_last_batch_that_would_leave_a_process_one_image_is_dropped(tmp_path):
+    # 800 images, 97 held out: 703 train = 7 batches of 100 and a last one of 3, which two
+    # processes cannot share with BatchNorm (one image on one of them) - dropped, as in one process
+    # a last batch of one image is.
+    data = write_dataset(tmp_path / "data", n_train=800, n_test=200)
+    config = write_config(tmp_path, data, "short", epochs=1, batch_size=100)
+    config.write_text(config.read_text().replace("val_size: 100", "val_size: 97")
+                      .replace("model: {activation: relu}", "model: {activation: relu, batch_norm: true}"))
+    process = torchrun("-m", "cnnlab", "run", str(config), "--quiet")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    summary = json.loads((only_run(tmp_path / "results", "short") / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["train_size"] == 703

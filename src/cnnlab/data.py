@@ -288,10 +288,12 @@ class Data:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         skip: int = 0,
+        min_last: int = 2,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Model-ready (x, y) batches. Training batches (``shuffle``) are augmented when configured.
 
-        A last batch of a single image is dropped when shuffling (BatchNorm cannot train on one).
+        A last batch of fewer than ``min_last`` images is dropped when shuffling (BatchNorm cannot
+        train on one image; under torchrun every process needs two of its own: ``2 x world size``).
         ``skip`` leaves out the first batches of the (same) permutation: a resumed epoch goes on
         where it stopped.
         """
@@ -299,8 +301,7 @@ class Data:
         n = len(split)
         if shuffle:
             order = torch.randperm(n, generator=generator).to(split.images.device)
-            if n % batch_size == 1 and n > 1:
-                n -= 1
+            n = _without_short_last(n, batch_size, min_last)
         for start in range(skip * batch_size, n, batch_size):
             if shuffle:
                 idx = order[start : min(start + batch_size, n)]
@@ -312,11 +313,17 @@ class Data:
                 x = self.augment(x, self.augment_generator)
             yield x, labels
 
-    def num_batches(self, name: str, batch_size: int, shuffle: bool = False) -> int:
+    def num_batches(self, name: str, batch_size: int, shuffle: bool = False, min_last: int = 2) -> int:
         n = len(self.split(name))
-        if shuffle and n % batch_size == 1 and n > 1:
-            n -= 1
+        if shuffle:
+            n = _without_short_last(n, batch_size, min_last)
         return -(-n // batch_size)
+
+
+def _without_short_last(n: int, batch_size: int, min_last: int) -> int:
+    """How many of ``n`` shuffled images the batches use: all but a last batch shorter than ``min_last``."""
+    short = n % batch_size
+    return n - short if 0 < short < min_last and n > short else n
 
 
 def pixel_stats(images: torch.Tensor) -> tuple[float, float]:

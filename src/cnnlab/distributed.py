@@ -135,6 +135,12 @@ class World:
         for x, y in batches:
             yield x.tensor_split(self.size)[self.rank], y.tensor_split(self.size)[self.rank]
 
+    @property
+    def min_last_batch(self) -> int:
+        """The shortest last training batch kept: two images per process (BatchNorm trains on no fewer;
+        an empty shard would average a NaN gradient into every rank)."""
+        return 2 * self.size
+
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size % self.size:
             raise UserError(f"train.batch_size: {batch_size} images cannot be split evenly over {self.size} processes; "

@@ -331,6 +331,9 @@ class Session:
                             f"({type(err).__name__}); "
                             "it belongs to another run or was changed") from None
         if state.current is not None:
+            if not self.world.is_main:  # the epoch's sums so far are counted once, on rank 0, when summed over ranks
+                current = state.current
+                current.loss_sum, current.correct, current.seen = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
             if state.current.batches > self.steps_per_epoch:
                 raise UserError(f"{path}: says {state.current.batches} batches of an epoch of "
                                 f"{self.steps_per_epoch} were done; it belongs to another run or was changed")
@@ -369,7 +372,7 @@ def prepare(cfg: Config) -> Session:
         parallel = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     forward = torch.compile(parallel) if cfg.train.compile else parallel
     optimizer = make_optimizer(model, cfg.optim)
-    steps_per_epoch = data.num_batches("train", cfg.train.batch_size, shuffle=True)
+    steps_per_epoch = data.num_batches("train", cfg.train.batch_size, shuffle=True, min_last=world.min_last_batch)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
     return Session(
         cfg, runtime, data, model, forward, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), optimizer,
@@ -476,7 +479,7 @@ def train(
             reporter.start_epoch(epoch, session.steps_per_epoch, done=progress.batches)
             epoch_start = time.perf_counter() - progress.seconds
             batches = world.shard(data.batches("train", cfg.train.batch_size, shuffle=True, generator=session.order,
-                                               skip=progress.batches))
+                                               skip=progress.batches, min_last=world.min_last_batch))
             train_metrics = train_one_epoch(session.forward, batches, optimizer, session.scheduler, session.loss_fn,
                                             runtime, cfg.train.grad_clip, reporter, progress=progress, stop=stop,
                                             world=world)

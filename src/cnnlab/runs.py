@@ -219,13 +219,21 @@ def resume(
         if opened.state == "completed":  # extended: it trains on, and patience counts afresh
             state.stopped_early, state.patience_start = False, done
         stop.check()
-        session.world.barrier()  # under torchrun: every rank has read the folder before rank 0 writes to it
-        run = RunDir(run_dir, writer=session.world.is_main)
-        run.lock()
-        if run.writer and read_summary(run_dir / "summary.json") != opened.summary:  # another resume got here first
-            run.unlock()
-            raise UserError(f"{run_dir} changed while this resume was starting (another process resumed it); "
-                            "look at it again before resuming")
+        world = session.world
+        world.barrier()  # under torchrun: every rank has read the folder before rank 0 writes to it
+        run = RunDir(run_dir, writer=world.is_main)
+        refusal = None
+        try:
+            run.lock()
+            if run.writer and read_summary(run_dir / "summary.json") != opened.summary:  # another resume got here first
+                run.unlock()
+                raise UserError(f"{run_dir} changed while this resume was starting (another process resumed it); "
+                                "look at it again before resuming")
+        except UserError as err:
+            refusal = str(err)
+        refusal = world.broadcast(refusal)  # rank 0's verdict, for every rank: none waits for a rank that left
+        if refusal is not None:
+            raise UserError(refusal)
         return _continue(run, session, state, opened, cfg, done, total, reporter or make_reporter(quiet=quiet),
                          wall_start, stop)
 
