@@ -7,9 +7,12 @@ import io
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,8 @@ from cnnlab.cluster import pack_run, unpack_run  # noqa: E402
 from cnnlab.errors import UserError  # noqa: E402
 from cnnlab.results import Checkpoint, read_summary  # noqa: E402
 from cnnlab.sweep import RayOptions, run_sweep  # noqa: E402
+
+from conftest import write_dataset  # noqa: E402
 
 RAY = str(Path(sys.executable).parent / "ray")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -167,3 +172,34 @@ def test_without_ray_installed_the_command_says_how_to_install_it(tmp_path, tiny
     assert "needs Ray, which is not installed; install it with: pip install 'cnnlab[ray]'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_a_stopped_trial_without_shared_storage_still_comes_back_with_its_checkpoint(tmp_path, ray_cluster):
+    data = write_dataset(tmp_path / "data", n_train=3000, n_test=200)
+    sweep_file = tmp_path / "long.yaml"
+    sweep_file.write_text(f"base: {CONFIGS / 'lenet.yaml'}\ngrid: {{optim.lr: [0.1]}}\n")
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom cnnlab.sweep import RayOptions, run_sweep\n"
+        f"out = run_sweep(Path({str(sweep_file)!r}), ['data.root={data}', 'data.check_counts=false', 'data.val_size=100',"
+        " 'train.epochs=30', 'train.batch_size=64', 'train.device=cpu', 'model.activation=relu'],"
+        f" results=Path({str(tmp_path / 'results')!r}), quiet=True, ray=RayOptions(address='auto', ship_runs=True))\n"
+        "print('STOPPED_BY', out.stopped_by)\n"
+    )
+    scratch_before = set(Path(tempfile.gettempdir()).glob("cnnlab-trial-*"))
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        fresh = set(Path(tempfile.gettempdir()).glob("cnnlab-trial-*")) - scratch_before
+        if any(len(m.read_text().splitlines()) >= 2 for d in fresh for m in d.glob("*/*/metrics.csv")):
+            process.send_signal(signal.SIGINT)  # the trial has a checkpoint on the worker's side
+            break
+        time.sleep(0.05)
+    output, _ = process.communicate(timeout=180)
+    assert "STOPPED_BY 2" in output, output
+    [run_dir] = (tmp_path / "results" / "sweeps" / "long" / "runs").glob("*/2*")  # shipped back, not lost
+    summary = read_summary(run_dir / "summary.json")
+    assert summary.status == "interrupted" and summary.epochs_completed >= 1
+    assert Checkpoint.load(run_dir / "checkpoints" / "last.pt").epoch >= 1
+    [sweep_dir] = (tmp_path / "results" / "sweeps" / "long").glob("2*")
+    [row] = json.loads((sweep_dir / "trials.json").read_text())
+    assert row["status"] == "interrupted"

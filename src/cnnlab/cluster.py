@@ -38,6 +38,7 @@ from cnnlab.trial import TrialRecorder, TrialResult, run_trial
 INSTALL = "pip install 'cnnlab[ray]'"
 MAX_RUN_ARCHIVE = 2 << 30  # a shipped run folder is checkpoints and a few plots; refuse anything near this
 SKIPPED_FILES = (".lock",)
+CANCEL_GRACE_SECONDS = 60  # how long a cancelled trial may take to checkpoint and reply
 
 
 def require_ray(feature: str) -> Any:
@@ -146,7 +147,11 @@ def unpack_run(payload: bytes, run_dir: Path) -> None:
         raise UserError(f"the run folder shipped back for {run_dir} is {len(payload)} bytes; refusing it")
     if run_dir.exists():
         raise UserError(f"{run_dir} already exists; not overwriting it with a shipped copy")
-    staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent if run_dir.parent.is_dir() else None))
+    try:  # unpacked beside its place (same file system: one rename), under a name no run folder has
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".incoming-{run_dir.name}.", dir=run_dir.parent))
+    except OSError as err:
+        raise UserError(f"cannot unpack the run folder shipped back for {run_dir}: {err}") from None
     try:
         with tarfile.open(fileobj=io.BytesIO(payload), mode="r:gz") as archive:
             members = archive.getmembers()
@@ -160,7 +165,6 @@ def unpack_run(payload: bytes, run_dir: Path) -> None:
             if total > MAX_RUN_ARCHIVE:
                 raise UserError(f"the run folder shipped back for {run_dir} unpacks to {total} bytes; refusing it")
             archive.extractall(staging, filter="data")
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(run_dir)
     except (tarfile.TarError, OSError, EOFError) as err:
         raise UserError(f"the run folder shipped back for {run_dir} cannot be unpacked: {err}") from None
@@ -197,9 +201,12 @@ def ray_trial(cfg_values: dict[str, Any], key: str, queue: Any, marker: str, tok
         result = run_trial(cfg, EventWriter(sink=send))
         payload = pack_run(result.run_dir) if ship and result.run_dir is not None and result.run_dir.is_dir() else None
         relative = result.run_dir.relative_to(scratch) if payload is not None else None
-        return {"status": result.status, "run_dir": str(result.run_dir) if result.run_dir else None,
-                "relative": str(relative) if relative else None, "payload": payload, "error": result.error,
-                "exit_code": result.exit_code}
+        reply = {"status": result.status, "run_dir": str(result.run_dir) if result.run_dir else None,
+                 "relative": str(relative) if relative else None, "payload": payload, "error": result.error,
+                 "exit_code": result.exit_code}
+        if result.status == "interrupted":  # cancelled: Ray drops a cancelled task's return value, so the
+            send({"event": "reply", "reply": reply})  # driver gets the stopped run (and its folder) this way
+        return reply
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -219,7 +226,7 @@ def receive(reply: dict[str, Any], output_dir: Path) -> TrialResult:
         summary_path = target / "summary.json"
         if summary_path.is_file():  # the folder now lives here: say so where it says where it is
             summary = read_summary(summary_path)
-            if summary.run_dir:
+            if getattr(summary, "run_dir", None):  # written by completed runs
                 summary.run_dir = str(target)
                 atomic_write_text(summary_path, summary.model_dump_json(indent=2, exclude_none=True) + "\n")
         run_dir = str(target)
@@ -276,11 +283,9 @@ class RayLauncher(Launcher):
 
     name = "ray"
 
-    def __init__(self, sweep_dir: Path, output_dir: Path, address: str | None, cpus: float, gpus: float,
-                 ship: bool | None = None) -> None:
+    def __init__(self, sweep_dir: Path, output_dir: Path, cpus: float, gpus: float, ship: bool | None = None) -> None:
         self.sweep_dir = sweep_dir
         self.output_dir = output_dir
-        self.address = address
         self.cpus, self.gpus, self.ship = cpus, gpus, ship
         self.refs: dict[str, Any] = {}
         self.stop_signal: int | None = None
@@ -311,8 +316,14 @@ class RayLauncher(Launcher):
         from ray.exceptions import RayError, TaskCancelledError
 
         recorder = TrialRecorder()  # hears the run folder, for a trial that is cancelled before it replies
+        replied: dict[str, Any] = {}
+        reply_came = threading.Event()
 
         def listen(event: dict[str, Any]) -> None:
+            if event.get("event") == "reply" and isinstance(event.get("reply"), dict):
+                replied.update(event["reply"])
+                reply_came.set()
+                return
             recorder.on_event(event)
             on_event(event)
 
@@ -323,12 +334,13 @@ class RayLauncher(Launcher):
         if self.stop_signal is not None:  # the signal came while this trial was being submitted
             ray.cancel(ref)
         try:
-            reply = ray.get(ref)
-        except TaskCancelledError:
+            return receive(ray.get(ref), self.output_dir)
+        except TaskCancelledError:  # the task checkpoints, records its ending and replies through the queue
+            if reply_came.wait(timeout=CANCEL_GRACE_SECONDS):
+                return receive(replied, self.output_dir)
             return recorder.result(128 + (self.stop_signal or 2))
         except RayError as err:  # the worker died (out of memory, node lost...)
             return TrialResult("failed", error=f"the Ray task failed: {type(err).__name__}: {err}", exit_code=1)
         finally:
             self.refs.pop(key, None)
             self.relay.listeners.pop(key, None)
-        return receive(reply, self.output_dir)

@@ -515,6 +515,8 @@ def latest_run(results_root: Path = Path("results")) -> Path:
     """The most recently finished completed run under ``results_root`` (sweeps included)."""
     finished = []
     for path in Path(results_root).rglob("summary.json"):
+        if any(part.startswith(".incoming-") for part in path.parts):  # a shipped folder being unpacked
+            continue
         try:
             summary = read_summary(path)
         except UserError:

@@ -283,7 +283,8 @@ def runs_of(cfg: Config) -> list[tuple[Path, RunSummary, str]]:
     folder = Path(cfg.output.dir) / sanitize_name(cfg.name)
     wanted = comparable(cfg.to_dict())
     found = []
-    for run_dir in sorted((p.parent for p in folder.glob("*/summary.json")), reverse=True):  # run ids start with the time
+    candidates = (p.parent for p in folder.glob("*/summary.json") if not p.parent.name.startswith("."))  # .incoming-*
+    for run_dir in sorted(candidates, reverse=True):  # run ids start with the time
         try:
             summary = read_summary(run_dir / "summary.json")
             if comparable(read_yaml(run_dir / "config.yaml")) == wanted:

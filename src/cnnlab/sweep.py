@@ -446,7 +446,7 @@ def run_sweep(
         for trial in trials:
             if trial.status == "failed":
                 console.print(f"FAILED {trial.label}: {trial.error}", soft_wrap=True)
-        launcher = RayLauncher(sweep_dir, sweep_root / "runs", ray.address, cpus, gpus, ray.ship_runs) if ray is not None \
+        launcher = RayLauncher(sweep_dir, sweep_root / "runs", cpus, gpus, ray.ship_runs) if ray is not None \
             else LocalLauncher(sweep_dir, jobs)
         with SweepDisplay(console, live=not quiet and console.is_terminal) as display, launcher, \
                 Runner(sweep_dir, launcher, jobs, display) as runner:

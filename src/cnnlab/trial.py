@@ -42,22 +42,19 @@ class TrialRecorder(Reporter):
     def __init__(self) -> None:
         super().__init__(enabled=False)
         self.run_dir: Path | None = None
-        self.resumed = False
         self.error = ""
-        self.error_code = 0
 
     def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False) -> None:
-        self.run_dir, self.resumed = Path(run_dir), resumed
+        self.run_dir = Path(run_dir)
 
     def on_event(self, event: dict[str, Any]) -> None:
-        """The same, from an event read back from another process."""
+        """The same, from an event read back from another process (which names its folder absolutely)."""
         kind = event.get("event")
-        if kind == "run_start" and isinstance(event.get("run_dir"), str):
-            self.start_run(str(event.get("name")), Path(event["run_dir"]), 0, bool(event.get("resumed")))
+        run_dir = event.get("run_dir")
+        if kind == "run_start" and isinstance(run_dir, str) and Path(run_dir).is_absolute():
+            self.run_dir = Path(run_dir)
         elif kind == "error":
             self.error = str(event.get("message", ""))
-            code = event.get("exit_code")
-            self.error_code = code if isinstance(code, int) else 1
 
     def result(self, exit_code: int) -> TrialResult:
         """The trial's result from what was heard and how its process ended (negative: killed by a signal)."""
