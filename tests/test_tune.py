@@ -87,25 +87,27 @@ def test_tune_prunes_poor_trials_and_writes_a_best_yaml_that_run_reproduces(tmp_
 def test_an_interrupted_tune_resumes_its_unfinished_trials_from_their_checkpoints(tmp_path):
     data = write_dataset(tmp_path / "data", n_train=3000, n_test=200)
     space = space_file(tmp_path, data, trials=2, epochs=6)
-    command = [sys.executable, "-m", "cnnlab", "tune", str(space), "--results", str(tmp_path / "results"), "--jobs", "1",
-               "--quiet", *sets(tmp_path)]
+    command = [sys.executable, "-m", "cnnlab", "tune", str(space), "--results", str(tmp_path / "results"), "--quiet"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen([*command, "--jobs", "1", *sets(tmp_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env)
     runs = tmp_path / "results" / "tune" / "space" / "runs"
     deadline = time.monotonic() + 240
     while process.poll() is None and time.monotonic() < deadline:
         metrics = list(runs.glob("*/*/metrics.csv"))
         if metrics and len(metrics[0].read_text().splitlines()) >= 3:  # the first trial is in its third epoch
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signal.SIGTERM)  # as `kill` or a scheduler would: Ray Tune stops as on Ctrl-C
             break
         time.sleep(0.05)
     output, _ = process.communicate(timeout=240)
-    assert process.returncode == 130, output
+    assert process.returncode == 143, output
     assert "continue it with --resume" in output
     [first] = runs.glob("*/*/summary.json")
     assert read_summary(first).status in ("interrupted", "running")  # running: its process was ended mid-epoch
 
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    refused = subprocess.run([*command, "--resume", "--trials", "5"], capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode == 2 and "leave out --set, --trials and --jobs" in refused.stderr
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, timeout=300)  # as started
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     [folder] = (tmp_path / "results" / "tune" / "space").glob("2*")  # the same tune folder, continued
     rows = read_rows(folder)
@@ -126,6 +128,8 @@ def test_an_interrupted_tune_resumes_its_unfinished_trials_from_their_checkpoint
     ("trials: 0\nspace: {optim.lr: {uniform: [0.1, 0.2]}}", "trials must be an integer of at least 1"),
     ("grid: {optim.lr: [0.1]}", "unknown key(s) grid"),
     ("space: {}", "space must map config keys to distributions"),
+    ("space: {train.epochs: {uniform: [2, 5]}}", "space.train.epochs = 3.5 does not make a valid config"),
+    ("space: {name: {choice: [a, b]}}", "cnnlab names each trial and places its run folder itself"),
 ])
 def test_a_bad_search_space_is_one_message_exit_2_and_nothing_written(tmp_path, text, message):
     path = tmp_path / "space.yaml"
@@ -138,7 +142,7 @@ def test_a_bad_search_space_is_one_message_exit_2_and_nothing_written(tmp_path, 
 
 def test_resume_with_nothing_to_resume_says_so(tmp_path, tiny_data):
     result = runner.invoke(app, ["tune", str(space_file(tmp_path, tiny_data)), "--results", str(tmp_path / "results"),
-                                 "--resume", *sets(tmp_path)])
+                                 "--resume"])
     assert result.exit_code == 2 and "nothing to resume" in result.output
 
 

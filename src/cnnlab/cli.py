@@ -272,6 +272,8 @@ def tune(
             out.print(f"best config: {outcome.best}  (reproduce it: cnnlab run {outcome.best})")
         else:
             err.print("no trial completed: no best.yaml; see summary.csv")
+        if outcome.stopped_by is not None:
+            raise typer.Exit(128 + outcome.stopped_by)
         if outcome.interrupted:
             raise typer.Exit(130)
         if outcome.best is None:

@@ -30,6 +30,9 @@ import json
 import logging
 import math
 import os
+import secrets
+import signal
+import threading
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,9 +44,10 @@ from cnnlab.config import Config, dump_config, load_config, read_yaml, validate
 from cnnlab.console import SafeConsole
 from cnnlab.errors import UserError
 from cnnlab.progress import Reporter
-from cnnlab.results import RunDir, RunSummary, atomic_write_text, check_output_dir, read_metrics_csv, read_summary, run_state, \
-    sanitize_name
-from cnnlab.stopping import Pruned
+from cnnlab.results import RunDir, RunSummary, atomic_write_text, check_output_dir, read_metrics_csv, \
+    read_regular_text, read_summary, run_state, sanitize_name
+from cnnlab.runs import runs_of
+from cnnlab.stopping import Interrupted, Pruned, settle_signals
 
 SPACE_KEYS = {"name", "base", "metric", "mode", "trials", "space", "seed", "grace_period", "reduction_factor"}
 METRICS = {"val_acc": "max", "train_acc": "max", "val_loss": "min", "train_loss": "min"}
@@ -77,8 +81,15 @@ class Dimension:
         return float(sampled)
 
     def samples(self) -> list[Any]:
-        """Values at the edges of the range, to check the space before anything runs."""
-        return list(self.values) if self.kind in ("choice", "int") else [float(v) for v in self.values]
+        """Values to check the space with before anything runs: the edges of a range, and for a
+        continuous one a value inside it too (which an integer key refuses)."""
+        if self.kind in ("choice", "int"):
+            return list(self.values)
+        low, high = (float(v) for v in self.values)
+        inside = math.sqrt(low * high) if self.kind == "loguniform" else (low + high) / 2
+        if inside == round(inside):  # still a whole number: nudge it off
+            inside += (high - low) / 7
+        return [low, high, inside]
 
 
 @dataclass
@@ -131,6 +142,10 @@ def read_space(path: Path, overrides: list[str], trials: int | None) -> Space:
         raise UserError(f"{path}: space must map config keys to distributions, e.g. "
                         "space: {optim.lr: {loguniform: [0.01, 0.5]}}")
     dimensions = [_dimension(path, key, value) for key, value in raw.items()]
+    for dimension in dimensions:
+        if dimension.key == "name" or dimension.key.startswith("output."):
+            raise UserError(f"{path}: space.{dimension.key}: cnnlab names each trial and places its run folder "
+                            "itself; search over what a run computes")
     base = (path.parent / spec["base"]) if spec.get("base") else None
     space = Space(sanitize_name(str(spec.get("name") or path.stem)), path, base, metric, mode, count, dimensions,
                   spec.get("seed", 0), spec.get("grace_period", 1), spec.get("reduction_factor", 3), list(overrides))
@@ -171,13 +186,13 @@ class TuneReporter(Reporter):
     """Reports each epoch's metrics to Ray Tune; when ASHA stops the trial, Ray raises SystemExit out
     of ``tune.report``, which becomes ``Pruned`` so that the run records it and ends at once."""
 
-    def __init__(self, run_dir_box: dict[str, str]) -> None:
+    def __init__(self, box: dict[str, str]) -> None:
         super().__init__(enabled=False)
-        self.box = run_dir_box
+        self.box = box
 
     def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False) -> None:
         self.epochs = epochs
-        self.box["run_dir"] = str(run_dir)
+        self.box["run_dir"] = str(Path(run_dir).resolve())
 
     def end_epoch(self, row: dict[str, Any], is_best: bool) -> None:
         if row["epoch"] >= self.epochs:
@@ -194,27 +209,36 @@ def epoch_metrics(row: dict[str, Any], run_dir: str) -> dict[str, Any]:
     return {"epoch": int(row["epoch"]), **{k: float(row[k]) for k in METRICS}, "run_dir": run_dir}
 
 
-def tune_trial(params: dict[str, Any], space: Space, runs_dir: str) -> None:
+def tune_trial(params: dict[str, Any], space: Space, runs_dir: str, shared: tuple[str, str]) -> None:
     """Ray Tune's function for one trial: the sampled point as a config, run (or continued) as an
     ordinary run folder, each epoch reported; the last report carries the test accuracy."""
     from ray import tune
 
-    from cnnlab.trial import run_trial
+    from cnnlab.trial import TrialResult, run_trial
 
     point = {d.key: d.decode(params[d.key]) for d in space.dimensions}
     name = trial_name(space, point)
-    cfg = space.config(point, name)
-    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": Path(runs_dir)})})
-    if cfg.train.threads is None:
-        import torch
+    marker, token = Path(shared[0]), shared[1]
+    try:
+        if not (marker.is_file() and marker.read_text(encoding="utf-8") == token):
+            raise UserError(f"this Ray node does not see {marker.parent}: cnnlab tune needs the results folder "
+                            "(--results or output.dir) on storage every node shares")
+        cfg = space.config(point, name)
+    except (UserError, OSError) as err:
+        result = TrialResult("failed", error=str(err), exit_code=2)
+    else:
+        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": Path(runs_dir)})})
+        if cfg.train.threads is None:
+            import torch
 
-        torch.set_num_threads(max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1))))
-    box: dict[str, str] = {}
-    result = run_trial(cfg, TuneReporter(box))
+            torch.set_num_threads(max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1))))
+        result = run_trial(cfg, TuneReporter({}))
     if result.status == "pruned":
         return
+    if result.status == "interrupted":  # an error in Ray Tune's eyes, so that --resume (resume_errored) continues it
+        raise RuntimeError(f"trial {name} was interrupted: {result.error}")
     final: dict[str, Any] = {"epoch": result.epochs_done, "status": result.status, "error": result.error,
-                             "run_dir": str(result.run_dir or box.get("run_dir", ""))}
+                             "run_dir": str(result.run_dir or "")}
     if result.metrics:
         final.update(epoch_metrics(result.metrics[-1], final["run_dir"]))
     if result.summary is not None and result.summary.test_acc is not None:
@@ -243,6 +267,7 @@ class TuneOutcome:
     rows: list[dict[str, Any]]
     best: Path | None  # best.yaml
     interrupted: bool = False
+    stopped_by: int | None = None  # SIGTERM or SIGHUP, when one stopped the tune (Ctrl-C: interrupted only)
 
 
 def run_tune(
@@ -261,6 +286,9 @@ def run_tune(
     from cnnlab.cluster import ray_session, require_ray, trial_resources
 
     require_ray("cnnlab tune")
+    if resume and (overrides or trials is not None or jobs is not None):
+        raise UserError("--resume continues a tune as it was started: leave out --set, --trials and --jobs "
+                        "(they are kept in the tune folder's tune.json)")
     space = read_space(space_file, list(overrides or []), trials)
     base = space.config({})
     root = (Path(results).expanduser() if results is not None else Path(base.output.dir)).absolute()
@@ -268,23 +296,68 @@ def run_tune(
         check_output_dir(root, "--results")
     tune_root = root / "tune" / space.name
     check_output_dir(tune_root, "results folder")
-    folder = _resumable(tune_root) if resume else None
-    if resume and folder is None:
-        raise UserError(f"nothing to resume: no interrupted tune of {space.name} under {tune_root}; run it without --resume")
+    folder = None
+    if resume:
+        folder, record = _resumable(tune_root, space)
+        space = read_space(space_file, record["overrides"], record["trials"])
     console = SafeConsole()
-    with ray_session(address, "cnnlab tune"):
-        cpus, gpus, jobs = trial_resources(gpus_per_trial, cpus_per_trial, jobs, space.trials)
+    settle_signals()  # a signal that came while starting stops the command here (Interrupted)
+    with ray_session(address, "cnnlab tune"), TuneSignals() as signals:  # after ray.init, which sets its own
+        cpus, gpus, jobs = trial_resources(gpus_per_trial, cpus_per_trial, jobs if not resume else record["jobs"],
+                                           space.trials)
         if folder is None:
             folder = _new_folder(tune_root)
+            _write_record(folder, space, jobs, finished=False)
         console.print(f"tune {space.name}: {space.trials} trials, {jobs} at a time ({cpus:g} CPU, {gpus:g} GPU each), "
                       f"{space.metric} {'maximised' if space.mode == 'max' else 'minimised'} -> {folder}", soft_wrap=True)
-        grid = _fit(space, folder, tune_root / "runs", cpus, gpus, jobs, resume, quiet, console)
-    rows = tune_rows(space, grid)
+        marker = folder / ".shared-storage"
+        token = secrets.token_hex(16)
+        atomic_write_text(marker, token)
+        try:
+            with signals.fitting():
+                grid = _fit(space, folder, tune_root / "runs", (str(marker.resolve()), token), cpus, gpus, jobs,
+                            resume, quiet)
+        finally:
+            marker.unlink(missing_ok=True)
+    rows = tune_rows(space, grid, tune_root / "runs")
     best = write_tune_files(space, folder, rows)
-    interrupted = len(rows) < space.trials or any(r["status"] in ("interrupted", "running", "stale") for r in rows)
+    interrupted = len(rows) < space.trials or any(r["status"] in UNFINISHED for r in rows)
     if interrupted:
-        console.print(f"tune stopped before all {space.trials} trials ran; continue it with --resume", soft_wrap=True)
-    return TuneOutcome(folder, rows, best, interrupted)
+        console.print(f"tune stopped before all {space.trials} trials finished; continue it with --resume", soft_wrap=True)
+    else:
+        _write_record(folder, space, jobs, finished=True)
+    return TuneOutcome(folder, rows, best, interrupted, signals.received)
+
+
+UNFINISHED = ("interrupted", "running", "stale")
+RECORD = "tune.json"  # how a tune was started: what --resume needs to continue it as it was
+
+
+def _space_digest(space: Space) -> str:
+    return hashlib.sha256(space.path.read_bytes()).hexdigest()
+
+
+def _write_record(folder: Path, space: Space, jobs: int, finished: bool) -> None:
+    record = {"space": str(space.path), "space_sha256": _space_digest(space), "trials": space.trials,
+              "overrides": space.overrides, "jobs": jobs, "finished": finished}
+    atomic_write_text(folder / RECORD, json.dumps(record, indent=2) + "\n")
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """A tune folder's tune.json, checked (it is read back, so not trusted)."""
+    try:
+        record = json.loads(read_regular_text(path))
+    except (ValueError, RecursionError) as err:
+        raise UserError(f"{path}: not a cnnlab tune record ({err})") from None
+    ok = isinstance(record, dict) and isinstance(record.get("trials"), int) and record["trials"] >= 1 \
+        and isinstance(record.get("jobs"), int) and record["jobs"] >= 1 and isinstance(record.get("finished"), bool) \
+        and isinstance(record.get("space_sha256"), str) and isinstance(record.get("overrides"), list) \
+        and all(isinstance(o, str) for o in record["overrides"])
+    if not ok:
+        raise UserError(f"{path}: not a cnnlab tune record (needs trials, jobs, overrides, space_sha256, finished)")
+    return record
+
+
 
 
 def _new_folder(tune_root: Path) -> Path:
@@ -298,17 +371,58 @@ def _new_folder(tune_root: Path) -> Path:
     return folder
 
 
-def _resumable(tune_root: Path) -> Path | None:
+def _resumable(tune_root: Path, space: Space) -> tuple[Path, dict[str, Any]]:
+    """The newest unfinished tune of ``space`` (its folder and record), or a UserError saying why none."""
     from ray import tune
 
-    for folder in sorted((p for p in tune_root.glob("2*") if p.is_dir()), reverse=True):
-        if tune.Tuner.can_restore(str(folder / STATE_FOLDER)):
-            return folder
-    return None
+    for folder in sorted((p for p in tune_root.glob("2*") if p.is_dir() and (p / RECORD).is_file()), reverse=True):
+        record = _read_record(folder / RECORD)
+        if record["finished"] or not tune.Tuner.can_restore(str(folder / STATE_FOLDER)):
+            continue
+        if record["space_sha256"] != _space_digest(space):
+            raise UserError(f"{space.path} changed since the tune in {folder} started; put it back as it was to resume, "
+                            "or start a new tune without --resume")
+        return folder, record
+    raise UserError(f"nothing to resume: no unfinished tune of {space.name} under {tune_root}; run it without --resume")
 
 
-def _fit(space: Space, folder: Path, runs_dir: Path, cpus: float, gpus: float, jobs: int, resume: bool, quiet: bool,
-         console: SafeConsole) -> Any:
+class TuneSignals:
+    """Signals during a tune: Ray Tune stops gracefully on SIGINT (and saves its state), so SIGTERM
+    and SIGHUP are passed to it as SIGINT while it runs; before and after, they stop the command.
+    The first one is remembered for the exit code (128 + N)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._fitting = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> TuneSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @contextlib.contextmanager
+    def fitting(self) -> Any:
+        self._fitting = True
+        try:
+            yield
+        finally:
+            self._fitting = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = self.received or signum
+        if not self._fitting:
+            raise Interrupted(signum)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def _fit(space: Space, folder: Path, runs_dir: Path, shared: tuple[str, str], cpus: float, gpus: float, jobs: int,
+         resume: bool, quiet: bool) -> Any:
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -318,7 +432,7 @@ def _fit(space: Space, folder: Path, runs_dir: Path, cpus: float, gpus: float, j
     # A resumed trial reports its epochs under Ray's restarted iteration count; Optuna keeps the first.
     warnings.filterwarnings("ignore", message="The reported value is ignored because this", category=UserWarning)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    trainable = tune.with_resources(tune.with_parameters(tune_trial, space=space, runs_dir=str(runs_dir)),
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, space=space, runs_dir=str(runs_dir), shared=shared),
                                     {"cpu": cpus, "gpu": gpus})
     state = folder / STATE_FOLDER
     if resume:
@@ -376,23 +490,24 @@ def trial_lines() -> Any:
     return TrialLines()
 
 
-def tune_rows(space: Space, grid: Any) -> list[dict[str, Any]]:
-    """One row per trial, from its run folder (as a sweep's are), with its sampled values."""
+def tune_rows(space: Space, grid: Any, runs_dir: Path) -> list[dict[str, Any]]:
+    """One row per trial, from its run folder (as a sweep's are), with its sampled values. A trial
+    the tune did not finish (interrupted) is marked so, and its run folder says it can be continued."""
     rows = []
     for number, result in enumerate(grid, start=1):
         config = result.config or {}
         point = {d.key: d.decode(config[d.key]) for d in space.dimensions if d.key in config}
         metrics = result.metrics or {}
-        run_dir = Path(metrics["run_dir"]) if isinstance(metrics.get("run_dir"), str) and metrics["run_dir"] else None
+        run_dir = _trial_run_dir(space, point, metrics.get("run_dir"), runs_dir)
         summary = None
-        if run_dir is not None and (run_dir / "summary.json").is_file():
+        if run_dir is not None:
             with contextlib.suppress(UserError):
                 summary = read_summary(run_dir / "summary.json")
         swept = ", ".join(f"{k}={v}" for k, v in point.items())
         if summary is None:
-            error = str(result.error).strip().splitlines()[-1] if result.error else "no run folder"
+            error = str(result.error).strip().splitlines()[-1] if result.error else "the trial did not start a run"
             summary = RunSummary(name=trial_name(space, point), status="failed", error=error)
-        if summary.status == "pruned" and not metrics.get("done") and result.error is None and run_dir is not None:
+        if summary.status == "pruned" and not metrics.get("done") and run_dir is not None:
             # Ray Tune stops a trial the same way for ASHA and for an interrupted tune; only here is it
             # known which: a trial the tune did not finish was interrupted, and --resume continues it.
             summary.status, summary.stopped_at = "interrupted", f"after epoch {summary.epochs_completed}: the tune stopped"
@@ -403,6 +518,23 @@ def tune_rows(space: Space, grid: Any) -> list[dict[str, Any]]:
         row["swept"] = point
         rows.append(row)
     return rows
+
+
+def _trial_run_dir(space: Space, point: dict[str, Any], reported: Any, runs_dir: Path) -> Path | None:
+    """The trial's run folder: the one it reported, if that lies in the tune's runs folder, else the
+    newest run of its config there (a trial stopped before its first report)."""
+    runs_dir = runs_dir.resolve()
+    if isinstance(reported, str) and reported:
+        path = Path(reported).resolve()
+        if path.is_relative_to(runs_dir) and (path / "summary.json").is_file():
+            return path
+    try:
+        cfg = space.config(point, trial_name(space, point))
+    except UserError:
+        return None
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": runs_dir})})
+    found = runs_of(cfg)
+    return found[0][0] if found else None
 
 
 def _column(run_dir: Path | None, key: str) -> list[float]:
