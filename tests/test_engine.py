@@ -169,3 +169,17 @@ def test_checking_a_model_before_training_leaves_no_trace(tiny_overrides):
     check_model(model, cfg, data)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng) and model.training
+
+
+def test_device_aware_layout_and_start_up_time_are_recorded(tiny_overrides):
+    from cnnlab.engine import make_runtime
+
+    assert make_runtime("cpu", "fp32").channels_last is True  # auto: NHWC on the CPU
+    assert make_runtime("cpu", "fp32", channels_last=False).channels_last is False
+    assert make_runtime("cpu", "fp32").tf32 is None  # a CUDA setting only
+    summary = fit(load_config(None, [*tiny_overrides, "train.epochs=1"]), quiet=True)
+    assert summary["channels_last"] is True and "tf32" not in summary
+    assert summary["startup_seconds"] > 0  # from the process start (here, pytest's) to the first batch
+    off = fit(load_config(None, [*tiny_overrides, "train.epochs=1", "train.channels_last=false"]), quiet=True)
+    assert off["channels_last"] is False
+    assert off["test_acc"] == pytest.approx(summary["test_acc"], abs=0.05)  # same model either way

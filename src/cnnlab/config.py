@@ -108,7 +108,10 @@ class TrainConfig(Section):
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype for forward passes; fp16 adds a gradient scaler
     compile: bool = False  # torch.compile the model (slow first epoch, faster after; best on GPUs)
-    channels_last: bool = True  # NHWC memory layout: about 20% faster convolutions on this 2-core CPU, and on recent GPUs
+    # NHWC memory layout. auto: on for the CPU (convolutions about 20% faster on this project's 2-core CPU),
+    # off for GPUs (it cost LeNet 26% of its speed on an H200, measured; set true for large convolutions in bf16)
+    channels_last: bool | Literal["auto"] = "auto"
+    tf32: bool = True  # on Ampere and newer GPUs: TF32 for fp32 matmuls and convolutions (faster; ~1e-3 relative precision)
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
     grad_clip: float | None = Field(None, gt=0)  # clip the global gradient norm to this value; null = off
     patience: int | None = Field(None, ge=1)  # early stopping: epochs without a better val accuracy; null = off

@@ -10,10 +10,13 @@ the device and are read once per epoch (and by the progress bar a few times a se
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
 import platform
 import socket
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -44,6 +47,8 @@ class Runtime:
     precision: str
     autocast: Callable[[], contextlib.AbstractContextManager]
     scaler: torch.amp.GradScaler | None
+    channels_last: bool = False  # the NHWC layout, resolved for this device
+    tf32: bool | None = None  # TF32 for fp32 matmuls and convolutions (CUDA only; None elsewhere)
 
     @property
     def device_name(self) -> str:
@@ -80,13 +85,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def make_runtime(device_name: str, precision: str) -> Runtime:
+def make_runtime(device_name: str, precision: str, channels_last: bool | str = "auto", tf32: bool = True) -> Runtime:
+    """Device, precision and the device-aware settings, resolved once: ``channels_last`` auto is on for
+    the CPU and off elsewhere (measured: it slows LeNet on an H200 by 26%); on CUDA cuDNN picks its
+    fastest kernels for the (fixed) batch shapes, and ``tf32`` allows TF32 matmuls and convolutions."""
     device = resolve_device(device_name)
+    layout = device.type == "cpu" if channels_last == "auto" else bool(channels_last)
+    allow_tf32 = None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32 = bool(tf32)
     if precision == "fp32":
-        return Runtime(device, precision, contextlib.nullcontext, None)
+        return Runtime(device, precision, contextlib.nullcontext, None, layout, allow_tf32)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
-    return Runtime(device, precision, lambda: torch.autocast(device.type, dtype=dtype), scaler)
+    return Runtime(device, precision, lambda: torch.autocast(device.type, dtype=dtype), scaler, layout, allow_tf32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +263,7 @@ def build_model(cfg: Config, runtime: Runtime | None = None) -> nn.Module:
     init_weights(model, cfg.init)
     if runtime is not None:
         model = model.to(runtime.device)
-        if cfg.train.channels_last:
+        if runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -358,9 +371,11 @@ def prepare(cfg: Config) -> Session:
     DistributedDataParallel (``forward``); ``model`` stays the plain module that checkpoints hold.
     """
     world = join_world(cfg)
+    warm_imports()
     threads = resolve_threads(cfg.train.threads)
-    runtime = make_runtime(world.device_name(cfg.train.device), cfg.train.precision)
-    data = load_data(cfg.data, cfg.seed, runtime.device, channels_last=cfg.train.channels_last)
+    runtime = make_runtime(world.device_name(cfg.train.device), cfg.train.precision, cfg.train.channels_last,
+                           cfg.train.tf32)
+    data = load_data(cfg.data, cfg.seed, runtime.device, channels_last=runtime.channels_last)
     model = build_model(cfg, runtime)
     check_model(model, cfg, data)
     flops = flops_per_image(model)
@@ -378,6 +393,17 @@ def prepare(cfg: Config) -> Session:
         cfg, runtime, data, model, forward, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), optimizer,
         scheduler, steps_per_epoch, torch.Generator().manual_seed(cfg.seed), flops, threads, world, sync_bn,
     )
+
+
+def warm_imports() -> None:
+    """Import torch._dynamo in the background while the data is read and the model built: PyTorch's
+    optimisers import it on their first step (0.8 s here), which would otherwise stall the first batch."""
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            importlib.import_module("torch._dynamo")
+
+    if "torch._dynamo" not in sys.modules:
+        threading.Thread(target=load, name="cnnlab-warm-imports", daemon=True).start()
 
 
 def join_world(cfg: Config) -> World:
@@ -412,6 +438,8 @@ def describe_run(session: Session, run: RunDir) -> RunSummary:
         device_name=runtime.device_name,
         precision=runtime.precision,
         threads=session.threads,
+        channels_last=runtime.channels_last,
+        tf32=runtime.tf32,
         world_size=session.world.size,
         backend=session.world.backend,
         sync_bn=session.sync_bn if session.world.distributed else None,
@@ -468,6 +496,7 @@ def train(
     reporter.start_run(cfg.name, run.path, cfg.train.epochs, resumed=state.epoch + (state.current is not None) > 0)
     wall_before = state.wall_seconds  # time spent in earlier sessions of a resumed run, as its checkpoint says
     run.metrics = state.metrics
+    summary.startup_seconds = _rounded(process_age())  # from the command to the first batch (this session's, on resume)
     try:
         while state.epoch < cfg.train.epochs and not state.stopped_early:
             epoch = state.epoch + 1
@@ -582,6 +611,20 @@ def _record_ending(err: BaseException, session: Session, run: RunDir, state: Tra
             _draw_curves(run)
     except Exception as second:  # e.g. the disk is full: the lock still tells that nobody is training
         warn(f"could not record the ending in {run.path}: {type(second).__name__}: {second}")
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (interpreter start-up included), from /proc where there is one."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stat, open("/proc/uptime", encoding="ascii") as uptime:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+            return max(0.0, float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def for_rank(reporter: Reporter, world: World) -> Reporter:

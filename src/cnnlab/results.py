@@ -234,6 +234,8 @@ class RunSummary(BaseModel):
     device_name: str | None = None
     precision: str | None = None
     threads: int | None = None
+    channels_last: bool | None = None  # the memory layout used (train.channels_last resolved for the device)
+    tf32: bool | None = None  # TF32 matmuls and convolutions allowed (CUDA runs only)
     world_size: int = Field(1, ge=1, le=2**31 - 1)  # processes training this run together (torchrun); 1 for a plain `cnnlab run`
     backend: str | None = None  # their collective backend: nccl (GPUs) or gloo (CPUs)
     sync_bn: bool | None = None  # whether BatchNorm statistics were synchronised over the processes
@@ -255,6 +257,7 @@ class RunSummary(BaseModel):
     train_examples_per_sec: float | None = None
     train_seconds: float | None = None
     wall_seconds: float | None = None
+    startup_seconds: float | None = None  # from the command's start to the first batch (imports, data, model)
     stopped_early: bool | None = None
     resumes: list[dict[str, Any]] = []  # one entry per `cnnlab resume`: when, from where, on what
 
