@@ -36,7 +36,7 @@ browser:
 	  echo "chromium not installed: the HTML report rendering test will be skipped (sudo apt-get install chromium)"
 
 bench: data
-	$(BIN)/python scripts/bench_trainer.py
+	$(BIN)/cnnlab bench configs/lenet.yaml
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

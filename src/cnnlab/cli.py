@@ -281,6 +281,33 @@ def tune(
 
 
 @app.command()
+def bench(
+    config: Annotated[Optional[Path], typer.Argument(help="Experiment config (default: configs/lenet.yaml when it "
+                                                          "exists here, else the built-in defaults: LeNet).",
+                                                     show_default=False)] = None,
+    set_: SetOption = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = "cpu",
+    data_dir: DataDirOption = None,
+    batches: Annotated[int, typer.Option(help="Batches timed per pipeline, in this process.")] = 150,
+    commands: Annotated[bool, typer.Option("--commands/--no-commands", help="Also time the whole commands "
+                                           "(cnnlab run against the d2l replica) as their own processes.")] = True,
+    epochs: Annotated[int, typer.Option(help="Epochs of each whole command.")] = 3,
+    out: Annotated[Optional[Path], typer.Option(help="JSON file to write (default: results/bench/bench-<time>.json).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; just write the JSON.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Time cnnlab's trainer against the lab report's d2l pipeline: img/s, start-up, memory, ratios."""
+    with cli_errors(debug):
+        from cnnlab.bench import run_bench
+
+        if config is None and Path("configs/lenet.yaml").is_file():
+            config = Path("configs/lenet.yaml")
+        overrides = list(set_ or []) + ([f"data.root={data_dir}"] if data_dir else [])
+        run_bench(config, overrides, device=device, batches=batches, commands=commands, epochs=epochs, out=out,
+                  quiet=quiet)
+
+
+@app.command()
 def compare(
     targets: Annotated[list[Path], typer.Argument(help="Run folders, sweep folders, or folders holding runs.",
                                                   show_default=False)],

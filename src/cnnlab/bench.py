@@ -1,0 +1,230 @@
+"""Usage: ``cnnlab bench [configs/lenet.yaml] [--device cuda] [--no-commands]`` (``make bench``).
+
+cnnlab's trainer against a faithful replica of the lab report's d2l pipeline (``d2l_replica``), on
+the same model, initial weights and data, in one run so the ratios mean something:
+
+- in this process, for ``batches`` batches each: end-to-end images/s (data loading included: the
+  report's DataLoader with 4 workers and its per-batch host reads, against cnnlab's on-device
+  batches) and training-step images/s (batches made beforehand, the step alone);
+- with ``commands``: each whole command as its own process, ``cnnlab run CONFIG --epochs N`` against
+  ``python -m cnnlab.d2l_replica CONFIG --epochs N`` (start-up, data, training, evaluation), with
+  wall seconds, cnnlab's start-up seconds (process start to first batch) and each one's peak memory.
+
+Everything goes into a JSON file (``--out``, default ``results/bench/bench-<time>.json``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnlab.config import Config
+from cnnlab.console import SafeConsole
+from cnnlab.errors import UserError
+from cnnlab.results import atomic_write_text, read_summary, utc_now
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def d2l_in_process(cfg: Config, device: torch.device, batches: int) -> dict[str, Any]:
+    """The report's loop over its DataLoader (end to end), then over batches made beforehand (step)."""
+    from cnnlab.d2l_replica import loaders, step, torchvision_layout
+    from cnnlab.engine import build_model
+
+    with torchvision_layout(cfg) as root:
+        train_loader, _ = loaders(root, cfg.train.batch_size)
+        model = build_model(cfg).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
+        loss_fn = nn.CrossEntropyLoss()
+        model.train()
+        _peak_reset(device)
+        iterator = itertools.cycle(train_loader)
+        next(iterator)  # the workers start before the clock does, as a long run would amortise
+        metric = [0.0, 0.0, 0.0]
+        start = time.perf_counter()
+        for x, y in itertools.islice(iterator, batches):
+            step(model, optimizer, loss_fn, x.to(device), y.to(device), metric)
+        _sync(device)
+        end_to_end = metric[2] / (time.perf_counter() - start)
+        ready = [(x.to(device), y.to(device)) for x, y in itertools.islice(iterator, min(batches, 50))]
+        metric = [0.0, 0.0, 0.0]
+        _sync(device)
+        start = time.perf_counter()
+        for x, y in _repeat(ready, batches):
+            step(model, optimizer, loss_fn, x, y, metric)
+        _sync(device)
+        return {"end_to_end_img_s": end_to_end, "step_img_s": metric[2] / (time.perf_counter() - start),
+                "peak_memory_mb": _peak_mb(device)}
+
+
+def _repeat(items: list, count: int) -> Any:
+    return itertools.islice(itertools.cycle(items), count)
+
+
+def cnnlab_in_process(cfg: Config, batches: int) -> dict[str, Any]:
+    """cnnlab's loop (``train_one_epoch``) over on-device batches (end to end), then over batches made
+    beforehand (step)."""
+    from cnnlab.engine import prepare, train_one_epoch
+
+    session = prepare(cfg)
+    device = session.runtime.device
+    data = session.data
+
+    def stream() -> Any:
+        while True:
+            yield from data.batches("train", cfg.train.batch_size, shuffle=True, generator=session.order)
+
+    def run(batch_source: Any) -> float:
+        _sync(device)
+        result = train_one_epoch(session.forward, batch_source, session.optimizer, session.scheduler, session.loss_fn,
+                                 session.runtime, cfg.train.grad_clip)
+        return result["examples"] / max(result["seconds"], 1e-9)
+
+    source = stream()
+    run(itertools.islice(source, 2))  # warm-up: first-call costs are start-up, measured separately
+    _peak_reset(device)
+    end_to_end = run(itertools.islice(source, batches))
+    ready = [(x.clone(), y.clone()) for x, y in itertools.islice(source, min(batches, 50))]
+    step = run(_repeat(ready, batches))
+    return {"end_to_end_img_s": end_to_end, "step_img_s": step, "peak_memory_mb": _peak_mb(device),
+            "device_name": session.runtime.device_name, "threads": session.threads}
+
+
+def _timed_command(command: list[str], env: dict[str, str]) -> tuple[float, float | None, str]:
+    """(wall seconds, peak memory in MB, output) of one command run to its end. The memory is the
+    largest proportional set size (PSS) of the command's whole process tree, its data-loading
+    workers included, sampled ten times a second (Linux; None elsewhere)."""
+    start = time.perf_counter()
+    peak = None
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while process.poll() is None:
+            sample = _tree_pss_mb(process.pid)
+            if sample is not None:
+                peak = max(peak or 0.0, sample)
+            time.sleep(0.1)
+        seconds = time.perf_counter() - start
+        log.seek(0)
+        output = log.read()
+    if process.returncode != 0:
+        raise UserError(f"`{' '.join(command)}` failed (exit {process.returncode}):\n{output[-2000:]}")
+    return seconds, peak, output
+
+
+def _tree_pss_mb(root: int) -> float | None:
+    """The summed PSS (MB) of ``root`` and its descendants, from /proc; None where there is no /proc."""
+    proc = Path("/proc")
+    if not (proc / str(root) / "smaps_rollup").exists():
+        return None
+    children: dict[int, list[int]] = {}
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            for line in (proc / str(pid) / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1024
+
+
+def whole_commands(config_path: Path, overrides: list[str], device: str, epochs: int) -> dict[str, Any]:
+    """Each pipeline as the command a user runs, from process start to exit."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    data_root = next((o.split("=", 1)[1] for o in overrides if o.startswith("data.root=")), None)
+    with tempfile.TemporaryDirectory(prefix="cnnlab-bench-") as tmp:
+        ours = [sys.executable, "-m", "cnnlab", "run", str(config_path), "--epochs", str(epochs), "--device", device,
+                "--results", tmp, "--quiet", *(a for o in overrides for a in ("--set", o))]
+        d2l = [sys.executable, "-m", "cnnlab.d2l_replica", str(config_path), "--epochs", str(epochs), "--device", device,
+               *(["--data-dir", data_root] if data_root else [])]
+        d2l_seconds, d2l_mb, d2l_output = _timed_command(d2l, env)
+        our_seconds, our_mb, _ = _timed_command(ours, env)
+        [summary_path] = Path(tmp).glob("*/*/summary.json")
+        summary = read_summary(summary_path)
+    d2l_test = next((line.split("test acc ")[1] for line in d2l_output.splitlines() if "test acc " in line), None)
+    return {"epochs": epochs, "d2l_seconds": d2l_seconds, "cnnlab_seconds": our_seconds,
+            "ratio": d2l_seconds / our_seconds, "cnnlab_startup_seconds": summary.startup_seconds,
+            "cnnlab_test_acc": summary.test_acc, "d2l_test_acc": float(d2l_test) if d2l_test else None,
+            "d2l_peak_pss_mb": d2l_mb, "cnnlab_peak_pss_mb": our_mb}
+
+
+def _mb(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:,.0f} MB"
+
+
+def run_bench(config_path: Path | None, overrides: list[str], *, device: str = "cpu", batches: int = 150,
+              commands: bool = True, epochs: int = 3, out: Path | None = None, quiet: bool = False) -> tuple[dict, Path]:
+    from cnnlab.config import load_config
+    from cnnlab.engine import resolve_device
+
+    if batches < 1 or epochs < 1:
+        raise UserError("--batches and --epochs must be at least 1")
+    cfg = load_config(config_path, [*overrides, f"train.device={device}"])
+    resolved = resolve_device(device)
+    if out is not None and Path(out).is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name, e.g. {Path(out) / 'bench.json'}")
+    console = SafeConsole()
+    say = (lambda text: None) if quiet else (lambda text: console.print(text, soft_wrap=True))
+    say(f"bench {cfg.name}: {cfg.model.name}, batch {cfg.train.batch_size}, {batches} batches each, on {resolved}")
+    ours = cnnlab_in_process(cfg, batches)
+    say(f"cnnlab  end to end {ours['end_to_end_img_s']:>10,.0f} img/s   step {ours['step_img_s']:>10,.0f} img/s")
+    theirs = d2l_in_process(cfg, resolved, batches)
+    say(f"d2l     end to end {theirs['end_to_end_img_s']:>10,.0f} img/s   step {theirs['step_img_s']:>10,.0f} img/s")
+    result: dict[str, Any] = {
+        "config": str(config_path) if config_path else None, "overrides": overrides, "name": cfg.name,
+        "model": cfg.model.name, "batch_size": cfg.train.batch_size, "batches": batches, "device": str(resolved),
+        "device_name": ours.pop("device_name"), "threads": ours.pop("threads"), "torch_version": str(torch.__version__),
+        "python": platform.python_version(), "host": socket.gethostname(), "measured": utc_now(),
+        "cnnlab": ours, "d2l": theirs,
+        "ratio": {"end_to_end": ours["end_to_end_img_s"] / theirs["end_to_end_img_s"],
+                  "step": ours["step_img_s"] / theirs["step_img_s"]},
+    }
+    say(f"ratio   end to end {result['ratio']['end_to_end']:.2f}x   step {result['ratio']['step']:.2f}x")
+    if commands:
+        if config_path is None:
+            raise UserError("--commands times `cnnlab run CONFIG`: give a config file (e.g. configs/lenet.yaml)")
+        say(f"whole commands, {epochs} epochs each ...")
+        result["commands"] = whole_commands(Path(config_path), overrides, device, epochs)
+        c = result["commands"]
+        say(f"commands  d2l {c['d2l_seconds']:.1f} s, cnnlab {c['cnnlab_seconds']:.1f} s: {c['ratio']:.2f}x; "
+            f"cnnlab start-up {c['cnnlab_startup_seconds']} s; peak memory d2l {_mb(c['d2l_peak_pss_mb'])}, "
+            f"cnnlab {_mb(c['cnnlab_peak_pss_mb'])}")
+    path = Path(out) if out is not None else \
+        Path(cfg.output.dir) / "bench" / f"bench-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    say(f"-> {path}")
+    return result, path

@@ -1,0 +1,59 @@
+"""`cnnlab bench` on tiny data: the plumbing (both pipelines, both whole commands, the JSON), not the speed."""
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+runner = CliRunner()
+
+
+def test_bench_times_both_pipelines_and_both_commands_into_one_json(tmp_path, tiny_data):
+    config = tmp_path / "lenet.yaml"
+    config.write_text(f"extends: {CONFIGS / 'lenet.yaml'}\ndata: {{root: {tiny_data}, check_counts: false, val_size: 100}}\n"
+                      "train: {batch_size: 32}\n")
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", str(config), "--batches", "4", "--epochs", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    for pipeline in ("cnnlab", "d2l"):
+        assert report[pipeline]["end_to_end_img_s"] > 0 and report[pipeline]["step_img_s"] > 0
+    assert report["ratio"]["end_to_end"] == report["cnnlab"]["end_to_end_img_s"] / report["d2l"]["end_to_end_img_s"]
+    commands = report["commands"]
+    assert commands["epochs"] == 1 and commands["d2l_seconds"] > 0 and commands["cnnlab_seconds"] > 0
+    assert commands["ratio"] == commands["d2l_seconds"] / commands["cnnlab_seconds"]
+    assert 0 < commands["cnnlab_startup_seconds"] < commands["cnnlab_seconds"]
+    assert 0 <= commands["cnnlab_test_acc"] <= 1 and 0 <= commands["d2l_test_acc"] <= 1
+    assert commands["cnnlab_peak_pss_mb"] > 10 and commands["d2l_peak_pss_mb"] > 10  # torch alone is more
+    assert report["device"] == "cpu" and report["batch_size"] == 32 and report["batches"] == 4
+    assert "ratio   end to end" in result.output
+
+
+def test_bench_refuses_bad_options(tmp_path):
+    result = runner.invoke(app, ["bench", str(CONFIGS / "lenet.yaml"), "--batches", "0"])
+    assert result.exit_code == 2 and "--batches and --epochs must be at least 1" in result.output
+    result = runner.invoke(app, ["bench", str(CONFIGS / "lenet.yaml"), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder" in result.output
+
+
+def test_the_gpu_check_script_collects_every_figure_into_one_json(tmp_path, tiny_data):
+    """scripts/gpu_check.sh, run on the CPU with tiny data: its steps run and its JSON gathers them."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.sh"
+    env = {**os.environ, "OUT": str(tmp_path / "check"), "DEVICE": "cpu", "STEPS": "bench baseline", "EPOCHS": "1",
+           "BATCHES": "2", "PYTHON": sys.executable, "CNNLAB_DATA": str(tiny_data)}
+    env["SETS"] = "data.check_counts=false data.val_size=100"  # the tiny data set is not Fashion-MNIST's size
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
+    steps = {s["step"]: s for s in report["steps"]}
+    assert set(steps) == {"bench_lenet", "bench_resnet", "baseline"}
+    assert all(s["exit_code"] == 0 for s in steps.values()), [(tmp_path / "check" / f"{n}.log").read_text() for n in steps]
+    assert report["bench_lenet"]["commands"]["ratio"] > 0 and report["bench_resnet"]["model"] == "resnet"
+    assert report["baseline"]["status"] == "completed" and report["baseline"]["epochs_completed"] == 1
