@@ -371,13 +371,15 @@ def prepare(cfg: Config) -> Session:
     DistributedDataParallel (``forward``); ``model`` stays the plain module that checkpoints hold.
     """
     world = join_world(cfg)
-    warm_imports()
+    warming = warm_imports()
     threads = resolve_threads(cfg.train.threads)
     runtime = make_runtime(world.device_name(cfg.train.device), cfg.train.precision, cfg.train.channels_last,
                            cfg.train.tf32)
     data = load_data(cfg.data, cfg.seed, runtime.device, channels_last=runtime.channels_last)
     model = build_model(cfg, runtime)
     check_model(model, cfg, data)
+    if warming is not None:
+        warming.join()
     flops = flops_per_image(model)
     model, sync_bn = use_sync_batchnorm(model, cfg.train.sync_bn, world, runtime.device)
     parallel = model
@@ -395,15 +397,19 @@ def prepare(cfg: Config) -> Session:
     )
 
 
-def warm_imports() -> None:
+def warm_imports() -> threading.Thread | None:
     """Import torch._dynamo in the background while the data is read and the model built: PyTorch's
-    optimisers import it on their first step (0.8 s here), which would otherwise stall the first batch."""
+    FLOP counter and optimisers import it on first use (0.7 s here). The caller joins the thread
+    before anything of its own could import it, so two threads never import torch's modules at once."""
     def load() -> None:
         with contextlib.suppress(Exception):
             importlib.import_module("torch._dynamo")
 
-    if "torch._dynamo" not in sys.modules:
-        threading.Thread(target=load, name="cnnlab-warm-imports", daemon=True).start()
+    if "torch._dynamo" in sys.modules:
+        return None
+    thread = threading.Thread(target=load, name="cnnlab-warm-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 def join_world(cfg: Config) -> World:
