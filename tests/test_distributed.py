@@ -97,7 +97,8 @@ def worker_pids(parent: int, rank: int) -> list[int]:
 def test_a_killed_worker_restarts_with_the_others_and_continues_from_the_checkpoint(tmp_path):
     data = write_dataset(tmp_path / "data", n_train=3000, n_test=200)
     config = write_config(tmp_path, data, "restart", epochs=10)
-    process = torchrun("--max-restarts", "1", "-m", "cnnlab", "run", str(config), "--quiet", "--resume", "auto")
+    # No --resume auto: a restart by torchrun implies it (the first attempt starts the run afresh).
+    process = torchrun("--max-restarts", "1", "-m", "cnnlab", "run", str(config), "--quiet")
     metrics, killed = tmp_path / "results" / "restart", None
     deadline = time.monotonic() + 240
     while process.poll() is None and killed is None and time.monotonic() < deadline:

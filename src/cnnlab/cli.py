@@ -9,6 +9,7 @@ or a file supplies is printed literally: the consoles never interpret rich marku
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,6 +144,8 @@ def run(
         if resume not in (None, "auto"):
             raise UserError(f"--resume {resume!r}: the only choice is auto; to continue one run folder use "
                             "`cnnlab resume RUN`")
+        if resume is None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+            resume = "auto"  # torchrun restarted its workers (--max-restarts): continue the run they were training
 
         overrides = list(set_ or [])
         for key, value in (
