@@ -9,6 +9,7 @@
 # Steps (STEPS, in this order):
 #   bench     cnnlab bench on LeNet (whole commands too) and on the report's ResNet
 #   baseline  the 20-epoch LeNet baseline (configs/lenet.yaml)
+#   graphs    the same with the training step captured as a CUDA graph (train.cuda_graphs=true)
 #   resnet9   the ResNet-9 recipe (configs/resnet9.yaml)
 #   sweep     the whole lab report: cnnlab sweep configs/seed/ --jobs 4 (several minutes)
 #   tests     the test suite
@@ -20,7 +21,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check}
 DEVICE=${DEVICE:-cuda}
-STEPS=${STEPS:-bench baseline resnet9 sweep tests}
+STEPS=${STEPS:-bench baseline graphs resnet9 sweep tests}
 JOBS=${JOBS:-4}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -60,6 +61,11 @@ for s in $STEPS; do
     baseline)
       step baseline "${CNNLAB[@]}" run configs/lenet.yaml --device "$DEVICE" --results "$OUT/baseline" --quiet \
         "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}" ;;
+    graphs)
+      step graphs "${CNNLAB[@]}" run configs/lenet.yaml --device "$DEVICE" --results "$OUT/graphs" --quiet \
+        --set train.cuda_graphs=true "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}"
+      step graphs_resnet9 "${CNNLAB[@]}" run configs/resnet9.yaml --device "$DEVICE" --results "$OUT/graphs_resnet9" \
+        --quiet --set train.cuda_graphs=true "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}" ;;
     resnet9)
       step resnet9 "${CNNLAB[@]}" run configs/resnet9.yaml --device "$DEVICE" --results "$OUT/resnet9" --quiet \
         "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}" ;;
@@ -68,7 +74,7 @@ for s in $STEPS; do
         --results "$OUT/seed" --quiet "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}" ;;
     tests)
       step tests "$PYTHON" -m pytest -q -p no:cacheprovider ;;
-    *) echo "unknown step: $s (bench baseline resnet9 sweep tests)" >&2; exit 2 ;;
+    *) echo "unknown step: $s (bench baseline graphs resnet9 sweep tests)" >&2; exit 2 ;;
   esac
 done
 
@@ -88,12 +94,13 @@ except Exception as err:
 for name in ("bench_lenet", "bench_resnet"):
     if (out / f"{name}.json").is_file():
         report[name] = json.loads((out / f"{name}.json").read_text())
-for name in ("baseline", "resnet9"):
+for name in ("baseline", "graphs", "resnet9", "graphs_resnet9"):
     found = sorted((out / name).glob("*/*/summary.json"))
     if found:
         s = json.loads(found[-1].read_text())
         report[name] = {k: s.get(k) for k in ("status", "test_acc", "best_val_acc", "epochs_completed", "wall_seconds",
-                                              "train_seconds", "train_examples_per_sec", "startup_seconds", "device_name")}
+                                              "train_seconds", "train_examples_per_sec", "startup_seconds", "device_name",
+                                              "train_step", "train_step_note")}
 sweeps = sorted((out / "seed" / "sweeps").glob("*/2*/trials.json"))
 if sweeps:
     rows = json.loads(sweeps[-1].read_text())

@@ -111,6 +111,9 @@ class TrainConfig(Section):
     # NHWC memory layout. auto: on for the CPU (convolutions about 20% faster on this project's 2-core CPU),
     # off for GPUs (it cost LeNet 26% of its speed on an H200, measured; set true for large convolutions in bf16)
     channels_last: bool | Literal["auto"] = "auto"
+    # The training step as one CUDA-graph replay per batch (capture.py). auto: on CUDA when the run allows it.
+    # Off by default until measured on a GPU; true on the CPU runs the same static step eagerly (tests).
+    cuda_graphs: bool | Literal["auto"] = False
     tf32: bool = True  # on Ampere and newer GPUs: TF32 for fp32 matmuls and convolutions (faster; ~1e-3 relative precision)
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
     grad_clip: float | None = Field(None, gt=0)  # clip the global gradient norm to this value; null = off

@@ -315,6 +315,8 @@ class Session:
     threads: int
     world: World = field(default_factory=World)
     sync_bn: bool = False
+    static_step: Any = None  # capture.StaticStep when the step runs over static buffers (train.cuda_graphs)
+    step_note: str | None = None  # why it does not, when it was asked for
 
     @property
     def generators(self) -> dict[str, torch.Generator | None]:
@@ -391,10 +393,29 @@ def prepare(cfg: Config) -> Session:
     optimizer = make_optimizer(model, cfg.optim)
     steps_per_epoch = data.num_batches("train", cfg.train.batch_size, shuffle=True, min_last=world.min_last_batch)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
-    return Session(
+    session = Session(
         cfg, runtime, data, model, forward, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), optimizer,
         scheduler, steps_per_epoch, torch.Generator().manual_seed(cfg.seed), flops, threads, world, sync_bn,
     )
+    choose_step(session)
+    return session
+
+
+def choose_step(session: Session) -> None:
+    """The static (CUDA-graph) step where ``train.cuda_graphs`` asks for it and the run allows it;
+    otherwise the ordinary step, with one line saying why when it was asked for."""
+    from cnnlab.capture import StaticStep, why_not
+
+    wanted, on_cuda = session.cfg.train.cuda_graphs, session.runtime.device.type == "cuda"
+    if wanted is False or (wanted == "auto" and not on_cuda):
+        return
+    reason = why_not(session)
+    if reason is not None:
+        session.step_note = f"train.cuda_graphs: off: {reason}"
+        if session.world.is_main:
+            warn(session.step_note)
+        return
+    session.static_step = StaticStep(session, graphs=on_cuda)
 
 
 def warm_imports() -> threading.Thread | None:
@@ -446,6 +467,8 @@ def describe_run(session: Session, run: RunDir) -> RunSummary:
         threads=session.threads,
         channels_last=runtime.channels_last,
         tf32=runtime.tf32,
+        train_step=("cuda-graph" if session.static_step.graphs else "static") if session.static_step else "ordinary",
+        train_step_note=session.step_note,
         world_size=session.world.size,
         backend=session.world.backend,
         sync_bn=session.sync_bn if session.world.distributed else None,
@@ -513,11 +536,14 @@ def train(
             session.order.set_state(progress.order_state)  # the epoch's permutation, drawn again on resume
             reporter.start_epoch(epoch, session.steps_per_epoch, done=progress.batches)
             epoch_start = time.perf_counter() - progress.seconds
-            batches = world.shard(data.batches("train", cfg.train.batch_size, shuffle=True, generator=session.order,
-                                               skip=progress.batches, min_last=world.min_last_batch))
-            train_metrics = train_one_epoch(session.forward, batches, optimizer, session.scheduler, session.loss_fn,
-                                            runtime, cfg.train.grad_clip, reporter, progress=progress, stop=stop,
-                                            world=world)
+            if session.static_step is not None:
+                train_metrics = train_epoch_static(session, progress, reporter, stop)
+            else:
+                batches = world.shard(data.batches("train", cfg.train.batch_size, shuffle=True, generator=session.order,
+                                                   skip=progress.batches, min_last=world.min_last_batch))
+                train_metrics = train_one_epoch(session.forward, batches, optimizer, session.scheduler, session.loss_fn,
+                                                runtime, cfg.train.grad_clip, reporter, progress=progress, stop=stop,
+                                                world=world)
             if not math.isfinite(train_metrics["loss"]):
                 raise TrainingError(
                     f"the training loss diverged ({train_metrics['loss']}) in epoch {epoch}; lower optim.lr "
@@ -581,6 +607,27 @@ def train(
         run.unlock()
     reporter.finish(summary.to_dict(), run.path)
     return summary.to_dict()
+
+
+def train_epoch_static(session: Session, progress: EpochProgress, reporter: Reporter, stop: StopSignals) -> dict[str, float]:
+    """One epoch through the static step: the same permutation ``Data.batches`` draws, its full
+    batches replayed (or run eagerly), a last short batch through the ordinary step."""
+    cfg, data = session.cfg, session.data
+    batch_size, n = cfg.train.batch_size, len(data.train)
+    used = data.num_batches("train", batch_size, shuffle=True) * batch_size  # as Data.batches, a short last one counted
+    full = min(n, used) // batch_size
+    permutation = torch.randperm(n, generator=session.order).to(data.train.images.device)
+    session.forward.train()
+    start = time.perf_counter()
+    try:
+        session.static_step.run_epoch(progress, permutation, full, lambda: None, reporter, stop)
+    finally:
+        progress.seconds += time.perf_counter() - start
+    session.order.set_state(progress.order_state)  # the same permutation again, for the short last batch
+    rest = data.batches("train", batch_size, shuffle=True, generator=session.order, skip=full) if progress.batches < \
+        session.steps_per_epoch else iter(())
+    return train_one_epoch(session.forward, rest, session.optimizer, session.scheduler, session.loss_fn, session.runtime,
+                           cfg.train.grad_clip, reporter, progress=progress, stop=stop)
 
 
 def _record_ending(err: BaseException, session: Session, run: RunDir, state: TrainState, summary: RunSummary,
