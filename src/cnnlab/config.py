@@ -132,6 +132,8 @@ class TrainConfig(Section):
 class OutputConfig(Section):
     dir: Path = Path("results")  # runs go to <dir>/<name>/<run id>/ ('~' is the home folder)
     checkpoints: bool = True  # write checkpoints/best.pt and last.pt (full training state: resume needs them)
+    loggers: list[Literal["tensorboard", "mlflow"]] = []  # also log to TensorBoard (<run>/tb/) and/or MLflow
+    mlflow_uri: str | None = None  # MLflow tracking URI; null: SQLite mlflow.db in output.dir (a sweep's: its results root)
 
     @field_validator("dir")
     @classmethod

@@ -373,6 +373,10 @@ def prepare(cfg: Config) -> Session:
     DistributedDataParallel (``forward``); ``model`` stays the plain module that checkpoints hold.
     """
     world = join_world(cfg)
+    if cfg.output.loggers:
+        from cnnlab.loggers import check_loggers
+
+        check_loggers(cfg.output.loggers)
     warming = warm_imports()
     threads = resolve_threads(cfg.train.threads)
     runtime = make_runtime(world.device_name(cfg.train.device), cfg.train.precision, cfg.train.channels_last,
@@ -522,7 +526,13 @@ def train(
     cfg, data, runtime, model, optimizer = session.cfg, session.data, session.runtime, session.model, session.optimizer
     world = session.world
     reporter = for_rank(reporter, world)
-    reporter.start_run(cfg.name, run.path, cfg.train.epochs, resumed=state.epoch + (state.current is not None) > 0)
+    if world.is_main and cfg.output.loggers:
+        from cnnlab.events import FanOut
+        from cnnlab.loggers import make_loggers
+
+        reporter = FanOut(reporter, *make_loggers(cfg.to_dict(), run.path))
+    reporter.start_run(cfg.name, run.path, cfg.train.epochs, resumed=state.epoch + (state.current is not None) > 0,
+                       config=cfg.to_dict())
     wall_before = state.wall_seconds  # time spent in earlier sessions of a resumed run, as its checkpoint says
     run.metrics = state.metrics
     summary.startup_seconds = _rounded(process_age())  # from the command to the first batch (this session's, on resume)

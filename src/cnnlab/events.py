@@ -40,9 +40,10 @@ class FanOut(Reporter):
         super().__init__(enabled=False)
         self.listeners = [listener for listener in listeners if listener is not None]
 
-    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False) -> None:
+    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False,
+                  config: dict[str, Any] | None = None) -> None:
         for listener in self.listeners:
-            listener.start_run(name, run_dir, epochs, resumed)
+            listener.start_run(name, run_dir, epochs, resumed, config)
 
     def start_epoch(self, epoch: int, batches: int, done: int = 0) -> None:
         for listener in self.listeners:
@@ -85,7 +86,8 @@ class EventWriter(Reporter):
         except (OSError, ValueError):
             self.stream = None  # the reader is gone: training goes on without it
 
-    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False) -> None:
+    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False,
+                  config: dict[str, Any] | None = None) -> None:
         self.epochs = epochs
         self.emit("run_start", name=name, run_dir=str(Path(run_dir).resolve()), epochs=epochs, resumed=resumed)
 

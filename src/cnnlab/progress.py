@@ -23,14 +23,18 @@ REFRESH_SECONDS = 0.25
 
 
 class Reporter:
-    """Prints one line per epoch. Subclasses add live progress."""
+    """A run's listener: start_run (with the resolved config), start_epoch, advance, end_epoch (with
+    the metrics row), message, finish (with the summary). This base prints one line per epoch;
+    subclasses add live progress, and the loggers (loggers.py) and launchers' event writers
+    (events.py) are listeners of the same shape."""
 
     def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
         self.console = console or SafeConsole()
         self.enabled = enabled
         self.epochs = 0
 
-    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False) -> None:
+    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False,
+                  config: dict[str, Any] | None = None) -> None:
         self.epochs = epochs
         self.message(f"{'resume' if resumed else 'run'} {name}: {epochs} epochs -> {run_dir}")
 

@@ -44,7 +44,8 @@ class TrialRecorder(Reporter):
         self.run_dir: Path | None = None
         self.error = ""
 
-    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False) -> None:
+    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False,
+                  config: dict[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
 
     def on_event(self, event: dict[str, Any]) -> None:

@@ -190,7 +190,8 @@ class TuneReporter(Reporter):
         super().__init__(enabled=False)
         self.box = box
 
-    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False) -> None:
+    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False,
+                  config: dict[str, Any] | None = None) -> None:
         self.epochs = epochs
         self.box["run_dir"] = str(Path(run_dir).resolve())
 

@@ -1,0 +1,118 @@
+"""TensorBoard and MLflow as listeners of a run: read back with their own readers (a real SQLite
+MLflow store, not a mock), and the MLflow UI rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlflow", reason="the mlflow extra is not installed (pip install 'cnnlab[mlflow]')")
+pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install 'cnnlab[tensorboard]')")
+
+from cnnlab.config import load_config  # noqa: E402
+from cnnlab.engine import fit  # noqa: E402
+
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """A 2-epoch run on tiny data with both loggers: (run folder, summary, MLflow store URI)."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import write_dataset
+
+    root = tmp_path_factory.mktemp("logged")
+    data = write_dataset(root / "data")
+    cfg = load_config(None, [f"data.root={data}", "data.check_counts=false", "data.val_size=100", "train.epochs=2",
+                             "train.batch_size=32", "train.device=cpu", "model.activation=relu", "optim.lr=0.1",
+                             f"output.dir={root / 'results'}", "output.loggers=[tensorboard, mlflow]"])
+    summary = fit(cfg, quiet=True)
+    return Path(summary["run_dir"]), summary, f"sqlite:///{root / 'results' / 'mlflow.db'}"
+
+
+def test_tensorboard_reads_back_every_epoch_and_the_hparams(logged):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, summary, _ = logged
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0}).Reload()
+    for tag in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+        assert [e.step for e in events.Scalars(tag)] == [1, 2]
+    assert events.Scalars("val_acc")[-1].value == pytest.approx(summary["final"]["val_acc"], abs=1e-6)
+    assert "curves" in events.Tags()["images"]
+    hparams = events.PluginTagToContent("hparams")  # TensorBoard's HPARAMS tab reads these
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    assert b"optim.lr" in hparams["_hparams_/session_start_info"]
+    final = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
+    assert final.Scalars("final/test_acc")[-1].value == pytest.approx(summary["test_acc"], abs=1e-6)
+
+
+def test_mlflow_has_the_run_its_params_metrics_and_artifacts(logged):
+    from mlflow.tracking import MlflowClient
+
+    run_dir, summary, uri = logged
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(summary["name"])
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["cnnlab.run_dir"] == str(run_dir.resolve())
+    assert run.data.params["optim.lr"] == "0.1" and run.data.params["model.activation"] == "relu"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
+    assert run.data.metrics["test_acc"] == pytest.approx(summary["test_acc"])
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.csv", "summary.json", "curves.png", "checkpoints"} <= files
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (make test installs it as root)")
+def test_the_mlflow_ui_shows_the_run_in_a_real_browser(logged, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    run_dir, summary, uri = logged
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(summary["name"])
+    port = free_port()
+    server = subprocess.Popen([MLFLOW, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        page = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs"
+        dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
+                              "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+        assert run_dir.name in dom, dom[-2000:]  # the run's name, rendered by MLflow's own UI
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_a_logger_whose_package_is_missing_is_a_config_error(tmp_path, tiny_overrides):
+    config = tmp_path / "logged.yaml"
+    config.write_text("name: logged\noutput: {loggers: [mlflow]}\n")
+    hide_mlflow = "import sys; sys.modules['mlflow'] = None; from cnnlab.entry import main; main()"
+    sets = [a for o in tiny_overrides for a in ("--set", o)]
+    result = subprocess.run([sys.executable, "-c", hide_mlflow, "run", str(config), *sets], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "output.loggers: mlflow needs the mlflow package, which is not installed; install it with: " \
+           "pip install 'cnnlab[mlflow]'" in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.rglob("summary.json"))
