@@ -311,6 +311,57 @@ def bench(
 
 
 @app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run's folder.", show_default=False)],
+    images: Annotated[Optional[list[Path]], typer.Argument(help="PNG or JPEG files: any size or colour.",
+                                                           show_default=False)] = None,
+    split: Annotated[str, typer.Option(help="With --image: test or val.")] = "test",
+    image: Annotated[Optional[int], typer.Option(help="Classify image N of --split instead of files.")] = None,
+    top: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    trust_code: TrustCodeOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Classify your own pictures (or a data-set image) with a trained run: top classes and probabilities."""
+    with cli_errors(debug):
+        import json
+
+        from cnnlab.inference import predict as classify
+
+        if split not in ("test", "val"):
+            raise UserError(f"--split {split!r}: choose test or val")
+        results = classify(run_dir, list(images or []), split=split, index=image, top=top, trust_code=trust_code)
+        if as_json:
+            out.print(json.dumps([{"image": r.source, "label": r.label,
+                                   "top": [{"class": c, "probability": p} for c, p in r.top]} for r in results],
+                                 indent=2), soft_wrap=True)
+            return
+        for result in results:
+            label = f"  (true: {result.label})" if result.label else ""
+            out.print(Text.assemble((result.source, "bold"), label))
+            for name, probability in result.top:
+                out.print(f"  {probability:7.2%}  {name}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run's folder.", show_default=False)],
+    format_: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write (default: "
+                                                   "<run>/model.onnx or <run>/model.pt).")] = None,
+    trust_code: TrustCodeOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Export the trained model (normalisation folded in: it takes raw [0, 1] pixels), checked against PyTorch."""
+    with cli_errors(debug):
+        from cnnlab.inference import export as write_export
+
+        done = write_export(run_dir, format_, output, trust_code=trust_code)
+        out.print(f"{format_} model -> {done.path}  (max abs difference of logits against PyTorch on "
+                  f"{done.images} test images: {done.max_difference:.2e})")
+
+
+@app.command()
 def compare(
     targets: Annotated[list[Path], typer.Argument(help="Run folders, sweep folders, or folders holding runs.",
                                                   show_default=False)],

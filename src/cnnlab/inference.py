@@ -1,0 +1,213 @@
+"""Usage: ``cnnlab predict RUN shoe.jpg``; ``cnnlab export RUN --format onnx``: using a trained model.
+
+``predict`` classifies the user's own pictures: any PNG or JPEG, any size or colour, is made into a
+Fashion-MNIST image the way the data set was made (grey, the longer side fitted to 28 pixels and
+centred on a black square, inverted first when its background is light, since Fashion-MNIST's
+garments are light on black), then normalised as the run was trained. ``export`` writes the model
+with that normalisation folded in as its first layer, so the file takes raw [0, 1] pixels
+(N x 1 x 28 x 28), and refuses to write a file whose outputs differ from PyTorch's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnlab.data import CLASSES, IMAGE_SIZE
+from cnnlab.errors import UserError
+
+MAX_IMAGE_BYTES = 50 << 20  # a photo is a few MB; a larger file is not one to classify
+MAX_IMAGE_PIXELS = 40_000_000  # PIL's decompression-bomb guard, lowered: 40 megapixels
+EXPORT_TOLERANCE = 1e-4  # max abs difference of logits an export may show against PyTorch
+CHECK_IMAGES = 256
+
+
+class Normalized(nn.Module):
+    """The trained model behind its input normalisation: takes raw [0, 1] pixels."""
+
+    def __init__(self, model: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("std", torch.tensor(std))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model((pixels - self.mean) / self.std)
+
+
+def pixel_stats(opened: Any) -> tuple[float, float]:
+    """(mean, std) the run normalised with: from its summary, else from its data (older runs)."""
+    if not opened.cfg.data.normalize:
+        return 0.0, 1.0
+    mean, std = opened.summary.pixel_mean, opened.summary.pixel_std
+    if mean is None or std is None:
+        data = opened.load_data()
+        mean, std = data.mean, data.std
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise UserError(f"{opened.path / 'summary.json'}: pixel_mean {mean} / pixel_std {std} cannot normalise images")
+    return float(mean), float(std)
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """A picture as a Fashion-MNIST image: uint8 [1, 28, 28], light garment on black."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such image file")
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"{path}: the file is empty")
+    if size > MAX_IMAGE_BYTES:
+        raise UserError(f"{path}: {size:,} bytes is too large for a picture to classify (at most {MAX_IMAGE_BYTES:,})")
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                if opened.format not in ("PNG", "JPEG"):
+                    raise UserError(f"{path}: a {opened.format} image; give a PNG or JPEG")
+                image = ImageOps.exif_transpose(opened).convert("L")
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise UserError(f"{path}: not an image cnnlab can read ({type(err).__name__}); give a PNG or JPEG") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"{path}: a damaged image ({err})") from None
+    if _background(image) > 127:
+        image = ImageOps.invert(image)
+    width, height = image.size
+    scale = IMAGE_SIZE / max(width, height)
+    fitted = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS) \
+        if (width, height) != (IMAGE_SIZE, IMAGE_SIZE) else image
+    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    canvas.paste(fitted, ((IMAGE_SIZE - fitted.width) // 2, (IMAGE_SIZE - fitted.height) // 2))
+    return torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).reshape(1, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def _background(image: Any) -> float:
+    """The mean grey of the picture's border: its background."""
+    width, height = image.size
+    pixels = image.load()
+    border = [pixels[x, y] for x in range(width) for y in (0, height - 1)] + \
+             [pixels[x, y] for y in range(height) for x in (0, width - 1)]
+    return sum(border) / len(border)
+
+
+@dataclass
+class Prediction:
+    source: str
+    top: list[tuple[str, float]]  # (class, probability), most likely first
+    label: str | None = None  # the true class, for a data-set image
+
+
+def predict(run_dir: Path, images: list[Path], *, split: str | None = None, index: int | None = None, top: int = 3,
+            trust_code: bool = False) -> list[Prediction]:
+    from cnnlab.runs import open_run
+
+    if not images and index is None:
+        raise UserError("give image files, or --image N (with --split test or val) for a data-set image")
+    if images and index is not None:
+        raise UserError("give image files or --image N, not both")
+    if not 1 <= top <= len(CLASSES):
+        raise UserError(f"--top {top}: choose 1 to {len(CLASSES)}")
+    opened = open_run(run_dir, trust_code=trust_code)
+    model = Normalized(opened.model, *pixel_stats(opened)).eval()
+    sources, labels, batch = [], [], []
+    if index is not None:
+        data = opened.load_data()
+        chosen = data.split(split or "test")
+        if not 0 <= index < len(chosen):
+            raise UserError(f"--image {index}: the {split or 'test'} split has images 0 to {len(chosen) - 1}")
+        batch.append(chosen.images[index])
+        sources.append(f"{split or 'test'} image {index}")
+        labels.append(CLASSES[int(chosen.labels[index])])
+    else:
+        for path in images:
+            batch.append(load_image(path))
+            sources.append(str(path))
+            labels.append(None)
+    with torch.no_grad():
+        probabilities = model(torch.stack(batch).float() / 255).softmax(1)
+    results = []
+    for source, label, row in zip(sources, labels, probabilities):
+        values, classes = row.topk(top)
+        results.append(Prediction(source, [(CLASSES[int(c)], float(v)) for v, c in zip(values, classes)], label))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+@dataclass
+class Export:
+    path: Path
+    max_difference: float
+    images: int
+
+
+def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool = False) -> Export:
+    """The run's model (best checkpoint, normalisation folded in) as ONNX or TorchScript, checked on
+    256 test images against PyTorch; nothing is written unless it agrees to 1e-4."""
+    from cnnlab.runs import open_run
+
+    if fmt not in ("onnx", "torchscript"):
+        raise UserError(f"--format {fmt!r}: choose onnx or torchscript")
+    opened = open_run(run_dir, trust_code=trust_code)
+    out = Path(out) if out is not None else opened.path / f"model.{'onnx' if fmt == 'onnx' else 'pt'}"
+    if out.is_dir():
+        raise UserError(f"-o {out} is a folder; give a file name")
+    model = Normalized(opened.model, *pixel_stats(opened)).eval()
+    data = opened.load_data()
+    pixels = data.test.images[:CHECK_IMAGES].float() / 255
+    with torch.no_grad():
+        expected = model(pixels)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        got = _export_onnx(model, pixels, temporary) if fmt == "onnx" else _export_torchscript(model, pixels, temporary)
+        difference = float((got - expected).abs().max())
+        if not difference <= EXPORT_TOLERANCE:
+            raise UserError(f"the {fmt} export differs from the PyTorch model by {difference:.3g} on {len(pixels)} test "
+                            f"images (more than {EXPORT_TOLERANCE}); not writing {out}")
+        os.replace(temporary, out)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return Export(out, difference, len(pixels))
+
+
+def _export_torchscript(model: nn.Module, pixels: torch.Tensor, path: str) -> torch.Tensor:
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream, and still what many runtimes load
+        warnings.simplefilter("ignore", FutureWarning)
+        with torch.no_grad():
+            traced = torch.jit.trace(model, pixels[:2])
+        traced.save(path)
+        loaded = torch.jit.load(path)  # the file as written, not the object in memory
+    with torch.no_grad():
+        return loaded(pixels)
+
+
+def _export_onnx(model: nn.Module, pixels: torch.Tensor, path: str) -> torch.Tensor:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("--format onnx needs onnx, onnxscript and onnxruntime; install them with: "
+                        "pip install 'cnnlab[onnx]'") from None
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (pixels[:2],), dynamo=True, input_names=["pixels"], output_names=["logits"],
+                                    dynamic_shapes={"pixels": {0: batch}}, verbose=False)
+    program.save(path)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    [result] = session.run(None, {"pixels": pixels.numpy()})
+    return torch.from_numpy(result)

@@ -1,0 +1,116 @@
+"""`cnnlab predict` on pictures and data-set images, and `cnnlab export` through the real runtimes."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cnnlab import inference
+from cnnlab.cli import app
+from cnnlab.errors import UserError
+from cnnlab.inference import export, predict
+from cnnlab.runs import open_run
+
+runner = CliRunner()
+
+
+def test_a_picture_of_a_data_set_image_gets_the_class_eval_gives_it(trained, tmp_path):
+    run_dir, _ = trained
+    opened = open_run(run_dir)
+    test = opened.load_data().test
+    for index in (0, 7):
+        as_data = predict(run_dir, [], index=index)[0]
+        picture = tmp_path / f"test{index}.png"
+        Image.fromarray(test.images[index, 0].numpy()).save(picture)
+        as_file = predict(run_dir, [picture])[0]
+        assert as_file.top[0][0] == as_data.top[0][0]
+        assert as_file.top[0][1] == pytest.approx(as_data.top[0][1], abs=1e-6)  # the very same pixels
+        # The same garment as a photo would be: 4x larger, in colour, dark on a light background.
+        photo = tmp_path / f"photo{index}.jpg"
+        big = Image.fromarray(255 - test.images[index, 0].numpy()).resize((112, 112), Image.Resampling.NEAREST)
+        big.convert("RGB").save(photo, quality=95)
+        assert predict(run_dir, [photo])[0].top[0][0] == as_data.top[0][0]
+    with torch.no_grad():  # and that class is the model's own answer on the data set (what `eval` reports)
+        x = opened.load_data().prepare(test.images[:8])
+        assert [inference.CLASSES[int(c)] for c in opened.model(x).argmax(1)][7] == predict(run_dir, [], index=7)[0].top[0][0]
+
+
+def test_predict_prints_the_top_classes_or_json(trained, tmp_path):
+    run_dir, _ = trained
+    result = runner.invoke(app, ["predict", str(run_dir), "--image", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    [entry] = json.loads(result.output)
+    assert entry["image"] == "test image 3" and len(entry["top"]) == 3
+    assert entry["top"][0]["probability"] >= entry["top"][1]["probability"] and entry["label"] in inference.CLASSES
+    text = runner.invoke(app, ["predict", str(run_dir), "--image", "3", "--top", "2"])
+    assert text.exit_code == 0 and text.output.count("%") == 2 and "(true: " in text.output
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("notes.png", b"these are not pixels", "not an image cnnlab can read"),
+    ("empty.png", b"", "the file is empty"),
+    ("bomb.png", png_header_claiming(100_000, 100_000), "not an image cnnlab can read"),
+    ("anim.gif", None, "give a PNG or JPEG"),
+    ("missing.png", "skip", "no such image file"),
+])
+def test_a_bad_picture_is_exit_2_naming_it(trained, tmp_path, name, content, message):
+    run_dir, _ = trained
+    path = tmp_path / name
+    if content is None:
+        Image.new("L", (10, 10)).save(path, format="GIF")
+    elif content != "skip":
+        path.write_bytes(content)
+    result = runner.invoke(app, ["predict", str(run_dir), str(path)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and name in result.output and "Traceback" not in result.output
+
+
+def test_onnx_export_round_trips_through_onnxruntime(trained, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    run_dir, _ = trained
+    result = runner.invoke(app, ["export", str(run_dir), "--format", "onnx", "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "max abs difference of logits against PyTorch on 200 test images" in result.output
+    opened = open_run(run_dir)
+    test = opened.load_data().test
+    raw = test.images[:50].float() / 255  # raw pixels: the normalisation is inside the file
+    [logits] = onnxruntime.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"pixels": raw.numpy()})
+    with torch.no_grad():
+        expected = opened.model(opened.load_data().prepare(test.images[:50])).numpy()
+    assert np.abs(logits - expected).max() < 1e-4
+
+
+def test_torchscript_export_loads_without_cnnlab(trained, tmp_path):
+    run_dir, _ = trained
+    done = export(run_dir, "torchscript", tmp_path / "m.pt")
+    assert done.max_difference < 1e-4
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    opened = open_run(run_dir)
+    test = opened.load_data().test
+    with torch.no_grad():
+        assert torch.allclose(loaded(test.images[:20].float() / 255), opened.model(opened.load_data().prepare(test.images[:20])),
+                              atol=1e-5)
+
+
+def test_an_export_that_disagrees_is_not_written(trained, tmp_path, monkeypatch):
+    run_dir, _ = trained
+    monkeypatch.setattr(inference, "EXPORT_TOLERANCE", -1.0)  # no export can agree this well
+    with pytest.raises(UserError, match="differs from the PyTorch model"):
+        export(run_dir, "torchscript", tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
+    bad = runner.invoke(app, ["export", str(run_dir), "--format", "keras"])
+    assert bad.exit_code == 2 and "choose onnx or torchscript" in bad.output
