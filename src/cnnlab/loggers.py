@@ -27,6 +27,7 @@ from cnnlab.progress import Reporter
 LOGGERS = {"tensorboard": ("tensorboard", "pip install 'cnnlab[tensorboard]'"),
            "mlflow": ("mlflow", "pip install 'cnnlab[mlflow]'")}
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param's value
+OPEN_ATTEMPTS = 5
 
 
 def check_loggers(names: list[str]) -> None:
@@ -156,6 +157,17 @@ class MLflowLogger(Logger):
         self.uri = uri
 
     def open(self, name: str, resumed: bool) -> None:
+        # A sweep's trials start together, and two processes creating one SQLite store (or one
+        # experiment) at once collide ("table experiments already exists"): the loser tries again.
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                return self._open(name)
+            except Exception:
+                if attempt == OPEN_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+
+    def _open(self, name: str) -> None:
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 
