@@ -42,6 +42,9 @@ def test_fit_writes_a_complete_self_describing_run(tiny_overrides, tmp_path):
     for key in ("test_acc", "test_loss", "wall_seconds", "train_examples_per_sec", "device_name", "torch_version",
                 "seed", "best_val_acc", "final"):
         assert key in on_disk
+    confusion = on_disk["test_confusion"]  # rows: true class, columns: predicted
+    assert sum(map(sum, confusion)) == on_disk["test_size"] and [sum(r) for r in confusion] == [20] * 10
+    assert sum(confusion[i][i] for i in range(10)) / on_disk["test_size"] == on_disk["test_acc"]
     rows = metric_rows(run / "metrics.csv", drop=set())
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",

@@ -49,7 +49,7 @@ def test_tensorboard_reads_back_every_epoch_and_the_hparams(logged):
     for tag in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
         assert [e.step for e in events.Scalars(tag)] == [1, 2]
     assert events.Scalars("val_acc")[-1].value == pytest.approx(summary["final"]["val_acc"], abs=1e-6)
-    assert "curves" in events.Tags()["images"]
+    assert {"curves", "confusion"} <= set(events.Tags()["images"])
     hparams = events.PluginTagToContent("hparams")  # TensorBoard's HPARAMS tab reads these
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
     assert b"optim.lr" in hparams["_hparams_/session_start_info"]

@@ -233,23 +233,32 @@ def evaluate(
     runtime: Runtime,
     stop: StopSignals | None = None,
     world: World | None = None,
-) -> dict[str, float]:
+    confusion: bool = False,
+) -> dict[str, Any]:
     """Mean cross-entropy (without label smoothing) and accuracy over ``batches`` (summed over the
-    ranks' shards under torchrun)."""
+    ranks' shards under torchrun); with ``confusion``, also the confusion matrix (rows: true class,
+    columns: predicted) as a list of lists of counts."""
     model.eval()
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), device=runtime.device, dtype=torch.long)
+    counts = torch.zeros(len(CLASSES) ** 2, device=runtime.device, dtype=torch.long)
     seen = 0
     for x, y in batches:
         with runtime.autocast():
             logits = model(x)
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+        predicted = logits.argmax(1)
+        correct += (predicted == y).sum()
+        if confusion:
+            counts += torch.bincount(y * len(CLASSES) + predicted, minlength=len(CLASSES) ** 2)
         seen += len(y)
         if stop is not None:
             stop.check()
     loss_total, correct_total, seen = _totals(loss_sum, correct, seen, world)
-    return {"loss": loss_total / max(seen, 1), "acc": correct_total / max(seen, 1)}
+    result: dict[str, Any] = {"loss": loss_total / max(seen, 1), "acc": correct_total / max(seen, 1)}
+    if confusion:
+        result["confusion"] = (world.sum(counts) if world is not None else counts).view(len(CLASSES), -1).tolist()
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,12 +534,7 @@ def train(
     """
     cfg, data, runtime, model, optimizer = session.cfg, session.data, session.runtime, session.model, session.optimizer
     world = session.world
-    reporter = for_rank(reporter, world)
-    if world.is_main and cfg.output.loggers:
-        from cnnlab.events import FanOut
-        from cnnlab.loggers import make_loggers
-
-        reporter = FanOut(reporter, *make_loggers(cfg.to_dict(), run.path))
+    reporter = listeners(session, run, reporter)
     reporter.start_run(cfg.name, run.path, cfg.train.epochs, resumed=state.epoch + (state.current is not None) > 0,
                        config=cfg.to_dict())
     wall_before = state.wall_seconds  # time spent in earlier sessions of a resumed run, as its checkpoint says
@@ -577,7 +581,7 @@ def train(
             state.epoch, state.current = epoch, None
             state.train_seconds += train_metrics["seconds"]
             state.train_examples += train_metrics["examples"]
-            run.append_metrics(row)  # state.metrics is run.metrics
+            state.metrics.append(row)  # written to metrics.csv by the run's record, a listener
             if cfg.train.patience and epoch - max(state.best_epoch, state.patience_start) >= cfg.train.patience:
                 state.stopped_early = True
             state.wall_seconds = wall_before + time.perf_counter() - wall_start
@@ -591,8 +595,10 @@ def train(
             if run.writer:
                 model.load_state_dict(Checkpoint.load(run.checkpoint_dir / "best.pt", runtime.device).model)
             world.broadcast_module(model)  # the other ranks test the same weights without reading the folder
-        test = evaluate(model, world.shard(data.batches("test", cfg.train.eval_batch_size)), runtime, stop, world)
+        test = evaluate(model, world.shard(data.batches("test", cfg.train.eval_batch_size)), runtime, stop, world,
+                        confusion=True)
         summary.test_acc, summary.test_loss = test["acc"], test["loss"]
+        summary.test_confusion = test["confusion"]
         summary.test_checkpoint = "best" if cfg.output.checkpoints else "last"
         final = run.metrics[-1]
         summary.status = "completed"
@@ -605,18 +611,61 @@ def train(
         summary.finished = utc_now()
         summary.wall_seconds = wall_before + time.perf_counter() - wall_start
         summary.run_dir = str(run.path)
-        run.write_summary(summary)
-        _draw_curves(run)
+        reporter.finish(summary.to_dict(), run.path)  # the record first: summary.json, curves.png; then the rest
         world.barrier()  # under torchrun the others wait for rank 0's files, then all leave the group together
         world.leave()
     except BaseException as err:
         _record_ending(err, session, run, state, summary, wall_before + time.perf_counter() - wall_start, stop)
-        reporter.finish(summary.to_dict(), run.path)
+        # Every listener hears the ending, each on its own: a record that cannot be written (the disk is
+        # full) is said, and the lock still tells that nobody trains; the others still close.
+        for listener in getattr(reporter, "listeners", [reporter]):
+            with RunRecord.guarded(run):
+                listener.finish(summary.to_dict(), run.path)
         raise
     finally:
         run.unlock()
-    reporter.finish(summary.to_dict(), run.path)
     return summary.to_dict()
+
+
+class RunRecord(Reporter):
+    """cnnlab's own record of a run as a listener, first among them: metrics.csv after every epoch,
+    summary.json and curves.png at the end, however the run ended (the folder and its opening
+    summary are made before the run starts, by ``fit`` or ``resume``)."""
+
+    def __init__(self, run: RunDir) -> None:
+        super().__init__(enabled=False)
+        self.run = run
+
+    def end_epoch(self, row: dict[str, Any], is_best: bool) -> None:
+        self.run.write_metrics()
+
+    def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
+        self.run.write_summary(RunSummary.model_validate(summary))
+        if self.run.metrics and summary.get("status") != "pruned":  # a pruned trial's process is about to be ended
+            _draw_curves(self.run)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def guarded(run: RunDir) -> Any:
+        try:
+            yield
+        except Exception as second:
+            warn(f"could not record the ending in {run.path}: {type(second).__name__}: {second}")
+
+
+def listeners(session: Session, run: RunDir, reporter: Reporter) -> Reporter:
+    """Everything that hears this run: its record, the console (or a launcher), and the loggers of
+    ``output.loggers``; under torchrun, rank 0 alone."""
+    from cnnlab.events import FanOut
+
+    if not session.world.is_main:
+        return Reporter(enabled=False)
+    loggers: list[Reporter] = []
+    if session.cfg.output.loggers:
+        from cnnlab.loggers import make_loggers
+
+        loggers = make_loggers(session.cfg.to_dict(), run.path)
+    return FanOut(RunRecord(run), reporter, *loggers)
 
 
 def train_epoch_static(session: Session, progress: EpochProgress, reporter: Reporter, stop: StopSignals) -> dict[str, float]:
@@ -665,15 +714,10 @@ def _record_ending(err: BaseException, session: Session, run: RunDir, state: Tra
     if state.best_epoch:
         summary.best_epoch, summary.best_val_acc = state.best_epoch, state.best_acc
     state.wall_seconds = wall_seconds
-    try:
-        if isinstance(err, Interrupted) and session.cfg.output.checkpoints and not session.world.distributed:
-            # Stopped between batches: everything agrees, so resume can continue from this very batch.
+    if isinstance(err, Interrupted) and session.cfg.output.checkpoints and not session.world.distributed:
+        # Stopped between batches: everything agrees, so resume can continue from this very batch.
+        with RunRecord.guarded(run):
             run.save_checkpoint(session.checkpoint(state), "last")
-        run.write_summary(summary)
-        if run.metrics and not isinstance(err, Pruned):  # a pruned trial's process is about to be ended by Ray Tune
-            _draw_curves(run)
-    except Exception as second:  # e.g. the disk is full: the lock still tells that nobody is training
-        warn(f"could not record the ending in {run.path}: {type(second).__name__}: {second}")
 
 
 def process_age() -> float | None:

@@ -75,7 +75,7 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", t
 
 
 def write_outputs(report: EvalReport, folder: Path, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor) -> None:
-    from cnnlab.plots import plt, save_figure
+    from cnnlab.plots import confusion_figure, plt, save_figure
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -85,21 +85,8 @@ def write_outputs(report: EvalReport, folder: Path, images: torch.Tensor, labels
     atomic_write_text(folder / "confusion.csv", buffer.getvalue())
     atomic_write_text(folder / "eval.json", json.dumps(asdict(report), indent=2) + "\n")
 
-    matrix = torch.tensor(report.confusion, dtype=torch.float)
-    fig, ax = plt.subplots(figsize=(7.5, 6.5), dpi=110)
-    shown = ax.imshow((matrix / matrix.sum(1, keepdim=True).clamp(min=1)).numpy(), cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(CLASSES)):
-        for j in range(len(CLASSES)):
-            value = int(matrix[i, j])
-            if value:
-                ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
-                        color="white" if matrix[i, j] > 0.5 * matrix[i].sum() else "black")
-    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"{report.split} set: accuracy {report.accuracy:.4f} ({report.checkpoint} checkpoint)")
-    fig.colorbar(shown, ax=ax, fraction=0.046, label="fraction of the true class")
+    fig = confusion_figure(report.confusion,
+                           f"{report.split} set: accuracy {report.accuracy:.4f} ({report.checkpoint} checkpoint)")
     save_figure(fig, folder / "confusion.png")
 
     wrong = (preds != labels).nonzero().flatten()[:MAX_ERROR_TILES]

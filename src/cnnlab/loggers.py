@@ -146,6 +146,11 @@ class TensorBoardLogger(Logger):
             from matplotlib import image
 
             self.writer.add_image("curves", image.imread(str(curves))[..., :3], dataformats="HWC")
+        if summary.get("test_confusion"):
+            from cnnlab.plots import confusion_figure
+
+            accuracy = summary.get("test_acc") or 0.0
+            self.writer.add_figure("confusion", confusion_figure(summary["test_confusion"], f"test set: accuracy {accuracy:.4f}"))
         self.writer.close()
 
 

@@ -117,3 +117,28 @@ def plot_tune_progress(scores: list[float | None], metric: str, mode: str, out: 
     ax.grid(True, alpha=0.3)
     ax.set_title(printable(f"{title}: best {metric} against trials" if title else f"best {metric} against trials"))
     return save_figure(fig, out)
+
+
+def confusion_figure(confusion: list[list[int]], title: str):
+    """The confusion matrix (rows: true class, columns: predicted), shaded by the fraction of each
+    true class, with the counts written in."""
+    import torch
+
+    from cnnlab.data import CLASSES
+
+    matrix = torch.tensor(confusion, dtype=torch.float)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5), dpi=110)
+    shown = ax.imshow((matrix / matrix.sum(1, keepdim=True).clamp(min=1)).numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(CLASSES)):
+        for j in range(len(CLASSES)):
+            value = int(matrix[i, j])
+            if value:
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                        color="white" if matrix[i, j] > 0.5 * matrix[i].sum() else "black")
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(printable(title))
+    fig.colorbar(shown, ax=ax, fraction=0.046, label="fraction of the true class")
+    return fig

@@ -256,6 +256,7 @@ class RunSummary(BaseModel):
     test_acc: float | None = None
     test_loss: float | None = None
     test_checkpoint: str | None = None
+    test_confusion: list[list[int]] | None = None  # test set counts: rows the true class, columns the predicted one
     train_examples_per_sec: float | None = None
     train_seconds: float | None = None
     wall_seconds: float | None = None
@@ -455,10 +456,6 @@ class RunDir:
     def write_config(self, yaml_text: str) -> None:
         if self.writer:
             atomic_write_text(self.path / "config.yaml", yaml_text)
-
-    def append_metrics(self, row: dict[str, Any]) -> None:
-        self.metrics.append(row)
-        self.write_metrics()
 
     def write_metrics(self) -> None:
         if self.writer:
