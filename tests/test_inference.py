@@ -114,3 +114,31 @@ def test_an_export_that_disagrees_is_not_written(trained, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
     bad = runner.invoke(app, ["export", str(run_dir), "--format", "keras"])
     assert bad.exit_code == 2 and "choose onnx or torchscript" in bad.output
+
+
+def test_a_16_bit_picture_is_scaled_not_clipped(trained, tmp_path):
+    run_dir, _ = trained
+    test = open_run(run_dir).load_data().test
+    eight = tmp_path / "eight.png"
+    Image.fromarray(test.images[5, 0].numpy()).save(eight)
+    sixteen = tmp_path / "sixteen.png"
+    Image.fromarray(test.images[5, 0].numpy().astype(np.uint16) * 257).save(sixteen)  # a 16-bit grey PNG
+    with Image.open(sixteen) as check:
+        assert check.mode.startswith("I;16") or check.mode == "I"
+    assert torch.equal(inference.load_image(sixteen), inference.load_image(eight))  # the same picture, every pixel
+    assert predict(run_dir, [sixteen])[0].top == predict(run_dir, [eight])[0].top
+
+
+def test_export_to_a_place_it_cannot_write_is_exit_2_and_files_it_writes_are_readable(trained, tmp_path):
+    import os
+    import stat
+
+    run_dir, _ = trained
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    result = runner.invoke(app, ["export", str(run_dir), "--format", "torchscript", "-o", str(blocked / "m.pt")])
+    assert result.exit_code == 2 and "cannot write there" in result.output and str(blocked / "m.pt") in result.output
+    done = export(run_dir, "torchscript", tmp_path / "m.pt")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(done.path.stat().st_mode) == 0o666 & ~umask

@@ -68,18 +68,20 @@ def load_image(path: Path) -> torch.Tensor:
         raise UserError(f"{path}: the file is empty")
     if size > MAX_IMAGE_BYTES:
         raise UserError(f"{path}: {size:,} bytes is too large for a picture to classify (at most {MAX_IMAGE_BYTES:,})")
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 if opened.format not in ("PNG", "JPEG"):
                     raise UserError(f"{path}: a {opened.format} image; give a PNG or JPEG")
-                image = ImageOps.exif_transpose(opened).convert("L")
+                image = _grey(ImageOps.exif_transpose(opened))
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise UserError(f"{path}: not an image cnnlab can read ({type(err).__name__}); give a PNG or JPEG") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise UserError(f"{path}: a damaged image ({err})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     if _background(image) > 127:
         image = ImageOps.invert(image)
     width, height = image.size
@@ -89,6 +91,24 @@ def load_image(path: Path) -> torch.Tensor:
     canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     canvas.paste(fitted, ((IMAGE_SIZE - fitted.width) // 2, (IMAGE_SIZE - fitted.height) // 2))
     return torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).reshape(1, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def _grey(image: Any) -> Any:
+    """8-bit grey. 16-bit and other wide greys are scaled into 0-255 (Pillow's own conversion clips
+    everything above 255, which would make most of a 16-bit picture white)."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            values = values / 257
+        else:
+            low, high = float(values.min()), float(values.max())
+            values = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("L")
 
 
 def _background(image: Any) -> float:
@@ -164,20 +184,26 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool
     out = Path(out) if out is not None else opened.path / f"model.{'onnx' if fmt == 'onnx' else 'pt'}"
     if out.is_dir():
         raise UserError(f"-o {out} is a folder; give a file name")
-    model = Normalized(opened.model, *pixel_stats(opened)).eval()
-    data = opened.load_data()
-    pixels = data.test.images[:CHECK_IMAGES].float() / 255
-    with torch.no_grad():
-        expected = model(pixels)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
+    try:  # where the file goes is checked before the model runs
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+        os.close(fd)
+    except OSError as err:
+        raise UserError(f"-o {out}: cannot write there ({err.strerror or err}); choose another file") from None
     try:
+        model = Normalized(opened.model, *pixel_stats(opened)).eval()
+        data = opened.load_data()
+        pixels = data.test.images[:CHECK_IMAGES].float() / 255
+        with torch.no_grad():
+            expected = model(pixels)
         got = _export_onnx(model, pixels, temporary) if fmt == "onnx" else _export_torchscript(model, pixels, temporary)
         difference = float((got - expected).abs().max())
         if not difference <= EXPORT_TOLERANCE:
             raise UserError(f"the {fmt} export differs from the PyTorch model by {difference:.3g} on {len(pixels)} test "
                             f"images (more than {EXPORT_TOLERANCE}); not writing {out}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # as any file the user writes, not mkstemp's owner-only mode
         os.replace(temporary, out)
     finally:
         if os.path.exists(temporary):

@@ -164,11 +164,12 @@ class MLflowLogger(Logger):
     def open(self, name: str, resumed: bool) -> None:
         # A sweep's trials start together, and two processes creating one SQLite store (or one
         # experiment) at once collide ("table experiments already exists"): the loser tries again.
-        for attempt in range(OPEN_ATTEMPTS):
+        attempts = OPEN_ATTEMPTS if self.uri.startswith("sqlite:") else 1  # a server has its own retries
+        for attempt in range(attempts):
             try:
                 return self._open(name)
             except Exception:
-                if attempt == OPEN_ATTEMPTS - 1:
+                if attempt == attempts - 1:
                     raise
                 time.sleep(0.5 * (attempt + 1))
 
