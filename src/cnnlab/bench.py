@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from torch import nn
 from cnnlab.config import Config
 from cnnlab.console import SafeConsole
 from cnnlab.errors import UserError
-from cnnlab.results import atomic_write_text, read_summary, utc_now
+from cnnlab.results import atomic_write_text, read_summary, utc_now, utc_stamp
 
 
 def _sync(device: torch.device) -> None:
@@ -224,7 +223,7 @@ def run_bench(config_path: Path | None, overrides: list[str], *, device: str = "
             f"cnnlab start-up {c['cnnlab_startup_seconds']} s; peak memory d2l {_mb(c['d2l_peak_pss_mb'])}, "
             f"cnnlab {_mb(c['cnnlab_peak_pss_mb'])}")
     path = Path(out) if out is not None else \
-        Path(cfg.output.dir) / "bench" / f"bench-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+        Path(cfg.output.dir) / "bench" / f"bench-{utc_stamp()}.json"
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     say(f"-> {path}")
     return result, path

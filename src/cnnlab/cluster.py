@@ -31,7 +31,7 @@ from typing import Any
 from cnnlab.config import validate
 from cnnlab.errors import UserError
 from cnnlab.events import EventWriter
-from cnnlab.results import atomic_write_text, read_summary
+from cnnlab.results import RunDir, atomic_write_text, read_summary
 from cnnlab.sweep import Launcher, Trial
 from cnnlab.trial import TrialRecorder, TrialResult, run_trial
 
@@ -228,7 +228,7 @@ def receive(reply: dict[str, Any], output_dir: Path) -> TrialResult:
             summary = read_summary(summary_path)
             if getattr(summary, "run_dir", None):  # written by completed runs
                 summary.run_dir = str(target)
-                atomic_write_text(summary_path, summary.model_dump_json(indent=2, exclude_none=True) + "\n")
+                RunDir(target).write_summary(summary)
         run_dir = str(target)
     if run_dir:
         recorder.run_dir = Path(run_dir)

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,16 @@ def markdown_table(table: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(table_cells(entry)) + " |" for entry in table]
     return "\n".join(lines) + "\n"
+
+
+def write_trials(folder: Path, rows: list[dict[str, Any]], keys: list[str], extra: tuple[str, ...] = ()) -> None:
+    """A sweep's or tune's trials.json and summary.csv, naming run folders relative to ``folder`` so
+    that it can be moved or copied whole, together with its ``runs/`` beside it."""
+    from cnnlab.results import atomic_write_text
+
+    portable = [{**row, "run_dir": os.path.relpath(row["run_dir"], folder) if row.get("run_dir") else ""} for row in rows]
+    atomic_write_text(folder / "trials.json", json.dumps(portable, indent=2, default=str) + "\n")
+    atomic_write_text(folder / "summary.csv", rows_csv(portable, keys, extra))
 
 
 def rows_csv(rows: list[dict[str, Any]], swept_keys: list[str], extra: tuple[str, ...] = ()) -> str:

@@ -30,6 +30,7 @@ from cnnlab.config import Config, OptimConfig, ScheduleConfig, dump_config
 from cnnlab.data import CLASSES, Data, load_data
 from cnnlab.distributed import World, current_world, use_sync_batchnorm
 from cnnlab.errors import TrainingError, UserError, warn
+from cnnlab.events import FanOut
 from cnnlab.modelinfo import count_params, flops_per_image
 from cnnlab.models import get_model
 from cnnlab.progress import Reporter, make_reporter
@@ -241,7 +242,7 @@ def evaluate(
     model.eval()
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), device=runtime.device, dtype=torch.long)
-    counts = torch.zeros(len(CLASSES) ** 2, device=runtime.device, dtype=torch.long)
+    counts = torch.zeros(len(CLASSES) ** 2, device=runtime.device, dtype=torch.long) if confusion else None
     seen = 0
     for x, y in batches:
         with runtime.autocast():
@@ -249,15 +250,15 @@ def evaluate(
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         predicted = logits.argmax(1)
         correct += (predicted == y).sum()
-        if confusion:
+        if counts is not None:
             counts += torch.bincount(y * len(CLASSES) + predicted, minlength=len(CLASSES) ** 2)
         seen += len(y)
         if stop is not None:
             stop.check()
     loss_total, correct_total, seen = _totals(loss_sum, correct, seen, world)
     result: dict[str, Any] = {"loss": loss_total / max(seen, 1), "acc": correct_total / max(seen, 1)}
-    if confusion:
-        result["confusion"] = (world.sum(counts) if world is not None else counts).view(len(CLASSES), -1).tolist()
+    if counts is not None:
+        result["confusion"] = (world or World()).sum(counts).view(len(CLASSES), -1).tolist()
     return result
 
 
@@ -618,7 +619,7 @@ def train(
         _record_ending(err, session, run, state, summary, wall_before + time.perf_counter() - wall_start, stop)
         # Every listener hears the ending, each on its own: a record that cannot be written (the disk is
         # full) is said, and the lock still tells that nobody trains; the others still close.
-        for listener in getattr(reporter, "listeners", [reporter]):
+        for listener in reporter.listeners:
             with RunRecord.guarded(run):
                 listener.finish(summary.to_dict(), run.path)
         raise
@@ -653,13 +654,11 @@ class RunRecord(Reporter):
             warn(f"could not record the ending in {run.path}: {type(second).__name__}: {second}")
 
 
-def listeners(session: Session, run: RunDir, reporter: Reporter) -> Reporter:
+def listeners(session: Session, run: RunDir, reporter: Reporter) -> FanOut:
     """Everything that hears this run: its record, the console (or a launcher), and the loggers of
     ``output.loggers``; under torchrun, rank 0 alone."""
-    from cnnlab.events import FanOut
-
     if not session.world.is_main:
-        return Reporter(enabled=False)
+        return FanOut()
     loggers: list[Reporter] = []
     if session.cfg.output.loggers:
         from cnnlab.loggers import make_loggers

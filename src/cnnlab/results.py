@@ -129,8 +129,31 @@ def sanitize_name(name: str) -> str:
     return safe.rstrip("-.") or "run"
 
 
+def utc_stamp() -> str:
+    """The UTC time as folder and file names carry it: 20261128T093241Z (sorts as it reads)."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
 def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    return utc_stamp() + "-" + secrets.token_hex(3)
+
+
+def new_dated_dir(parent: Path, what: str) -> Path:
+    """A new folder under ``parent`` named by the time (``-1``, ``-2`` ... when taken), made
+    exclusively, so two commands started in the same second never share one (a sweep's, a tune's)."""
+    stamp = utc_stamp()
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1000):
+            folder = parent / (stamp if n == 0 else f"{stamp}-{n}")
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise UserError(f"cannot create the {what} folder in {parent}: {_reason(err)}; choose another with --results") from None
+    raise UserError(f"{parent} already holds 1000 {what} folders from this second; wait a second and run it again")
 
 
 def utc_now() -> str:

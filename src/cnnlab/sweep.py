@@ -30,7 +30,6 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -39,11 +38,13 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cnnlab.compare import aggregate, markdown_table, row_from_summary, rows_csv
+from cnnlab.compare import aggregate, markdown_table, row_from_summary, write_trials
 from cnnlab.config import Config, dump_config, load_config, read_yaml
 from cnnlab.errors import UserError
 from cnnlab.console import SafeConsole
-from cnnlab.results import MAX_NAME_CHARS, RunSummary, atomic_write_text, check_output_dir, read_summary, sanitize_name
+from cnnlab.results import (
+    MAX_NAME_CHARS, RunSummary, atomic_write_text, check_output_dir, new_dated_dir, read_summary, sanitize_name,
+)
 from cnnlab.runs import runs_of
 from cnnlab.events import EVENTS_FD_ENV, read_events
 from cnnlab.stopping import HANDLED, PARENT_ENV, pending_signal, signal_name
@@ -436,7 +437,8 @@ def run_sweep(
         else:
             jobs = jobs or 1
             where = "as local processes"
-        sweep_dir = _new_sweep_dir(sweep_root)
+        sweep_dir = new_dated_dir(sweep_root, "sweep")
+        _make_dir(sweep_dir / "logs")
         console = SafeConsole()
         skipped = sum(t.status == "skipped" for t in trials)
         console.print(
@@ -459,15 +461,11 @@ def run_sweep(
     return SweepOutcome(sweep_dir, rows, runner.stop_signal)
 
 
-def _new_sweep_dir(sweep_root: Path) -> Path:
-    sweep_dir = sweep_root / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    while sweep_dir.exists():
-        sweep_dir = sweep_dir.with_name(sweep_dir.name + "-1")
+def _make_dir(folder: Path) -> None:
     try:
-        (sweep_dir / "logs").mkdir(parents=True)
+        folder.mkdir()
     except OSError as err:
-        raise UserError(f"cannot create the sweep folder {sweep_dir}: {err.strerror}; choose another with --results") from None
-    return sweep_dir
+        raise UserError(f"cannot create {folder}: {err.strerror}; choose another results folder with --results") from None
 
 
 @dataclass
@@ -487,10 +485,7 @@ def write_sweep_files(sweep_dir: Path, rows: list[dict[str, Any]], swept_keys: l
     moved or copied whole, together with its ``runs/`` beside it."""
     from cnnlab.plots import plot_accuracy_bars, plot_sweep_curves
 
-    portable = [{**row, "run_dir": os.path.relpath(row["run_dir"], sweep_dir) if row.get("run_dir") else ""}
-                for row in rows]
-    atomic_write_text(sweep_dir / "trials.json", json.dumps(portable, indent=2, default=str) + "\n")
-    atomic_write_text(sweep_dir / "summary.csv", rows_csv(portable, swept_keys))
+    write_trials(sweep_dir, rows, swept_keys)
     title = f"# Sweep {sweep_dir.parent.name} ({sweep_dir.name})\n\n"
     atomic_write_text(sweep_dir / "summary.md", title + markdown_table(aggregate(rows)))
     plot_sweep_curves(rows, sweep_dir / "curves.png", title=sweep_dir.parent.name)

@@ -35,16 +35,15 @@ import signal
 import threading
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cnnlab.compare import aggregate, markdown_table, row_from_summary, rows_csv
+from cnnlab.compare import aggregate, markdown_table, row_from_summary, write_trials
 from cnnlab.config import Config, dump_config, load_config, read_yaml, validate
 from cnnlab.console import SafeConsole
 from cnnlab.errors import UserError
 from cnnlab.progress import Reporter
-from cnnlab.results import RunDir, RunSummary, atomic_write_text, check_output_dir, read_metrics_csv, \
+from cnnlab.results import RunDir, RunSummary, atomic_write_text, check_output_dir, new_dated_dir, read_metrics_csv, \
     read_regular_text, read_summary, run_state, sanitize_name
 from cnnlab.runs import runs_of
 from cnnlab.stopping import Interrupted, Pruned, settle_signals
@@ -307,7 +306,7 @@ def run_tune(
         cpus, gpus, jobs = trial_resources(gpus_per_trial, cpus_per_trial, jobs if not resume else record["jobs"],
                                            space.trials)
         if folder is None:
-            folder = _new_folder(tune_root)
+            folder = new_dated_dir(tune_root, "tune")
             _write_record(folder, space, jobs, finished=False)
         console.print(f"tune {space.name}: {space.trials} trials, {jobs} at a time ({cpus:g} CPU, {gpus:g} GPU each), "
                       f"{space.metric} {'maximised' if space.mode == 'max' else 'minimised'} -> {folder}", soft_wrap=True)
@@ -359,17 +358,6 @@ def _read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-
-
-def _new_folder(tune_root: Path) -> Path:
-    folder = tune_root / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    while folder.exists():
-        folder = folder.with_name(folder.name + "-1")
-    try:
-        folder.mkdir(parents=True)
-    except OSError as err:
-        raise UserError(f"cannot create the tune folder {folder}: {err.strerror}; choose another with --results") from None
-    return folder
 
 
 def _resumable(tune_root: Path, space: Space) -> tuple[Path, dict[str, Any]]:
@@ -563,9 +551,7 @@ def write_tune_files(space: Space, folder: Path, rows: list[dict[str, Any]]) -> 
     for row, value in zip(rows, scores):
         row["score"] = value  # the metric at the trial's best epoch
     keys = list(dict.fromkeys(d.key for d in space.dimensions))
-    portable = [{**row, "run_dir": os.path.relpath(row["run_dir"], folder) if row.get("run_dir") else ""} for row in rows]
-    atomic_write_text(folder / "trials.json", json.dumps(portable, indent=2, default=str) + "\n")
-    atomic_write_text(folder / "summary.csv", rows_csv(portable, keys, extra=("trial", "score")))
+    write_trials(folder, rows, keys, extra=("trial", "score"))
     title = f"# Tune {space.name} ({folder.name}): {len(rows)} trials, {space.metric} ({space.mode})\n\n"
     atomic_write_text(folder / "summary.md", title + markdown_table(aggregate(rows)))
     plot_tune_progress(scores, space.metric, space.mode, folder / "progress.png", title=space.name)
