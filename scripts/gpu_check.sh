@@ -7,10 +7,12 @@
 #   STEPS="bench baseline" scripts/gpu_check.sh
 #
 # Steps (STEPS, in this order):
-#   bench     cnnlab bench on LeNet (whole commands too) and on the report's ResNet
-#   baseline  the 20-epoch LeNet baseline (configs/lenet.yaml)
-#   graphs    the same with the training step captured as a CUDA graph (train.cuda_graphs=true)
-#   resnet9   the ResNet-9 recipe (configs/resnet9.yaml)
+#   bench     cnnlab bench on LeNet (whole commands too) and on the report's ResNet and GoogLeNet
+#   baseline  the 20-epoch LeNet baseline (configs/lenet.yaml), as it runs by default: its training and
+#             evaluation steps captured as CUDA graphs (train.cuda_graphs: auto)
+#   eager     the same with the ordinary step (train.cuda_graphs=false), and with torch.compile's
+#             reduce-overhead mode instead (train.compile=reduce-overhead): the two to compare against
+#   resnet9   the ResNet-9 recipe (configs/resnet9.yaml), by default and with the ordinary step
 #   sweep     the whole lab report: cnnlab sweep configs/seed/ --jobs 4 (several minutes)
 #   tests     the test suite
 # Settings: OUT (default ./gpu_check), DEVICE (default cuda), EPOCHS (override every run's epochs:
@@ -21,7 +23,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check}
 DEVICE=${DEVICE:-cuda}
-STEPS=${STEPS:-bench baseline graphs resnet9 sweep tests}
+STEPS=${STEPS:-bench baseline eager resnet9 sweep tests}
 JOBS=${JOBS:-4}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -57,24 +59,28 @@ for s in $STEPS; do
       step bench_lenet "${CNNLAB[@]}" bench configs/lenet.yaml --device "$DEVICE" --epochs "${EPOCHS:-3}" \
         --batches "${BATCHES:-150}" --out "$OUT/bench_lenet.json" "${SET_ARGS[@]}"
       step bench_resnet "${CNNLAB[@]}" bench configs/seed/s6_4_resnet.yaml --device "$DEVICE" --no-commands \
-        --batches "${BATCHES:-100}" --out "$OUT/bench_resnet.json" "${SET_ARGS[@]}" ;;
+        --batches "${BATCHES:-100}" --out "$OUT/bench_resnet.json" "${SET_ARGS[@]}"
+      step bench_googlenet "${CNNLAB[@]}" bench configs/seed/s6_3_googlenet.yaml --device "$DEVICE" --no-commands \
+        --batches "${BATCHES:-100}" --out "$OUT/bench_googlenet.json" "${SET_ARGS[@]}" ;;
     baseline)
       step baseline "${CNNLAB[@]}" run configs/lenet.yaml --device "$DEVICE" --results "$OUT/baseline" --quiet \
         "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}" ;;
-    graphs)
-      step graphs "${CNNLAB[@]}" run configs/lenet.yaml --device "$DEVICE" --results "$OUT/graphs" --quiet \
-        --set train.cuda_graphs=true "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}"
-      step graphs_resnet9 "${CNNLAB[@]}" run configs/resnet9.yaml --device "$DEVICE" --results "$OUT/graphs_resnet9" \
-        --quiet --set train.cuda_graphs=true "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}" ;;
+    eager)
+      step eager "${CNNLAB[@]}" run configs/lenet.yaml --device "$DEVICE" --results "$OUT/eager" --quiet \
+        --set train.cuda_graphs=false "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}"
+      step compiled "${CNNLAB[@]}" run configs/lenet.yaml --device "$DEVICE" --results "$OUT/compiled" --quiet \
+        --set train.cuda_graphs=false --set train.compile=reduce-overhead "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}" ;;
     resnet9)
       step resnet9 "${CNNLAB[@]}" run configs/resnet9.yaml --device "$DEVICE" --results "$OUT/resnet9" --quiet \
-        "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}" ;;
+        "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}"
+      step resnet9_eager "${CNNLAB[@]}" run configs/resnet9.yaml --device "$DEVICE" --results "$OUT/resnet9_eager" \
+        --quiet --set train.cuda_graphs=false "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}" ;;
     sweep)
       step sweep "${CNNLAB[@]}" sweep configs/seed/ --jobs "$JOBS" --set "train.device=$DEVICE" \
         --results "$OUT/seed" --quiet "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}" ;;
     tests)
       step tests "$PYTHON" -m pytest -q -p no:cacheprovider ;;
-    *) echo "unknown step: $s (bench baseline graphs resnet9 sweep tests)" >&2; exit 2 ;;
+    *) echo "unknown step: $s (bench baseline eager resnet9 sweep tests)" >&2; exit 2 ;;
   esac
 done
 
@@ -91,16 +97,22 @@ try:
     report["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 except Exception as err:
     report["torch"] = f"unavailable: {err}"
-for name in ("bench_lenet", "bench_resnet"):
+for name in ("bench_lenet", "bench_resnet", "bench_googlenet"):
     if (out / f"{name}.json").is_file():
         report[name] = json.loads((out / f"{name}.json").read_text())
-for name in ("baseline", "graphs", "resnet9", "graphs_resnet9"):
+for name in ("baseline", "eager", "compiled", "resnet9", "resnet9_eager"):
     found = sorted((out / name).glob("*/*/summary.json"))
     if found:
         s = json.loads(found[-1].read_text())
         report[name] = {k: s.get(k) for k in ("status", "test_acc", "best_val_acc", "epochs_completed", "wall_seconds",
                                               "train_seconds", "train_examples_per_sec", "startup_seconds", "device_name",
                                               "train_step", "train_step_note")}
+for graphs, eager in (("baseline", "eager"), ("baseline", "compiled"), ("resnet9", "resnet9_eager")):
+    a, b = report.get(graphs), report.get(eager)
+    if a and b and a.get("train_examples_per_sec") and b.get("train_examples_per_sec"):
+        report[f"{graphs}_vs_{eager}"] = {
+            "speed_ratio": a["train_examples_per_sec"] / b["train_examples_per_sec"],
+            "test_acc_difference": (a["test_acc"] or 0) - (b["test_acc"] or 0)}
 sweeps = sorted((out / "seed" / "sweeps").glob("*/2*/trials.json"))
 if sweeps:
     rows = json.loads(sweeps[-1].read_text())

@@ -46,14 +46,31 @@ def test_the_gpu_check_script_collects_every_figure_into_one_json(tmp_path, tiny
     import sys
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.sh"
-    env = {**os.environ, "OUT": str(tmp_path / "check"), "DEVICE": "cpu", "STEPS": "bench baseline", "EPOCHS": "1",
+    env = {**os.environ, "OUT": str(tmp_path / "check"), "DEVICE": "cpu", "STEPS": "bench baseline eager", "EPOCHS": "1",
            "BATCHES": "2", "PYTHON": sys.executable, "CNNLAB_DATA": str(tiny_data)}
     env["SETS"] = "data.check_counts=false data.val_size=100"  # the tiny data set is not Fashion-MNIST's size
     result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
     steps = {s["step"]: s for s in report["steps"]}
-    assert set(steps) == {"bench_lenet", "bench_resnet", "baseline"}
+    assert set(steps) == {"bench_lenet", "bench_resnet", "bench_googlenet", "baseline", "eager", "compiled"}
     assert all(s["exit_code"] == 0 for s in steps.values()), [(tmp_path / "check" / f"{n}.log").read_text() for n in steps]
     assert report["bench_lenet"]["commands"]["ratio"] > 0 and report["bench_resnet"]["model"] == "resnet"
+    assert report["bench_googlenet"]["model"] == "googlenet"
     assert report["baseline"]["status"] == "completed" and report["baseline"]["epochs_completed"] == 1
+    assert report["eager"]["train_step"] == "ordinary" and report["compiled"]["status"] == "completed"
+    assert report["baseline_vs_eager"]["speed_ratio"] > 0 and "test_acc_difference" in report["baseline_vs_compiled"]
+
+
+def test_bench_times_the_static_step_where_the_run_takes_it(tmp_path, tiny_data):
+    """On a GPU the default takes the CUDA-graph step; here the emulated graph stands in for it."""
+    config = tmp_path / "lenet.yaml"
+    config.write_text(f"extends: {CONFIGS / 'lenet.yaml'}\ndata: {{root: {tiny_data}, check_counts: false, val_size: 100}}\n"
+                      "train: {batch_size: 32, cuda_graphs: emulate}\n")
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", str(config), "--batches", "6", "--no-commands", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["cnnlab"]["static_step"] == "emulated-graph" and report["cnnlab"]["static_img_s"] > 0
+    assert report["ratio"]["static_end_to_end"] == report["cnnlab"]["static_img_s"] / report["d2l"]["end_to_end_img_s"]
+    assert "emulated-graph step, end to end" in result.output

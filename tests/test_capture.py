@@ -1,11 +1,14 @@
-"""The static training step (capture.py), run eagerly on the CPU: the same training as the ordinary
-loop to float rounding, a resumable mid-epoch stop, and the fallbacks. On CUDA the same step is
-captured as a CUDA graph (not measured here: no GPU)."""
+"""The static training and evaluation steps (capture.py) on the CPU, eagerly and as emulated graphs
+(captured once, replayed with a CUDA graph's rules): the same training as the ordinary loop to float
+rounding, a resumable mid-epoch stop, and the fallbacks. On CUDA the same steps are captured as CUDA
+graphs (scripts/gpu_check.sh checks that on a GPU)."""
 
 import signal
+import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from cnnlab.config import load_config
 from cnnlab.engine import fit
@@ -36,14 +39,86 @@ def rows(summary):
     return read_metrics_csv(Path(summary["run_dir"]) / "metrics.csv")
 
 
-def test_the_static_step_trains_as_the_ordinary_loop_does(hard_settings):
-    ordinary = fit(load_config(None, [*hard_settings, "train.cuda_graphs=false"]), quiet=True)
-    static = fit(load_config(None, [*hard_settings, "train.cuda_graphs=true"]), quiet=True)
-    assert ordinary["train_step"] == "ordinary" and static["train_step"] == "static"
+on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it)")
+
+
+@pytest.mark.parametrize("device, mode, step, tolerance", [
+    ("cpu", "true", "static", 1e-4),
+    ("cpu", "emulate", "emulated-graph", 1e-4),
+    pytest.param("cuda", "true", "cuda-graph", 2e-3, marks=on_cuda),  # cuDNN may pick other kernels per path
+])
+def test_the_static_steps_train_and_evaluate_as_the_ordinary_loop_does(hard_settings, device, mode, step, tolerance):
+    """Eagerly and as replayed graphs. Validation batches of 32 (3 full, 4 images left): the
+    evaluation graph is captured in epoch 2 and replayed from then on, the training step's in epoch 1."""
+    settings = [*hard_settings, "train.eval_batch_size=32", f"train.device={device}", "train.tf32=false"]
+    ordinary = fit(load_config(None, [*settings, "train.cuda_graphs=false"]), quiet=True)
+    static = fit(load_config(None, [*settings, f"train.cuda_graphs={mode}"]), quiet=True)
+    assert ordinary["train_step"] == "ordinary" and static["train_step"] == step
+    assert "train_step_note" not in static  # nothing fell back
     for a, b in zip(rows(ordinary), rows(static), strict=True):
         for key in COMPARED:
-            assert b[key] == pytest.approx(a[key], abs=1e-4), (key, a, b)
+            assert b[key] == pytest.approx(a[key], abs=tolerance), (key, a, b)
     assert static["test_acc"] == pytest.approx(ordinary["test_acc"], abs=0.01)
+
+
+def test_an_emulated_graph_freezes_what_a_cuda_graph_freezes():
+    """Replays run the recorded operators with the recorded arguments: tensors are read afresh,
+    Python numbers are not (a learning rate read as a float would stay at its first value)."""
+    from cnnlab.capture import EmulatedGraph
+
+    weight, lr_tensor = torch.ones(3), torch.tensor(0.5)
+    settings = {"lr": 0.5}
+
+    def body():
+        weight.sub_(lr_tensor)  # a device tensor: what the static step does
+        weight.sub_(settings["lr"])  # a Python number: baked in at capture
+        weight.add_(torch.rand(3))  # the generator advances on every replay
+
+    graph = EmulatedGraph()
+    graph.capture(body)  # runs once while recording
+    assert weight.tolist() == pytest.approx([0.0, 0.0, 0.0], abs=1.0)
+    before = weight.clone()
+    lr_tensor.fill_(2.0)
+    settings["lr"] = 100.0
+    torch.manual_seed(0)
+    graph.replay()
+    torch.manual_seed(0)
+    assert torch.allclose(weight, before - 2.0 - 0.5 + torch.rand(3))
+
+
+def test_a_step_a_graph_cannot_hold_runs_eagerly_said_once(tiny_overrides, tmp_path, monkeypatch, capsys):
+    """A user's model that reads a value back to the host in its forward pass: refused at capture,
+    said once for the training step and once for the evaluation step, and the run goes on eagerly
+    to the same figures."""
+    (tmp_path / "host_read.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+            def forward(self, x):
+                if float(x.abs().max()) > 1e6:  # a host read, as a check in a model might do
+                    raise ValueError("absurd input")
+                return self.body(x)
+
+        def net(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+            return Net()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    settings = [*tiny_overrides, "model.name=host_read:net", "train.eval_batch_size=20"]
+    eager = fit(load_config(None, [*settings, "train.cuda_graphs=true"]), quiet=True)
+    capsys.readouterr()
+    emulated = fit(load_config(None, [*settings, "train.cuda_graphs=emulate"]), quiet=True)
+    err = capsys.readouterr().err
+    assert emulated["status"] == "completed" and emulated["train_step"] == "static"
+    assert "reads a tensor's value back to the host" in emulated["train_step_note"]
+    assert err.count("the training step could not be captured") == 1, err
+    assert err.count("the evaluation step could not be captured") == 1, err
+    for a, b in zip(rows(eager), rows(emulated), strict=True):
+        assert b["val_acc"] == pytest.approx(a["val_acc"], abs=1e-4)
 
 
 class StopAfter(Reporter):
@@ -84,6 +159,18 @@ def test_what_cannot_take_the_static_step_falls_back_with_one_line(tiny_override
     assert session.static_step is None and "torch.compile and the captured step" in session.step_note
 
 
-def test_auto_keeps_the_ordinary_step_off_cuda(tiny_overrides):
-    summary = fit(load_config(None, [*tiny_overrides, "train.epochs=1", "train.cuda_graphs=auto"]), quiet=True)
+def test_the_default_auto_keeps_the_ordinary_step_off_cuda(tiny_overrides):
+    assert load_config(None, []).train.cuda_graphs == "auto"
+    summary = fit(load_config(None, [*tiny_overrides, "train.epochs=1"]), quiet=True)
     assert summary["train_step"] == "ordinary" and "train_step_note" not in summary
+
+
+def test_compile_by_mode_name_trains_as_the_plain_model_does(tiny_overrides):
+    """train.compile: reduce-overhead (CUDA graphs of the compiled model on GPUs; compiled code here)."""
+    settings = [*tiny_overrides, "train.epochs=1"]
+    plain = fit(load_config(None, settings), quiet=True)
+    compiled = fit(load_config(None, [*settings, "train.compile=reduce-overhead"]), quiet=True)
+    assert compiled["status"] == "completed" and compiled["train_step"] == "ordinary"
+    for a, b in zip(rows(plain), rows(compiled), strict=True):
+        for key in COMPARED:
+            assert b[key] == pytest.approx(a[key], abs=1e-4), (key, a, b)

@@ -5,7 +5,8 @@ the same model, initial weights and data, in one run so the ratios mean somethin
 
 - in this process, for ``batches`` batches each: end-to-end images/s (data loading included: the
   report's DataLoader with 4 workers and its per-batch host reads, against cnnlab's on-device
-  batches) and training-step images/s (batches made beforehand, the step alone);
+  batches) and training-step images/s (batches made beforehand, the step alone); where the run takes
+  the static step (``train.cuda_graphs``: by default on CUDA), its end-to-end images/s as well;
 - with ``commands``: each whole command as its own process, ``cnnlab run CONFIG --epochs N`` against
   ``python -m cnnlab.d2l_replica CONFIG --epochs N`` (start-up, data, training, evaluation), with
   wall seconds, cnnlab's start-up seconds (process start to first batch) and each one's peak memory.
@@ -110,8 +111,39 @@ def cnnlab_in_process(cfg: Config, batches: int) -> dict[str, Any]:
     end_to_end = run(itertools.islice(source, batches))
     ready = [(x.clone(), y.clone()) for x, y in itertools.islice(source, min(batches, 50))]
     step = run(_repeat(ready, batches))
-    return {"end_to_end_img_s": end_to_end, "step_img_s": step, "peak_memory_mb": _peak_mb(device),
-            "device_name": session.runtime.device_name, "threads": session.threads}
+    result = {"end_to_end_img_s": end_to_end, "step_img_s": step, "peak_memory_mb": _peak_mb(device),
+              "device_name": session.runtime.device_name, "threads": session.threads,
+              "static_step": session.static_step.kind if session.static_step is not None else None}
+    if session.static_step is not None:
+        result["static_img_s"] = static_in_process(session, batches)
+    return result
+
+
+def static_in_process(session: Any, batches: int) -> float:
+    """Images/s of the static step (``train.cuda_graphs``: a CUDA-graph replay per batch on GPUs), end
+    to end: batches picked from the on-device data by the step itself. Warmed up and captured first."""
+    from cnnlab.capture import WARMUP_STEPS
+    from cnnlab.state import EpochProgress
+
+    step, data, device = session.static_step, session.data, session.runtime.device
+    n, batch_size = len(data.train), session.cfg.train.batch_size
+    full = n // batch_size
+
+    def run(count: int) -> float:
+        seconds, done = 0.0, 0
+        while done < count:
+            progress = EpochProgress(lr=session.optimizer.param_groups[0]["lr"]).to(device)
+            permutation = torch.randperm(n, generator=session.order).to(device)
+            _sync(device)
+            start = time.perf_counter()
+            step.run_epoch(progress, permutation, min(full, count - done), None, None)
+            _sync(device)
+            seconds += time.perf_counter() - start
+            done += progress.batches
+        return done * batch_size / max(seconds, 1e-9)
+
+    run(WARMUP_STEPS + 2)  # the warm-up steps, the capture and a replay: start-up, not speed
+    return run(batches)
 
 
 def _timed_command(command: list[str], env: dict[str, str]) -> tuple[float, float | None, str]:
@@ -201,6 +233,8 @@ def run_bench(config_path: Path | None, overrides: list[str], *, device: str = "
     say(f"bench {cfg.name}: {cfg.model.name}, batch {cfg.train.batch_size}, {batches} batches each, on {resolved}")
     ours = cnnlab_in_process(cfg, batches)
     say(f"cnnlab  end to end {ours['end_to_end_img_s']:>10,.0f} img/s   step {ours['step_img_s']:>10,.0f} img/s")
+    if ours.get("static_img_s"):
+        say(f"cnnlab  {ours['static_step']} step, end to end {ours['static_img_s']:>10,.0f} img/s")
     theirs = d2l_in_process(cfg, resolved, batches)
     say(f"d2l     end to end {theirs['end_to_end_img_s']:>10,.0f} img/s   step {theirs['step_img_s']:>10,.0f} img/s")
     result: dict[str, Any] = {
@@ -212,6 +246,8 @@ def run_bench(config_path: Path | None, overrides: list[str], *, device: str = "
         "ratio": {"end_to_end": ours["end_to_end_img_s"] / theirs["end_to_end_img_s"],
                   "step": ours["step_img_s"] / theirs["step_img_s"]},
     }
+    if ours.get("static_img_s"):
+        result["ratio"]["static_end_to_end"] = ours["static_img_s"] / theirs["end_to_end_img_s"]
     say(f"ratio   end to end {result['ratio']['end_to_end']:.2f}x   step {result['ratio']['step']:.2f}x")
     if commands:
         if config_path is None:

@@ -1,18 +1,34 @@
-"""Usage: ``step = StaticStep.build(session, graphs=True)``; ``step.run_epoch(progress, ...)``.
+"""Usage: ``step = StaticStep(session, graph="cuda")``; ``step.run_epoch(progress, ...)``;
+``StaticEval(session, "val", graph="cuda")(stop)``.
 
-The training step over static buffers, written once: on CUDA it is captured as a CUDA graph and
-each batch is one replay (``train.cuda_graphs``); anywhere else the very same code runs eagerly,
-which is how the CPU tests check it against the ordinary loop (``engine.train_one_epoch``).
+The training step and the evaluation step over static buffers, each written once and run one of
+three ways (``train.cuda_graphs``):
 
-One step, all on the device and at fixed shapes: the batch's indices are a slice of the epoch's
-permutation at a device-side offset, the images are gathered, converted, normalised and augmented
-(the data's own device generator), then forward, loss, backward, optional gradient clipping, SGD's
-update with the learning rate as a device tensor (refreshed from the schedule before each step),
-and the running loss and correct counts. The permutation is drawn exactly as ``Data.batches`` draws
-it, and a last short batch goes through the ordinary step, so an epoch sees the same batches in the
-same order either way. Only SGD is captured so far (PyTorch's own SGD reads a tensor learning rate
-back to the host); other optimisers, fp16's gradient scaler and torch.compile fall back to the
-ordinary loop with one line saying why.
+- eagerly (``true`` off CUDA): the very code that a graph would hold, as plain PyTorch calls; the
+  CPU tests check it against the ordinary loop (``engine.train_one_epoch``, ``engine.evaluate``);
+- as a CUDA graph (``true``, or ``auto`` on CUDA): warmed up on a side stream, captured once, each
+  batch one replay;
+- as an emulated graph (``emulate``, any device): warmed up, recorded once at the level of
+  PyTorch's operators, and each batch the recorded operators replayed with the arguments they were
+  recorded with. What a CUDA graph freezes (every Python number, every shape, which tensors are
+  read and written) is frozen here too, and what it cannot hold (a read-back to the host such as
+  ``.item()``, a data-dependent shape) is refused the same way: a model or an option that would
+  train wrongly or fail as a CUDA graph does so on the CPU as well, where the tests can see it.
+
+One training step, all on the device and at fixed shapes: the batch's indices are a slice of the
+epoch's permutation at a device-side offset, the images are gathered, converted, normalised and
+augmented (the data's own device generator), then forward, loss, backward, optional gradient
+clipping, SGD's update with the learning rate as a device tensor (refreshed from the schedule before
+each step), and the running loss and correct counts. The permutation is drawn exactly as
+``Data.batches`` draws it, and a last short batch goes through the ordinary step, so an epoch sees the
+same batches in the same order either way. Only SGD is captured so far (PyTorch's own SGD reads a
+tensor learning rate back to the host); other optimisers, fp16's gradient scaler and torch.compile
+fall back to the ordinary loop with one line saying why; a step that fails to capture (a model that
+reads a value back, say) runs eagerly from then on, with one line saying why.
+
+One evaluation step: a slice of the split at a device-side offset, converted and normalised, the
+forward pass in eval mode, and the summed loss and correct counts; the per-epoch evaluation replays
+it, the last short batch runs eagerly.
 """
 
 from __future__ import annotations
@@ -20,16 +36,28 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 if TYPE_CHECKING:
     from cnnlab.engine import Session
     from cnnlab.state import EpochProgress
+    from cnnlab.stopping import StopSignals
 
-WARMUP_STEPS = 3  # eager steps on a side stream before capture (CUDA's rule: allocations settle first)
+WARMUP_STEPS = 3  # eager steps before capture (CUDA's rule: allocations and cuDNN's choices settle first)
+
+Graph = Literal["cuda", "emulated"] | None  # how a static step runs: a CUDA graph, its emulation, or eagerly
+
+
+def graph_kind(wanted: bool | str, device: torch.device) -> Graph:
+    """What ``train.cuda_graphs`` means on ``device``: the graph to capture, or None (eagerly)."""
+    if wanted == "emulate":
+        return "emulated"
+    return "cuda" if device.type == "cuda" else None
 
 
 def why_not(session: Session) -> str | None:
@@ -43,38 +71,172 @@ def why_not(session: Session) -> str | None:
         return "train.compile: torch.compile and the captured step are two ways to the same end; pick one"
     if session.world.distributed:
         return "torchrun: DistributedDataParallel's gradient hooks are not captured here"
-    if session.data.num_batches("train", cfg.train.batch_size, shuffle=True) < WARMUP_STEPS + 1 and \
-            session.runtime.device.type == "cuda":
-        return "fewer batches in an epoch than the warm-up needs"
     return None
 
 
-class StaticStep:
-    """The step of ``session`` over static buffers; ``graphs``: capture and replay it (CUDA only)."""
+# ---------------------------------------------------------------------------------------------
+# Running a step function: eagerly, or captured once and replayed
 
-    def __init__(self, session: Session, graphs: bool) -> None:
+
+class HostRead(RuntimeError):
+    """An operation inside a captured step that a graph cannot hold."""
+
+
+_REFUSED = {
+    torch.ops.aten._local_scalar_dense.default: "reads a tensor's value back to the host (.item(), float(t), `if t:`)",
+    torch.ops.aten.nonzero.default: "has a data-dependent shape (nonzero, boolean-mask indexing)",
+    torch.ops.aten.masked_select.default: "has a data-dependent shape (masked_select)",
+}
+
+
+class _Recorder(TorchDispatchMode):
+    """Runs and records every operator call below autograd (the forward, the backward, the update)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, tuple, dict, Any]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (PyTorch's protocol)
+        kwargs = kwargs or {}
+        refused = _REFUSED.get(func)
+        if refused is not None:
+            raise HostRead(f"the step {refused}, which a CUDA graph cannot hold")
+        out = func(*args, **kwargs)
+        self.calls.append((func, args, kwargs, out))
+        return out
+
+
+class EmulatedGraph:
+    """A CUDA graph's semantics on any device: ``capture`` runs ``body`` once, recording each operator
+    call with its arguments; ``replay`` calls them again with the very same arguments (the same
+    tensors, numbers, shapes and generators), each result standing in for the recorded one in the
+    calls after it. Tensors made before the capture (parameters, gradients, optimiser state, the
+    static buffers) are read and written in place, as a CUDA graph's kernels would."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple, dict, Any]] = []
+
+    def capture(self, body: Callable[[], None]) -> None:
+        recorder = _Recorder()
+        with recorder:
+            body()
+        self.calls = recorder.calls  # the recorded results stay referenced: their ids stay theirs
+
+    @torch.no_grad()  # the recorded calls include the backward's: autograd must not record them again
+    def replay(self) -> None:
+        fresh: dict[int, torch.Tensor] = {}
+
+        def current(value: Any) -> Any:
+            return fresh.get(id(value), value) if isinstance(value, torch.Tensor) else value
+
+        for func, args, kwargs, out in self.calls:
+            result = func(*tree_map(current, args), **tree_map(current, kwargs))
+            for recorded, now in zip(tree_flatten(out)[0], tree_flatten(result)[0], strict=True):
+                if isinstance(recorded, torch.Tensor):
+                    fresh[id(recorded)] = now
+
+
+class Captured:
+    """``body`` (a step over static buffers) as the run asks: eagerly (``graph`` None); or run
+    ``WARMUP_STEPS`` times eagerly, then captured once and replayed on every call after (``cuda``,
+    ``emulated``). A capture that fails says why in one line (``fallback``) and runs eagerly from then
+    on. ``generators``: the explicit random generators the body draws from (a CUDA graph must be told)."""
+
+    def __init__(self, body: Callable[[], None], graph: Graph, device: torch.device, what: str,
+                 generators: tuple[torch.Generator, ...] = ()) -> None:
+        self.body, self.kind, self.device, self.what, self.generators = body, graph, device, what, generators
+        self.graph: Any = None
+        self.calls = 0
+        self.fallback: str | None = None
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.kind is None:
+            self.body()
+        elif self.calls < WARMUP_STEPS:
+            self._warm_up()
+        else:
+            self._capture()
+        self.calls += 1
+
+    def _warm_up(self) -> None:
+        if self.kind != "cuda":
+            self.body()
+            return
+        stream = torch.cuda.Stream(self.device)  # CUDA graphs want their warm-up off the default stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.body()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+
+    def _capture(self) -> None:
+        try:
+            if self.kind == "cuda":
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                for generator in self.generators:
+                    graph.register_generator_state(generator)
+                with torch.cuda.graph(graph):
+                    self.body()  # recorded, not run: the replay below runs this call's batch
+                graph.replay()
+            else:
+                graph = EmulatedGraph()
+                graph.capture(self.body)  # recorded while it runs: this call's batch is done
+        except Exception as err:  # an operation that cannot be captured: eagerly from here on, said once
+            from cnnlab.errors import warn
+
+            self.kind = None
+            self.fallback = f"the {self.what} could not be captured ({type(err).__name__}: {err}); it runs eagerly"
+            warn(f"train.cuda_graphs: {self.fallback}")
+            self.body()  # (an emulated capture ran the operators before the refused one: they run again)
+            return
+        self.graph = graph
+
+
+def _autocast(session: Session, graph: Graph) -> contextlib.AbstractContextManager:
+    runtime = session.runtime
+    if runtime.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if runtime.precision == "bf16" else torch.float16
+    # No cast cache inside a graph: the cache is emptied when autocast exits, and a replay would read freed memory.
+    return torch.autocast(runtime.device.type, dtype=dtype, cache_enabled=graph is None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training step
+
+
+class StaticStep:
+    """The training step of ``session`` over static buffers, run as ``graph`` says."""
+
+    def __init__(self, session: Session, graph: Graph) -> None:
         self.session = session
-        self.device = session.runtime.device
-        self.graphs = graphs and self.device.type == "cuda"
+        self.device = device = session.runtime.device
         cfg, data = session.cfg, session.data
         self.batch_size = cfg.train.batch_size
         split = data.split("train")
         self.images, self.labels = split.images, split.labels
-        self.order = torch.zeros(len(split), dtype=torch.long, device=self.device)  # the epoch's permutation
-        self.start = torch.zeros((), dtype=torch.long, device=self.device)  # the next batch's first position
-        self.offsets = torch.arange(self.batch_size, device=self.device)
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.correct = torch.zeros((), dtype=torch.long, device=self.device)
+        self.order = torch.zeros(len(split), dtype=torch.long, device=device)  # the epoch's permutation
+        self.start = torch.zeros((), dtype=torch.long, device=device)  # the next batch's first position
+        self.offsets = torch.arange(self.batch_size, device=device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
         group = session.optimizer.param_groups[0]
-        self.lr = torch.tensor(float(group["lr"]), device=self.device)
+        self.lr = torch.tensor(float(group["lr"]), device=device)
         self.params = [p for p in session.model.parameters() if p.requires_grad]
         # The scheduler is stepped after this step's own SGD update, as after optimizer.step() in the
         # ordinary loop; PyTorch only sees that its optimiser's step() was never called, and would say so.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`",
                                 category=UserWarning)
-        self.graph: Any = None
-        self.steps_run = 0
-        self.fallback: str | None = None  # why a capture that was tried did not happen
+        generators = (data.augment_generator,) if data.augment_generator is not None else ()
+        self.graph = graph
+        self.step = Captured(self._body, graph, device, "training step", generators)
+
+    @property
+    def kind(self) -> str:
+        """What summary.json's train_step says: cuda-graph, emulated-graph or static (eagerly)."""
+        return {"cuda": "cuda-graph", "emulated": "emulated-graph"}.get(self.step.kind or "", "static")
 
     # -- the step itself, written once ------------------------------------------------------
 
@@ -84,7 +246,7 @@ class StaticStep:
         x, y = data.prepare(self.images.index_select(0, idx)), self.labels.index_select(0, idx)
         if data.augment is not None and data.augment.active:
             x = data.augment(x, data.augment_generator)
-        with self._autocast():
+        with _autocast(session, self.graph):
             logits = session.forward(x)
             loss = session.loss_fn(logits, y)
         for p in self.params:  # zeroed in place: the graph's gradients are static buffers too
@@ -97,13 +259,6 @@ class StaticStep:
         self.loss_sum += loss.detach().float() * self.batch_size
         self.correct += (logits.detach().argmax(1) == y).sum()
         self.start += self.batch_size
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        runtime = self.session.runtime
-        if runtime.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if runtime.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=not self.graphs)  # no cast cache in graphs
 
     @torch.no_grad()
     def _sgd(self) -> None:
@@ -131,65 +286,77 @@ class StaticStep:
 
     # -- running it --------------------------------------------------------------------------
 
-    def _capture(self) -> None:
-        graph = torch.cuda.CUDAGraph()
-        generator = self.session.data.augment_generator
-        if generator is not None:
-            graph.register_generator_state(generator)
-        with torch.cuda.graph(graph):
-            self._body()
-        self.graph = graph
-
-    def step(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-            return
-        if self.graphs and self.steps_run >= WARMUP_STEPS:
-            torch.cuda.synchronize(self.device)
-            saved = self.start.clone()
-            try:
-                self._capture()  # records without running; the replay below runs this batch
-            except Exception as err:  # an operation that cannot be captured: go on eagerly, said once
-                from cnnlab.errors import warn
-
-                self.graph, self.graphs = None, False
-                self.fallback = f"the step could not be captured ({type(err).__name__}: {err}); it runs eagerly"
-                warn(f"train.cuda_graphs: {self.fallback}")
-                self.start.copy_(saved)
-                self._body()
-                return
-            self.start.copy_(saved)
-            self.graph.replay()
-            return
-        if self.graphs:  # warm-up on a side stream, as CUDA graphs require
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._body()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-        else:
-            self._body()
-        self.steps_run += 1
-
     def run_epoch(self, progress: EpochProgress, permutation: torch.Tensor, full_batches: int,
-                  rest: Callable[[], None], reporter: Any, stop: Any) -> None:
-        """Train the epoch's full batches from ``progress.batches`` on, then ``rest`` (the ordinary
-        step for a last short batch), adding into ``progress`` after every batch."""
+                  reporter: Any, stop: Any) -> None:
+        """Train the epoch's full batches from ``progress.batches`` on, adding into ``progress``
+        after every batch (a last short batch is the caller's, through the ordinary step)."""
         self.order.copy_(permutation)
         self.start.fill_(progress.batches * self.batch_size)
         self.loss_sum.copy_(progress.loss_sum)
         self.correct.copy_(progress.correct)
         progress.loss_sum, progress.correct = self.loss_sum, self.correct  # the same tensors from here on
         group = self.session.optimizer.param_groups[0]
-        for _ in range(progress.batches, full_batches):
-            self.lr.fill_(float(group["lr"]))
-            self.step()
-            self.session.scheduler.step()
-            progress.seen += self.batch_size
-            progress.batches += 1
-            if reporter is not None:
-                reporter.advance(progress.loss_sum, progress.correct, progress.seen)
-            if stop is not None:
-                stop.check()
-        progress.loss_sum, progress.correct = self.loss_sum.clone(), self.correct.clone()
-        rest()
+        try:
+            for _ in range(progress.batches, full_batches):
+                self.lr.fill_(float(group["lr"]))
+                self.step()
+                self.session.scheduler.step()
+                progress.seen += self.batch_size
+                progress.batches += 1
+                if reporter is not None:
+                    reporter.advance(progress.loss_sum, progress.correct, progress.seen)
+                if stop is not None:
+                    stop.check()
+        finally:  # the sums leave the static buffers, which the next epoch overwrites
+            progress.loss_sum, progress.correct = self.loss_sum.clone(), self.correct.clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation step
+
+
+class StaticEval:
+    """The per-epoch evaluation of split ``name`` over static buffers, run as ``graph`` says: the same
+    figures as ``engine.evaluate`` (full batches of ``train.eval_batch_size`` replayed, the last
+    short one eagerly)."""
+
+    def __init__(self, session: Session, name: str, graph: Graph) -> None:
+        self.session = session
+        device = session.runtime.device
+        split = session.data.split(name)
+        self.images, self.labels, self.n = split.images, split.labels, len(split)
+        self.batch_size = min(session.cfg.train.eval_batch_size, self.n)
+        self.full = self.n // self.batch_size
+        self.start = torch.zeros((), dtype=torch.long, device=device)
+        self.offsets = torch.arange(self.batch_size, device=device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.graph = graph
+        self.step = Captured(self._full_batch, graph, device, "evaluation step")
+
+    def _batch(self, idx: torch.Tensor) -> None:
+        session = self.session
+        x, y = session.data.prepare(self.images.index_select(0, idx)), self.labels.index_select(0, idx)
+        with _autocast(session, self.graph):
+            logits = session.forward(x)
+        self.loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        self.correct += (logits.argmax(1) == y).sum()
+
+    def _full_batch(self) -> None:
+        self._batch(self.start + self.offsets)
+        self.start += self.batch_size
+
+    def __call__(self, stop: StopSignals | None = None) -> dict[str, float]:
+        """Mean cross-entropy and accuracy over the split, as ``engine.evaluate`` gives them."""
+        self.session.forward.eval()
+        self.start.zero_()
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        with torch.no_grad():
+            for _ in range(self.full):
+                self.step()
+                if stop is not None:
+                    stop.check()
+            if self.full * self.batch_size < self.n:
+                self._batch(torch.arange(self.full * self.batch_size, self.n, device=self.start.device))
+        return {"loss": self.loss_sum.item() / self.n, "acc": self.correct.item() / self.n}

@@ -107,13 +107,16 @@ class TrainConfig(Section):
     eval_batch_size: int = Field(1024, ge=1)  # images per forward pass when evaluating (no effect on results)
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype for forward passes; fp16 adds a gradient scaler
-    compile: bool = False  # torch.compile the model (slow first epoch, faster after; best on GPUs)
+    # torch.compile the model (slow first epoch, faster after; best on GPUs); true: its default mode,
+    # or a mode by name (reduce-overhead: CUDA graphs of the compiled forward and backward).
+    compile: bool | Literal["reduce-overhead", "max-autotune"] = False
     # NHWC memory layout. auto: on for the CPU (convolutions about 20% faster on this project's 2-core CPU),
     # off for GPUs (it cost LeNet 26% of its speed on an H200, measured; set true for large convolutions in bf16)
     channels_last: bool | Literal["auto"] = "auto"
-    # The training step as one CUDA-graph replay per batch (capture.py). auto: on CUDA when the run allows it.
-    # Off by default until measured on a GPU; true on the CPU runs the same static step eagerly (tests).
-    cuda_graphs: bool | Literal["auto"] = False
+    # The training and evaluation steps as one CUDA-graph replay per batch (capture.py). auto: on CUDA when
+    # the run allows it; true: also elsewhere, run eagerly; emulate: a CUDA graph's rules on any device
+    # (slow: for checking on a CPU that a model and its options can be captured).
+    cuda_graphs: bool | Literal["auto", "emulate"] = "auto"
     tf32: bool = True  # on Ampere and newer GPUs: TF32 for fp32 matmuls and convolutions (faster; ~1e-3 relative precision)
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
     grad_clip: float | None = Field(None, gt=0)  # clip the global gradient norm to this value; null = off

@@ -326,6 +326,7 @@ class Session:
     world: World = field(default_factory=World)
     sync_bn: bool = False
     static_step: Any = None  # capture.StaticStep when the step runs over static buffers (train.cuda_graphs)
+    static_eval: Any = None  # capture.StaticEval for the per-epoch evaluation, alongside it
     step_note: str | None = None  # why it does not, when it was asked for
 
     @property
@@ -403,7 +404,8 @@ def prepare(cfg: Config) -> Session:
         from torch.nn.parallel import DistributedDataParallel
 
         parallel = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    forward = torch.compile(parallel) if cfg.train.compile else parallel
+    mode = cfg.train.compile if isinstance(cfg.train.compile, str) else None
+    forward = torch.compile(parallel, mode=mode) if cfg.train.compile else parallel
     optimizer = make_optimizer(model, cfg.optim)
     steps_per_epoch = data.num_batches("train", cfg.train.batch_size, shuffle=True, min_last=world.min_last_batch)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
@@ -416,20 +418,31 @@ def prepare(cfg: Config) -> Session:
 
 
 def choose_step(session: Session) -> None:
-    """The static (CUDA-graph) step where ``train.cuda_graphs`` asks for it and the run allows it;
-    otherwise the ordinary step, with one line saying why when it was asked for."""
-    from cnnlab.capture import StaticStep, why_not
+    """The static (CUDA-graph) steps where ``train.cuda_graphs`` asks for them and the run allows it;
+    otherwise the ordinary step, saying why in summary.json (and in one line when asked for by name)."""
+    from cnnlab.capture import StaticEval, StaticStep, graph_kind, why_not
 
-    wanted, on_cuda = session.cfg.train.cuda_graphs, session.runtime.device.type == "cuda"
-    if wanted is False or (wanted == "auto" and not on_cuda):
+    wanted, device = session.cfg.train.cuda_graphs, session.runtime.device
+    if wanted is False or (wanted == "auto" and device.type != "cuda"):
         return
     reason = why_not(session)
     if reason is not None:
         session.step_note = f"train.cuda_graphs: off: {reason}"
-        if session.world.is_main:
+        if session.world.is_main and wanted != "auto":  # asked for by name: said; by default: in summary.json only
             warn(session.step_note)
         return
-    session.static_step = StaticStep(session, graphs=on_cuda)
+    graph = graph_kind(wanted, device)
+    session.static_step = StaticStep(session, graph)
+    session.static_eval = StaticEval(session, session.data.eval_split_name, graph)
+
+
+def step_fields(session: Session) -> tuple[str, str | None]:
+    """summary.json's train_step and train_step_note: how the steps ran, and why not as asked."""
+    static = session.static_step
+    if static is None:
+        return "ordinary", session.step_note
+    notes = [s.fallback for s in (static.step, session.static_eval.step) if s.fallback]
+    return static.kind, "; ".join(notes) or session.step_note
 
 
 def warm_imports() -> threading.Thread | None:
@@ -481,8 +494,8 @@ def describe_run(session: Session, run: RunDir) -> RunSummary:
         threads=session.threads,
         channels_last=runtime.channels_last,
         tf32=runtime.tf32,
-        train_step=("cuda-graph" if session.static_step.graphs else "static") if session.static_step else "ordinary",
-        train_step_note=session.step_note,
+        train_step=step_fields(session)[0],
+        train_step_note=step_fields(session)[1],
         world_size=session.world.size,
         backend=session.world.backend,
         sync_bn=session.sync_bn if session.world.distributed else None,
@@ -564,8 +577,11 @@ def train(
                     f"the training loss diverged ({train_metrics['loss']}) in epoch {epoch}; lower optim.lr "
                     f"(now {cfg.optim.lr}) or set train.grad_clip"
                 )
-            val = evaluate(session.forward, world.shard(data.batches(data.eval_split_name, cfg.train.eval_batch_size)),
-                           runtime, stop, world)
+            if session.static_eval is not None:
+                val = session.static_eval(stop)
+            else:
+                val = evaluate(session.forward, world.shard(data.batches(data.eval_split_name, cfg.train.eval_batch_size)),
+                               runtime, stop, world)
             row = {
                 "epoch": epoch,
                 "train_loss": train_metrics["loss"],
@@ -610,6 +626,7 @@ def train(
         summary.train_seconds = state.train_seconds
         summary.stopped_early = state.stopped_early
         summary.finished = utc_now()
+        summary.train_step, summary.train_step_note = step_fields(session)
         summary.wall_seconds = wall_before + time.perf_counter() - wall_start
         summary.run_dir = str(run.path)
         reporter.finish(summary.to_dict(), run.path)  # the record first: summary.json, curves.png; then the rest
@@ -678,7 +695,7 @@ def train_epoch_static(session: Session, progress: EpochProgress, reporter: Repo
     session.forward.train()
     start = time.perf_counter()
     try:
-        session.static_step.run_epoch(progress, permutation, full, lambda: None, reporter, stop)
+        session.static_step.run_epoch(progress, permutation, full, reporter, stop)
     finally:
         progress.seconds += time.perf_counter() - start
     session.order.set_state(progress.order_state)  # the same permutation again, for the short last batch
@@ -709,6 +726,7 @@ def _record_ending(err: BaseException, session: Session, run: RunDir, state: Tra
     if state.metrics:  # the last finished epoch's figures, as a completed run has them
         summary.final = {k: state.metrics[-1][k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
     summary.finished = utc_now()
+    summary.train_step, summary.train_step_note = step_fields(session)
     summary.wall_seconds = wall_seconds
     if state.best_epoch:
         summary.best_epoch, summary.best_val_acc = state.best_epoch, state.best_acc

@@ -259,8 +259,8 @@ class RunSummary(BaseModel):
     threads: int | None = None
     channels_last: bool | None = None  # the memory layout used (train.channels_last resolved for the device)
     tf32: bool | None = None  # TF32 matmuls and convolutions allowed (CUDA runs only)
-    train_step: str | None = None  # ordinary, static (the static step, eagerly) or cuda-graph (replayed)
-    train_step_note: str | None = None  # why train.cuda_graphs did not apply, when it was asked for
+    train_step: str | None = None  # ordinary, static (the static steps, eagerly), cuda-graph or emulated-graph (replayed)
+    train_step_note: str | None = None  # why train.cuda_graphs did not apply, or a step could not be captured
     world_size: int = Field(1, ge=1, le=2**31 - 1)  # processes training this run together (torchrun); 1 for a plain `cnnlab run`
     backend: str | None = None  # their collective backend: nccl (GPUs) or gloo (CPUs)
     sync_bn: bool | None = None  # whether BatchNorm statistics were synchronised over the processes
