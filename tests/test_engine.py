@@ -186,3 +186,24 @@ def test_device_aware_layout_and_start_up_time_are_recorded(tiny_overrides):
     off = fit(load_config(None, [*tiny_overrides, "train.epochs=1", "train.channels_last=false"]), quiet=True)
     assert off["channels_last"] is False
     assert off["test_acc"] == pytest.approx(summary["test_acc"], abs=0.05)  # same model either way
+
+
+def test_a_checkpoint_snapshot_is_untouched_by_the_training_that_goes_on(tmp_path):
+    """The background writer serialises a snapshot while the next epoch trains: parameters updated
+    in place and metrics appended afterwards must not reach the file."""
+    from cnnlab.results import Checkpoint, CheckpointWriter, RunDir
+
+    weight = torch.ones(3)
+    metrics = [{"epoch": 1, "val_acc": 0.5}]
+    live = Checkpoint(model={"w": weight}, config={"name": "x"}, state={"epoch": 1, "metrics": metrics})
+    snapshot = live.snapshot()
+    run = RunDir.create(tmp_path, "exp")
+    writer = CheckpointWriter(run)
+    writer.save(live, "last")
+    weight.add_(1)  # the next epoch's first step
+    metrics.append({"epoch": 2, "val_acc": 0.6})
+    assert snapshot.model["w"].tolist() == [1.0, 1.0, 1.0] and len(snapshot.state["metrics"]) == 1
+    writer.flush()
+    writer.close()
+    saved = torch.load(run.checkpoint_dir / "last.pt", weights_only=True)
+    assert saved["model"]["w"].tolist() == [1.0, 1.0, 1.0] and saved["state"]["metrics"] == [{"epoch": 1, "val_acc": 0.5}]

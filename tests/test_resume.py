@@ -309,3 +309,23 @@ def test_an_early_stopped_run_is_completed_and_an_extension_counts_patience_afre
     extended = resume_run(run, epochs=6, quiet=True)
     assert extended["epochs_completed"] == 5 and extended["stopped_early"]  # two more epochs of patience
     assert len(metric_rows(run)) == 5
+
+
+def test_a_checkpoint_that_cannot_be_written_fails_the_run_and_says_so(workdir):
+    """Checkpoints are written in the background while the next epoch trains: a real 'disk full'
+    (the file-size limit: the checkpoint is larger) still ends the run, recorded, without a traceback."""
+    import resource
+
+    def small_files():
+        limit = 30_000  # config, summary and metrics fit; a LeNet checkpoint (about 250 kB) does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    process = subprocess.run(
+        [sys.executable, "-m", "cnnlab", "run", "cfg.yaml", "--quiet", "--results", "nodisk", "--epochs", "2"],
+        cwd=workdir, capture_output=True, text=True, timeout=300, preexec_fn=small_files,
+    )
+    assert process.returncode == 1, process.stdout + process.stderr
+    assert "Traceback" not in process.stderr and "File too large" in process.stderr
+    result = summary(only_run(workdir / "nodisk"))
+    assert result["status"] == "failed" and "File too large" in result["error"]
+    assert not list((only_run(workdir / "nodisk") / "checkpoints").glob("*.pt"))  # nothing half-written

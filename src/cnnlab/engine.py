@@ -34,7 +34,7 @@ from cnnlab.events import FanOut
 from cnnlab.modelinfo import count_params, flops_per_image
 from cnnlab.models import get_model
 from cnnlab.progress import Reporter, make_reporter
-from cnnlab.results import Checkpoint, RunDir, RunSummary, git_commit, utc_now
+from cnnlab.results import Checkpoint, CheckpointWriter, RunDir, RunSummary, git_commit, utc_now
 from cnnlab.state import EpochProgress, TrainState
 from cnnlab.stopping import Interrupted, Pruned, StopSignals
 
@@ -554,6 +554,7 @@ def train(
     wall_before = state.wall_seconds  # time spent in earlier sessions of a resumed run, as its checkpoint says
     run.metrics = state.metrics
     summary.startup_seconds = _rounded(process_age())  # from the command to the first batch (this session's, on resume)
+    checkpoints = CheckpointWriter(run)
     try:
         while state.epoch < cfg.train.epochs and not state.stopped_early:
             epoch = state.epoch + 1
@@ -603,11 +604,12 @@ def train(
                 state.stopped_early = True
             state.wall_seconds = wall_before + time.perf_counter() - wall_start
             if cfg.output.checkpoints and run.writer:
-                run.save_checkpoint(session.checkpoint(state), *(("best", "last") if is_best else ("last",)))
+                checkpoints.save(session.checkpoint(state), *(("best", "last") if is_best else ("last",)))
             reporter.end_epoch(row, is_best=is_best)
             if state.stopped_early:
                 reporter.message(f"early stop: no better {data.eval_split_name} accuracy for {cfg.train.patience} epochs")
 
+        checkpoints.flush()
         if cfg.output.checkpoints:
             if run.writer:
                 model.load_state_dict(Checkpoint.load(run.checkpoint_dir / "best.pt", runtime.device).model)
@@ -633,6 +635,8 @@ def train(
         world.barrier()  # under torchrun the others wait for rank 0's files, then all leave the group together
         world.leave()
     except BaseException as err:
+        with RunRecord.guarded(run):  # the epoch's checkpoint still being written: finished first
+            checkpoints.flush()
         _record_ending(err, session, run, state, summary, wall_before + time.perf_counter() - wall_start, stop)
         # Every listener hears the ending, each on its own: a record that cannot be written (the disk is
         # full) is said, and the lock still tells that nobody trains; the others still close.
@@ -641,6 +645,7 @@ def train(
                 listener.finish(summary.to_dict(), run.path)
         raise
     finally:
+        checkpoints.close()
         run.unlock()
     return summary.to_dict()
 

@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import unicodedata
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -331,6 +332,16 @@ class Checkpoint:
     def epoch(self) -> int:
         return int(self.state["epoch"]) if self.state else 0
 
+    def snapshot(self) -> Checkpoint:
+        """A copy that training cannot change: every tensor copied to the CPU, every container rebuilt
+        (a state dict holds the live parameters, the optimiser's buffers and the metrics list)."""
+        from torch.utils._pytree import tree_map
+
+        def copied(value: Any) -> Any:
+            return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
+
+        return Checkpoint(**{name: tree_map(copied, value) for name, value in self.__dict__.items()})
+
     def save(self, *paths: Path) -> None:
         """Serialise once and write to each path atomically, with its SHA-256 in ``<path>.sha256``; a
         crash at any point leaves pairs that verify."""
@@ -492,6 +503,39 @@ class RunDir:
         """``checkpoint`` as ``checkpoints/<name>.pt`` for each name (serialised once)."""
         if self.writer:
             checkpoint.save(*(self.checkpoint_dir / f"{name}.pt" for name in names))
+
+
+class CheckpointWriter:
+    """A run's epoch checkpoints written in the background, one at a time: ``save`` takes a snapshot
+    (the only part the loop waits for: a copy to the CPU) and the next epoch trains while the file is
+    serialised, written and synced. ``flush`` waits for the write under way and raises what it
+    raised, so a failed write (a full disk) still ends the run, at the next epoch's save or at the
+    end. The files are replaced atomically either way: a run killed mid-write keeps the last pair."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+
+    def save(self, checkpoint: Checkpoint, *names: str) -> None:
+        self.flush()
+        if not self.run.writer:
+            return
+        snapshot = checkpoint.snapshot()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnlab-checkpoint")
+        self._pending = self._pool.submit(self.run.save_checkpoint, snapshot, *names)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the write under way (its error is not raised here: ``flush`` first to hear it)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 LOCK_FILE = ".lock"
