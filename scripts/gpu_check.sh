@@ -10,8 +10,9 @@
 #   bench     cnnlab bench on LeNet (whole commands too) and on the report's ResNet and GoogLeNet
 #   baseline  the 20-epoch LeNet baseline (configs/lenet.yaml), as it runs by default: its training and
 #             evaluation steps captured as CUDA graphs (train.cuda_graphs: auto)
-#   eager     the same with the ordinary step (train.cuda_graphs=false), and with torch.compile's
-#             reduce-overhead mode instead (train.compile=reduce-overhead): the two to compare against
+#   eager     the same with the ordinary step (train.cuda_graphs=false), with torch.compile's
+#             reduce-overhead mode instead (compiled), and with the compiled model captured inside
+#             the whole-step graph (compiled_graphs): what the default is compared against
 #   resnet9   the ResNet-9 recipe (configs/resnet9.yaml), by default and with the ordinary step
 #   sweep     the whole lab report: cnnlab sweep configs/seed/ --jobs 4 (several minutes)
 #   tests     the test suite
@@ -69,7 +70,9 @@ for s in $STEPS; do
       step eager "${CNNLAB[@]}" run configs/lenet.yaml --device "$DEVICE" --results "$OUT/eager" --quiet \
         --set train.cuda_graphs=false "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}"
       step compiled "${CNNLAB[@]}" run configs/lenet.yaml --device "$DEVICE" --results "$OUT/compiled" --quiet \
-        --set train.cuda_graphs=false --set train.compile=reduce-overhead "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}" ;;
+        --set train.cuda_graphs=false --set train.compile=reduce-overhead "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}"
+      step compiled_graphs "${CNNLAB[@]}" run configs/lenet.yaml --device "$DEVICE" --results "$OUT/compiled_graphs" \
+        --quiet --set train.cuda_graphs=true --set train.compile=true "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}" ;;
     resnet9)
       step resnet9 "${CNNLAB[@]}" run configs/resnet9.yaml --device "$DEVICE" --results "$OUT/resnet9" --quiet \
         "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}"
@@ -100,14 +103,15 @@ except Exception as err:
 for name in ("bench_lenet", "bench_resnet", "bench_googlenet"):
     if (out / f"{name}.json").is_file():
         report[name] = json.loads((out / f"{name}.json").read_text())
-for name in ("baseline", "eager", "compiled", "resnet9", "resnet9_eager"):
+for name in ("baseline", "eager", "compiled", "compiled_graphs", "resnet9", "resnet9_eager"):
     found = sorted((out / name).glob("*/*/summary.json"))
     if found:
         s = json.loads(found[-1].read_text())
         report[name] = {k: s.get(k) for k in ("status", "test_acc", "best_val_acc", "epochs_completed", "wall_seconds",
                                               "train_seconds", "train_examples_per_sec", "startup_seconds", "device_name",
                                               "train_step", "train_step_note")}
-for graphs, eager in (("baseline", "eager"), ("baseline", "compiled"), ("resnet9", "resnet9_eager")):
+for graphs, eager in (("baseline", "eager"), ("baseline", "compiled"), ("baseline", "compiled_graphs"),
+                      ("resnet9", "resnet9_eager")):
     a, b = report.get(graphs), report.get(eager)
     if a and b and a.get("train_examples_per_sec") and b.get("train_examples_per_sec"):
         report[f"{graphs}_vs_{eager}"] = {

@@ -53,13 +53,15 @@ def test_the_gpu_check_script_collects_every_figure_into_one_json(tmp_path, tiny
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
     steps = {s["step"]: s for s in report["steps"]}
-    assert set(steps) == {"bench_lenet", "bench_resnet", "bench_googlenet", "baseline", "eager", "compiled"}
+    assert set(steps) == {"bench_lenet", "bench_resnet", "bench_googlenet", "baseline", "eager", "compiled",
+                          "compiled_graphs"}
     assert all(s["exit_code"] == 0 for s in steps.values()), [(tmp_path / "check" / f"{n}.log").read_text() for n in steps]
     assert report["bench_lenet"]["commands"]["ratio"] > 0 and report["bench_resnet"]["model"] == "resnet"
     assert report["bench_googlenet"]["model"] == "googlenet"
     assert report["baseline"]["status"] == "completed" and report["baseline"]["epochs_completed"] == 1
     assert report["eager"]["train_step"] == "ordinary" and report["compiled"]["status"] == "completed"
     assert report["baseline_vs_eager"]["speed_ratio"] > 0 and "test_acc_difference" in report["baseline_vs_compiled"]
+    assert report["compiled_graphs"]["train_step"] == "static"  # on the CPU: the static step, eagerly
 
 
 def test_bench_times_the_static_step_where_the_run_takes_it(tmp_path, tiny_data):

@@ -148,6 +148,7 @@ def test_a_static_run_stopped_mid_epoch_resumes_to_the_same_metrics(hard_setting
 
 
 def test_what_cannot_take_the_static_step_falls_back_with_one_line(tiny_overrides, capsys):
+    from cnnlab.capture import why_not
     from cnnlab.engine import prepare
 
     summary = fit(load_config(None, [*tiny_overrides, "train.epochs=1", "train.cuda_graphs=true", "optim.name=adam"]),
@@ -155,8 +156,10 @@ def test_what_cannot_take_the_static_step_falls_back_with_one_line(tiny_override
     assert summary["status"] == "completed" and summary["train_step"] == "ordinary"
     assert "only SGD's step is captured so far" in summary["train_step_note"]
     assert capsys.readouterr().err.count("train.cuda_graphs: off") == 1
-    session = prepare(load_config(None, [*tiny_overrides, "train.cuda_graphs=true", "train.compile=true"]))
-    assert session.static_step is None and "torch.compile and the captured step" in session.step_note
+    session = prepare(load_config(None, [*tiny_overrides, "train.cuda_graphs=emulate", "train.compile=true"]))
+    assert session.static_step is None and "compiled kernels bypass" in session.step_note
+    session = prepare(load_config(None, [*tiny_overrides, "train.compile=true"]))  # auto: what it says on CUDA
+    assert session.static_step is None and "the compiled model runs in the ordinary step" in why_not(session)
 
 
 def test_the_default_auto_keeps_the_ordinary_step_off_cuda(tiny_overrides):
@@ -165,12 +168,16 @@ def test_the_default_auto_keeps_the_ordinary_step_off_cuda(tiny_overrides):
     assert summary["train_step"] == "ordinary" and "train_step_note" not in summary
 
 
-def test_compile_by_mode_name_trains_as_the_plain_model_does(tiny_overrides):
-    """train.compile: reduce-overhead (CUDA graphs of the compiled model on GPUs; compiled code here)."""
-    settings = [*tiny_overrides, "train.epochs=1"]
+def test_compiled_models_train_as_the_plain_model_does(tiny_overrides):
+    """train.compile by mode name (reduce-overhead: CUDA graphs of the compiled model on GPUs), and a
+    compiled model inside the static step (on GPUs: its fused kernels inside the whole-step graph)."""
+    settings = [*tiny_overrides, "train.epochs=1", "train.eval_batch_size=20"]
     plain = fit(load_config(None, settings), quiet=True)
-    compiled = fit(load_config(None, [*settings, "train.compile=reduce-overhead"]), quiet=True)
-    assert compiled["status"] == "completed" and compiled["train_step"] == "ordinary"
-    for a, b in zip(rows(plain), rows(compiled), strict=True):
-        for key in COMPARED:
-            assert b[key] == pytest.approx(a[key], abs=1e-4), (key, a, b)
+    by_mode = fit(load_config(None, [*settings, "train.compile=reduce-overhead"]), quiet=True)
+    in_step = fit(load_config(None, [*settings, "train.compile=true", "train.cuda_graphs=true"]), quiet=True)
+    assert by_mode["train_step"] == "ordinary" and in_step["train_step"] == "static"
+    for compiled in (by_mode, in_step):
+        assert compiled["status"] == "completed"
+        for a, b in zip(rows(plain), rows(compiled), strict=True):
+            for key in COMPARED:
+                assert b[key] == pytest.approx(a[key], abs=1e-4), (key, a, b)

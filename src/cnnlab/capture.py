@@ -22,9 +22,11 @@ clipping, SGD's update with the learning rate as a device tensor (refreshed from
 each step), and the running loss and correct counts. The permutation is drawn exactly as
 ``Data.batches`` draws it, and a last short batch goes through the ordinary step, so an epoch sees the
 same batches in the same order either way. Only SGD is captured so far (PyTorch's own SGD reads a
-tensor learning rate back to the host); other optimisers, fp16's gradient scaler and torch.compile
-fall back to the ordinary loop with one line saying why; a step that fails to capture (a model that
-reads a value back, say) runs eagerly from then on, with one line saying why.
+tensor learning rate back to the host); other optimisers and fp16's gradient scaler fall back to the
+ordinary loop with one line saying why; a step that fails to capture (a model that reads a value
+back, say) runs eagerly from then on, with one line saying why. A compiled model (``train.compile``)
+is captured inside the step when asked for by name (``train.cuda_graphs: true``): its fused kernels
+in the whole-step graph; by default it keeps the ordinary step.
 
 One evaluation step: a slice of the split at a device-side offset, converted and normalised, the
 forward pass in eval mode, and the summed loss and correct counts; the per-epoch evaluation replays
@@ -67,8 +69,11 @@ def why_not(session: Session) -> str | None:
         return f"optim.name {cfg.optim.name}: only SGD's step is captured so far"
     if session.runtime.scaler is not None:
         return "precision fp16: its gradient scaler decides on the host whether to step"
-    if cfg.train.compile:
-        return "train.compile: torch.compile and the captured step are two ways to the same end; pick one"
+    if cfg.train.compile and cfg.train.cuda_graphs == "auto":
+        return ("train.compile: the compiled model runs in the ordinary step (set train.cuda_graphs: true to "
+                "capture the compiled model in the whole-step graph)")
+    if cfg.train.compile and cfg.train.cuda_graphs == "emulate":
+        return "train.compile: compiled kernels bypass the PyTorch operators that the emulation records"
     if session.world.distributed:
         return "torchrun: DistributedDataParallel's gradient hooks are not captured here"
     return None
