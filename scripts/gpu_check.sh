@@ -14,18 +14,22 @@
 #             reduce-overhead mode instead (compiled), and with the compiled model captured inside
 #             the whole-step graph (compiled_graphs): what the default is compared against
 #   resnet9   the ResNet-9 recipe (configs/resnet9.yaml), by default and with the ordinary step
+#   fill      how many trials one GPU runs side by side: 12 LeNet trials (configs/kernels/ x 4 seeds,
+#             5 epochs) as one sweep with --jobs 1, 2, 4, 8, 16 (FILL_JOBS), seconds for each
 #   sweep     the whole lab report: cnnlab sweep configs/seed/ --jobs 4 (several minutes)
 #   tests     the test suite
 # Settings: OUT (default ./gpu_check), DEVICE (default cuda), EPOCHS (override every run's epochs:
-# for a quick try), BATCHES (timed per pipeline by bench), JOBS (the sweep's, default 4), PYTHON
-# (default python3), CNNLAB_DATA (the data folder; .gpudata/ when it exists), SETS (extra KEY=VALUE
-# config overrides for every run, separated by spaces).
+# for a quick try), BATCHES (timed per pipeline by bench), JOBS (the sweep's, default 4), FILL_JOBS
+# (the fill step's --jobs values), FILL_SEEDS (its seeds, default 0,1,2,3), PYTHON (default
+# python3), CNNLAB_DATA (the data folder; .gpudata/ when it exists), SETS (extra KEY=VALUE config
+# overrides for every run, separated by spaces).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check}
 DEVICE=${DEVICE:-cuda}
-STEPS=${STEPS:-bench baseline eager resnet9 sweep tests}
+STEPS=${STEPS:-bench baseline eager resnet9 fill sweep tests}
 JOBS=${JOBS:-4}
+FILL_SEEDS=${FILL_SEEDS:-0,1,2,3}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -78,12 +82,17 @@ for s in $STEPS; do
         "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}"
       step resnet9_eager "${CNNLAB[@]}" run configs/resnet9.yaml --device "$DEVICE" --results "$OUT/resnet9_eager" \
         --quiet --set train.cuda_graphs=false "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}" ;;
+    fill)
+      for j in ${FILL_JOBS:-1 2 4 8 16}; do
+        step "fill_$j" "${CNNLAB[@]}" sweep configs/kernels/ --seeds "$FILL_SEEDS" --jobs "$j" --set "train.device=$DEVICE" \
+          --set "train.epochs=${EPOCHS:-5}" --results "$OUT/fill_$j" --quiet "${SET_ARGS[@]}"
+      done ;;
     sweep)
       step sweep "${CNNLAB[@]}" sweep configs/seed/ --jobs "$JOBS" --set "train.device=$DEVICE" \
         --results "$OUT/seed" --quiet "${EPOCH_ARGS[@]}" "${SET_ARGS[@]}" ;;
     tests)
       step tests "$PYTHON" -m pytest -q -p no:cacheprovider ;;
-    *) echo "unknown step: $s (bench baseline eager resnet9 sweep tests)" >&2; exit 2 ;;
+    *) echo "unknown step: $s (bench baseline eager resnet9 fill sweep tests)" >&2; exit 2 ;;
   esac
 done
 
@@ -117,6 +126,10 @@ for graphs, eager in (("baseline", "eager"), ("baseline", "compiled"), ("baselin
         report[f"{graphs}_vs_{eager}"] = {
             "speed_ratio": a["train_examples_per_sec"] / b["train_examples_per_sec"],
             "test_acc_difference": (a["test_acc"] or 0) - (b["test_acc"] or 0)}
+fill = {s["step"][5:]: s["seconds"] for s in report["steps"] if s["step"].startswith("fill_") and s["exit_code"] == 0}
+if fill:
+    trials = len(list((out / f"fill_{next(iter(fill))}" / "sweeps" / "kernels" / "runs").glob("*/*/summary.json")))
+    report["fill"] = {"trials": trials, "seconds_by_jobs": fill}
 sweeps = sorted((out / "seed" / "sweeps").glob("*/2*/trials.json"))
 if sweeps:
     rows = json.loads(sweeps[-1].read_text())

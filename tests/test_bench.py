@@ -46,7 +46,7 @@ def test_the_gpu_check_script_collects_every_figure_into_one_json(tmp_path, tiny
     import sys
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.sh"
-    env = {**os.environ, "OUT": str(tmp_path / "check"), "DEVICE": "cpu", "STEPS": "bench baseline eager", "EPOCHS": "1",
+    env = {**os.environ, "OUT": str(tmp_path / "check"), "DEVICE": "cpu", "STEPS": "bench baseline eager fill", "EPOCHS": "1", "FILL_JOBS": "2", "FILL_SEEDS": "0",
            "BATCHES": "2", "PYTHON": sys.executable, "CNNLAB_DATA": str(tiny_data)}
     env["SETS"] = "data.check_counts=false data.val_size=100"  # the tiny data set is not Fashion-MNIST's size
     result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=600)
@@ -54,7 +54,7 @@ def test_the_gpu_check_script_collects_every_figure_into_one_json(tmp_path, tiny
     report = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
     steps = {s["step"]: s for s in report["steps"]}
     assert set(steps) == {"bench_lenet", "bench_resnet", "bench_googlenet", "baseline", "eager", "compiled",
-                          "compiled_graphs"}
+                          "compiled_graphs", "fill_2"}
     assert all(s["exit_code"] == 0 for s in steps.values()), [(tmp_path / "check" / f"{n}.log").read_text() for n in steps]
     assert report["bench_lenet"]["commands"]["ratio"] > 0 and report["bench_resnet"]["model"] == "resnet"
     assert report["bench_googlenet"]["model"] == "googlenet"
@@ -62,6 +62,7 @@ def test_the_gpu_check_script_collects_every_figure_into_one_json(tmp_path, tiny
     assert report["eager"]["train_step"] == "ordinary" and report["compiled"]["status"] == "completed"
     assert report["baseline_vs_eager"]["speed_ratio"] > 0 and "test_acc_difference" in report["baseline_vs_compiled"]
     assert report["compiled_graphs"]["train_step"] == "static"  # on the CPU: the static step, eagerly
+    assert report["fill"] == {"trials": 3, "seconds_by_jobs": {"2": steps["fill_2"]["seconds"]}}
 
 
 def test_bench_times_the_static_step_where_the_run_takes_it(tmp_path, tiny_data):
