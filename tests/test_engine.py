@@ -193,17 +193,22 @@ def test_a_checkpoint_snapshot_is_untouched_by_the_training_that_goes_on(tmp_pat
     in place and metrics appended afterwards must not reach the file."""
     from cnnlab.results import Checkpoint, CheckpointWriter, RunDir
 
-    weight = torch.ones(3)
+    model = torch.nn.Linear(3, 1, bias=False).state_dict()
+    weight = model["weight"]
+    weight.fill_(1.0)
     metrics = [{"epoch": 1, "val_acc": 0.5}]
-    live = Checkpoint(model={"w": weight}, config={"name": "x"}, state={"epoch": 1, "metrics": metrics})
+    live = Checkpoint(model=model, config={"name": "x"}, state={"epoch": 1, "metrics": metrics},
+                      optimizer={"tied": [weight, weight]})
     snapshot = live.snapshot()
     run = RunDir.create(tmp_path, "exp")
     writer = CheckpointWriter(run)
     writer.save(live, "last")
     weight.add_(1)  # the next epoch's first step
     metrics.append({"epoch": 2, "val_acc": 0.6})
-    assert snapshot.model["w"].tolist() == [1.0, 1.0, 1.0] and len(snapshot.state["metrics"]) == 1
+    assert snapshot.model["weight"].tolist() == [[1.0, 1.0, 1.0]] and len(snapshot.state["metrics"]) == 1
+    assert snapshot.optimizer["tied"][0] is snapshot.optimizer["tied"][1]  # held twice, copied once
+    assert snapshot.model._metadata == model._metadata  # the module's version numbers, kept
     writer.flush()
     writer.close()
     saved = torch.load(run.checkpoint_dir / "last.pt", weights_only=True)
-    assert saved["model"]["w"].tolist() == [1.0, 1.0, 1.0] and saved["state"]["metrics"] == [{"epoch": 1, "val_acc": 0.5}]
+    assert saved["model"]["weight"].tolist() == [[1.0, 1.0, 1.0]] and saved["state"]["metrics"] == metrics[:1]

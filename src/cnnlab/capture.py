@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -72,6 +73,9 @@ def why_not(session: Session) -> str | None:
     if cfg.train.compile and cfg.train.cuda_graphs == "auto":
         return ("train.compile: the compiled model runs in the ordinary step (set train.cuda_graphs: true to "
                 "capture the compiled model in the whole-step graph)")
+    if isinstance(cfg.train.compile, str) and cfg.train.cuda_graphs is True:
+        return (f"train.compile: {cfg.train.compile} makes CUDA graphs of its own, which cannot be captured "
+                "inside the step's; use train.compile: true")
     if cfg.train.compile and cfg.train.cuda_graphs == "emulate":
         return "train.compile: compiled kernels bypass the PyTorch operators that the emulation records"
     if session.world.distributed:
@@ -94,21 +98,67 @@ _REFUSED = {
 }
 
 
-class _Recorder(TorchDispatchMode):
-    """Runs and records every operator call below autograd (the forward, the backward, the update)."""
+def _refusal(func: Any, args: tuple, kwargs: dict) -> str | None:
+    """Why a CUDA graph cannot hold this operator call (None: it can)."""
+    refused = _REFUSED.get(func)
+    if refused is not None:
+        return refused
+    if func is torch.ops.aten._to_copy.default and isinstance(args[0], torch.Tensor):  # t.cpu(), t.to("cpu")
+        target = kwargs.get("device")
+        if target is not None and torch.device(target).type == "cpu" and args[0].device.type != "cpu":
+            return "copies a tensor from the device to the host"
+    if func is torch.ops.aten.copy_.default and args[0].device.type == "cpu" and args[1].device.type != "cpu":
+        return "copies a tensor from the device to the host"
+    return None
 
-    def __init__(self) -> None:
+
+class _Before:
+    """A tensor made before the capture, as a recorded call holds it: weakly, as a CUDA graph holds
+    only its address. Reading it after it was freed is an error here, and freed memory there."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.ref = weakref.ref(tensor)
+        self.what = f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+
+    def get(self) -> torch.Tensor:
+        tensor = self.ref()
+        if tensor is None:
+            raise RuntimeError(f"a tensor the captured step reads ({self.what}) was freed after the capture "
+                               "(a CUDA graph would read freed memory): keep the step's tensors alive")
+        return tensor
+
+
+class _Recorder(TorchDispatchMode):
+    """Runs every operator call below autograd (the forward, the backward, the update), refusing what a
+    CUDA graph cannot hold; with ``record``, also records them: tensors made inside the step strongly
+    (a graph's own memory), tensors made before it weakly."""
+
+    def __init__(self, record: bool = True) -> None:
         super().__init__()
-        self.calls: list[tuple[Any, tuple, dict, Any]] = []
+        self.record = record
+        self.calls: list[tuple[Any, tuple, dict, list]] = []
+        self.made: set[int] = set()  # ids of the tensors the recorded calls made (kept alive by self.calls)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (PyTorch's protocol)
         kwargs = kwargs or {}
-        refused = _REFUSED.get(func)
+        refused = _refusal(func, args, kwargs)
         if refused is not None:
             raise HostRead(f"the step {refused}, which a CUDA graph cannot hold")
         out = func(*args, **kwargs)
-        self.calls.append((func, args, kwargs, out))
+        if self.record:
+            inputs = {id(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+            outputs = []
+            for value in tree_flatten(out)[0]:
+                if isinstance(value, torch.Tensor) and id(value) in inputs and id(value) not in self.made:
+                    value = None  # written in place into a tensor from before: nothing new to stand in for
+                elif isinstance(value, torch.Tensor):
+                    self.made.add(id(value))
+                outputs.append(value)
+            self.calls.append((func, tree_map(self._held, args), tree_map(self._held, kwargs), outputs))
         return out
+
+    def _held(self, value: Any) -> Any:
+        return _Before(value) if isinstance(value, torch.Tensor) and id(value) not in self.made else value
 
 
 class EmulatedGraph:
@@ -116,27 +166,31 @@ class EmulatedGraph:
     call with its arguments; ``replay`` calls them again with the very same arguments (the same
     tensors, numbers, shapes and generators), each result standing in for the recorded one in the
     calls after it. Tensors made before the capture (parameters, gradients, optimiser state, the
-    static buffers) are read and written in place, as a CUDA graph's kernels would."""
+    static buffers) are read and written in place, as a CUDA graph's kernels would, and held only
+    weakly: a step that lets one be freed (a gradient set to None) fails here as it would corrupt
+    memory there."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[Any, tuple, dict, Any]] = []
+        self.calls: list[tuple[Any, tuple, dict, list]] = []
 
     def capture(self, body: Callable[[], None]) -> None:
         recorder = _Recorder()
         with recorder:
             body()
-        self.calls = recorder.calls  # the recorded results stay referenced: their ids stay theirs
+        self.calls = recorder.calls  # the tensors made inside stay referenced: their ids stay theirs
 
     @torch.no_grad()  # the recorded calls include the backward's: autograd must not record them again
     def replay(self) -> None:
         fresh: dict[int, torch.Tensor] = {}
 
         def current(value: Any) -> Any:
+            if isinstance(value, _Before):
+                return value.get()
             return fresh.get(id(value), value) if isinstance(value, torch.Tensor) else value
 
-        for func, args, kwargs, out in self.calls:
+        for func, args, kwargs, outputs in self.calls:
             result = func(*tree_map(current, args), **tree_map(current, kwargs))
-            for recorded, now in zip(tree_flatten(out)[0], tree_flatten(result)[0], strict=True):
+            for recorded, now in zip(outputs, tree_flatten(result)[0], strict=True):
                 if isinstance(recorded, torch.Tensor):
                     fresh[id(recorded)] = now
 
@@ -144,8 +198,11 @@ class EmulatedGraph:
 class Captured:
     """``body`` (a step over static buffers) as the run asks: eagerly (``graph`` None); or run
     ``WARMUP_STEPS`` times eagerly, then captured once and replayed on every call after (``cuda``,
-    ``emulated``). A capture that fails says why in one line (``fallback``) and runs eagerly from then
-    on. ``generators``: the explicit random generators the body draws from (a CUDA graph must be told)."""
+    ``emulated``). The last warm-up step runs under the emulation's checks: an operator a graph
+    cannot hold (a read-back to the host) is found there, said in one line (``fallback``), and the
+    body runs eagerly from then on. A CUDA capture that fails even so ends the run with advice: a
+    failed capture can leave CUDA's allocator unusable. ``generators``: the explicit random
+    generators the body draws from (a CUDA graph must be told)."""
 
     def __init__(self, body: Callable[[], None], graph: Graph, device: torch.device, what: str,
                  generators: tuple[torch.Generator, ...] = ()) -> None:
@@ -153,49 +210,65 @@ class Captured:
         self.graph: Any = None
         self.calls = 0
         self.fallback: str | None = None
+        self.stream: Any = None  # CUDA: the side stream of the warm-up and the capture
 
     def __call__(self) -> None:
         if self.graph is not None:
             self.graph.replay()
         elif self.kind is None:
             self.body()
-        elif self.calls < WARMUP_STEPS:
-            self._warm_up()
+        elif self.calls < WARMUP_STEPS - 1:
+            self._warm_up(self.body)
+        elif self.calls == WARMUP_STEPS - 1:
+            self._warm_up(self._checked)
         else:
             self._capture()
         self.calls += 1
 
-    def _warm_up(self) -> None:
+    def _checked(self) -> None:
+        try:
+            with _Recorder(record=False):
+                self.body()
+        except HostRead as err:
+            from cnnlab.errors import warn
+
+            self.kind = None
+            self.fallback = f"the {self.what} cannot be captured ({err}); it runs eagerly"
+            warn(f"train.cuda_graphs: {self.fallback}")
+            self.body()  # (the operators before the refused one ran already: they run again)
+
+    def _warm_up(self, body: Callable[[], None]) -> None:
         if self.kind != "cuda":
-            self.body()
+            body()
             return
-        stream = torch.cuda.Stream(self.device)  # CUDA graphs want their warm-up off the default stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self.body()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        with torch.cuda.device(self.device):
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(self.device)
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # graphs want the warm-up on a side stream
+            with torch.cuda.stream(self.stream):
+                body()
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def _capture(self) -> None:
+        if self.kind == "emulated":
+            graph = EmulatedGraph()
+            graph.capture(self.body)  # recorded while it runs: this call's batch is done
+            self.graph = graph
+            return
         try:
-            if self.kind == "cuda":
+            with torch.cuda.device(self.device):
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 for generator in self.generators:
                     graph.register_generator_state(generator)
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, stream=self.stream):
                     self.body()  # recorded, not run: the replay below runs this call's batch
                 graph.replay()
-            else:
-                graph = EmulatedGraph()
-                graph.capture(self.body)  # recorded while it runs: this call's batch is done
-        except Exception as err:  # an operation that cannot be captured: eagerly from here on, said once
-            from cnnlab.errors import warn
+        except Exception as err:
+            from cnnlab.errors import TrainingError
 
-            self.kind = None
-            self.fallback = f"the {self.what} could not be captured ({type(err).__name__}: {err}); it runs eagerly"
-            warn(f"train.cuda_graphs: {self.fallback}")
-            self.body()  # (an emulated capture ran the operators before the refused one: they run again)
-            return
+            raise TrainingError(f"train.cuda_graphs: the {self.what} could not be captured as a CUDA graph "
+                                f"({type(err).__name__}: {err}); run it with train.cuda_graphs: false") from err
         self.graph = graph
 
 
@@ -236,6 +309,7 @@ class StaticStep:
                                 category=UserWarning)
         generators = (data.augment_generator,) if data.augment_generator is not None else ()
         self.graph = graph
+        self.pinned: list[tuple[torch.Tensor, Any, Any]] | None = None
         self.step = Captured(self._body, graph, device, "training step", generators)
 
     @property
@@ -291,10 +365,29 @@ class StaticStep:
 
     # -- running it --------------------------------------------------------------------------
 
+    def _pin(self) -> None:
+        """The gradients and momentum buffers a captured graph reads and writes, in place again. The
+        ordinary step of an epoch's short last batch sets gradients to None (they would be freed
+        under the graph) and PyTorch's SGD keeps its buffers where they are, but a graph must not
+        depend on that: the tensors of the capture are held here and put back."""
+        if self.step.graph is None:
+            return
+        state = self.session.optimizer.state
+        if self.pinned is None:  # just after the capture, these are the graph's tensors
+            self.pinned = [(p, p.grad, state[p].get("momentum_buffer")) for p in self.params]
+        for p, grad, buffer in self.pinned:
+            if p.grad is not grad:
+                p.grad = grad  # its values do not matter: the step zeroes it first
+            current = state[p].get("momentum_buffer")
+            if buffer is not None and current is not buffer:
+                buffer.copy_(current)
+                state[p]["momentum_buffer"] = buffer
+
     def run_epoch(self, progress: EpochProgress, permutation: torch.Tensor, full_batches: int,
                   reporter: Any, stop: Any) -> None:
         """Train the epoch's full batches from ``progress.batches`` on, adding into ``progress``
         after every batch (a last short batch is the caller's, through the ordinary step)."""
+        self._pin()
         self.order.copy_(permutation)
         self.start.fill_(progress.batches * self.batch_size)
         self.loss_sum.copy_(progress.loss_sum)
@@ -314,6 +407,7 @@ class StaticStep:
                     stop.check()
         finally:  # the sums leave the static buffers, which the next epoch overwrites
             progress.loss_sum, progress.correct = self.loss_sum.clone(), self.correct.clone()
+            self._pin()  # before the short last batch's ordinary step: the capture's tensors, held
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,6 +94,8 @@ def make_runtime(device_name: str, precision: str, channels_last: bool | str = "
     layout = device.type == "cpu" if channels_last == "auto" else bool(channels_last)
     allow_tf32 = None
     if device.type == "cuda":
+        if device.index is not None:  # cuda:N: streams, graphs and allocations default to it from here on
+            torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32 = bool(tf32)
     if precision == "fp32":

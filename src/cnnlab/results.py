@@ -13,6 +13,7 @@ a bad file is a ``UserError`` that names it.
 
 from __future__ import annotations
 
+import copy
 import csv
 import fcntl
 import hashlib
@@ -337,10 +338,22 @@ class Checkpoint:
         (a state dict holds the live parameters, the optimiser's buffers and the metrics list)."""
         from torch.utils._pytree import tree_map
 
-        def copied(value: Any) -> Any:
-            return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
+        copies: dict[int, torch.Tensor] = {}  # a tensor held twice (tied weights) is copied once
 
-        return Checkpoint(**{name: tree_map(copied, value) for name, value in self.__dict__.items()})
+        def copied(value: Any) -> Any:
+            if not isinstance(value, torch.Tensor):
+                return value
+            if id(value) not in copies:
+                copies[id(value)] = value.detach().to("cpu", copy=True)
+            return copies[id(value)]
+
+        def rebuilt(value: Any) -> Any:
+            result = tree_map(copied, value)
+            if hasattr(value, "_metadata"):  # a module state dict's version numbers, which load_state_dict reads
+                result._metadata = copy.deepcopy(value._metadata)
+            return result
+
+        return Checkpoint(**{name: rebuilt(value) for name, value in self.__dict__.items()})
 
     def save(self, *paths: Path) -> None:
         """Serialise once and write to each path atomically, with its SHA-256 in ``<path>.sha256``; a
@@ -527,9 +540,14 @@ class CheckpointWriter:
         self._pending = self._pool.submit(self.run.save_checkpoint, snapshot, *names)
 
     def flush(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        if self._pending is None:
+            return
+        try:
+            self._pending.result()  # a second Ctrl-C while waiting leaves it pending, its error still to hear
+        except Exception:
+            self._pending = None
+            raise
+        self._pending = None
 
     def close(self) -> None:
         """Wait for the write under way (its error is not raised here: ``flush`` first to hear it)."""
