@@ -194,8 +194,14 @@ def ray_trial(cfg_values: dict[str, Any], key: str, queue: Any, marker: str, tok
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": scratch})})
 
     def send(event: dict[str, Any]) -> None:
-        if queue is not None:
+        if queue is None:
+            return
+        from ray.exceptions import TaskCancelledError
+
+        try:
             queue.put((key, event))
+        except TaskCancelledError:  # a put in flight as this task was cancelled: the stop is the signal's
+            queue.put((key, event))  # to say (the run records it at its next batch); the event still goes
 
     try:
         result = run_trial(cfg, EventWriter(sink=send))
@@ -309,7 +315,7 @@ class RayLauncher(Launcher):
 
         self.stop_signal = self.stop_signal or signum
         for ref in list(self.refs.values()):
-            ray.cancel(ref)
+            ray.cancel(ref, recursive=False)  # not the trial's own event puts in flight: it must still report
 
     def launch(self, trial: Trial, config_path: Path, slot: int, on_event: Any) -> TrialResult:
         import ray
@@ -332,7 +338,7 @@ class RayLauncher(Launcher):
             trial.config.to_dict(), key, self.relay.queue, str(self.marker), self.token, self.cpus, self.ship)
         self.refs[key] = ref
         if self.stop_signal is not None:  # the signal came while this trial was being submitted
-            ray.cancel(ref)
+            ray.cancel(ref, recursive=False)
         try:
             return receive(ray.get(ref), self.output_dir)
         except TaskCancelledError:  # the task checkpoints, records its ending and replies through the queue
