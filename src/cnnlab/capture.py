@@ -308,7 +308,7 @@ class StaticStep:
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`",
                                 category=UserWarning)
         generators = (data.augment_generator,) if data.augment_generator is not None else ()
-        self.graph = graph
+        self.graph_kind = graph
         self.pinned: list[tuple[torch.Tensor, Any, Any]] | None = None
         self.step = Captured(self._body, graph, device, "training step", generators)
 
@@ -325,7 +325,7 @@ class StaticStep:
         x, y = data.prepare(self.images.index_select(0, idx)), self.labels.index_select(0, idx)
         if data.augment is not None and data.augment.active:
             x = data.augment(x, data.augment_generator)
-        with _autocast(session, self.graph):
+        with _autocast(session, self.graph_kind):
             logits = session.forward(x)
             loss = session.loss_fn(logits, y)
         for p in self.params:  # zeroed in place: the graph's gradients are static buffers too
@@ -430,13 +430,13 @@ class StaticEval:
         self.offsets = torch.arange(self.batch_size, device=device)
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
-        self.graph = graph
+        self.graph_kind = graph
         self.step = Captured(self._full_batch, graph, device, "evaluation step")
 
     def _batch(self, idx: torch.Tensor) -> None:
         session = self.session
         x, y = session.data.prepare(self.images.index_select(0, idx)), self.labels.index_select(0, idx)
-        with _autocast(session, self.graph):
+        with _autocast(session, self.graph_kind):
             logits = session.forward(x)
         self.loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         self.correct += (logits.argmax(1) == y).sum()
@@ -458,4 +458,7 @@ class StaticEval:
                     stop.check()
             if self.full * self.batch_size < self.n:
                 self._batch(torch.arange(self.full * self.batch_size, self.n, device=self.start.device))
-        return {"loss": self.loss_sum.item() / self.n, "acc": self.correct.item() / self.n}
+        from cnnlab.engine import _totals
+
+        loss_sum, correct, seen = _totals(self.loss_sum, self.correct, self.n, None)
+        return {"loss": loss_sum / seen, "acc": correct / seen}

@@ -474,6 +474,7 @@ def join_world(cfg: Config) -> World:
 def describe_run(session: Session, run: RunDir) -> RunSummary:
     """The summary.json of a run that has just started: what is trained, on what, where, by whom."""
     cfg, data, runtime = session.cfg, session.data, session.runtime
+    train_step, train_step_note = step_fields(session)
     return RunSummary(
         status="running",
         name=cfg.name,
@@ -496,8 +497,8 @@ def describe_run(session: Session, run: RunDir) -> RunSummary:
         threads=session.threads,
         channels_last=runtime.channels_last,
         tf32=runtime.tf32,
-        train_step=step_fields(session)[0],
-        train_step_note=step_fields(session)[1],
+        train_step=train_step,
+        train_step_note=train_step_note,
         world_size=session.world.size,
         backend=session.world.backend,
         sync_bn=session.sync_bn if session.world.distributed else None,

@@ -532,8 +532,6 @@ class CheckpointWriter:
 
     def save(self, checkpoint: Checkpoint, *names: str) -> None:
         self.flush()
-        if not self.run.writer:
-            return
         snapshot = checkpoint.snapshot()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnlab-checkpoint")
