@@ -150,13 +150,17 @@ def test_compare_and_report_skip_a_corrupt_run_and_show_the_others(trained, tmp_
     results, bad = good_and_bad_runs(trained[0], tmp_path)
     _break(bad, name, text)
 
+    # An unreadable run is named, left out, and said in the exit status (2); a bad metrics.csv only
+    # costs the run its curve.
+    unreadable = name == "summary.json"
     compared = invoke("compare", results)
-    assert compared.exit_code == 0, compared.output
-    if name == "summary.json":
+    assert compared.exit_code == (2 if unreadable else 0), compared.output
+    assert "experiment" in compared.output and "1.000" in compared.output  # the good run's row is shown
+    if unreadable:
         assert str(bad / name) in compared.output and "skipped" in compared.output
 
     report = invoke("report", results, "-o", tmp_path / "out" / "report.md")
-    assert report.exit_code == 0, report.output
+    assert report.exit_code == (2 if unreadable else 0), report.output
     assert str(bad / name) in report.output  # the warning names the bad file
     assert (tmp_path / "out" / "report.md").is_file()
 
@@ -392,7 +396,8 @@ def test_summaries_that_break_parsers_are_skipped_by_compare(trained, tmp_path, 
     damaged = damage(json.loads((bad / "summary.json").read_text()))
     (bad / "summary.json").write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
     compared = invoke("compare", results)
-    assert compared.exit_code == 0, compared.output
+    assert compared.exit_code == 2, compared.output  # the table is shown; the status says a run was left out
+    assert "experiment" in compared.output and "1.000" in compared.output
     assert str(bad / "summary.json") in compared.output and "skipped" in compared.output
     clean_exit_2(invoke("eval", bad), str(bad / "summary.json"))
     assert invoke("eval", "--results", results).exit_code == 0
@@ -526,7 +531,7 @@ def test_a_fifo_in_place_of_a_summary_is_skipped_not_waited_on(trained, tmp_path
     os.mkfifo(bad / "summary.json")
     os.mkfifo(bad / ".lock")
     compared = invoke("compare", results)
-    assert compared.exit_code == 0 and "not a regular file" in compared.output
+    assert compared.exit_code == 2 and "not a regular file" in compared.output and "1.000" in compared.output
 
 
 def test_compare_says_when_a_sweeps_run_folders_are_missing(tmp_path):

@@ -367,11 +367,26 @@ def compare(
                                                   show_default=False)],
     debug: DebugOption = False,
 ) -> None:
-    """Print the comparison table (mean ± std over seeds) for existing runs and sweeps."""
+    """Print the comparison table (mean ± std over seeds) for existing runs and sweeps.
+
+    Runs are averaged only with runs of the same experiment (the same config but for the seed and
+    where it ran); variants of one name show the keys that set them apart. What cannot be read is
+    named, left out, and makes the exit status 2.
+    """
     with cli_errors(debug):
         from cnnlab.compare import aggregate, collect_rows
 
-        print_table(aggregate(collect_rows(targets)))
+        found = collect_rows(targets)
+        print_table(aggregate(found.rows))
+        say_skipped(found.skipped)
+
+
+def say_skipped(skipped: list[str]) -> None:
+    """After a table or report made from what could be read: exit 2 if anything was left out."""
+    if skipped:
+        err.print(f"{len(skipped)} of the runs or folders given could not be read and were left out (see the "
+                  "warnings above)")
+        raise typer.Exit(2)
 
 
 def print_table(table: list[dict]) -> None:
@@ -473,8 +488,10 @@ def report(
     with cli_errors(debug):
         from cnnlab.report import write_report
 
-        for path in write_report(targets, output, html_too=html, trust_code=trust_code):
+        written = write_report(targets, output, html_too=html, trust_code=trust_code)
+        for path in written.paths:
             out.print(str(path))
+        say_skipped(written.skipped)
 
 
 @app.command()

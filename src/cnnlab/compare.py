@@ -1,7 +1,11 @@
-"""Usage: ``rows = collect_rows([Path("results/sweeps/kernels")])``; ``print(markdown_table(aggregate(rows)))``.
+"""Usage: ``found = collect_rows([Path("results/sweeps/kernels")])``; ``print(markdown_table(aggregate(found.rows)))``.
 
-Turns run folders into the report's comparison table: one row per run, then one row per variant
-with mean +- std over seeds. Everything is read from the files runs wrote (summary.json).
+Turns run folders into the report's comparison table: one row per run, then one row per experiment
+with mean +- std over seeds. Runs are averaged together only when they are the same experiment
+(identity.py: the same config but for the seed and placement, on the same data); variants of one
+name are labelled by the keys in which they differ. Everything is read from the files runs wrote
+(summary.json, config.yaml), and a file that cannot be read is named and skipped, never fatal to
+the rest of the table.
 """
 
 from __future__ import annotations
@@ -12,10 +16,15 @@ import json
 import math
 import os
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from cnnlab.errors import UserError, warn
+from cnnlab.identity import ExperimentKey, experiment_key, fingerprint, variant_labels
+from cnnlab.numtext import MISSING, finite, number_text
 from cnnlab.results import RunSummary, read_regular_text, read_summary, run_state
 
 ROW_COLUMNS = (
@@ -28,8 +37,11 @@ METRICS = ("train_loss", "train_acc", "val_acc", "test_acc", "examples_per_sec",
 DONE = ("completed", "skipped")  # statuses whose results count in the means
 
 
-def row_from_summary(summary: RunSummary, run_dir: Path | None, swept: str = "", status: str | None = None) -> dict[str, Any]:
+def row_from_summary(summary: RunSummary, run_dir: Path | None, swept: str = "", status: str | None = None,
+                     config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A table row of one run; ``config`` (the run's resolved config) says which experiment it is."""
     final = summary.final or {}
+    experiment = experiment_key(config, summary) if config is not None else None
     return {
         "name": summary.name,
         "params_swept": swept,
@@ -44,29 +56,67 @@ def row_from_summary(summary: RunSummary, run_dir: Path | None, swept: str = "",
         "status": status or summary.status,
         "error": summary.error or "",
         "run_dir": str(run_dir) if run_dir else "",
+        "experiment": experiment,
+        "fingerprint": fingerprint(experiment),
     }
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """A run folder's config.yaml as a plain mapping (read safely, never validated into code)."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        data = yaml.safe_load(read_regular_text(path))
+    except (RecursionError, MemoryError):
+        raise UserError(f"{path}: not a readable cnnlab config.yaml (nested too deeply or too large)") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: not a readable cnnlab config.yaml ({type(err).__name__})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
+        raise UserError(f"{path}: not a cnnlab config.yaml (expected the run's resolved config)")
+    return data
+
+
+def run_config_or_none(run_dir: Path | None) -> dict[str, Any] | None:
+    """``read_run_config``, or None where there is no readable one (a trial that never started a run)."""
+    try:
+        return read_run_config(run_dir) if run_dir is not None else None
+    except UserError:
+        return None
 
 
 def run_row(run_dir: Path, swept: str = "") -> dict[str, Any]:
     """The comparison row of one run folder, its status ``stale`` when its process died unrecorded."""
     summary = read_summary(run_dir / "summary.json")
-    return row_from_summary(summary, run_dir, swept, status=run_state(run_dir, summary))
+    return row_from_summary(summary, run_dir, swept, status=run_state(run_dir, summary), config=read_run_config(run_dir))
 
 
 def _run_dirs_under(folder: Path) -> list[Path]:
     return sorted(p.parent for p in folder.rglob("summary.json"))
 
 
-def collect_rows(targets: list[Path]) -> list[dict[str, Any]]:
+@dataclass
+class Collected:
+    """The rows that could be read, and a line per run, sweep or folder that could not (already warned)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def collect_rows(targets: list[Path]) -> Collected:
     """Rows for runs, sweeps (their latest ``trials.json``) or folders holding runs, in the order given.
 
-    A run or sweep file that cannot be read is left out with a warning naming it; the rest is shown.
+    Whatever cannot be read (a missing target, a broken summary.json or config.yaml) is named in a
+    warning and skipped; the rest is shown. Only when nothing at all can be read is it an error.
     """
-    rows: list[dict[str, Any]] = []
-    for target in targets:
-        target = Path(target)
+    found = Collected()
+
+    def skip(message: str) -> None:
+        warn(f"{message}; skipped")
+        found.skipped.append(message)
+
+    for target in map(Path, targets):
         if not target.exists():
-            raise UserError(f"{target}: no such run or sweep folder")
+            skip(f"{target}: no such run or sweep folder")
+            continue
         sweep_file = latest_trials_file(target)
         if sweep_file is not None:
             try:
@@ -79,23 +129,19 @@ def collect_rows(targets: list[Path]) -> list[dict[str, Any]]:
                 if missing:
                     warn(f"{sweep_file}: {len(missing)} of its run folders are missing (a sweep folder moved without "
                          f"the runs/ beside it?), e.g. {missing[0]['run_dir']}; their numbers come from trials.json")
-                rows += trials
+                found.rows += trials
                 continue
         runs = [target] if (target / "summary.json").is_file() else _run_dirs_under(target)
         if not runs:
-            raise UserError(f"{target}: holds no cnnlab runs (no summary.json below it)")
-        readable = 0
+            skip(f"{target}: holds no cnnlab runs (no summary.json below it)")
         for run in runs:
             try:
-                rows.append(run_row(run))
-                readable += 1
+                found.rows.append(run_row(run))
             except UserError as err:
-                if len(runs) == 1:
-                    raise
-                warn(f"{err}; skipped")
-        if not readable:
-            raise UserError(f"{target}: none of its {len(runs)} runs could be read (see the warnings above)")
-    return rows
+                skip(str(err))
+    if not found.rows:
+        raise UserError("nothing to compare: " + "; ".join(found.skipped))
+    return found
 
 
 TRIAL_NUMBERS = ("seed", "train_loss", "train_acc", "val_acc", "test_acc", "examples_per_sec", "wall_seconds", "params")
@@ -123,10 +169,25 @@ def read_trials(path: Path) -> list[dict[str, Any]]:
         if not isinstance(run_dir, str):
             raise UserError(f"{path}: trial {i} ({row['name']}): run_dir is not a path")
         swept = row.get("swept") if isinstance(row.get("swept"), dict) else {}
+        run_path = str(path.parent / run_dir) if run_dir else ""
+        experiment = _trial_experiment(row.get("experiment"), run_path)
         clean.append({**{c: row.get(c) for c in ROW_COLUMNS}, "params_swept": str(row.get("params_swept") or ""),
-                      "error": str(row.get("error") or ""), "swept": swept,
-                      "run_dir": str(path.parent / run_dir) if run_dir else ""})
+                      "error": str(row.get("error") or ""), "swept": swept, "run_dir": run_path,
+                      "experiment": experiment, "fingerprint": fingerprint(experiment)})
     return clean
+
+
+def _trial_experiment(recorded: Any, run_dir: str) -> ExperimentKey | None:
+    """A trial's experiment key as trials.json recorded it; for a file written before cnnlab recorded
+    it, from the run folder's config.yaml and summary.json (None when neither can be read)."""
+    if isinstance(recorded, dict) and all(isinstance(k, str) for k in recorded):
+        return recorded
+    if not run_dir:
+        return None
+    try:
+        return experiment_key(read_run_config(Path(run_dir)), read_summary(Path(run_dir) / "summary.json"))
+    except UserError:
+        return None
 
 
 def latest_trials_file(folder: Path) -> Path | None:
@@ -137,33 +198,47 @@ def latest_trials_file(folder: Path) -> Path | None:
     return stamped[-1] if stamped else None
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+Stat = tuple["float | None", "float | None"]  # (mean, std) over seeds; (None, None) where nothing was measured
+
+
+def mean_std(values: list[Any]) -> Stat:
+    """Mean and sample std of the values given (None: not measured, left out). A NaN or an infinity
+    is a real outcome (a diverged run), so it is not dropped: the mean becomes NaN or infinite too."""
+    values = [float(v) for v in values if v is not None]
     if not values:
-        return math.nan, math.nan
+        return None, None
+    if not all(map(finite, values)):
+        with_inf = [v for v in values if not math.isnan(v)]
+        if len(with_inf) < len(values) or (math.inf in with_inf and -math.inf in with_inf):
+            return math.nan, math.nan
+        return math.fsum(with_inf), math.nan  # +inf or -inf: the sign the infinities share
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (name, swept values): metric -> (mean, std) over its completed seeds."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    """One row per experiment (name, swept values and experiment key): metric -> (mean, std) over its
+    completed seeds. Variants of one name are told apart in ``label`` by the keys that differ."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["name"], row.get("params_swept", "")), []).append(row)
+        groups.setdefault((row["name"], row.get("params_swept", ""), row.get("fingerprint") or ""), []).append(row)
+    labels = _labels(groups)
     table = []
-    for (name, swept), members in groups.items():
+    for group, members in groups.items():
+        name, swept, _ = group
         done = [r for r in members if r["status"] in DONE]
         unfinished: dict[str, int] = {}
         for r in members:
             if r["status"] not in DONE:
                 unfinished[r["status"]] = unfinished.get(r["status"], 0) + 1
         entry: dict[str, Any] = {
-            "name": name,
+            "name": labels[group],
             "params_swept": swept,
             "seeds": [r["seed"] for r in done],
             "runs": len(members),
             "failed": len(members) - len(done),
             "unfinished": unfinished,  # status -> count: failed, interrupted, running, stale
             "params": next((r["params"] for r in members if r.get("params")), None),
+            "run_dirs": [r["run_dir"] for r in members if r.get("run_dir")],
         }
         for metric in METRICS:
             entry[metric] = mean_std([r[metric] for r in done])
@@ -171,15 +246,25 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
-def _fmt(value: tuple[float, float], kind: str) -> str:
+def _labels(groups: dict[tuple[str, str, str], list[dict[str, Any]]]) -> dict[tuple[str, str, str], str]:
+    """The shown name of each group: the experiment's name, and where one name (and swept point)
+    holds several experiments, the keys that set each apart from the one with the most runs."""
+    by_name: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+    for group in groups:
+        by_name.setdefault(group[:2], []).append(group)
+    labels = {}
+    for (name, _), variants in by_name.items():
+        ordered = sorted(variants, key=lambda g: -len(groups[g]))  # stable: ties keep the order first seen
+        keys = [groups[g][0].get("experiment") for g in ordered]
+        labels.update(zip(ordered, variant_labels(name, keys)))
+    return labels
+
+
+def _fmt(value: Stat, kind: str) -> str:
     mean, std = value
-    if math.isnan(mean):
-        return "–"
-    if kind in ("examples_per_sec", "wall_seconds"):
-        if kind == "examples_per_sec":
-            return f"{mean:,.0f}" + (f" ± {std:,.0f}" if std else "")
-        return f"{mean:,.1f}" + (f" ± {std:,.1f}" if std else "")
-    return f"{mean:.3f}" + (f" ± {std:.3f}" if std else "")
+    decimals, grouped = {"examples_per_sec": (0, True), "wall_seconds": (1, True)}.get(kind, (3, False))
+    spread = f" ± {number_text(std, decimals, grouped=grouped)}" if finite(mean) and finite(std) and std else ""
+    return number_text(mean, decimals, grouped=grouped) + spread
 
 
 HEADERS = ("variant", "seeds", "train loss", "train acc", "val acc", "test acc", "examples/s", "wall s", "params", "status")
@@ -192,9 +277,9 @@ def table_cells(entry: dict[str, Any]) -> list[str]:
         ", ".join(f"{n} {state}" for state, n in sorted(unfinished.items())) + f" of {entry['runs']}"
     return [
         label,
-        ",".join(map(str, entry["seeds"])) or "–",
+        ",".join(map(str, entry["seeds"])) or MISSING,
         *(_fmt(entry[m], m) for m in METRICS),
-        f"{entry['params']:,}" if entry["params"] else "–",
+        number_text(entry["params"], grouped=True) if entry["params"] else MISSING,
         status,
     ]
 

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but tab and newline
+from cnnlab.safetext import CONTROL, printable
 
-
-def printable(text: str) -> str:
-    """``text`` with control characters written as escapes: safe to show on a terminal or in a file."""
-    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+__all__ = ["CONTROL", "SafeConsole", "literal", "printable"]
 
 
 def literal(text: str) -> Text:

@@ -7,11 +7,13 @@ training (exit 1, recorded in the run's summary.json).
 
 import sys
 
+from cnnlab.safetext import printable
+
 
 def warn(text: str) -> None:
-    """One warning line on stderr, printed literally."""
+    """One warning line on stderr, printed literally: control characters from files are shown as escapes."""
     try:
-        sys.stderr.write(f"warning: {text}\n")
+        sys.stderr.write(f"warning: {printable(text)}\n")
         sys.stderr.flush()
     except (OSError, ValueError):
         pass  # nobody is reading: the warning cannot be shown, and must not stop the command

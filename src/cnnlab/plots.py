@@ -5,6 +5,7 @@ Plots read the files a run wrote, never live training state, so they can be redr
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +17,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cnnlab.console import printable  # noqa: E402
 from cnnlab.errors import UserError, warn  # noqa: E402
+from cnnlab.numtext import finite  # noqa: E402
 from cnnlab.results import atomic_write, read_metrics_csv  # noqa: E402
 
 
@@ -62,7 +64,7 @@ def plot_sweep_curves(rows: list[dict], out: Path, title: str = "") -> Path:
             continue
         label = printable(row["name"])
         first = label not in colours
-        line = ax.plot([r["epoch"] for r in data], [r["val_acc"] for r in data], marker=".",
+        line = ax.plot([r["epoch"] for r in data], [r["val_acc"] if finite(r["val_acc"]) else math.nan for r in data], marker=".",
                        color=colours.get(label), label=label if first else None, alpha=0.85)[0]
         colours.setdefault(label, line.get_color())
     ax.set_xlabel("epoch")
@@ -80,13 +82,13 @@ def plot_accuracy_bars(table: list[dict], out: Path, title: str = "") -> Path:
     labels, means, stds = [], [], []
     for entry in table:
         mean, std = entry["test_acc"]
-        if mean != mean:  # NaN: no test result; fall back to validation accuracy
+        if mean is None:  # no test result; fall back to validation accuracy
             mean, std = entry["val_acc"]
-        if mean != mean:  # no completed run of this variant: nothing to draw
+        if not finite(mean):  # no completed run of this variant, or a NaN/infinite one: the table says which
             continue
         labels.append(printable(entry["name"]))
         means.append(mean)
-        stds.append(std)
+        stds.append(std if finite(std) else 0.0)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 4.2), dpi=120)
     bars = ax.bar(range(len(labels)), means, yerr=stds, capsize=4, color="#4c72b0")
     ax.bar_label(bars, labels=[f"{m:.3f}" for m in means], fontsize="small", padding=2)
@@ -102,7 +104,7 @@ def plot_accuracy_bars(table: list[dict], out: Path, title: str = "") -> Path:
 def plot_tune_progress(scores: list[float | None], metric: str, mode: str, out: Path, title: str = "") -> Path:
     """Each trial's metric (dots) and the best so far (a step line) against the trial number."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    points = [(i, s) for i, s in enumerate(scores, start=1) if s is not None]
+    points = [(i, s) for i, s in enumerate(scores, start=1) if finite(s)]
     if points:
         ax.scatter(*zip(*points), s=18, color="tab:gray", label="trial")
         best, steps = None, []

@@ -24,6 +24,7 @@ from typing import Any
 from cnnlab.compare import aggregate, collect_rows
 from cnnlab.console import printable
 from cnnlab.errors import UserError, warn
+from cnnlab.numtext import number_text
 from cnnlab.results import atomic_write_text, check_output_file
 
 
@@ -37,11 +38,7 @@ class Block:
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or value != value:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
+    return number_text(value, digits, grouped=isinstance(value, int))
 
 
 def final(summary, key: str) -> float | None:
@@ -91,12 +88,14 @@ def copy_png(source: Path, target: Path) -> bool:
     return True
 
 
-def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) -> list[Block]:
+def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) -> tuple[list[Block], list[str]]:
+    """The report's blocks, and a line for each run or folder that could not be read (left out)."""
     from cnnlab.engine import build_model
     from cnnlab.modelinfo import profile
     from cnnlab.plots import plot_accuracy_bars, plot_sweep_curves
 
-    rows = collect_rows(targets)
+    found = collect_rows(targets)
+    rows = found.rows
     unfinished = [r for r in rows if r.get("status") not in ("completed", "skipped")]
     if unfinished:
         warn(f"{len(unfinished)} run(s) did not complete and are left out of the results: "
@@ -107,6 +106,10 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
         raise UserError("no completed runs among " + ", ".join(map(str, targets)) + "; nothing to report")
     summaries = {run: opened[run].summary for run in runs}
     configs = {run: opened[run].cfg for run in runs}
+    table = aggregate(rows)
+    # Each run under its experiment's label: two variants of one name never look like one experiment.
+    label = {Path(run_dir): entry["name"] for entry in table for run_dir in entry["run_dirs"]}
+    label = {run: label.get(run, summaries[run].name) for run in runs}
     blocks = [
         Block("h1", "Convolutional networks on Fashion-MNIST"),
         Block("p", f"Written by cnnlab from {len(runs)} run(s) on "
@@ -127,7 +130,7 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
         f"Initial weights: {first.init}. Hardware: {s0.device_name} ({s0.device}), torch {s0.torch_version}."
     )))
     blocks.append(Block("table", headers=("run", "model", "optimizer", "lr", "schedule", "batch", "epochs", "seed"), rows=tuple(
-        (summaries[r].name, configs[r].model.name + "".join(f", {k}={v}" for k, v in configs[r].model.kwargs.items()),
+        (label[r], configs[r].model.name + "".join(f", {k}={v}" for k, v in configs[r].model.kwargs.items()),
          configs[r].optim.name + (f" (momentum {configs[r].optim.momentum})" if configs[r].optim.momentum else ""),
          f"{configs[r].optim.lr:g}", configs[r].schedule.name, str(configs[r].train.batch_size),
          str(summaries[r].epochs_completed), str(configs[r].seed)) for r in runs)))
@@ -135,11 +138,11 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
     blocks.append(Block("h2", "2. Results"))
     blocks.append(Block("table", headers=("run", "train loss", "train acc", "val acc", "test acc", "examples/s",
                                            "wall s", "params", "FLOPs/image"), rows=tuple(
-        (summaries[r].name, _fmt(final(summaries[r], "train_loss")), _fmt(final(summaries[r], "train_acc")),
+        (label[r], _fmt(final(summaries[r], "train_loss")), _fmt(final(summaries[r], "train_acc")),
          _fmt(final(summaries[r], "val_acc")), _fmt(summaries[r].test_acc),
-         f"{summaries[r].train_examples_per_sec or 0:,.0f}", f"{summaries[r].wall_seconds or 0:,.1f}",
+         number_text(summaries[r].train_examples_per_sec, 0, grouped=True),
+         number_text(summaries[r].wall_seconds, 1, grouped=True),
          _fmt(summaries[r].params), _fmt(summaries[r].flops_per_image)) for r in runs)))
-    table = aggregate(rows)
     if len(table) > 1:
         blocks.append(Block("p", "Across runs (mean ± std over seeds where there are several):"))
         from cnnlab.compare import HEADERS, table_cells
@@ -154,7 +157,7 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
     lenet_run = None
     for run in runs:
         cfg, summary = configs[run], summaries[run]
-        blocks.append(Block("h3", f"{summary.name} ({run.name})"))
+        blocks.append(Block("h3", f"{label[run]} ({run.name})"))
         key = json.dumps(cfg.model.model_dump(), sort_keys=True, default=str)
         if key not in seen_models:
             seen_models.add(key)
@@ -179,13 +182,13 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
                         for layer in ("0", "3")]
         except UserError as err:
             warn(f"{err}; the report has no feature maps")
-            return blocks
+            return blocks, found.skipped
         blocks.append(Block("h2", "4. What the convolutions see"))
         blocks.append(Block("p", f"Outputs of layer 0 (first convolution) and layer 3 (second convolution) of "
                                  f"{summaries[lenet_run].name} for the first test image, one tile per channel."))
         for picture in pictures:
             blocks.append(Block("image", f"Layer {picture.layer}: {picture.tiles} channels", path=picture.path))
-    return blocks
+    return blocks, found.skipped
 
 
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_$\[\]|])")
@@ -253,7 +256,13 @@ def to_html(blocks: list[Block]) -> str:
     return "\n".join(parts)
 
 
-def write_report(targets: list[Path], out: Path, html_too: bool = False, trust_code: bool = False) -> list[Path]:
+@dataclass
+class Written:
+    paths: list[Path]  # the report's files
+    skipped: list[str]  # a line for each run or folder given that could not be read (left out, warned)
+
+
+def write_report(targets: list[Path], out: Path, html_too: bool = False, trust_code: bool = False) -> Written:
     """Write ``out`` (Markdown, images in ``<stem>_files/`` beside it) and, with ``html_too``, ``out.html``.
 
     The images are drawn into a temporary folder that replaces ``<stem>_files/`` only once the whole
@@ -270,7 +279,7 @@ def write_report(targets: list[Path], out: Path, html_too: bool = False, trust_c
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.stem}_files."))
     try:
-        blocks = build_blocks([Path(t) for t in targets], building, trust_code)
+        blocks, skipped = build_blocks([Path(t) for t in targets], building, trust_code)
         blocks = [Block(b.kind, b.text, b.headers, b.rows, assets / b.path.relative_to(building) if b.path else None)
                   for b in blocks]
         if assets.exists():
@@ -288,4 +297,4 @@ def write_report(targets: list[Path], out: Path, html_too: bool = False, trust_c
         page = out.with_suffix(".html")
         atomic_write_text(page, to_html(blocks))
         written.append(page)
-    return written
+    return Written(written, skipped)

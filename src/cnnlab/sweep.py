@@ -379,7 +379,8 @@ def trial_row(trial: Trial) -> dict[str, Any]:
                 summary.error = trial.error or None
         except UserError as err:
             summary.error = str(err)
-    row = row_from_summary(summary, trial.run_dir, trial.swept_text)
+    row = row_from_summary(summary, trial.run_dir, trial.swept_text,
+                           config=trial.config.to_dict() if trial.config is not None else None)
     row["status"] = trial.status
     row["swept"] = trial.swept
     return row

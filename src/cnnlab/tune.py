@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cnnlab.compare import aggregate, markdown_table, row_from_summary, write_trials
+from cnnlab.compare import aggregate, markdown_table, row_from_summary, run_config_or_none, write_trials
 from cnnlab.config import Config, dump_config, load_config, read_yaml, validate
 from cnnlab.console import SafeConsole
 from cnnlab.errors import UserError
@@ -502,7 +502,7 @@ def tune_rows(space: Space, grid: Any, runs_dir: Path) -> list[dict[str, Any]]:
             summary.status, summary.stopped_at = "interrupted", f"after epoch {summary.epochs_completed}: the tune stopped"
             RunDir(run_dir).write_summary(summary)
         state = run_state(run_dir, summary) if run_dir is not None else summary.status
-        row = row_from_summary(summary, run_dir, swept, status=state)
+        row = row_from_summary(summary, run_dir, swept, status=state, config=run_config_or_none(run_dir))
         row["trial"] = number
         row["swept"] = point
         rows.append(row)

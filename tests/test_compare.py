@@ -1,0 +1,186 @@
+"""The comparison table tells the truth: runs are averaged only with runs of the same experiment,
+every number a file can hold (NaN, infinity, 1e308) is shown as what it is, a run that cannot be read
+is named and left out while the rest is shown, and text from files never reaches the terminal raw."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+from cnnlab.compare import aggregate, collect_rows, mean_std, table_cells
+from cnnlab.errors import warn
+from cnnlab.identity import experiment_key, variant_labels
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+runner = CliRunner()
+ESCAPES = "\x1b]0;TITLE\x07\x1b[2J"  # retitles, then clears, a terminal that receives it raw
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def tiny_run(tiny_data, results, *extra):
+    return ["run", CONFIGS / "lenet.yaml", "--data-dir", tiny_data, "--results", results, "--epochs", "1",
+            "--set", "data.check_counts=false", "--set", "data.val_size=100", "--set", "train.batch_size=64",
+            "--device", "cpu", "--quiet", *extra]
+
+
+def copy_run(run: Path, to: Path, config: dict | None = None, **summary) -> Path:
+    """A copy of a trained run folder with its config.yaml keys and summary.json values changed, as
+    cnnlab would have written them for that run."""
+    shutil.copytree(run, to)
+    (to / ".lock").unlink(missing_ok=True)
+    if config:
+        data = yaml.safe_load((to / "config.yaml").read_text())
+        for dotted, value in config.items():
+            *path, last = dotted.split(".")
+            node = data
+            for part in path:
+                node = node[part]
+            node[last] = value
+        (to / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    if summary:
+        data = json.loads((to / "summary.json").read_text())
+        (to / "summary.json").write_text(json.dumps({**data, **summary}))
+    return to
+
+
+def rows_of(output: str) -> dict[str, str]:
+    """The table's lines by their first cell."""
+    return {line.split()[0]: line for line in output.splitlines() if line.strip()}
+
+
+# ---------------------------------------------------------------------------------------------
+# One experiment per row
+
+
+def test_overrides_make_a_variant_of_their_own_never_averaged_with_the_plain_run(tiny_data, tmp_path):
+    results = tmp_path / "results"
+    assert invoke(*tiny_run(tiny_data, results)).exit_code == 0
+    assert invoke(*tiny_run(tiny_data, results, "--seed", "1")).exit_code == 0
+    changed = invoke(*tiny_run(tiny_data, results, "--set", "model.pool=max", "--set", "optim.lr=0.5"))
+    assert changed.exit_code == 0, changed.output
+
+    compared = invoke("compare", results)
+    assert compared.exit_code == 0, compared.output
+    rows = rows_of(compared.output)
+    assert rows["lenet"].split()[1] == "0,1"  # the two seeds of the plain config, averaged together
+    assert rows["lenet[model.pool=max,optim.lr=0.5]"].split()[1] == "0"  # the variant alone, named by what differs
+
+    written = invoke("report", results, "-o", tmp_path / "report" / "r.md")
+    assert written.exit_code == 0, written.output
+    report = (tmp_path / "report" / "r.md").read_text()
+    assert "lenet\\[model.pool=max,optim.lr=0.5\\]" in report  # the variant's label, Markdown-escaped
+
+
+def test_placement_and_seed_do_not_split_an_experiment_but_any_other_key_does(trained, tmp_path):
+    run, _ = trained
+    results = tmp_path / "results"
+    copy_run(run, results / "a" / "1", {"seed": 0})
+    copy_run(run, results / "a" / "2", {"seed": 1, "train.device": "cuda", "output.dir": "/elsewhere",
+                                        "train.threads": 1, "train.eval_batch_size": 64}, seed=1)
+    copy_run(run, results / "a" / "3", {"seed": 2, "train.epochs": 7}, seed=2)
+    table = aggregate(collect_rows([results]).rows)
+    assert sorted((e["name"], tuple(e["seeds"])) for e in table) == [
+        ("experiment", (0, 1)), ("experiment[train.epochs=7]", (2,))]
+
+
+def test_a_key_left_at_its_default_is_the_same_experiment_as_one_set_to_it():
+    bare = {"name": "lenet", "model": {"name": "lenet"}}
+    explicit = {"name": "lenet", "model": {"name": "lenet", "pool": "avg"}, "train": {"epochs": 20}}
+    assert experiment_key(bare) == experiment_key(explicit)
+    assert experiment_key(bare) != experiment_key({**bare, "model": {"name": "lenet", "pool": "max"}})
+
+
+def test_variant_labels_are_distinct_and_name_only_the_keys_that_differ():
+    base = experiment_key({"model": {"name": "lenet"}})
+    lower = experiment_key({"model": {"name": "lenet"}, "optim": {"lr": 0.1}})
+    other = experiment_key({"model": {"name": "lenet"}, "optim": {"lr": 0.1}, "train": {"epochs": 3}})
+    labels = variant_labels("lenet", [base, lower, other])
+    assert labels == ["lenet", "lenet[optim.lr=0.1]", "lenet[optim.lr=0.1,train.epochs=3]"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers as they are
+
+
+@pytest.mark.parametrize("value, shown", [("NaN", "nan"), ("Infinity", "inf"), ("-Infinity", "-inf")])
+def test_nan_and_infinity_in_a_summary_are_shown_not_crashed_on_or_dropped(trained, tmp_path, value, shown):
+    run, _ = trained
+    results = tmp_path / "results"
+    copy_run(run, results / "a" / "1")
+    copy_run(run, results / "a" / "2", {"seed": 1}, seed=1)
+    text = (results / "a" / "2" / "summary.json").read_text()
+    data = json.loads(text)
+    data["test_acc"] = "@@"
+    (results / "a" / "2" / "summary.json").write_text(json.dumps(data).replace('"@@"', value))
+
+    compared = invoke("compare", results)
+    assert compared.exit_code == 0 and "Traceback" not in compared.output, compared.output
+    assert rows_of(compared.output)["experiment"].split()[5] == shown  # the mean over both seeds, not the finite one
+    written = invoke("report", results, "-o", tmp_path / "report" / "r.md", "--html")
+    assert written.exit_code == 0 and "Traceback" not in written.output, written.output
+
+
+def test_huge_numbers_are_written_compactly(trained, tmp_path):
+    run, _ = trained
+    copy_run(run, tmp_path / "results" / "a" / "1", train_examples_per_sec=1e308, wall_seconds=1e300)
+    compared = invoke("compare", tmp_path / "results")
+    assert compared.exit_code == 0, compared.output
+    assert "1e+308" in compared.output and "1e+300" in compared.output
+    assert max(map(len, compared.output.split())) < 30  # not 309 digits
+
+
+def test_a_mean_over_a_nan_is_nan_and_over_nothing_is_missing():
+    nan, inf = float("nan"), float("inf")
+    assert str(mean_std([0.9, nan])) == "(nan, nan)"
+    assert mean_std([0.9, inf]) == (inf, pytest.approx(float("nan"), nan_ok=True))
+    assert mean_std([None, None]) == (None, None)
+    cells = table_cells({"name": "x", "seeds": [0], "runs": 1, "failed": 0, "params": None,
+                         **{m: v for m, v in zip(("train_loss", "train_acc", "val_acc", "test_acc", "examples_per_sec",
+                                                  "wall_seconds"), [(None, None), (nan, nan), (inf, nan), (0.5, 0.1),
+                                                                    (1e308, 0.0), (2.0, 0.0)])}})
+    assert cells[2:8] == ["–", "nan", "inf", "0.500 ± 0.100", "1e+308", "2.0"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What cannot be read is named, and the rest is shown
+
+
+def test_one_missing_target_among_several_is_named_and_the_others_shown(trained, tmp_path):
+    run, _ = trained
+    copy_run(run, tmp_path / "results" / "a" / "1")
+    compared = invoke("compare", tmp_path / "results", tmp_path / "nowhere")
+    assert compared.exit_code == 2, compared.output
+    assert f"{tmp_path / 'nowhere'}: no such run or sweep folder" in compared.output
+    assert "experiment" in rows_of(compared.output)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text from files is made safe for the terminal
+
+
+def test_warnings_show_escape_sequences_instead_of_sending_them(capsys):
+    warn(f"run {ESCAPES} failed")
+    shown = capsys.readouterr().err
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert "\\x1b]0;TITLE\\x07\\x1b[2J" in shown
+
+
+def test_an_error_and_a_folder_name_from_files_never_reach_the_terminal_raw(trained, tmp_path):
+    run, _ = trained
+    hostile = copy_run(run, tmp_path / "results" / "a" / f"1{ESCAPES}", status="failed", error=f"boom{ESCAPES}")
+    broken = copy_run(run, tmp_path / "results" / "b" / f"2{ESCAPES}")
+    (broken / "summary.json").write_text("{")
+    for result in (invoke("eval", hostile), invoke("compare", tmp_path / "results"),
+                   invoke("predict", hostile, "--image", "0"),
+                   invoke("report", tmp_path / "results", "-o", tmp_path / "rep" / "r.md")):
+        assert "\x1b" not in result.output and "\x07" not in result.output, result.output
+        assert "\\x1b" in result.output  # shown, as an escape
