@@ -222,7 +222,8 @@ def test_a_run_naming_python_code_needs_trust_code(trained, tmp_path, monkeypatc
     (copy / "config.yaml").write_text(config.replace("name: lenet", "name: evil:build", 1))
 
     for command in (["eval", copy], ["visualize", copy, "--layer", "0"], ["report", copy],
-                    ["resume", copy, "--epochs", "9"]):
+                    ["resume", copy, "--epochs", "9"], ["summary", copy / "config.yaml"],
+                    ["run", copy / "config.yaml", "--epochs", "1"]):
         clean_exit_2(invoke(*command), "--trust-code", "evil:build")
         assert not (tmp_path / "OWNED").exists(), command
     assert not (tmp_path / "results" / "report").exists()

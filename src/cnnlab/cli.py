@@ -134,6 +134,7 @@ def run(
         "--resume", help="auto: continue the newest unfinished run of exactly this config, or start a new one "
                          "(a command a cluster job can repeat blindly).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="One line per epoch instead of a progress bar.")] = False,
+    trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Train and test one experiment; results go to <output.dir>/<name>/<run id>/."""
@@ -159,7 +160,7 @@ def run(
                 overrides.append(f"{key}={value}")
         if download:
             overrides.append("data.download=true")
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, trust_code=trust_code or None)
         if resume == "auto":
             from cnnlab.runs import run_or_resume
 
@@ -513,6 +514,7 @@ def models() -> None:
 def summary(
     target: Annotated[str, typer.Argument(help="A model name (see `cnnlab models`) or a config file.", show_default=False)],
     set_: SetOption = None,
+    trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Per-layer output shapes, parameters and FLOPs of a model, for one 1x28x28 image."""
@@ -522,7 +524,7 @@ def summary(
         from cnnlab.modelinfo import count_params, profile
 
         is_file = Path(target).suffix in (".yaml", ".yml") or Path(target).is_file()
-        cfg = load_config(target, set_) if is_file else load_config(None, [f"model.name={target}", *(set_ or [])])
+        cfg = load_config(target, set_, trust_code=trust_code or None) if is_file else load_config(None, [f"model.name={target}", *(set_ or [])])
         model = build_model(cfg)
         rows, total_flops = profile(model)
         table = Table("#", "layer", "output shape", "params", "FLOPs", box=None, header_style="bold")

@@ -318,15 +318,18 @@ def load_config(
     overrides: list[str] | None = None,
     values: dict[str, Any] | None = None,
     *,
-    trust_code: bool = True,
+    trust_code: bool | None = None,
 ) -> Config:
     """Read, inherit, override and validate one experiment config.
 
     ``path=None`` starts from the defaults alone. A config without ``name`` is named after its file.
     ``overrides`` are ``--set`` strings; ``values`` (dotted key -> value, e.g. a sweep's grid point)
     are applied after them. ``trust_code=False`` (a config read back from someone's run folder)
-    refuses a Python model (``model.name: module:function``) instead of importing it.
+    refuses a Python model (``model.name: module:function``) instead of importing it; the default,
+    None, trusts a config the user wrote and not the ``config.yaml`` of a run folder.
     """
+    if trust_code is None:
+        trust_code = path is None or not is_run_folder_config(Path(path))
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -344,6 +347,11 @@ def load_config(
     for key, value in sorted((values or {}).items(), key=lambda kv: kv[0] != "model.name"):
         data = set_value(data, key, value)
     return validate(data, source, trust_code)
+
+
+def is_run_folder_config(path: Path) -> bool:
+    """Whether ``path`` is the config.yaml of a run folder (someone's results, not a config of one's own)."""
+    return path.name == "config.yaml" and (path.parent / "summary.json").exists()
 
 
 def dump_config(cfg: Config) -> str:
