@@ -762,29 +762,36 @@ def _record_ending(err: BaseException, session: Session, run: RunDir, state: Tra
         with RunRecord.guarded(run):
             checkpoints.save(session.checkpoint(state), "last")
             checkpoints.flush()
-    on_disk = checkpoints.on_disk if session.cfg.output.checkpoints else None
-    rows = list(on_disk["metrics"]) if on_disk is not None else [] if session.cfg.output.checkpoints else \
-        state.metrics[:run.rows_written]
+    rows, resumes_at = _on_disk(session, run, state, checkpoints)
     if run.rows_written != len(rows):  # metrics.csv ran ahead of the checkpoint (or its own write failed)
         run.metrics = rows
         with RunRecord.guarded(run):
             run.write_metrics()
     done = state.current.batches if state.current is not None else 0
-    resumes_at = None if not session.cfg.output.checkpoints else (len(rows), _batches(on_disk)) if on_disk else (0, -1)
     summary.stopped_at = str(err) if isinstance(err, Pruned) else \
         stopped_at(state.epoch, done, session.steps_per_epoch, resumes_at)
     summary.epochs_completed = len(rows)
     if rows:  # the last finished epoch's figures, and the best (the first of equals, as training picks it)
         summary.final = {k: rows[-1][k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
         best = max(range(len(rows)), key=lambda i: (rows[i]["val_acc"], -i))
-        summary.best_epoch, summary.best_val_acc = best + 1, rows[best]["val_acc"]
+        summary.best_epoch, summary.best_val_acc = int(rows[best]["epoch"]), rows[best]["val_acc"]
     summary.finished = utc_now()
     summary.train_step, summary.train_step_note = step_fields(session)
     summary.wall_seconds = wall_seconds
 
 
-def _batches(state: dict[str, Any]) -> int:
-    return int(state["current"]["batches"]) if state.get("current") else 0
+def _on_disk(session: Session, run: RunDir, state: TrainState,
+             checkpoints: CheckpointWriter) -> tuple[list[dict[str, Any]], tuple[int, int] | None]:
+    """(the metrics rows the folder stands behind, where its checkpoint would resume: (epochs, batches),
+    (0, -1) for no checkpoint yet, None for a run that keeps none): those of the last checkpoint written,
+    or without checkpoints the rows metrics.csv was last written with."""
+    if not session.cfg.output.checkpoints:
+        return state.metrics[:run.rows_written], None
+    saved = checkpoints.on_disk
+    if saved is None:
+        return [], (0, -1)
+    batches = int(saved["current"]["batches"]) if saved.get("current") else 0
+    return list(saved["metrics"]), (len(saved["metrics"]), batches)
 
 
 def stopped_at(epoch: int, batches: int, steps_per_epoch: int, resumes_at: tuple[int, int] | None) -> str:
