@@ -212,3 +212,32 @@ def test_a_checkpoint_snapshot_is_untouched_by_the_training_that_goes_on(tmp_pat
     writer.close()
     saved = torch.load(run.checkpoint_dir / "last.pt", weights_only=True)
     assert saved["model"]["weight"].tolist() == [[1.0, 1.0, 1.0]] and saved["state"]["metrics"] == metrics[:1]
+
+
+def test_random_bytes_are_not_a_pytorch_checkpoint_and_torch_says_nothing(tmp_path):
+    """Bytes that open like a pickle (protocol 4) made torch warn and were called 'pickled Python objects'."""
+    import os
+    import warnings
+
+    from cnnlab.errors import UserError
+
+    path = tmp_path / "random.pt"
+    for payload in (b"\x80\x04" + os.urandom(4000), os.urandom(4000), b"PK\x03\x04" + os.urandom(4000)):
+        path.write_bytes(payload)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a warning leaking out fails the test
+            with pytest.raises(UserError, match="truncated, corrupt or not a PyTorch checkpoint"):
+                Checkpoint.load(path)
+
+
+def test_stopped_at_says_what_a_resume_will_redo():
+    from cnnlab.engine import stopped_at
+
+    assert stopped_at(2, 12, 219, (2, 12)) == "epoch 3, batch 12 of 219"  # checkpointed at that very batch
+    assert stopped_at(3, 0, 219, (3, 0)) == "after epoch 3"
+    assert stopped_at(2, 219, 219, (2, 0)) == (  # torchrun: the ranks agree only on the epoch's checkpoint
+        "epoch 3, batch 219 of 219 (resume redoes epoch 3: the last checkpoint is from the end of epoch 2)")
+    assert stopped_at(3, 0, 219, (1, 0)) == (  # epoch 2's checkpoint could not be written
+        "after epoch 3 (resume redoes epochs 2-3: the last checkpoint is from the end of epoch 1)")
+    assert stopped_at(0, 5, 219, (0, -1)) == "epoch 1, batch 5 of 219 (no checkpoint was written to resume from)"
+    assert stopped_at(1, 5, 219, None) == "epoch 2, batch 5 of 219"  # output.checkpoints: false

@@ -329,3 +329,156 @@ def test_a_checkpoint_that_cannot_be_written_fails_the_run_and_says_so(workdir):
     result = summary(only_run(workdir / "nodisk"))
     assert result["status"] == "failed" and "File too large" in result["error"]
     assert not list((only_run(workdir / "nodisk") / "checkpoints").glob("*.pt"))  # nothing half-written
+
+
+# ---------------------------------------------------------------------------------------------
+# Every way a run ends leaves a folder that says what it holds
+
+
+def _fill_the_disk_at_checkpoint(monkeypatch, n: int) -> None:
+    """The disk is full from the ``n``-th checkpoint file on: the OS refuses to sync it (ENOSPC), as it
+    does a write whose blocks it cannot find. Smaller files still fit (the refused temporary is gone)."""
+    import errno
+    import re
+
+    real_fsync, synced = os.fsync, {"checkpoints": 0}
+
+    def fsync(fd: int) -> None:
+        if re.fullmatch(r"\.(best|last)\.pt\.[a-z0-9_]+\.tmp", Path(os.readlink(f"/proc/self/fd/{fd}")).name):
+            synced["checkpoints"] += 1
+            if synced["checkpoints"] >= n:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_full_disk_mid_run_leaves_a_record_of_what_is_on_disk_and_resumes(tiny_overrides, monkeypatch, tmp_path):
+    """Epoch 1's checkpoints are written; epoch 2's (written in the background while epoch 3 trains)
+    finds the disk full. summary.json, metrics.csv and the checkpoints must all say epoch 1."""
+    from cnnlab.config import load_config
+    from cnnlab.engine import fit
+    from cnnlab.errors import TrainingError
+    from cnnlab.results import Checkpoint
+
+    reference = fit(load_config(None, [*tiny_overrides, "train.epochs=3", f"output.dir={tmp_path / 'reference'}"]),
+                    quiet=True)
+    cfg = load_config(None, [*tiny_overrides, "train.epochs=3"])
+    with monkeypatch.context() as full:
+        _fill_the_disk_at_checkpoint(full, 3)  # epoch 1 wrote best.pt and last.pt
+        with pytest.raises(TrainingError, match="No space left on device"):
+            fit(cfg, quiet=True)
+    [run] = Path(cfg.output.dir).glob("*/*")
+    result = summary(run)
+    assert result["status"] == "failed" and "could not write" in result["error"]
+    assert str(run / "checkpoints") in result["error"] and "No space left on device" in result["error"]
+    last, best = (Checkpoint.load(run / "checkpoints" / f"{name}.pt") for name in ("last", "best"))
+    assert result["epochs_completed"] == len(metric_rows(run)) == last.epoch == 1
+    assert result["best_epoch"] == best.epoch == 1 and result["final"]["val_acc"] == float(metric_rows(run)[0]["val_acc"])
+    assert "resume redoes epochs 2-3" in result["stopped_at"]
+    assert not list(run.rglob("*.tmp"))
+
+    done = runner.invoke(app, ["resume", str(run), "--quiet"])
+    assert done.exit_code == 0, done.output
+    assert summary(run)["status"] == "completed" and summary(run)["epochs_completed"] == 3
+    assert metric_rows(run) == metric_rows(Path(reference["run_dir"]))  # as if the disk had never filled
+
+
+def test_resume_removes_the_temporaries_a_killed_write_left_and_nothing_else(tiny_overrides, monkeypatch):
+    """A run killed while writing a checkpoint leaves ``.last.pt.<random>.tmp`` behind (mkstemp's names,
+    as atomic writes make them); the next process to hold the run's lock removes them, and only them."""
+    import tempfile
+
+    from cnnlab.errors import UserError
+    from cnnlab.results import RunDir
+    from cnnlab.runs import resume as resume_run
+
+    _, run = _interrupted_run(tiny_overrides, monkeypatch)
+    holder = RunDir(run)
+    holder.lock()  # a live process holds the run (its temporaries are being written): nobody else may touch them
+    checkpoints = run / "checkpoints"
+    stale = [Path(tempfile.mkstemp(dir=checkpoints, prefix=f".{name}.", suffix=".tmp")[1])
+             for name in ("last.pt", "last.pt", "best.pt", "best.pt.sha256")]
+    stale += [checkpoints / ".last.pt.abc123.tmp", run / ".metrics.csv.k2j4x9_q.tmp"]
+    kept = [checkpoints / "notes.tmp", checkpoints / ".last.pt.keep", checkpoints / ".other.pt.abcdefgh.tmp",
+            checkpoints / ".last.pt.a.b.tmp", run / ".summary.json.abcdefgh.tmp", run / "last.pt.abcdefgh.tmp"]
+    for path in stale + kept:
+        path.write_bytes(b"x" * 1000)
+
+    with pytest.raises(UserError, match="being trained right now"):
+        resume_run(run, quiet=True)
+    assert all(path.exists() for path in stale)
+    holder.unlock()
+
+    assert resume_run(run, quiet=True)["status"] == "completed"
+    assert [path for path in stale if path.exists()] == []
+    assert all(path.read_bytes() == b"x" * 1000 for path in kept)
+
+
+def test_a_second_ctrl_c_while_the_ending_is_written_waits_for_the_record(tiny_overrides, monkeypatch):
+    """The first Ctrl-C stops the run at a batch; the second lands while the stop's checkpoint is being
+    written. It must not cut the record short: summary.json says interrupted, where, and why."""
+    import threading
+
+    from cnnlab.config import load_config
+    from cnnlab.engine import fit
+    from cnnlab.progress import Reporter
+    from cnnlab.results import Checkpoint, RunDir
+    from cnnlab.stopping import Interrupted
+
+    class CtrlCInEpoch2(Reporter):
+        def start_epoch(self, epoch: int, batches: int, done: int = 0) -> None:
+            self.epoch = epoch
+
+        def advance(self, loss_sum, correct, seen) -> None:
+            if self.epoch == 2 and seen == 64:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    real_save, seconds = RunDir.save_checkpoint, []
+
+    def save_checkpoint(self, checkpoint, *names):
+        if checkpoint.state["current"] is not None and not seconds:  # the stop's own checkpoint, in whichever thread
+            seconds.append(threading.current_thread().name)
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C
+        real_save(self, checkpoint, *names)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", save_checkpoint)
+    cfg = load_config(None, [*tiny_overrides, "train.epochs=3"])
+    with pytest.raises((Interrupted, KeyboardInterrupt)):
+        fit(cfg, quiet=True, reporter=CtrlCInEpoch2(enabled=False))
+    assert seconds, "the stop wrote no checkpoint"
+    [run] = Path(cfg.output.dir).glob("*/*")
+    result = summary(run)
+    assert result["status"] == "interrupted" and result["error"] == "interrupted by SIGINT"
+    assert result["stopped_at"] == "epoch 2, batch 2 of 10" and result["epochs_completed"] == len(metric_rows(run)) == 1
+    assert Checkpoint.load(run / "checkpoints" / "last.pt").state["current"]["batches"] == 2
+
+
+@pytest.mark.parametrize("attempt", range(3))  # intermittent before: run it more than once
+def test_two_ctrl_c_back_to_back_are_recorded_as_one_interruption(workdir, attempt):
+    results = f"twice{attempt}"
+    process = start(workdir, results)
+    run = wait_for_epochs(process, workdir / results, 1)
+    os.kill(process.pid, signal.SIGINT)
+    os.kill(process.pid, signal.SIGINT)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 130, output
+    stopped = summary(run)
+    assert stopped["status"] == "interrupted" and stopped["stopped_at"] and stopped["finished"], stopped
+    assert stopped["epochs_completed"] == len(metric_rows(run))
+
+
+def test_a_folder_that_cannot_take_its_first_files_is_exit_2_and_taken_back(workdir):
+    """A real write failure at the start (the file-size limit: the lock's line fits, config.yaml does
+    not): one line naming the folder and the cause, exit 2, and no folder holding only ``.lock``."""
+    import resource
+
+    def tiny_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+    process = subprocess.run([sys.executable, "-m", "cnnlab", "run", "cfg.yaml", "--quiet", "--results", "nospace"],
+                             cwd=workdir, capture_output=True, text=True, timeout=300, preexec_fn=tiny_files)
+    assert process.returncode == 2, process.stdout + process.stderr
+    assert "Traceback" not in process.stderr and "File too large" in process.stderr
+    assert "cannot write the new run folder nospace/resumable/" in process.stderr
+    assert list((workdir / "nospace" / "resumable").iterdir()) == []

@@ -528,11 +528,25 @@ def fit(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -
         run = RunDir.create(cfg.output.dir, cfg.name) if world.is_main else None
         path = world.broadcast(str(run.path) if run is not None else None)
         run = run or RunDir(Path(path), writer=False)
-        run.lock()
-        run.write_config(dump_config(cfg))
         summary = describe_run(session, run)
-        run.write_summary(summary)
+        open_new_run(run, dump_config(cfg), summary)
         return train(session, run, TrainState(), summary, reporter or make_reporter(quiet=quiet), wall_start, stop)
+
+
+def open_new_run(run: RunDir, config_text: str, summary: RunSummary) -> None:
+    """Lock a new run folder and write its config and opening summary. A folder that cannot take them
+    (a full disk) is bad input, exit 2, and is taken back: no folder holding only ``.lock`` is left."""
+    try:
+        run.lock()
+        run.write_config(config_text)
+        run.write_summary(summary)
+    except UserError:
+        run.discard()
+        raise
+    except OSError as err:
+        run.discard()
+        raise UserError(f"cannot write the new run folder {run.path}: {err.strerror or type(err).__name__}; free some "
+                        "space, or choose another results folder with --results") from None
 
 
 def train(
@@ -557,7 +571,8 @@ def train(
     wall_before = state.wall_seconds  # time spent in earlier sessions of a resumed run, as its checkpoint says
     run.metrics = state.metrics
     summary.startup_seconds = _rounded(process_age())  # from the command to the first batch (this session's, on resume)
-    checkpoints = CheckpointWriter(run)
+    # What the folder's checkpoint holds: the one this run resumed from, or none yet.
+    checkpoints = CheckpointWriter(run, state.state_dict(session.generators) if state.epoch or state.current else None)
     try:
         while state.epoch < cfg.train.epochs and not state.stopped_early:
             epoch = state.epoch + 1
@@ -638,14 +653,16 @@ def train(
         world.barrier()  # under torchrun the others wait for rank 0's files, then all leave the group together
         world.leave()
     except BaseException as err:
-        with RunRecord.guarded(run):  # the epoch's checkpoint still being written: finished first
-            checkpoints.flush()
-        _record_ending(err, session, run, state, summary, wall_before + time.perf_counter() - wall_start, stop)
-        # Every listener hears the ending, each on its own: a record that cannot be written (the disk is
-        # full) is said, and the lock still tells that nobody trains; the others still close.
-        for listener in reporter.listeners:
-            with RunRecord.guarded(run):
-                listener.finish(summary.to_dict(), run.path)
+        record = [listener for listener in reporter.listeners if isinstance(listener, RunRecord)]
+        with stop.deferred():  # a second Ctrl-C must not leave summary.json saying "running": it waits for this
+            with RunRecord.guarded(run):  # the epoch's checkpoint still being written: finished first
+                checkpoints.flush()
+            _record_ending(err, session, run, state, summary, wall_before + time.perf_counter() - wall_start, stop,
+                           checkpoints)
+            _tell_ending(record, summary, run)
+        _tell_ending([listener for listener in reporter.listeners if listener not in record], summary, run)
+        if summary.status == "failed" and isinstance(err, OSError) and _in_folder(err.filename, run.path):
+            raise TrainingError(summary.error) from err  # one line naming the file, not an OSError's repr
         raise
     finally:
         checkpoints.close()
@@ -713,9 +730,21 @@ def train_epoch_static(session: Session, progress: EpochProgress, reporter: Repo
                            cfg.train.grad_clip, reporter, progress=progress, stop=stop)
 
 
+def _tell_ending(listeners: list[Reporter], summary: RunSummary, run: RunDir) -> None:
+    """Every listener hears the ending, each on its own: a record that cannot be written (the disk is
+    full) is said, and the lock still tells that nobody trains; the others still close."""
+    for listener in listeners:
+        with RunRecord.guarded(run):
+            listener.finish(summary.to_dict(), run.path)
+
+
 def _record_ending(err: BaseException, session: Session, run: RunDir, state: TrainState, summary: RunSummary,
-                   wall_seconds: float, stop: StopSignals) -> None:
+                   wall_seconds: float, stop: StopSignals, checkpoints: CheckpointWriter) -> None:
     """Write down how a run ended early: status, error, where it stopped; checkpoint a graceful stop.
+
+    The summary says what the folder holds, not what was trained: the epochs of the last checkpoint
+    written (after a full disk, maybe fewer than were trained), with metrics.csv cut to match, so
+    that summary, metrics and checkpoints agree and a resume continues from there.
 
     Under torchrun a signal reaches the ranks at different batches, and a rank whose peers left
     sees its collective fail: the run is then ``interrupted`` (by the signal this rank received)
@@ -726,23 +755,71 @@ def _record_ending(err: BaseException, session: Session, run: RunDir, state: Tra
     interrupted = isinstance(err, (Interrupted, KeyboardInterrupt))
     summary.status = "pruned" if isinstance(err, Pruned) else "interrupted" if interrupted else "failed"
     summary.error = None if isinstance(err, Pruned) else "interrupted (Ctrl-C)" if isinstance(err, KeyboardInterrupt) \
-        else str(err) if isinstance(err, Interrupted) else f"{type(err).__name__}: {err}"
-    summary.epochs_completed = state.epoch
-    done = state.current.batches if state.current is not None else 0
-    summary.stopped_at = str(err) if isinstance(err, Pruned) else \
-        f"epoch {state.epoch + 1}, batch {done} of {session.steps_per_epoch}" if done else f"after epoch {state.epoch}"
-    if state.metrics:  # the last finished epoch's figures, as a completed run has them
-        summary.final = {k: state.metrics[-1][k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
-    summary.finished = utc_now()
-    summary.train_step, summary.train_step_note = step_fields(session)
-    summary.wall_seconds = wall_seconds
-    if state.best_epoch:
-        summary.best_epoch, summary.best_val_acc = state.best_epoch, state.best_acc
+        else str(err) if isinstance(err, Interrupted) else failure_text(err, run)
     state.wall_seconds = wall_seconds
     if isinstance(err, Interrupted) and session.cfg.output.checkpoints and not session.world.distributed:
         # Stopped between batches: everything agrees, so resume can continue from this very batch.
         with RunRecord.guarded(run):
-            run.save_checkpoint(session.checkpoint(state), "last")
+            checkpoints.save(session.checkpoint(state), "last")
+            checkpoints.flush()
+    rows, resumes_at = _on_disk(session, run, state, checkpoints)
+    if run.rows_written != len(rows):  # metrics.csv ran ahead of the checkpoint (or its own write failed)
+        run.metrics = rows
+        with RunRecord.guarded(run):
+            run.write_metrics()
+    done = state.current.batches if state.current is not None else 0
+    summary.stopped_at = str(err) if isinstance(err, Pruned) else \
+        stopped_at(state.epoch, done, session.steps_per_epoch, resumes_at)
+    summary.epochs_completed = len(rows)
+    if rows:  # the last finished epoch's figures, and the best (the first of equals, as training picks it)
+        summary.final = {k: rows[-1][k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+        best = max(range(len(rows)), key=lambda i: (rows[i]["val_acc"], -i))
+        summary.best_epoch, summary.best_val_acc = int(rows[best]["epoch"]), rows[best]["val_acc"]
+    summary.finished = utc_now()
+    summary.train_step, summary.train_step_note = step_fields(session)
+    summary.wall_seconds = wall_seconds
+
+
+def _on_disk(session: Session, run: RunDir, state: TrainState,
+             checkpoints: CheckpointWriter) -> tuple[list[dict[str, Any]], tuple[int, int] | None]:
+    """(the metrics rows the folder stands behind, where its checkpoint would resume: (epochs, batches),
+    (0, -1) for no checkpoint yet, None for a run that keeps none): those of the last checkpoint written,
+    or without checkpoints the rows metrics.csv was last written with."""
+    if not session.cfg.output.checkpoints:
+        return state.metrics[:run.rows_written], None
+    saved = checkpoints.on_disk
+    if saved is None:
+        return [], (0, -1)
+    batches = int(saved["current"]["batches"]) if saved.get("current") else 0
+    return list(saved["metrics"]), (len(saved["metrics"]), batches)
+
+
+def stopped_at(epoch: int, batches: int, steps_per_epoch: int, resumes_at: tuple[int, int] | None) -> str:
+    """Where a run stopped (``epoch`` done, ``batches`` into the next) and, where its checkpoint is
+    older (torchrun's ranks stop at different batches; a write failed), what a resume will redo.
+    ``resumes_at``: (epochs, batches) of the checkpoint; (0, -1) for none; None when it keeps none."""
+    where = f"epoch {epoch + 1}, batch {batches} of {steps_per_epoch}" if batches else f"after epoch {epoch}"
+    if resumes_at is None or resumes_at == (epoch, batches):
+        return where
+    if resumes_at == (0, -1):
+        return f"{where} (no checkpoint was written to resume from)"
+    saved, saved_batches = resumes_at
+    if saved_batches:
+        return f"{where} (resume continues from its checkpoint: epoch {saved + 1}, batch {saved_batches})"
+    last = epoch + 1 if batches else epoch
+    redone = f"epoch {last}" if saved + 1 == last else f"epochs {saved + 1}-{last}"
+    return f"{where} (resume redoes {redone}: the last checkpoint is from the end of epoch {saved})"
+
+
+def failure_text(err: BaseException, run: RunDir) -> str:
+    """summary.json's error for a failed run; a file of the run that could not be written is named."""
+    if isinstance(err, OSError) and _in_folder(err.filename, run.path):  # a full disk, a quota, a file-size limit
+        return f"could not write {err.filename}: {err.strerror or type(err).__name__}"
+    return f"{type(err).__name__}: {err}"
+
+
+def _in_folder(filename: Any, folder: Path) -> bool:
+    return isinstance(filename, str) and Path(filename).is_relative_to(folder)
 
 
 def process_age() -> float | None:

@@ -13,6 +13,7 @@ a bad file is a ``UserError`` that names it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import fcntl
@@ -27,6 +28,7 @@ import socket
 import subprocess
 import tempfile
 import unicodedata
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,18 +66,49 @@ FILE_MODE = _file_mode()
 
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write through ``write(file)`` into a temporary file beside ``path``, then rename it over ``path``."""
+    tmp = staged_write(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def staged_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> str:
+    """The path of a temporary file beside ``path`` holding what ``write(file)`` wrote, synced to the disk;
+    the caller renames it into place. An ``OSError`` names ``path`` (a full disk fails on a bare descriptor)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         os.fchmod(fd, FILE_MODE)  # mkstemp makes files private (0600); results are ordinary files
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = str(path)
         raise
+    return tmp
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
+    """Delete the temporary files ``staged_write`` left beside ``names`` in ``folder`` when its process was
+    killed mid-write (``.last.pt.k2j4x9_q.tmp``: up to a checkpoint's size each). Only call it while no
+    process can be writing them (the run's lock held); any other file is left alone."""
+    pattern = re.compile("|".join(rf"\.{re.escape(name)}\.[a-z0-9_]+{re.escape(TEMP_SUFFIX)}" for name in names))
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if pattern.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 def check_output_file(path: Path, option: str) -> None:
@@ -313,6 +346,7 @@ def read_summary(path: Path) -> RunSummary:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
+ZIP_MAGIC = b"PK\x03\x04"  # how every file torch.save writes begins
 CHECKPOINT_FORMAT = 2  # 1: model/optimizer/scheduler/epoch only (cnnlab 0.1); 2: full training state
 
 
@@ -356,19 +390,30 @@ class Checkpoint:
         return Checkpoint(**{name: rebuilt(value) for name, value in self.__dict__.items()})
 
     def save(self, *paths: Path) -> None:
-        """Serialise once and write to each path atomically, with its SHA-256 in ``<path>.sha256``; a
-        crash at any point leaves pairs that verify."""
+        """Serialise once and write to each path, with its SHA-256 in ``<path>.sha256``; a crash at any
+        point leaves pairs that verify. All or nothing: every file is written (and synced) under a
+        temporary name before the first is renamed into place, so a full disk fails the save with
+        each path as it was (best.pt never from a newer epoch than last.pt)."""
         buffer = io.BytesIO()
         torch.save({**self.__dict__}, buffer)
         payload = buffer.getvalue()
         digest = hashlib.sha256(payload).hexdigest()
-        for path in paths:
-            sidecar = digest_path(path)
-            old = _recorded_digests(sidecar)
-            # The sidecar accepts both files while the checkpoint is being replaced, then only the new one.
-            atomic_write_text(sidecar, "\n".join([digest, *old[:1]]) + "\n")
-            atomic_write(path, lambda f: f.write(payload))
-            atomic_write_text(sidecar, digest + "\n")
+        staged: list[tuple[str, Path]] = []
+        try:
+            for path in paths:
+                sidecar = digest_path(path)
+                old = _recorded_digests(sidecar)
+                # The sidecar accepts both files while the checkpoint is being replaced, then only the new one.
+                for target, text in ((sidecar, "\n".join([digest, *old[:1]]) + "\n"), (path, None), (sidecar, digest + "\n")):
+                    data = payload if text is None else text.encode("ascii")
+                    staged.append((staged_write(target, lambda f, data=data: f.write(data)), target))
+            while staged:
+                tmp, target = staged[0]
+                os.replace(tmp, target)
+                staged.pop(0)
+        finally:
+            for tmp, _ in staged:
+                Path(tmp).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -391,13 +436,17 @@ class Checkpoint:
                 "changed after cnnlab wrote it. Restore it from a backup; `cnnlab eval --checkpoint best|last` can "
                 "use the run's other checkpoint, and `cnnlab run` on the run's config.yaml trains it afresh"
             )
+        damaged = "it is truncated, corrupt or not a PyTorch checkpoint"
+        if not payload.startswith(ZIP_MAGIC):  # torch.save writes zip archives; anything else would reach the unpickler
+            raise UserError(f"{path}: not a readable cnnlab checkpoint: {damaged}")
         try:
-            data = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+            with warnings.catch_warnings():  # torch warns about what it meets in odd files; the error below says it all
+                warnings.simplefilter("ignore")
+                data = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
         except Exception as err:  # torch raises many types here; none of their texts is fit to show
             unsafe = "weights_only" in str(err) or "Unsupported global" in str(err)
             why = ("it holds pickled Python objects, which cnnlab does not load (only tensors and plain values, "
-                   "so that opening a file cannot run code)") if unsafe else \
-                "it is truncated, corrupt or not a PyTorch checkpoint"
+                   "so that opening a file cannot run code)") if unsafe else damaged
             raise UserError(f"{path}: not a readable cnnlab checkpoint: {why}") from None
         return cls.from_dict(data, path)
 
@@ -441,6 +490,7 @@ class RunDir:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     _lock: Any = None
     writer: bool = True  # False on torchrun's other ranks: they train with the folder, only rank 0 writes it
+    rows_written: int = 0  # the rows of ``metrics`` the last write of metrics.csv that succeeded holds
 
     @classmethod
     def create(cls, results_root: Path, name: str) -> RunDir:
@@ -489,11 +539,30 @@ class RunDir:
             raise UserError(f"{self.path} is being trained right now ({holder}); wait for it, or stop it first") from None
         except OSError:
             pass  # a file system without locks (some network mounts): liveness falls back to pid and host
+        else:  # held: no other process writes here, so what a killed one left half-written can go
+            self.remove_stale_temporaries()
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
         self._lock = handle
+
+    def remove_stale_temporaries(self) -> None:
+        """The temporaries of the files only training writes (a killed run's: up to a checkpoint's size each)."""
+        remove_stale_temporaries(self.path, TRAINING_FILES)
+        remove_stale_temporaries(self.checkpoint_dir, CHECKPOINT_FILES)
+
+    def discard(self) -> None:
+        """Remove a folder this process has just created and could not fill (no config, no summary):
+        nothing half-written is left. Only cnnlab's own files are expected there; anything else stays."""
+        if not self.writer:
+            return
+        self.unlock()
+        for name in (LOCK_FILE, *TRAINING_FILES, "summary.json"):
+            with contextlib.suppress(OSError):
+                (self.path / name).unlink()
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
 
     def unlock(self) -> None:
         if self._lock is not None:
@@ -506,7 +575,9 @@ class RunDir:
 
     def write_metrics(self) -> None:
         if self.writer:
+            rows = len(self.metrics)
             write_metrics_csv(self.path / "metrics.csv", self.metrics)
+            self.rows_written = rows
 
     def write_summary(self, summary: RunSummary) -> None:
         if self.writer:
@@ -523,10 +594,15 @@ class CheckpointWriter:
     (the only part the loop waits for: a copy to the CPU) and the next epoch trains while the file is
     serialised, written and synced. ``flush`` waits for the write under way and raises what it
     raised, so a failed write (a full disk) still ends the run, at the next epoch's save or at the
-    end. The files are replaced atomically either way: a run killed mid-write keeps the last pair."""
+    end. The files are replaced atomically either way: a run killed mid-write keeps the last pair.
 
-    def __init__(self, run: RunDir) -> None:
+    ``on_disk`` is the training state (``TrainState.state_dict()``) of the checkpoint the folder holds:
+    the last save that completed, or ``on_disk`` as given (the checkpoint a resumed run started from).
+    """
+
+    def __init__(self, run: RunDir, on_disk: dict[str, Any] | None = None) -> None:
         self.run = run
+        self.on_disk = on_disk
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
 
@@ -535,7 +611,12 @@ class CheckpointWriter:
         snapshot = checkpoint.snapshot()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnlab-checkpoint")
-        self._pending = self._pool.submit(self.run.save_checkpoint, snapshot, *names)
+        self._pending = self._pool.submit(self._write, snapshot, names)
+
+    def _write(self, snapshot: Checkpoint, names: tuple[str, ...]) -> None:
+        self.run.save_checkpoint(snapshot, *names)
+        if "last" in names:
+            self.on_disk = snapshot.state
 
     def flush(self) -> None:
         if self._pending is None:
@@ -555,6 +636,8 @@ class CheckpointWriter:
 
 
 LOCK_FILE = ".lock"
+TRAINING_FILES = ("config.yaml", "metrics.csv")  # in the run folder, written by the process that trains it alone
+CHECKPOINT_FILES = ("best.pt", "last.pt", "best.pt.sha256", "last.pt.sha256")  # in its checkpoints/ folder
 
 
 def is_locked(run_dir: Path) -> bool | None:

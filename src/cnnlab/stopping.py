@@ -3,15 +3,19 @@
 How a run ends when asked to: SIGINT (Ctrl-C), SIGTERM (``kill``, ``timeout``, every scheduler's
 preemption) and SIGHUP (a closed terminal) only *request* a stop; the loop honours it at the next
 batch boundary, where the model, optimiser and generators agree, checkpoints there and exits with
-128 + the signal number (130, 143, 129). A second Ctrl-C stops at once. A trial started by a sweep
-also stops this way when the sweep that started it dies (its parent process changes).
+128 + the signal number (130, 143, 129). A second Ctrl-C stops at once, except while the run's ending
+is being written down (``deferred``): from the moment a stop is acted on until summary.json says so,
+further signals are only noted. A trial started by a sweep also stops this way when the sweep that
+started it dies (its parent process changes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -86,6 +90,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.requested: int | None = None
         self._previous: dict[int, object] = {}
+        self._deferring = False  # the ending is being recorded: a second Ctrl-C must not cut it short
         parent = os.environ.get(PARENT_ENV, "")
         self._parent = int(parent) if parent.isdigit() else None
 
@@ -102,7 +107,8 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
+        if self.requested is not None and signum == signal.SIGINT and not self._deferring:
+            self._deferring = True  # the stop starts here: the next Ctrl-C waits for its record
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
         if self.requested is None:
             self.requested = signum
@@ -112,4 +118,15 @@ class StopSignals:
         if self.requested is None and self._parent is not None and os.getppid() != self._parent:
             self.requested = signal.SIGHUP
         if self.requested is not None:
+            self._deferring = True  # from here a second Ctrl-C waits for the record of this stop
             raise Interrupted(self.requested)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Signals only noted while the block runs (the run's ending being written down); from the
+        stop that began the ending (``check`` raising, or a second Ctrl-C) to the end of the block."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
