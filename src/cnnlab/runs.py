@@ -222,7 +222,8 @@ def resume(
 
     done, total = checkpoint.epoch, cfg.train.epochs
     if total < done or (total == done and checkpoint.state.get("current") is not None):
-        raise UserError(f"--epochs {total}: the run has already trained {done} epoch(s); give a larger number")
+        asked = f"--epochs {total}" if epochs is not None else f"train.epochs {total}"
+        raise UserError(f"{asked}: the run has already trained {done} epoch(s); give a larger number")
     extending = epochs is not None or any(key == "train.epochs" for key, _ in changed)
     if opened.state == "completed" and (not extending or total <= done):
         raise UserError(f"{run_dir} has completed ({done} epochs"
