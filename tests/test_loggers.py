@@ -116,3 +116,36 @@ def test_a_logger_whose_package_is_missing_is_a_config_error(tmp_path, tiny_over
     assert "output.loggers: mlflow needs the mlflow package, which is not installed; install it with: " \
            "pip install 'cnnlab[mlflow]'" in result.stderr
     assert "Traceback" not in result.stderr and not list(tmp_path.rglob("summary.json"))
+
+
+def test_an_unreachable_mlflow_server_is_said_once_and_the_run_trains_on(tmp_path, tiny_overrides):
+    """The warning is the reachability probe's, before MLflow's client (which retries a dead server for
+    about 250 s) is ever made; the timeout only catches that old hang, it does not time the run."""
+    config = tmp_path / "logged.yaml"
+    config.write_text("name: logged\noutput: {loggers: [mlflow]}\n")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound but never listening: a connection to it is refused
+        port = closed.getsockname()[1]
+        sets = [a for o in [*tiny_overrides, "train.epochs=1", f"output.mlflow_uri=http://me:secret@127.0.0.1:{port}"]
+                for a in ("--set", o)]
+        result = subprocess.run([sys.executable, "-m", "cnnlab", "run", str(config), "--quiet", *sets],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: output.loggers: mlflow is not logging this run: the tracking server "
+                        f"http://127.0.0.1:{port} cannot be reached (Connection refused); the run goes on without it"]
+    assert "secret" not in result.stderr + result.stdout
+    [summary] = tmp_path.rglob("summary.json")
+    assert '"status": "completed"' in summary.read_text()
+
+
+def test_the_probe_passes_a_listening_server_and_other_stores():
+    from cnnlab.loggers import unreachable, without_credentials
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert unreachable(f"http://127.0.0.1:{server.getsockname()[1]}") is None
+    assert unreachable("sqlite:///results/mlflow.db") is None and unreachable("file:///tmp/mlruns") is None
+    assert unreachable("http://127.0.0.1:notaport") is not None
+    assert without_credentials("https://me:token@mlflow.example.org:5000/path") == "https://mlflow.example.org:5000/path"

@@ -173,6 +173,9 @@ def run(
 def resume_(
     run_dir: Annotated[Path, typer.Argument(help="The run folder to continue.", show_default=False)],
     epochs: Annotated[Optional[int], typer.Option(help="Train to N epochs in all (extends a completed run).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", "-s", help="Change a setting from here on: optim.lr, optim.momentum, optim.weight_decay, schedule.*, "
+                            "train.grad_clip, train.epochs or train.patience, e.g. --set optim.lr=0.1 (repeatable).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps (the run may move).")] = None,
     data_dir: DataDirOption = None,
     trust_code: TrustCodeOption = False,
@@ -185,7 +188,7 @@ def resume_(
 
         if epochs is not None and epochs < 1:
             raise UserError(f"--epochs {epochs}: give a positive number of epochs")
-        resume(run_dir, epochs=epochs, device=device, data_root=data_dir, reporter=run_reporter(quiet),
+        resume(run_dir, epochs=epochs, settings=set_, device=device, data_root=data_dir, reporter=run_reporter(quiet),
                trust_code=trust_code)
 
 

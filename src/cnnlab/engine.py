@@ -158,6 +158,20 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step / steps_per_epoch))
 
 
+def follow_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: OptimConfig) -> None:
+    """After loading a checkpoint's optimiser and schedule, which carry the hyperparameters they were
+    saved with: ``cfg``'s instead (a resume may change them), the learning rate where the (maybe new)
+    schedule puts it at the saved step. Unchanged values give back exactly the saved ones."""
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+        if "momentum" in group:  # SGD's; its momentum buffers are kept
+            group["momentum"] = cfg.momentum
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)  # what LambdaLR scales from, saved in its state
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = cfg.lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 # ---------------------------------------------------------------------------------------------
 # One epoch of training, one evaluation
 
@@ -351,6 +365,7 @@ class Session:
             self.model.load_state_dict(checkpoint.model)
             self.optimizer.load_state_dict(checkpoint.optimizer)
             self.scheduler.load_state_dict(checkpoint.scheduler)
+            follow_config(self.optimizer, self.scheduler, self.cfg.optim)
             if self.runtime.scaler is not None and checkpoint.scaler:
                 self.runtime.scaler.load_state_dict(checkpoint.scaler)
             state.load_state_dict(checkpoint.state, self.generators)

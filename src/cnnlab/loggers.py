@@ -12,15 +12,22 @@ own files are written whatever they do. Under torchrun only rank 0 has them.
   flattened config as params, the metrics per epoch, the final metrics, and the run folder's files
   and best checkpoint as artifacts. ``mlflow ui --backend-store-uri sqlite:///results/mlflow.db``.
 
-A logger that fails (a server gone, a full disk) says so once and stops; the run goes on.
+A logger that fails (a server gone, a full disk) says so once and stops; the run goes on. An http(s)
+tracking server that does not accept a connection within ``PROBE_SECONDS`` is given up at the start,
+before MLflow's client would retry it for minutes.
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+from cnnlab.console import printable
 from cnnlab.errors import UserError, warn
 from cnnlab.progress import Reporter
 
@@ -28,6 +35,9 @@ LOGGERS = {"tensorboard": ("tensorboard", "pip install 'cnnlab[tensorboard]'"),
            "mlflow": ("mlflow", "pip install 'cnnlab[mlflow]'")}
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param's value
 OPEN_ATTEMPTS = 5
+# How long a tracking server may take to accept a connection. A refused one fails at once; this bounds
+# an address that never answers, which MLflow's client retries for about 250 s (7 retries, backoff 2).
+PROBE_SECONDS = 3.0
 
 
 def check_loggers(names: list[str]) -> None:
@@ -96,8 +106,12 @@ class Logger(Reporter):
         try:
             action(*args)
         except Exception as err:
-            self.failed = True
-            warn(f"output.loggers: {self.name} stopped logging this run: {type(err).__name__}: {err}")
+            self.give_up(f"stopped logging this run: {type(err).__name__}: {err}")
+
+    def give_up(self, why: str) -> None:
+        """Say once why this logger stops (the run goes on without it)."""
+        self.failed = True
+        warn(printable(f"output.loggers: {self.name} {why}"))
 
     def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False,
                   config: dict[str, Any] | None = None) -> None:
@@ -162,6 +176,10 @@ class MLflowLogger(Logger):
         self.uri = uri
 
     def open(self, name: str, resumed: bool) -> None:
+        why = unreachable(self.uri)
+        if why is not None:
+            return self.give_up(f"is not logging this run: the tracking server {without_credentials(self.uri)} cannot "
+                                f"be reached ({why}); the run goes on without it")
         # A sweep's trials start together, and two processes creating one SQLite store (or one
         # experiment) at once collide ("table experiments already exists"): the loser tries again.
         attempts = OPEN_ATTEMPTS if self.uri.startswith("sqlite:") else 1  # a server has its own retries
@@ -224,6 +242,42 @@ class MLflowLogger(Logger):
             self.client.log_artifact(self.run_id, str(best), artifact_path="checkpoints")
         status = {"completed": "FINISHED", "interrupted": "KILLED"}.get(summary.get("status"), "FAILED")
         self.client.set_terminated(self.run_id, status=status)
+
+
+def unreachable(uri: str, timeout: float = PROBE_SECONDS) -> str | None:
+    """Why the http(s) server of ``uri`` does not accept a TCP connection (to it, or to the proxy that
+    leads to it) within ``timeout``; None when it does, and for other URIs (files, databases)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        proxy = urllib.request.getproxies().get(parts.scheme)
+        if proxy and not urllib.request.proxy_bypass(host):  # MLflow's requests goes through it too
+            via = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            host, port = via.hostname or host, via.port or 80
+    except ValueError as err:  # a port that is not a number
+        return str(err)
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(err.strerror or str(err) or type(err).__name__)
+
+    # In a thread: the name lookup before the connection is not bound by the socket's timeout.
+    thread = threading.Thread(target=connect, name="cnnlab-mlflow-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def without_credentials(uri: str) -> str:
+    """``uri`` without a user name and password (``http://user:token@host`` -> ``http://host``), to be shown."""
+    parts = urllib.parse.urlsplit(uri)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _quoted(text: str) -> str:

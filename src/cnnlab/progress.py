@@ -32,10 +32,11 @@ class Reporter:
         self.console = console or SafeConsole()
         self.enabled = enabled
         self.epochs = 0
+        self.config: dict[str, Any] = {}  # the run's resolved config, from start_run
 
     def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False,
                   config: dict[str, Any] | None = None) -> None:
-        self.epochs = epochs
+        self.epochs, self.config = epochs, config or {}
         self.message(f"{'resume' if resumed else 'run'} {name}: {epochs} epochs -> {run_dir}")
 
     def start_epoch(self, epoch: int, batches: int, done: int = 0) -> None:
@@ -66,7 +67,16 @@ class Reporter:
             where = f" ({summary['stopped_at']})" if summary.get("stopped_at") else ""
             self.message(f"run {summary.get('status')}{where}; partial results in {run_dir}")
             if (Path(run_dir) / "checkpoints" / "last.pt").is_file():
-                self.message(f"continue it with: cnnlab resume {shlex.quote(str(run_dir))}")
+                self.message(continue_advice(run_dir, summary, self.config))
+
+
+def continue_advice(run_dir: Path, summary: dict[str, Any], config: dict[str, Any]) -> str:
+    """The command that continues a run that ended early; after a diverged loss, with half the learning rate."""
+    command = f"cnnlab resume {shlex.quote(str(run_dir))}"
+    lr = (config.get("optim") or {}).get("lr")
+    if "loss diverged" in str(summary.get("error")) and isinstance(lr, (int, float)):  # engine.train's TrainingError
+        return f"continue it with a lower learning rate: {command} --set optim.lr={lr / 2:.3g}"
+    return f"continue it with: {command}"
 
 
 class ProgressReporter(Reporter):
