@@ -174,6 +174,24 @@ def test_without_ray_installed_the_command_says_how_to_install_it(tmp_path, tiny
     assert not (tmp_path / "results").exists()
 
 
+def test_a_ray_sweep_started_elsewhere_takes_every_relative_path_as_meant(tmp_path, monkeypatch, ray_cluster):
+    """The sweep file's base (relative to it), a config's data.root and --results (relative to where
+    the command runs) mean the same in the trials, which the cluster's workers run in its own folder."""
+    work = tmp_path / "project"
+    write_dataset(work / "data", n_train=400, n_test=100)
+    (work / "configs" / "sweeps").mkdir(parents=True)
+    (work / "configs" / "base.yaml").write_text(
+        f"extends: {CONFIGS / 'lenet_relu.yaml'}\ndata: {{root: data, check_counts: false, val_size: 100}}\n"
+        "train: {epochs: 1, batch_size: 64, device: cpu}\n")
+    (work / "configs" / "sweeps" / "lr.yaml").write_text("base: ../base.yaml\ngrid: {optim.lr: [0.1]}\n")
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, ["sweep", "configs/sweeps/lr.yaml", "--launcher", "ray", "--address", ray_cluster,
+                                 "--results", "out", "--quiet"])
+    assert result.exit_code == 0, result.output
+    row = summary_rows(work / "out" / "sweeps" / "lr")["lr=0.1"]
+    assert row["status"] == "completed", row
+
+
 def test_a_stopped_trial_without_shared_storage_still_comes_back_with_its_checkpoint(tmp_path, ray_cluster):
     data = write_dataset(tmp_path / "data", n_train=3000, n_test=200)
     sweep_file = tmp_path / "long.yaml"

@@ -118,6 +118,29 @@ def test_an_interrupted_tune_resumes_its_unfinished_trials_from_their_checkpoint
     assert (folder / "best.yaml").is_file() or all(row["status"] == "pruned" for row in rows)
 
 
+def test_a_tune_started_elsewhere_takes_every_relative_path_as_meant(tmp_path, monkeypatch):
+    """Ray Tune runs each trial in a folder of its own: the space file's base (relative to the space
+    file), a config's data.root and --results (relative to where the command runs) still mean what
+    they say there."""
+    work = tmp_path / "project"
+    write_dataset(work / "data", n_train=400, n_test=100)
+    (work / "configs" / "tune").mkdir(parents=True)
+    (work / "configs" / "base.yaml").write_text(
+        f"extends: {CONFIGS / 'lenet_relu.yaml'}\ndata: {{root: data, check_counts: false, val_size: 100}}\n"
+        "train: {epochs: 1, batch_size: 64, device: cpu}\n")
+    (work / "configs" / "tune" / "small.yaml").write_text(
+        "base: ../base.yaml\ntrials: 1\nspace:\n  model.channels: {choice: [[4, 8]]}\n")
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, ["tune", "configs/tune/small.yaml", "--results", "out", "--quiet"])
+    assert result.exit_code == 0, result.output
+    [folder] = (work / "out" / "tune" / "small").glob("2*")
+    [row] = read_rows(folder)
+    assert row["status"] == "completed", row
+    best = (folder / "best.yaml").read_text()
+    assert f"root: {work / 'data'}" in best  # where the trial's data was
+    assert "dir: results" in best  # as the base config says: `cnnlab run best.yaml` writes where its runs go
+
+
 @pytest.mark.parametrize("text,message", [
     ("space: {optim.lr: {loguniform: [0.1, 0.01]}}", "loguniform takes [low, high] with low < high"),
     ("space: {optim.lr: {normal: [0, 1]}}", "unknown distribution 'normal'"),

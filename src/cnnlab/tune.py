@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.compare import aggregate, markdown_table, row_from_summary, write_trials
-from cnnlab.config import Config, dump_config, load_config, read_yaml, validate
+from cnnlab.config import Config, absolute_paths, dump_config, load_config, read_yaml, validate
 from cnnlab.console import SafeConsole
 from cnnlab.errors import UserError
 from cnnlab.progress import Reporter
@@ -104,10 +104,17 @@ class Space:
     grace_period: int = 1
     reduction_factor: int = 3
     overrides: list[str] = field(default_factory=list)
+    cwd: Path = field(default_factory=Path.cwd)  # where the tune was started: what relative paths mean
 
     def config(self, point: dict[str, Any], name: str | None = None) -> Config:
+        """The config at ``point``, its paths as written (relative ones meaning ``cwd``)."""
         values = {**point, **({"name": name} if name else {})}
         return load_config(self.base, self.overrides, values)
+
+    def trial_config(self, point: dict[str, Any], name: str) -> Config:
+        """The config a trial runs: Ray Tune runs each trial in a folder of its own, so its paths are
+        made absolute against the folder the tune was started in."""
+        return absolute_paths(self.config(point, name), self.cwd)
 
 
 def _number(value: Any) -> bool:
@@ -145,9 +152,10 @@ def read_space(path: Path, overrides: list[str], trials: int | None) -> Space:
         if dimension.key == "name" or dimension.key.startswith("output."):
             raise UserError(f"{path}: space.{dimension.key}: cnnlab names each trial and places its run folder "
                             "itself; search over what a run computes")
-    base = (path.parent / spec["base"]) if spec.get("base") else None
+    cwd = Path.cwd()
+    base = (cwd / path.parent / spec["base"]) if spec.get("base") else None  # relative to this file, wherever trials run
     space = Space(sanitize_name(str(spec.get("name") or path.stem)), path, base, metric, mode, count, dimensions,
-                  spec.get("seed", 0), spec.get("grace_period", 1), spec.get("reduction_factor", 3), list(overrides))
+                  spec.get("seed", 0), spec.get("grace_period", 1), spec.get("reduction_factor", 3), list(overrides), cwd)
     for dimension in dimensions:  # every edge of every range makes a valid config
         for sample in dimension.samples():
             try:
@@ -223,7 +231,7 @@ def tune_trial(params: dict[str, Any], space: Space, runs_dir: str, shared: tupl
         if not (marker.is_file() and marker.read_text(encoding="utf-8") == token):
             raise UserError(f"this Ray node does not see {marker.parent}: cnnlab tune needs the results folder "
                             "(--results or output.dir) on storage every node shares")
-        cfg = space.config(point, name)
+        cfg = space.trial_config(point, name)
     except (UserError, OSError) as err:
         result = TrialResult("failed", error=str(err), exit_code=2)
     else:
@@ -518,7 +526,7 @@ def _trial_run_dir(space: Space, point: dict[str, Any], reported: Any, runs_dir:
         if path.is_relative_to(runs_dir) and (path / "summary.json").is_file():
             return path
     try:
-        cfg = space.config(point, trial_name(space, point))
+        cfg = space.trial_config(point, trial_name(space, point))
     except UserError:
         return None
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": runs_dir})})
