@@ -209,15 +209,16 @@ def test_a_stopped_trial_without_shared_storage_still_comes_back_with_its_checkp
     while time.monotonic() < deadline and process.poll() is None:
         fresh = set(Path(tempfile.gettempdir()).glob("cnnlab-trial-*")) - scratch_before
         if any(len(m.read_text().splitlines()) >= 2 for d in fresh for m in d.glob("*/*/metrics.csv")):
-            process.send_signal(signal.SIGINT)  # the trial has a checkpoint on the worker's side
+            process.send_signal(signal.SIGTERM)  # the trial has a checkpoint on the worker's side
             break
         time.sleep(0.05)
     output, _ = process.communicate(timeout=180)
-    assert "STOPPED_BY 2" in output, output
+    assert "STOPPED_BY 15" in output, output
     [run_dir] = (tmp_path / "results" / "sweeps" / "long" / "runs").glob("*/2*")  # shipped back, not lost
     summary = read_summary(run_dir / "summary.json")
     assert summary.status == "interrupted" and summary.epochs_completed >= 1
+    assert summary.error == "interrupted by SIGTERM"  # the sweep's signal, not the SIGINT of Ray's cancellation
     assert Checkpoint.load(run_dir / "checkpoints" / "last.pt").epoch >= 1
     [sweep_dir] = (tmp_path / "results" / "sweeps" / "long").glob("2*")
     [row] = json.loads((sweep_dir / "trials.json").read_text())
-    assert row["status"] == "interrupted"
+    assert row["status"] == "interrupted" and row["error"] == "interrupted by SIGTERM"

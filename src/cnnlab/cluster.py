@@ -35,6 +35,7 @@ from cnnlab.config import validate
 from cnnlab.errors import UserError
 from cnnlab.events import EventWriter
 from cnnlab.results import RunDir, atomic_write_text, read_summary
+from cnnlab.stopping import signal_name
 from cnnlab.sweep import Launcher, Trial
 from cnnlab.trial import TrialRecorder, TrialResult, run_trial
 
@@ -411,10 +412,10 @@ class RayLauncher(Launcher):
         if self.stop_signal is not None:  # the signal came while this trial was being submitted
             ray.cancel(ref, recursive=False)
         try:
-            return receive(ray.get(ref), self.output_dir)
+            return self._stopped_by_signal(receive(ray.get(ref), self.output_dir))
         except TaskCancelledError:  # the task checkpoints, records its ending and replies through the queue
             if reply_came.wait(timeout=CANCEL_GRACE_SECONDS):
-                return receive(replied, self.output_dir)
+                return self._stopped_by_signal(receive(replied, self.output_dir))
             return recorder.result(128 + (self.stop_signal or 2))
         except RayError as err:  # the worker died (out of memory, node lost...)
             return TrialResult("failed", error=f"the Ray task failed: {type(err).__name__}: {err}", exit_code=1)
@@ -422,3 +423,14 @@ class RayLauncher(Launcher):
             self.refs.pop(key, None)
             self.relay.listeners.pop(key, None)
 
+    def _stopped_by_signal(self, result: TrialResult) -> TrialResult:
+        """A cancelled trial takes Ray's cancellation for a Ctrl-C (SIGINT) and records that; what
+        stopped it is the sweep's signal, which its summary and result are made to say."""
+        if result.status != "interrupted" or self.stop_signal is None:
+            return result
+        said = f"interrupted by {signal_name(self.stop_signal)}"
+        if result.summary is not None and result.summary.status == "interrupted" and result.run_dir is not None:
+            result.summary.error = said
+            RunDir(result.run_dir).write_summary(result.summary)
+        result.error, result.exit_code = said, 128 + self.stop_signal
+        return result
