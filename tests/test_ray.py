@@ -174,6 +174,24 @@ def test_without_ray_installed_the_command_says_how_to_install_it(tmp_path, tiny
     assert not (tmp_path / "results").exists()
 
 
+def test_a_ray_sweep_started_elsewhere_takes_every_relative_path_as_meant(tmp_path, monkeypatch, ray_cluster):
+    """The sweep file's base (relative to it), a config's data.root and --results (relative to where
+    the command runs) mean the same in the trials, which the cluster's workers run in its own folder."""
+    work = tmp_path / "project"
+    write_dataset(work / "data", n_train=400, n_test=100)
+    (work / "configs" / "sweeps").mkdir(parents=True)
+    (work / "configs" / "base.yaml").write_text(
+        f"extends: {CONFIGS / 'lenet_relu.yaml'}\ndata: {{root: data, check_counts: false, val_size: 100}}\n"
+        "train: {epochs: 1, batch_size: 64, device: cpu}\n")
+    (work / "configs" / "sweeps" / "lr.yaml").write_text("base: ../base.yaml\ngrid: {optim.lr: [0.1]}\n")
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, ["sweep", "configs/sweeps/lr.yaml", "--launcher", "ray", "--address", ray_cluster,
+                                 "--results", "out", "--quiet"])
+    assert result.exit_code == 0, result.output
+    row = summary_rows(work / "out" / "sweeps" / "lr")["lr=0.1"]
+    assert row["status"] == "completed", row
+
+
 def test_a_stopped_trial_without_shared_storage_still_comes_back_with_its_checkpoint(tmp_path, ray_cluster):
     data = write_dataset(tmp_path / "data", n_train=3000, n_test=200)
     sweep_file = tmp_path / "long.yaml"
@@ -191,15 +209,16 @@ def test_a_stopped_trial_without_shared_storage_still_comes_back_with_its_checkp
     while time.monotonic() < deadline and process.poll() is None:
         fresh = set(Path(tempfile.gettempdir()).glob("cnnlab-trial-*")) - scratch_before
         if any(len(m.read_text().splitlines()) >= 2 for d in fresh for m in d.glob("*/*/metrics.csv")):
-            process.send_signal(signal.SIGINT)  # the trial has a checkpoint on the worker's side
+            process.send_signal(signal.SIGTERM)  # the trial has a checkpoint on the worker's side
             break
         time.sleep(0.05)
     output, _ = process.communicate(timeout=180)
-    assert "STOPPED_BY 2" in output, output
+    assert "STOPPED_BY 15" in output, output
     [run_dir] = (tmp_path / "results" / "sweeps" / "long" / "runs").glob("*/2*")  # shipped back, not lost
     summary = read_summary(run_dir / "summary.json")
     assert summary.status == "interrupted" and summary.epochs_completed >= 1
+    assert summary.error == "interrupted by SIGTERM"  # the sweep's signal, not the SIGINT of Ray's cancellation
     assert Checkpoint.load(run_dir / "checkpoints" / "last.pt").epoch >= 1
     [sweep_dir] = (tmp_path / "results" / "sweeps" / "long").glob("2*")
     [row] = json.loads((sweep_dir / "trials.json").read_text())
-    assert row["status"] == "interrupted"
+    assert row["status"] == "interrupted" and row["error"] == "interrupted by SIGTERM"

@@ -84,38 +84,82 @@ def test_tune_prunes_poor_trials_and_writes_a_best_yaml_that_run_reproduces(tmp_
     assert reproduced.params == original.params
 
 
-def test_an_interrupted_tune_resumes_its_unfinished_trials_from_their_checkpoints(tmp_path):
+def test_sigterm_to_the_process_group_stops_the_tune_in_order_and_resume_continues_it(tmp_path):
+    """As `timeout` or a batch system stops a job: SIGTERM to cnnlab's whole process group. Ray's own
+    processes live in a session of their own, so cnnlab hears it first and stops its trials in order."""
     data = write_dataset(tmp_path / "data", n_train=3000, n_test=200)
     space = space_file(tmp_path, data, trials=2, epochs=6)
     command = [sys.executable, "-m", "cnnlab", "tune", str(space), "--results", str(tmp_path / "results"), "--quiet"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([*command, "--jobs", "1", *sets(tmp_path)], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=env)
+                               stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     runs = tmp_path / "results" / "tune" / "space" / "runs"
     deadline = time.monotonic() + 240
     while process.poll() is None and time.monotonic() < deadline:
         metrics = list(runs.glob("*/*/metrics.csv"))
         if metrics and len(metrics[0].read_text().splitlines()) >= 3:  # the first trial is in its third epoch
-            process.send_signal(signal.SIGTERM)  # as `kill` or a scheduler would: Ray Tune stops as on Ctrl-C
+            os.killpg(process.pid, signal.SIGTERM)
             break
         time.sleep(0.05)
     output, _ = process.communicate(timeout=240)
     assert process.returncode == 143, output
-    assert "continue it with --resume" in output
+    assert "continue it with --resume" in output and "Traceback" not in output
     [first] = runs.glob("*/*/summary.json")
-    assert read_summary(first).status in ("interrupted", "running")  # running: its process was ended mid-epoch
+    stopped = read_summary(first)
+    assert stopped.status == "interrupted" and stopped.error == "interrupted by SIGTERM", stopped
+    assert stopped.epochs_completed >= 2
+    [folder] = (tmp_path / "results" / "tune" / "space").glob("2*")
+    rows = read_rows(folder)  # the tune's files are written for what ran
+    assert rows[0]["status"] == "interrupted" and rows[0]["run_dir"], rows
+    assert all(row["status"] == "not started" and not row["run_dir"] for row in rows[1:]), rows
+    assert (folder / "trials.json").is_file() and not (folder / ".stop").exists()
 
     refused = subprocess.run([*command, "--resume", "--trials", "5"], capture_output=True, text=True, env=env, timeout=120)
     assert refused.returncode == 2 and "leave out --set, --trials and --jobs" in refused.stderr
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, timeout=300)  # as started
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    [folder] = (tmp_path / "results" / "tune" / "space").glob("2*")  # the same tune folder, continued
-    rows = read_rows(folder)
+    rows = read_rows(folder)  # the same tune folder, continued
     assert len(rows) == 2 and {row["status"] for row in rows} <= {"completed", "pruned"}
-    continued = read_summary(first)
+    continued = read_summary(first)  # the same run folder, continued from its checkpoint, not from epoch 1
     assert continued.status in ("completed", "pruned") and len(continued.resumes) == 1
-    assert continued.resumes[0]["from_epoch"] >= 2  # from its checkpoint, not from epoch 1
+    assert continued.resumes[0]["from_status"] == "interrupted"
+    assert continued.resumes[0]["from_epoch"] == stopped.epochs_completed
     assert (folder / "best.yaml").is_file() or all(row["status"] == "pruned" for row in rows)
+
+
+def test_a_tune_started_elsewhere_takes_every_relative_path_as_meant(tmp_path, monkeypatch):
+    """Ray Tune runs each trial in a folder of its own: the space file's base (relative to the space
+    file), a config's data.root and --results (relative to where the command runs) still mean what
+    they say there."""
+    work = tmp_path / "project"
+    write_dataset(work / "data", n_train=400, n_test=100)
+    (work / "configs" / "tune").mkdir(parents=True)
+    (work / "configs" / "base.yaml").write_text(
+        f"extends: {CONFIGS / 'lenet_relu.yaml'}\ndata: {{root: data, check_counts: false, val_size: 100}}\n"
+        "train: {epochs: 1, batch_size: 64, device: cpu}\n")
+    (work / "configs" / "tune" / "small.yaml").write_text(
+        "base: ../base.yaml\ntrials: 1\nspace:\n  model.channels: {choice: [[4, 8]]}\n")
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, ["tune", "configs/tune/small.yaml", "--results", "out", "--quiet"])
+    assert result.exit_code == 0, result.output
+    [folder] = (work / "out" / "tune" / "small").glob("2*")
+    [row] = read_rows(folder)
+    assert row["status"] == "completed", row
+    best = (folder / "best.yaml").read_text()
+    assert f"root: {work / 'data'}" in best  # where the trial's data was
+    assert "dir: results" in best  # as the base config says: `cnnlab run best.yaml` writes where its runs go
+
+
+def test_a_trial_without_a_run_folder_is_failed_only_when_it_failed():
+    from cnnlab.tune import NotStarted, _without_run
+
+    assert _without_run(None, {"status": "failed", "error": "data folder not found: /x"}) == \
+        ("failed", "data folder not found: /x")  # the trial said why
+    assert _without_run(None, {})[0] == "not started"  # the tune stopped before Ray Tune ran it
+    assert _without_run(NotStarted("trial t did not start: the tune was stopped by SIGTERM"), {}) == \
+        ("not started", "trial t did not start: the tune was stopped by SIGTERM")
+    assert _without_run(RuntimeError("Traceback...\nRayActorError: the worker died"), {}) == \
+        ("failed", "RayActorError: the worker died")
 
 
 @pytest.mark.parametrize("text,message", [

@@ -21,6 +21,9 @@ import logging
 import os
 import secrets
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -32,6 +35,7 @@ from cnnlab.config import validate
 from cnnlab.errors import UserError
 from cnnlab.events import EventWriter
 from cnnlab.results import RunDir, atomic_write_text, read_summary
+from cnnlab.stopping import signal_name
 from cnnlab.sweep import Launcher, Trial
 from cnnlab.trial import TrialRecorder, TrialResult, run_trial
 
@@ -50,44 +54,112 @@ def require_ray(feature: str) -> Any:
     return ray
 
 
-def connect(address: str | None, feature: str) -> bool:
-    """Connect to the Ray cluster at ``address``, or start an embedded one on this machine (None).
-    Returns whether this call started Ray (so the caller shuts it down). Nothing phones home:
-    Ray's usage statistics stay off unless the user turns them on."""
+def connect(address: str, feature: str) -> None:
+    """Connect to the Ray cluster at ``address`` (an embedded instance's, or one the user named)."""
     ray = require_ray(feature)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return False
     options: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
-    if address and address != "auto" and not address.startswith("ray://"):
-        # Ray reads the cluster's token (~/.ray/auth_token) for `auto` only; a HOST:PORT address needs it too.
+    if address != "auto" and not address.startswith("ray://"):
+        # Ray reads the cluster's token (~/.ray/auth_token) for `auto` only; a HOST:PORT address (the
+        # embedded instance's too, which Ray starts with token authentication) needs it too.
         with contextlib.suppress(Exception):
-            from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+            from ray._private.authentication import authentication_token_setup as auth
 
-            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+            said = logging.getLogger(auth.__name__)
+            level = said.level
+            said.setLevel(logging.ERROR)  # not its warning that token authentication is on: that is as it should be
+            try:
+                auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+            finally:
+                said.setLevel(level)
     try:
-        if address:
-            ray.init(address=address, **options)
-        else:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **options)
+        ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        hint = "; is it running (`ray status`)? Give --address auto on one of its nodes or ray://HEAD:10001" \
-            if address else ""
-        raise UserError(f"could not connect to {where}: {err}{hint}") from None
-    return True
+        raise UserError(f"could not connect to the Ray cluster at {address}: {err}; is it running (`ray status`)? "
+                        "Give --address auto on one of its nodes or ray://HEAD:10001") from None
+
+
+# The embedded Ray instance's head: a process of its own (see local_ray) that only imports Ray. Always a
+# new instance ("local"), never the cluster someone's `ray start` left on this machine (that is --address auto).
+HEAD_SCRIPT = """
+import logging, sys
+import ray
+ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False, logging_level=logging.ERROR,
+         log_to_driver=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until cnnlab closes this pipe, or dies
+ray.shutdown()
+"""
+HEAD_START_SECONDS = 300  # how long a loaded machine may take to start Ray
+HEAD_STOP_SECONDS = 60
+
+
+@contextlib.contextmanager
+def local_ray(feature: str) -> Iterator[str]:
+    """An embedded Ray instance on this machine for the duration of the block; yields its address.
+
+    Ray's processes are started by a helper process in a session of its own, so that a SIGTERM or
+    SIGHUP to cnnlab's process group (``timeout``, a closed terminal, a batch system) or a terminal's
+    Ctrl-C reaches cnnlab alone: it stops its trials in order, then shuts Ray down. (Started by
+    ``ray.init`` in this process, Ray's processes share its group and die first, trials and all.)
+    The helper shuts Ray down when cnnlab closes its stdin, or dies and the pipe closes.
+    """
+    log = tempfile.TemporaryFile()  # the helper's stderr: why Ray did not start, if it did not
+    try:
+        head = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(os.cpu_count() or 1)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+    except OSError as err:
+        log.close()
+        raise UserError(f"could not start a local Ray instance: {err}") from None
+    try:
+        address = _first_line(head.stdout, HEAD_START_SECONDS)
+        if not address:
+            log.seek(0)
+            problem = log.read().decode(errors="replace").strip().splitlines()
+            raise UserError("could not start a local Ray instance" + (f": {problem[-1]}" if problem else ""))
+        yield address
+    finally:
+        _stop_head(head)
+        log.close()
+
+
+def _first_line(stream: Any, timeout: float) -> str:
+    """The first line of ``stream``, stripped: '' at its end, or when none comes within ``timeout`` seconds."""
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: lines.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return lines[0].decode(errors="replace").strip() if lines else ""
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    """Close the helper's stdin (it shuts Ray down and exits); end its whole session if it does not."""
+    with contextlib.suppress(OSError):
+        head.stdin.close()
+    try:
+        head.wait(timeout=HEAD_STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+    finally:
+        head.stdout.close()
 
 
 @contextlib.contextmanager
 def ray_session(address: str | None, feature: str) -> Iterator[None]:
-    """Ray connected (or started here) for the duration of the block; shut down after if started here."""
-    started = connect(address, feature)
-    try:
+    """Ray connected for the duration of the block: to the cluster at ``address``, or to an embedded
+    instance started for it (None). Disconnected after, the embedded instance shut down. Nothing
+    phones home: Ray's usage statistics stay off unless the user turns them on."""
+    ray = require_ray(feature)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
         yield
-    finally:
-        if started:
-            import ray
-
+        return
+    with contextlib.ExitStack() as stack:
+        connect(address or stack.enter_context(local_ray(feature)), feature)
+        try:
+            yield
+        finally:
             ray.shutdown()
 
 
@@ -340,13 +412,25 @@ class RayLauncher(Launcher):
         if self.stop_signal is not None:  # the signal came while this trial was being submitted
             ray.cancel(ref, recursive=False)
         try:
-            return receive(ray.get(ref), self.output_dir)
+            return self._stopped_by_signal(receive(ray.get(ref), self.output_dir))
         except TaskCancelledError:  # the task checkpoints, records its ending and replies through the queue
             if reply_came.wait(timeout=CANCEL_GRACE_SECONDS):
-                return receive(replied, self.output_dir)
+                return self._stopped_by_signal(receive(replied, self.output_dir))
             return recorder.result(128 + (self.stop_signal or 2))
         except RayError as err:  # the worker died (out of memory, node lost...)
             return TrialResult("failed", error=f"the Ray task failed: {type(err).__name__}: {err}", exit_code=1)
         finally:
             self.refs.pop(key, None)
             self.relay.listeners.pop(key, None)
+
+    def _stopped_by_signal(self, result: TrialResult) -> TrialResult:
+        """A cancelled trial takes Ray's cancellation for a Ctrl-C (SIGINT) and records that; what
+        stopped it is the sweep's signal, which its summary and result are made to say."""
+        if result.status != "interrupted" or self.stop_signal is None:
+            return result
+        said = f"interrupted by {signal_name(self.stop_signal)}"
+        if result.summary is not None and result.summary.status == "interrupted" and result.run_dir is not None:
+            result.summary.error = said
+            RunDir(result.run_dir).write_summary(result.summary)
+        result.error, result.exit_code = said, 128 + self.stop_signal
+        return result

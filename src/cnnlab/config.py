@@ -354,5 +354,18 @@ def is_run_folder_config(path: Path) -> bool:
     return path.name == "config.yaml" and (path.parent / "summary.json").exists()
 
 
+def absolute_paths(cfg: Config, cwd: Path) -> Config:
+    """``cfg`` with ``data.root`` and ``output.dir`` made absolute against ``cwd``.
+
+    In a config, as on the command line, these two are relative to the folder the command was run
+    in (``output.dir: results`` is the project's results/ folder when run from the project root), not
+    to the YAML file. A command that hands configs to other processes (a sweep's trials, Ray Tune's,
+    which run in folders of their own) fixes that meaning once, here, before any of them starts."""
+    root = cfg.data.root
+    data = cfg.data if root is None else cfg.data.model_copy(update={"root": Path(cwd, Path(root).expanduser())})
+    output = cfg.output.model_copy(update={"dir": Path(cwd, cfg.output.dir)})
+    return cfg.model_copy(update={"data": data, "output": output})
+
+
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

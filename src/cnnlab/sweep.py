@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cnnlab.compare import aggregate, markdown_table, row_from_summary, write_trials
-from cnnlab.config import Config, dump_config, load_config, read_yaml
+from cnnlab.config import Config, absolute_paths, dump_config, load_config, read_yaml
 from cnnlab.errors import UserError
 from cnnlab.console import SafeConsole
 from cnnlab.results import (
@@ -419,11 +419,13 @@ def run_sweep(
     root = Path(results).expanduser() if results is not None else None
     sweep_root = ((root or _results_root(trials)) / "sweeps" / sanitize_name(name)).absolute()
     check_output_dir(sweep_root, "results folder")
+    cwd = Path.cwd()
     for trial in trials:
         if trial.config is not None:
-            trial.config = trial.config.model_copy(
-                update={"output": trial.config.output.model_copy(update={"dir": sweep_root / "runs"})}
-            )
+            # Trials run in processes of their own, on Ray in folders of its own: the paths they are
+            # given are fixed here, against the folder the sweep was started in.
+            cfg = absolute_paths(trial.config, cwd)
+            trial.config = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": sweep_root / "runs"})})
             previous = None if force else finished_run(trial)
             if previous is not None:
                 trial.status, trial.run_dir = "skipped", previous

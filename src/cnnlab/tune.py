@@ -33,25 +33,29 @@ import os
 import secrets
 import signal
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cnnlab.compare import aggregate, markdown_table, row_from_summary, run_config_or_none, write_trials
-from cnnlab.config import Config, dump_config, load_config, read_yaml, validate
+from cnnlab.config import Config, absolute_paths, dump_config, load_config, read_yaml, validate
 from cnnlab.console import SafeConsole
 from cnnlab.errors import UserError
 from cnnlab.progress import Reporter
 from cnnlab.results import RunDir, RunSummary, atomic_write_text, check_output_dir, new_dated_dir, read_metrics_csv, \
     read_regular_text, read_summary, run_state, sanitize_name
 from cnnlab.runs import runs_of
-from cnnlab.stopping import Interrupted, Pruned, settle_signals
+from cnnlab.stopping import HANDLED, Interrupted, Pruned, settle_signals, signal_name
 
 SPACE_KEYS = {"name", "base", "metric", "mode", "trials", "space", "seed", "grace_period", "reduction_factor"}
 METRICS = {"val_acc": "max", "train_acc": "max", "val_loss": "min", "train_loss": "min"}
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 STATE_FOLDER = "ray"  # Ray Tune's experiment state, inside the tune folder
+STOP_FILE = ".stop"  # in the tune folder while the tune stops on a signal: its number (see TuneSignals)
+STOP_POLL_SECONDS = 0.5  # how often a trial looks for the stop file between batches
+STOP_GRACE_SECONDS = 60  # how long the tune waits for its trials to checkpoint and stop before Ray Tune ends them
 WORST_LOSS = 1e6  # what a failed trial scores on a loss metric (finite: Optuna's TPE takes it as a value)
 
 
@@ -104,10 +108,17 @@ class Space:
     grace_period: int = 1
     reduction_factor: int = 3
     overrides: list[str] = field(default_factory=list)
+    cwd: Path = field(default_factory=Path.cwd)  # where the tune was started: what relative paths mean
 
     def config(self, point: dict[str, Any], name: str | None = None) -> Config:
+        """The config at ``point``, its paths as written (relative ones meaning ``cwd``)."""
         values = {**point, **({"name": name} if name else {})}
         return load_config(self.base, self.overrides, values)
+
+    def trial_config(self, point: dict[str, Any], name: str) -> Config:
+        """The config a trial runs: Ray Tune runs each trial in a folder of its own, so its paths are
+        made absolute against the folder the tune was started in."""
+        return absolute_paths(self.config(point, name), self.cwd)
 
 
 def _number(value: Any) -> bool:
@@ -145,9 +156,10 @@ def read_space(path: Path, overrides: list[str], trials: int | None) -> Space:
         if dimension.key == "name" or dimension.key.startswith("output."):
             raise UserError(f"{path}: space.{dimension.key}: cnnlab names each trial and places its run folder "
                             "itself; search over what a run computes")
-    base = (path.parent / spec["base"]) if spec.get("base") else None
+    cwd = Path.cwd()
+    base = (cwd / path.parent / spec["base"]) if spec.get("base") else None  # relative to this file, wherever trials run
     space = Space(sanitize_name(str(spec.get("name") or path.stem)), path, base, metric, mode, count, dimensions,
-                  spec.get("seed", 0), spec.get("grace_period", 1), spec.get("reduction_factor", 3), list(overrides))
+                  spec.get("seed", 0), spec.get("grace_period", 1), spec.get("reduction_factor", 3), list(overrides), cwd)
     for dimension in dimensions:  # every edge of every range makes a valid config
         for sample in dimension.samples():
             try:
@@ -183,11 +195,28 @@ def _dimension(path: Path, key: Any, value: Any) -> Dimension:
 
 class TuneReporter(Reporter):
     """Reports each epoch's metrics to Ray Tune; when ASHA stops the trial, Ray raises SystemExit out
-    of ``tune.report``, which becomes ``Pruned`` so that the run records it and ends at once."""
+    of ``tune.report``, which becomes ``Pruned`` so that the run records it and ends at once.
 
-    def __init__(self, box: dict[str, str]) -> None:
+    When the tune is stopped by a signal, its stop file appears: between two batches the trial then
+    raises ``Interrupted`` with that signal, as a signal to ``cnnlab run`` would (the trial runs in a
+    thread of a Ray worker, where no signal handler of cnnlab's can be), so that the run checkpoints
+    where it stands, is recorded ``interrupted`` and a resumed tune continues it."""
+
+    def __init__(self, box: dict[str, str], stop_file: Path) -> None:
         super().__init__(enabled=False)
         self.box = box
+        self.stop_file = stop_file
+        self.looked = 0.0
+
+    def advance(self, loss_sum: Any, correct: Any, seen: int) -> None:
+        if time.monotonic() - self.looked >= STOP_POLL_SECONDS:
+            self.looked = time.monotonic()
+            self._check_stop()
+
+    def _check_stop(self) -> None:
+        signum = stop_signal(self.stop_file)
+        if signum is not None:
+            raise Interrupted(signum)
 
     def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False,
                   config: dict[str, Any] | None = None) -> None:
@@ -199,17 +228,32 @@ class TuneReporter(Reporter):
             return  # the last epoch is reported with the test result, once the run has completed
         from ray import tune
 
+        self._check_stop()
         try:
             tune.report(epoch_metrics(row, self.box["run_dir"]))
         except SystemExit:
+            self._check_stop()  # Ray Tune ended the trial because the tune is stopping, not ASHA
             raise Pruned(f"stopped by ASHA after epoch {row['epoch']}") from None
+
+
+def stop_signal(stop_file: Path) -> int | None:
+    """The signal that is stopping the tune, from its stop file; None while there is none."""
+    try:
+        text = stop_file.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else signal.SIGTERM
 
 
 def epoch_metrics(row: dict[str, Any], run_dir: str) -> dict[str, Any]:
     return {"epoch": int(row["epoch"]), **{k: float(row[k]) for k in METRICS}, "run_dir": run_dir}
 
 
-def tune_trial(params: dict[str, Any], space: Space, runs_dir: str, shared: tuple[str, str]) -> None:
+class NotStarted(RuntimeError):
+    """A trial that Ray Tune started while the tune was stopping: it runs nothing (and is run on resume)."""
+
+
+def tune_trial(params: dict[str, Any], space: Space, runs_dir: str, shared: tuple[str, str], stop_file: str) -> None:
     """Ray Tune's function for one trial: the sampled point as a config, run (or continued) as an
     ordinary run folder, each epoch reported; the last report carries the test accuracy."""
     from ray import tune
@@ -219,11 +263,14 @@ def tune_trial(params: dict[str, Any], space: Space, runs_dir: str, shared: tupl
     point = {d.key: d.decode(params[d.key]) for d in space.dimensions}
     name = trial_name(space, point)
     marker, token = Path(shared[0]), shared[1]
+    signum = stop_signal(Path(stop_file))
+    if signum is not None:  # an error in Ray Tune's eyes, so that --resume (resume_errored) runs it
+        raise NotStarted(f"trial {name} did not start: the tune was stopped by {signal_name(signum)}")
     try:
         if not (marker.is_file() and marker.read_text(encoding="utf-8") == token):
             raise UserError(f"this Ray node does not see {marker.parent}: cnnlab tune needs the results folder "
                             "(--results or output.dir) on storage every node shares")
-        cfg = space.config(point, name)
+        cfg = space.trial_config(point, name)
     except (UserError, OSError) as err:
         result = TrialResult("failed", error=str(err), exit_code=2)
     else:
@@ -232,7 +279,7 @@ def tune_trial(params: dict[str, Any], space: Space, runs_dir: str, shared: tupl
             import torch
 
             torch.set_num_threads(max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1))))
-        result = run_trial(cfg, TuneReporter({}))
+        result = run_trial(cfg, TuneReporter({}, Path(stop_file)))
     if result.status == "pruned":
         return
     if result.status == "interrupted":  # an error in Ray Tune's eyes, so that --resume (resume_errored) continues it
@@ -313,12 +360,15 @@ def run_tune(
         marker = folder / ".shared-storage"
         token = secrets.token_hex(16)
         atomic_write_text(marker, token)
+        stop_file = (folder / STOP_FILE).resolve()
+        stop_file.unlink(missing_ok=True)  # left by the invocation this one resumes
         try:
-            with signals.fitting():
-                grid = _fit(space, folder, tune_root / "runs", (str(marker.resolve()), token), cpus, gpus, jobs,
-                            resume, quiet)
+            with signals.fitting(stop_file):
+                grid = _fit(space, folder, tune_root / "runs", (str(marker.resolve()), token), stop_file, cpus, gpus,
+                            jobs, resume, quiet)
         finally:
             marker.unlink(missing_ok=True)
+            stop_file.unlink(missing_ok=True)
     rows = tune_rows(space, grid, tune_root / "runs")
     best = write_tune_files(space, folder, rows)
     interrupted = len(rows) < space.trials or any(r["status"] in UNFINISHED for r in rows)
@@ -329,7 +379,7 @@ def run_tune(
     return TuneOutcome(folder, rows, best, interrupted, signals.received)
 
 
-UNFINISHED = ("interrupted", "running", "stale")
+UNFINISHED = ("interrupted", "running", "stale", "not started")
 RECORD = "tune.json"  # how a tune was started: what --resume needs to continue it as it was
 
 
@@ -376,18 +426,21 @@ def _resumable(tune_root: Path, space: Space) -> tuple[Path, dict[str, Any]]:
 
 
 class TuneSignals:
-    """Signals during a tune: Ray Tune stops gracefully on SIGINT (and saves its state), so SIGTERM
-    and SIGHUP are passed to it as SIGINT while it runs; before and after, they stop the command.
-    The first one is remembered for the exit code (128 + N)."""
+    """Signals during a tune. SIGINT, SIGTERM and SIGHUP stop it in order while it runs: the stop
+    file (holding the signal's number) tells the running trials to checkpoint and stop (TuneReporter)
+    and Ray Tune to start no more (tune_trial), and once they have stopped, Ray Tune is stopped
+    (``StopWhenIdle``): it saves its state for --resume. A second signal stops Ray Tune at once.
+    Before and after, a signal stops the command. The first one is remembered for the exit code
+    (128 + N)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self._fitting = False
+        self._stop_file: Path | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> TuneSignals:
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGHUP):
+            for signum in HANDLED:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -396,22 +449,55 @@ class TuneSignals:
             signal.signal(signum, handler)
 
     @contextlib.contextmanager
-    def fitting(self) -> Any:
-        self._fitting = True
+    def fitting(self, stop_file: Path) -> Any:
+        self._stop_file = stop_file
         try:
             yield
         finally:
-            self._fitting = False
+            self._stop_file = None
 
     def _handle(self, signum: int, frame: Any) -> None:
+        first = self.received is None
         self.received = self.received or signum
-        if not self._fitting:
+        if self._stop_file is None:
             raise Interrupted(signum)
-        os.kill(os.getpid(), signal.SIGINT)
+        if first:
+            SafeConsole(stderr=True).print(f"{signal_name(signum)}: stopping the running trials (they checkpoint; "
+                                           "--resume continues them)", soft_wrap=True)
+            atomic_write_text(self._stop_file, f"{signum}\n")
+        else:
+            os.kill(os.getpid(), TUNE_STOP)  # the user does not want to wait
 
 
-def _fit(space: Space, folder: Path, runs_dir: Path, shared: tuple[str, str], cpus: float, gpus: float, jobs: int,
-         resume: bool, quiet: bool) -> Any:
+TUNE_STOP = signal.SIGUSR1  # Ray Tune's own signal to end a tune gracefully (saving its state); SIGINT is cnnlab's
+
+
+def stop_when_idle(stop_file: Path) -> Any:
+    """A Ray Tune callback that, once the stop file exists and no trial runs any more (or after
+    STOP_GRACE_SECONDS), ends the tune. Pickled with the tune's state: it holds only the file's path."""
+    from ray.tune import Callback
+
+    class StopWhenIdle(Callback):
+        def __init__(self) -> None:
+            self.stop_file = str(stop_file)
+            self.since: float | None = None
+
+        def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+            if self.since is None:
+                if not os.path.exists(self.stop_file):
+                    return
+                self.since = time.monotonic()
+            elif self.since < 0:
+                return  # already ended
+            if all(trial.status != "RUNNING" for trial in trials) or time.monotonic() - self.since > STOP_GRACE_SECONDS:
+                self.since = -1.0
+                os.kill(os.getpid(), TUNE_STOP)
+
+    return StopWhenIdle()
+
+
+def _fit(space: Space, folder: Path, runs_dir: Path, shared: tuple[str, str], stop_file: Path, cpus: float, gpus: float,
+         jobs: int, resume: bool, quiet: bool) -> Any:
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -421,8 +507,9 @@ def _fit(space: Space, folder: Path, runs_dir: Path, shared: tuple[str, str], cp
     # A resumed trial reports its epochs under Ray's restarted iteration count; Optuna keeps the first.
     warnings.filterwarnings("ignore", message="The reported value is ignored because this", category=UserWarning)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    trainable = tune.with_resources(tune.with_parameters(tune_trial, space=space, runs_dir=str(runs_dir), shared=shared),
-                                    {"cpu": cpus, "gpu": gpus})
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C is cnnlab's (TuneSignals), as SIGTERM and SIGHUP are
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, space=space, runs_dir=str(runs_dir), shared=shared,
+                                                         stop_file=str(stop_file)), {"cpu": cpus, "gpu": gpus})
     state = folder / STATE_FOLDER
     if resume:
         tuner = tune.Tuner.restore(str(state), trainable, resume_unfinished=True, resume_errored=True)
@@ -438,7 +525,7 @@ def _fit(space: Space, folder: Path, runs_dir: Path, shared: tuple[str, str], cp
                                         reduction_factor=space.reduction_factor),
             ),
             run_config=tune.RunConfig(name=STATE_FOLDER, storage_path=str(folder), verbose=0,
-                                      callbacks=[] if quiet else [trial_lines()],
+                                      callbacks=[stop_when_idle(stop_file), *([] if quiet else [trial_lines(stop_file)])],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     quiet_loggers = [logging.getLogger(name) for name in ("ray", "ray.tune", "ray.train")]
@@ -456,12 +543,15 @@ def _edge_points(space: Space) -> list[dict[str, Any]]:
     return [{}] + [{d.key: sample} for d in space.dimensions for sample in d.samples()]
 
 
-def trial_lines() -> Any:
+def trial_lines(stop_file: Path) -> Any:
     """A Ray Tune callback that prints a line per trial as it ends (it is pickled with the tune's
-    state, so it holds nothing but makes its console when it prints)."""
+    state, so it holds nothing but the stop file's path, and makes its console when it prints)."""
     from ray.tune import Callback
 
     class TrialLines(Callback):
+        def __init__(self) -> None:
+            self.stop_file = str(stop_file)
+
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             result = trial.last_result or {}
             number = trials.index(trial) + 1
@@ -474,7 +564,9 @@ def trial_lines() -> Any:
                                 + (f", val acc {value:.4f}" if isinstance(value, float) else ""), soft_wrap=True)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            SafeConsole().print(f"FAILED trial {trials.index(trial) + 1}", soft_wrap=True)
+            # While the tune stops, a trial that stops (or does not start) is an error in Ray Tune's eyes.
+            word = "STOPPED" if os.path.exists(self.stop_file) else "FAILED"
+            SafeConsole().print(f"{word} trial {trials.index(trial) + 1}", soft_wrap=True)
 
     return TrialLines()
 
@@ -493,20 +585,32 @@ def tune_rows(space: Space, grid: Any, runs_dir: Path) -> list[dict[str, Any]]:
             with contextlib.suppress(UserError):
                 summary = read_summary(run_dir / "summary.json")
         swept = ", ".join(f"{k}={v}" for k, v in point.items())
+        state = None
         if summary is None:
-            error = str(result.error).strip().splitlines()[-1] if result.error else "the trial did not start a run"
+            state, error = _without_run(result.error, metrics)
             summary = RunSummary(name=trial_name(space, point), status="failed", error=error)
         if summary.status == "pruned" and not metrics.get("done") and run_dir is not None:
             # Ray Tune stops a trial the same way for ASHA and for an interrupted tune; only here is it
             # known which: a trial the tune did not finish was interrupted, and --resume continues it.
             summary.status, summary.stopped_at = "interrupted", f"after epoch {summary.epochs_completed}: the tune stopped"
             RunDir(run_dir).write_summary(summary)
-        state = run_state(run_dir, summary) if run_dir is not None else summary.status
+        state = run_state(run_dir, summary) if run_dir is not None else state
         row = row_from_summary(summary, run_dir, swept, status=state, config=run_config_or_none(run_dir))
         row["trial"] = number
         row["swept"] = point
         rows.append(row)
     return rows
+
+
+def _without_run(error: Any, metrics: dict[str, Any]) -> tuple[str, str]:
+    """(status, error) of a trial that has no run folder: it failed before its run started (a bad
+    point of the space, missing data: it reported why), or it never started (the tune stopped first)."""
+    if metrics.get("status") == "failed":
+        return "failed", str(metrics.get("error") or "the trial failed before its run started")
+    said = str(error).strip().splitlines()[-1] if error is not None and str(error).strip() else ""  # Ray's: a traceback
+    if error is None or isinstance(error, NotStarted):
+        return "not started", said or "the tune stopped before this trial started"
+    return "failed", said or type(error).__name__
 
 
 def _trial_run_dir(space: Space, point: dict[str, Any], reported: Any, runs_dir: Path) -> Path | None:
@@ -518,7 +622,7 @@ def _trial_run_dir(space: Space, point: dict[str, Any], reported: Any, runs_dir:
         if path.is_relative_to(runs_dir) and (path / "summary.json").is_file():
             return path
     try:
-        cfg = space.config(point, trial_name(space, point))
+        cfg = space.trial_config(point, trial_name(space, point))
     except UserError:
         return None
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": runs_dir})})
