@@ -23,6 +23,7 @@ from torch import nn
 
 from cnnlab.data import CLASSES, IMAGE_SIZE
 from cnnlab.errors import UserError
+from cnnlab.results import check_output_file
 
 MAX_IMAGE_BYTES = 50 << 20  # a photo is a few MB; a larger file is not one to classify
 MAX_IMAGE_PIXELS = 40_000_000  # PIL's decompression-bomb guard, lowered: 40 megapixels
@@ -180,10 +181,13 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool
 
     if fmt not in ("onnx", "torchscript"):
         raise UserError(f"--format {fmt!r}: choose onnx or torchscript")
+    if out is not None:
+        check_output_file(out, "-o")
     opened = open_run(run_dir, trust_code=trust_code)
-    out = Path(out) if out is not None else opened.path / f"model.{'onnx' if fmt == 'onnx' else 'pt'}"
-    if out.is_dir():
-        raise UserError(f"-o {out} is a folder; give a file name")
+    if out is None:
+        out = opened.path / f"model.{'onnx' if fmt == 'onnx' else 'pt'}"
+        check_output_file(out, "export output")
+    out = Path(out)
     try:  # where the file goes is checked before the model runs
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
