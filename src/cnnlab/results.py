@@ -100,13 +100,14 @@ def check_output_file(path: Path, option: str, *, folder: bool = False) -> None:
     elif stat.S_ISDIR(mode):
         raise UserError(f"{option} {path}: is a folder; give a file name inside it, e.g. {path / ('out' + (path.suffix or '.png'))}")
     elif folder:
-        raise UserError(f"{option} {path}: is {_file_kind(mode)}, but cnnlab writes a folder there; move it or choose another name")
+        raise UserError(f"{option} {path}: is {file_kind(mode)}, but cnnlab writes a folder there; move it or choose another name")
     else:
-        raise UserError(f"{option} {path}: is {_file_kind(mode)}, not a regular file; give the name of a new or regular file")
+        raise UserError(f"{option} {path}: is {file_kind(mode)}, not a regular file; give the name of a new or regular file")
     _check_writable_parent(path.parent, option, path)
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What ``os.stat`` says a path is, in words: "a file", "a FIFO (named pipe)", "a character device"..."""
     kinds = {stat.S_IFREG: "a file", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
              stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket"}
     return kinds.get(stat.S_IFMT(mode), "a special file")
@@ -116,7 +117,7 @@ def check_output_dir(path: Path, option: str) -> None:
     """A ``UserError`` before anything is written if ``path`` cannot be (or be created as) a writable folder."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError(f"{option} {path}: is {_file_kind(path.stat().st_mode)}, not a folder; give a folder")
+        raise UserError(f"{option} {path}: is {file_kind(path.stat().st_mode)}, not a folder; give a folder")
     _check_writable_parent(path, option, path)
 
 
