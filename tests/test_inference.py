@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -63,7 +65,7 @@ def png_header_claiming(width: int, height: int) -> bytes:
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("notes.png", b"these are not pixels", "not an image cnnlab can read"),
     ("empty.png", b"", "the file is empty"),
-    ("bomb.png", png_header_claiming(100_000, 100_000), "not an image cnnlab can read"),
+    ("bomb.png", png_header_claiming(100_000, 100_000), "100,000 x 100,000 pixels is too large a picture"),
     ("anim.gif", None, "give a PNG or JPEG"),
     ("missing.png", "skip", "no such image file"),
 ])
@@ -77,6 +79,44 @@ def test_a_bad_picture_is_exit_2_naming_it(trained, tmp_path, name, content, mes
     result = runner.invoke(app, ["predict", str(run_dir), str(path)])
     assert result.exit_code == 2, result.output
     assert message in result.output and name in result.output and "Traceback" not in result.output
+
+
+def test_a_folder_or_a_fifo_is_named_for_what_it_is_and_never_opened_for_reading(trained, tmp_path):
+    run_dir, _ = trained
+    (tmp_path / "photos").mkdir()
+    result = runner.invoke(app, ["predict", str(run_dir), str(tmp_path / "photos")])
+    assert result.exit_code == 2 and "photos: is a folder" in result.output, result.output
+    os.mkfifo(tmp_path / "pipe.png")  # nothing ever writes to it: a blocking open would wait forever
+    result = runner.invoke(app, ["predict", str(run_dir), str(tmp_path / "pipe.png")])
+    assert result.exit_code == 2 and "pipe.png: is a FIFO (named pipe), not a regular file" in result.output, result.output
+
+
+def test_a_phones_mpo_jpeg_is_read_by_its_first_frame(trained, tmp_path):
+    run_dir, _ = trained
+    garment = Image.fromarray(255 - open_run(run_dir).load_data().test.images[3, 0].numpy()).resize((84, 84))
+    garment.convert("RGB").save(tmp_path / "photo.jpg", quality=95)
+    depth_map = Image.new("RGB", (84, 84), (0, 0, 0))
+    garment.convert("RGB").save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[depth_map], quality=95)
+    with Image.open(tmp_path / "phone.jpg") as check:
+        assert check.format == "MPO" and check.n_frames == 2
+    assert torch.equal(inference.load_image(tmp_path / "phone.jpg"), inference.load_image(tmp_path / "photo.jpg"))
+    assert predict(run_dir, [tmp_path / "phone.jpg"])[0].top == predict(run_dir, [tmp_path / "photo.jpg"])[0].top
+
+
+def test_a_very_long_picture_is_reduced_in_pillow_never_walked_pixel_by_pixel(tmp_path):
+    tall = Image.new("L", (1, 5_000_000), 255)  # 5 megapixels in a column: a PNG of a few KB
+    tall.paste(0, (0, 2_000_000, 1, 3_000_000))  # a dark band across the middle fifth, on white
+    tall.save(tmp_path / "tall.png")
+    del tall
+    tracemalloc.start()
+    try:
+        image = inference.load_image(tmp_path / "tall.png")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak:,} bytes of Python objects for one picture"  # a list of its border: 80 MB
+    column = image[0, :, 13]  # fitted to 1 x 28, centred; inverted, as its background is light
+    assert image.sum() == column.sum() and column[:8].max() < 10 and column[11:16].min() > 200
 
 
 def test_onnx_export_round_trips_through_onnxruntime(trained, tmp_path):
@@ -137,7 +177,7 @@ def test_export_to_a_place_it_cannot_write_is_exit_2_and_files_it_writes_are_rea
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     result = runner.invoke(app, ["export", str(run_dir), "--format", "torchscript", "-o", str(blocked / "m.pt")])
-    assert result.exit_code == 2 and "cannot write there" in result.output and str(blocked / "m.pt") in result.output
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output and str(blocked / "m.pt") in result.output
     done = export(run_dir, "torchscript", tmp_path / "m.pt")
     umask = os.umask(0)
     os.umask(umask)

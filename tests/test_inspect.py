@@ -2,16 +2,24 @@
 
 import csv
 import json
+import shutil
+import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
+from cnnlab.data import CLASSES
 from cnnlab.errors import UserError
 from cnnlab.evaluation import evaluate_run
-from cnnlab.visualize import grid_shape, visualize
+from cnnlab.plots import plt
+from cnnlab.runs import open_run
+from cnnlab.visualize import cam_figure, grad_cam, grid_shape, resolve_layer, visualize
 
 runner = CliRunner()
 
@@ -39,6 +47,51 @@ def test_filters_and_cam(trained, tmp_path):
     assert cam.true_label == "Trouser" and png(cam.path)[0] == "PNG"
     with pytest.raises(UserError, match="--filters needs a conv layer"):
         visualize(run, "1", mode="filters")
+
+
+def test_grad_cam_defaults_to_the_last_conv_block_whose_map_carries_signal(trained, tmp_path):
+    run, _ = trained
+    opened = open_run(run)
+    model = opened.model
+    for index in range(5):
+        cam = visualize(run, None, image=index, out=tmp_path / f"cam{index}.png", mode="cam")
+        module = resolve_layer(model, cam.layer)[1]
+        assert isinstance(module, (nn.Conv2d, nn.ReLU)), (cam.layer, module)  # LeNet's last AvgPool is passed over
+        x = opened.load_data().prepare(opened.load_data().test.images[index : index + 1])
+        heat = grad_cam(model, module, x, CLASSES.index(cam.predicted_label))
+        assert heat.max() == 1 and heat.min() < 1  # a map, not a blank
+
+
+def test_a_grad_cam_picture_has_its_colour_bar():
+    fig = cam_figure(np.zeros((28, 28)), torch.zeros(28, 28), "test image 0", "Grad-CAM")
+    try:
+        image, overlay, bar = fig.axes
+        assert bar.get_ylabel() == "Grad-CAM, share of its peak" and bar.get_ylim() == (0, 1)
+    finally:
+        plt.close(fig)
+
+
+def test_an_all_zero_grad_cam_map_says_so(trained, tmp_path, monkeypatch):
+    run, _ = trained
+    (tmp_path / "silenced.py").write_text(textwrap.dedent("""
+        import functools
+        from cnnlab.models.lenet import lenet
+
+        @functools.wraps(lenet)
+        def build(*args, **options):  # LeNet, with the picture cut off from the classes after layer 5
+            model = lenet(*args, **options)
+            model[5].register_forward_hook(lambda module, inputs, output: output * 0)
+            return model
+    """))
+    monkeypatch.chdir(tmp_path)
+    copy = tmp_path / "silenced" / run.name
+    shutil.copytree(run, copy)
+    config = (copy / "config.yaml").read_text()
+    (copy / "config.yaml").write_text(config.replace("name: lenet", "name: silenced:build", 1))
+    result = runner.invoke(app, ["visualize", str(copy), "--cam", "--trust-code", "--out", str(tmp_path / "cam.png")])
+    assert result.exit_code == 0, result.output
+    assert "warning: the Grad-CAM map of" in result.output and "at layer 4 is all zero" in result.output
+    assert png(tmp_path / "cam.png")[0] == "PNG"
 
 
 @pytest.mark.parametrize("spelling", ["T-shirt", "t-shirt/top", "T_SHIRT", "0"])

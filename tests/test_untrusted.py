@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import textwrap
 from pathlib import Path
 
@@ -542,3 +543,61 @@ def test_compare_says_when_a_sweeps_run_folders_are_missing(tmp_path):
                                                      "run_dir": "../runs/a/1"}]))
     result = invoke("compare", tmp_path / "sweep")
     assert result.exit_code == 0 and "1 of its run folders are missing" in result.output and "0.900" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Output paths are missing or regular files: a rename never swaps a device, FIFO or link for a file
+
+
+def special_files(tmp_path: Path) -> dict[Path, str]:
+    """Things an output rename would replace, each with the words its refusal names it by."""
+    fifo = tmp_path / "pipe.out"
+    os.mkfifo(fifo)
+    real = tmp_path / "real.out"
+    real.write_text("keep")
+    link = tmp_path / "link.out"
+    link.symlink_to(real)
+    folder = tmp_path / "folder.out"
+    folder.mkdir()
+    found = {fifo: "is a FIFO (named pipe), not a regular file", link: "is a symbolic link", folder: "is a folder"}
+    try:  # a device node like /dev/null, made here (root only): the real one is never put at risk
+        os.mknod(tmp_path / "null.out", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        found[tmp_path / "null.out"] = "is a character device, not a regular file"
+    except PermissionError:
+        pass
+    return found
+
+
+def kinds(paths) -> list[tuple[str, int, str | None]]:
+    return [(p.name, stat.S_IFMT(os.lstat(p).st_mode), os.readlink(p) if p.is_symlink() else None) for p in paths]
+
+
+@pytest.mark.parametrize("command", [
+    ["export", "RUN", "--format", "torchscript", "-o"],
+    ["visualize", "RUN", "--out"],
+    ["report", "RUN", "-o"],
+    ["bench", "--no-commands", "--batches", "1", "--out"],
+])
+def test_an_output_that_is_not_a_regular_file_is_refused_and_left_as_it_was(trained, tmp_path, command):
+    run, _ = trained
+    special = special_files(tmp_path)
+    before = kinds(special)
+    for path, message in special.items():
+        clean_exit_2(invoke(*[run if a == "RUN" else a for a in command], path), str(path), message)
+    assert kinds(special) == before
+    assert (tmp_path / "real.out").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in special), "real.out"])
+
+
+def test_a_reports_html_and_image_folder_follow_the_same_rule(trained, tmp_path):
+    run, _ = trained
+    os.mkfifo(tmp_path / "r.html")
+    clean_exit_2(invoke("report", run, "-o", tmp_path / "r.md", "--html"), "r.html", "FIFO")
+    (tmp_path / "r.html").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mine.txt").write_text("keep")
+    (tmp_path / "r_files").symlink_to(elsewhere)
+    clean_exit_2(invoke("report", run, "-o", tmp_path / "r.md"), "r_files", "symbolic link", "real path")
+    assert (tmp_path / "r_files").is_symlink() and [p.name for p in elsewhere.iterdir()] == ["mine.txt"]
+    assert not (tmp_path / "r.md").exists()

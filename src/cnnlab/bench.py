@@ -34,7 +34,7 @@ from torch import nn
 from cnnlab.config import Config
 from cnnlab.console import SafeConsole
 from cnnlab.errors import UserError
-from cnnlab.results import atomic_write_text, read_summary, utc_now, utc_stamp
+from cnnlab.results import atomic_write_text, check_output_file, read_summary, utc_now, utc_stamp
 
 
 def _sync(device: torch.device) -> None:
@@ -224,10 +224,10 @@ def run_bench(config_path: Path | None, overrides: list[str], *, device: str = "
 
     if batches < 1 or epochs < 1:
         raise UserError("--batches and --epochs must be at least 1")
+    if out is not None:
+        check_output_file(Path(out), "--out")
     cfg = load_config(config_path, [*overrides, f"train.device={device}"])
     resolved = resolve_device(device)
-    if out is not None and Path(out).is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name, e.g. {Path(out) / 'bench.json'}")
     console = SafeConsole()
     say = (lambda text: None) if quiet else (lambda text: console.print(text, soft_wrap=True))
     say(f"bench {cfg.name}: {cfg.model.name}, batch {cfg.train.batch_size}, {batches} batches each, on {resolved}")

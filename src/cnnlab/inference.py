@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
 
 from cnnlab.data import CLASSES, IMAGE_SIZE
 from cnnlab.errors import UserError
+from cnnlab.results import check_output_file, file_kind
 
 MAX_IMAGE_BYTES = 50 << 20  # a photo is a few MB; a larger file is not one to classify
-MAX_IMAGE_PIXELS = 40_000_000  # PIL's decompression-bomb guard, lowered: 40 megapixels
+MAX_IMAGE_PIXELS = 40_000_000  # 40 megapixels: checked from the header, before anything is decoded
+# Decoding and reducing stop at 3x the pixels the result needs: from there Pillow's two-step resize is
+# "indistinguishable from fair resampling in most cases" (Image.resize, reducing_gap).
+REDUCING_GAP = 3
 EXPORT_TOLERANCE = 1e-4  # max abs difference of logits an export may show against PyTorch
 CHECK_IMAGES = 256
 
@@ -57,26 +62,29 @@ def pixel_stats(opened: Any) -> tuple[float, float]:
 
 
 def load_image(path: Path) -> torch.Tensor:
-    """A picture as a Fashion-MNIST image: uint8 [1, 28, 28], light garment on black."""
+    """A picture as a Fashion-MNIST image: uint8 [1, 28, 28], light garment on black.
+
+    The work is bounded by the pixels the result needs: a JPEG is decoded at 1/2 to 1/8 scale where
+    that leaves enough of them, and the decoded picture is reduced by whole factors (in Pillow, one
+    pass) to at most about 2 x REDUCING_GAP x 28 pixels a side before anything else looks at it.
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such image file")
-    size = path.stat().st_size
-    if size == 0:
-        raise UserError(f"{path}: the file is empty")
-    if size > MAX_IMAGE_BYTES:
-        raise UserError(f"{path}: {size:,} bytes is too large for a picture to classify (at most {MAX_IMAGE_BYTES:,})")
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the size is checked below, with its own message
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                if opened.format not in ("PNG", "JPEG"):
-                    raise UserError(f"{path}: a {opened.format} image; give a PNG or JPEG")
-                image = _grey(ImageOps.exif_transpose(opened))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        with _open_picture(path) as handle, Image.open(handle) as opened:
+            # A phone's JPEG is often an MPO: the photo, then more frames (another lens, a depth map); the first is read.
+            if opened.format not in ("PNG", "JPEG", "MPO"):
+                raise UserError(f"{path}: a {opened.format} image; give a PNG or JPEG")
+            width, height = opened.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise UserError(f"{path}: {width:,} x {height:,} pixels is too large a picture to classify (at most "
+                                f"{MAX_IMAGE_PIXELS:,} pixels); give a smaller one")
+            opened.draft(None, tuple(REDUCING_GAP * side for side in _fitted_size(opened.size)))
+            ImageOps.exif_transpose(opened, in_place=True)
+            image = _reduced(_grey(opened))
+    except UnidentifiedImageError as err:
         raise UserError(f"{path}: not an image cnnlab can read ({type(err).__name__}); give a PNG or JPEG") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise UserError(f"{path}: a damaged image ({err})") from None
@@ -84,13 +92,54 @@ def load_image(path: Path) -> torch.Tensor:
         Image.MAX_IMAGE_PIXELS = limit
     if _background(image) > 127:
         image = ImageOps.invert(image)
-    width, height = image.size
-    scale = IMAGE_SIZE / max(width, height)
-    fitted = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS) \
-        if (width, height) != (IMAGE_SIZE, IMAGE_SIZE) else image
+    fitted = image if image.size == (IMAGE_SIZE, IMAGE_SIZE) else \
+        image.resize(_fitted_size(image.size), Image.Resampling.LANCZOS)
     canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     canvas.paste(fitted, ((IMAGE_SIZE - fitted.width) // 2, (IMAGE_SIZE - fitted.height) // 2))
     return torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).reshape(1, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def _open_picture(path: Path) -> BinaryIO:
+    """``path`` opened for reading once it is known to be a regular file of a picture's size.
+
+    It is opened without blocking (a FIFO would wait for a writer forever) and checked through the
+    open file, so what is checked is what is read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such image file") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror or err})") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise UserError(f"{path}: is a folder; give the image files in it")
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"{path}: is {file_kind(info.st_mode)}, not a regular file; give a PNG or JPEG file")
+        if info.st_size == 0:
+            raise UserError(f"{path}: the file is empty")
+        if info.st_size > MAX_IMAGE_BYTES:
+            raise UserError(f"{path}: {info.st_size:,} bytes is too large for a picture to classify "
+                            f"(at most {MAX_IMAGE_BYTES:,})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _reduced(image: Any) -> Any:
+    """A copy of ``image`` box-averaged by whole factors to no less than REDUCING_GAP times its fitted
+    size: small however large or long the picture (one within that size is copied as it is)."""
+    return image.reduce(tuple(max(1, side // (REDUCING_GAP * fitted))
+                              for side, fitted in zip(image.size, _fitted_size(image.size))))
+
+
+def _fitted_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The picture's size with its longer side fitted to 28 pixels (at least 1 x 1)."""
+    width, height = size
+    scale = IMAGE_SIZE / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _grey(image: Any) -> Any:
@@ -101,23 +150,24 @@ def _grey(image: Any) -> Any:
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         import numpy as np
 
-        values = np.asarray(image, dtype=np.float64)
+        values = np.asarray(image, dtype=np.float32)
         if image.mode.startswith("I;16"):
             values = values / 257
         else:
             low, high = float(values.min()), float(values.max())
             values = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
         return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
-    return image.convert("L")
+    return image if image.mode == "L" else image.convert("L")
 
 
 def _background(image: Any) -> float:
-    """The mean grey of the picture's border: its background."""
+    """The mean grey of the (reduced) picture's border: its background."""
+    from PIL import ImageStat
+
     width, height = image.size
-    pixels = image.load()
-    border = [pixels[x, y] for x in range(width) for y in (0, height - 1)] + \
-             [pixels[x, y] for y in range(height) for x in (0, width - 1)]
-    return sum(border) / len(border)
+    strips = [ImageStat.Stat(image.crop(box)) for box in
+              ((0, 0, width, 1), (0, height - 1, width, height), (0, 0, 1, height), (width - 1, 0, width, height))]
+    return sum(strip.sum[0] for strip in strips) / sum(strip.count[0] for strip in strips)
 
 
 @dataclass
@@ -180,10 +230,13 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool
 
     if fmt not in ("onnx", "torchscript"):
         raise UserError(f"--format {fmt!r}: choose onnx or torchscript")
+    if out is not None:
+        check_output_file(out, "-o")
     opened = open_run(run_dir, trust_code=trust_code)
-    out = Path(out) if out is not None else opened.path / f"model.{'onnx' if fmt == 'onnx' else 'pt'}"
-    if out.is_dir():
-        raise UserError(f"-o {out} is a folder; give a file name")
+    if out is None:
+        out = opened.path / f"model.{'onnx' if fmt == 'onnx' else 'pt'}"
+        check_output_file(out, "export output")
+    out = Path(out)
     try:  # where the file goes is checked before the model runs
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)

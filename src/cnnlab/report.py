@@ -273,8 +273,7 @@ def write_report(targets: list[Path], out: Path, html_too: bool = False, trust_c
     if html_too:
         check_output_file(out.with_suffix(".html"), "--output")
     assets = out.parent / f"{out.stem}_files"
-    if assets.exists() and not assets.is_dir():
-        raise UserError(f"--output {out}: {assets} is a file, but the report's images go in a folder by that name")
+    check_output_file(assets, "--output", folder=True)  # replaced whole: a link or a file there is refused
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.stem}_files."))

@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import subprocess
 import tempfile
 import unicodedata
@@ -111,19 +112,45 @@ def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
                 entry.unlink()
 
 
-def check_output_file(path: Path, option: str) -> None:
-    """A ``UserError`` before anything is written if ``path`` cannot be created as a file."""
+def check_output_file(path: Path, option: str, *, folder: bool = False) -> None:
+    """A ``UserError`` before any work unless ``path`` is missing or a regular file (a real folder, with
+    ``folder``) in a place cnnlab may write: the one rule for every output the user names.
+
+    Outputs are renamed over ``path``, which would swap a device node, FIFO or symbolic link for a
+    file (as root, ``-o /dev/null`` would replace the system's device): those are refused, never followed.
+    """
     path = Path(path)
-    if path.is_dir():
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    except OSError as err:
+        raise UserError(f"{option} {path}: cannot look at it ({err.strerror or err}); choose another place") from None
+    if mode is None or (stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)):
+        pass
+    elif stat.S_ISLNK(mode):
+        raise UserError(f"{option} {path}: is a symbolic link (to {os.readlink(path)}); give the real path instead")
+    elif stat.S_ISDIR(mode):
         raise UserError(f"{option} {path}: is a folder; give a file name inside it, e.g. {path / ('out' + (path.suffix or '.png'))}")
+    elif folder:
+        raise UserError(f"{option} {path}: is {file_kind(mode)}, but cnnlab writes a folder there; move it or choose another name")
+    else:
+        raise UserError(f"{option} {path}: is {file_kind(mode)}, not a regular file; give the name of a new or regular file")
     _check_writable_parent(path.parent, option, path)
+
+
+def file_kind(mode: int) -> str:
+    """What ``os.stat`` says a path is, in words: "a file", "a FIFO (named pipe)", "a character device"..."""
+    kinds = {stat.S_IFREG: "a file", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+             stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket"}
+    return kinds.get(stat.S_IFMT(mode), "a special file")
 
 
 def check_output_dir(path: Path, option: str) -> None:
     """A ``UserError`` before anything is written if ``path`` cannot be (or be created as) a writable folder."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError(f"{option} {path}: is a file, not a folder; give a folder")
+        raise UserError(f"{option} {path}: is {file_kind(path.stat().st_mode)}, not a folder; give a folder")
     _check_writable_parent(path, option, path)
 
 

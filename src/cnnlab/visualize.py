@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cnnlab.data import CLASSES, Data
-from cnnlab.errors import UserError
+from cnnlab.errors import UserError, warn
 from cnnlab.results import check_output_file
 from cnnlab.modelinfo import profile, short_repr
 from cnnlab.runs import open_run
@@ -117,12 +117,45 @@ def grad_cam(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: int) -
     return (cam / cam.max()).detach() if cam.max() > 0 else cam.detach()
 
 
-def _last_image_layer(model: nn.Module, x: torch.Tensor) -> str:
+def cam_layer(model: nn.Module, x: torch.Tensor) -> str:
+    """The default layer for Grad-CAM: the last top-level layer with an image output, pooling layers
+    passed over, whose map of ``x``'s predicted class carries signal (varies over the image); the last
+    such layer when none does.
+
+    A pooling layer only re-grids what the layer before it holds, coarser. A map is all zero where the
+    class-weighted channels sum below zero everywhere: for configs/lenet.yaml trained 20 epochs, on 90
+    of the first 200 test images at its second AvgPool, 69 at the Sigmoid before it, 23 at the conv.
+    """
     rows, _ = profile(model)
-    candidates = [str(i) for i, row in enumerate(rows) if len(row.output_shape) == 3]
+    pooling = nn.MaxPool2d.__module__  # torch.nn.modules.pooling, home of every torch pooling layer
+    candidates = [str(i) for i, (row, (_, module)) in enumerate(zip(rows, model.named_children()))
+                  if len(row.output_shape) == 3 and type(module).__module__ != pooling]
     if not candidates:
         raise UserError("the model has no top-level layer with an image output; pass --layer")
+    with torch.no_grad():
+        target = int(model(x).argmax(1))
+    for spec in reversed(candidates):
+        heat = grad_cam(model, resolve_layer(model, spec)[1], x, target)
+        if heat.max() > heat.min():
+            return spec
     return candidates[-1]
+
+
+def cam_figure(raw, heat: torch.Tensor, caption: str, title: str):
+    """The input image beside it with the Grad-CAM map over it, and a colour bar for the map."""
+    from cnnlab.plots import plt
+
+    fig = plt.figure(figsize=(8.6, 4.2), dpi=110)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    left.imshow(raw, cmap="gray")
+    left.set_title(caption, fontsize=9)
+    right.imshow(raw, cmap="gray")
+    shown = right.imshow(heat.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    right.set_title(title, fontsize=9)
+    for axis in (left, right):
+        axis.axis("off")
+    fig.colorbar(shown, ax=right, fraction=0.046, pad=0.04, label="Grad-CAM, share of its peak")
+    return fig
 
 
 def visualize(
@@ -151,7 +184,7 @@ def visualize(
     x = data.prepare(chosen.images[index : index + 1])
     truth = int(chosen.labels[index])
     if layer is None:
-        layer = _last_image_layer(model, x) if mode == "cam" else "0"
+        layer = cam_layer(model, x) if mode == "cam" else "0"
     name, module = resolve_layer(model, layer)
     described = f"layer {layer}" + (f" ({name})" if name != layer else "") + f": {short_repr(module)}"
     logits, activation = capture(model, module, x)
@@ -171,6 +204,10 @@ def visualize(
         heat = grad_cam(model, module, x, predicted)
         tiles = []
         title = f"Grad-CAM of '{CLASSES[predicted]}'\nat {described}"
+        if not heat.max() > 0:
+            title += "\n(all zero: nothing here raises the class's score)"
+            warn(f"the Grad-CAM map of '{CLASSES[predicted]}' at layer {layer} is all zero: no part of that layer's "
+                 "output raises the class's score; try an earlier layer (--layer, see --list-layers)")
     else:
         if activation.dim() == 4:
             tiles = list(activation[0])
@@ -183,23 +220,16 @@ def visualize(
     if out is None:
         out = Path(run_dir) / "visualize" / f"{mode}-layer{layer}-{split}{index}.png"
         check_output_file(out, "visualize output")
-    fig = plt.figure(figsize=(10, 5) if mode != "cam" else (8, 4.2), dpi=110)
-    label = f"true: {CLASSES[truth]}\npredicted: {CLASSES[predicted]}"
+    caption = f"{split} image {index}\ntrue: {CLASSES[truth]}\npredicted: {CLASSES[predicted]}"
     if mode == "cam":
-        left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-        left.imshow(raw, cmap="gray")
-        left.set_title(f"{split} image {index}\n{label}", fontsize=9)
-        right.imshow(raw, cmap="gray")
-        right.imshow(heat.numpy(), cmap="jet", alpha=0.45)
-        right.set_title(title, fontsize=9)
-        for axis in (left, right):
-            axis.axis("off")
+        fig = cam_figure(raw, heat, caption, title)
     else:
+        fig = plt.figure(figsize=(10, 5), dpi=110)
         rows, cols = grid_shape(len(tiles))
         outer = fig.add_gridspec(1, 2, width_ratios=[1, 3], wspace=0.08)
         left = fig.add_subplot(outer[0])
         left.imshow(raw, cmap="gray")
-        left.set_title(f"{split} image {index}\n{label}", fontsize=9)
+        left.set_title(caption, fontsize=9)
         left.axis("off")
         inner = outer[1].subgridspec(rows, cols, wspace=0.05, hspace=0.05)
         for i, tile in enumerate(tiles):
