@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import gzip
 import struct
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -12,6 +16,13 @@ import torch
 from cnnlab.config import load_config
 from cnnlab.data import FILES, find_data_dir
 from cnnlab.engine import fit
+from cnnlab.errors import UserError
+from cnnlab.results import Checkpoint
+
+# How long a test waits for a process or a condition before calling it a hang. Never a measure of
+# speed: a loaded machine (another suite, a CPU hog beside this one) may be many times slower.
+HANG_SECONDS = 900
+T = TypeVar("T")
 
 
 def idx_bytes(array: torch.Tensor, kind: str) -> bytes:
@@ -87,3 +98,31 @@ def trained(tmp_path_factory):
                              f"output.dir={root / 'results'}"])
     summary = fit(cfg, quiet=True)
     return Path(summary["run_dir"]), summary
+
+
+def wait_for(condition: Callable[[], T], what: str, process: subprocess.Popen | None = None) -> T:
+    """Poll ``condition`` until it returns something true, and return that: how a test waits for a
+    process to reach a point (never a fixed sleep). Fails when ``process`` ends first (with its
+    output) or after HANG_SECONDS; either way ``process`` is ended, so that it does not linger."""
+    deadline = time.monotonic() + HANG_SECONDS
+    while True:
+        found = condition()
+        if found:
+            return found
+        if process is not None and process.poll() is not None:
+            output = process.communicate()[0] if process.stdout is not None else ""
+            raise AssertionError(f"{what}: the process ended first (exit {process.returncode}):\n{output}")
+        if time.monotonic() > deadline:
+            if process is not None:
+                process.kill()
+            raise AssertionError(f"{what}: not within {HANG_SECONDS} s (a hang)")
+        time.sleep(0.02)
+
+
+def checkpoint_epoch(run_dir: Path) -> int:
+    """The epoch of ``run_dir``'s checkpoints/last.pt as it stands on disk (0 for none, or while it is
+    being replaced): checkpoints are written in the background, after metrics.csv has the epoch."""
+    try:
+        return Checkpoint.load(run_dir / "checkpoints" / "last.pt").epoch
+    except UserError:
+        return 0

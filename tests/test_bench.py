@@ -6,6 +6,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
+from conftest import HANG_SECONDS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 runner = CliRunner()
@@ -49,7 +50,8 @@ def test_the_gpu_check_script_collects_every_figure_into_one_json(tmp_path, tiny
     env = {**os.environ, "OUT": str(tmp_path / "check"), "DEVICE": "cpu", "STEPS": "bench baseline eager fill", "EPOCHS": "1", "FILL_JOBS": "2", "FILL_SEEDS": "0",
            "BATCHES": "2", "PYTHON": sys.executable, "CNNLAB_DATA": str(tiny_data)}
     env["SETS"] = "data.check_counts=false data.val_size=100"  # the tiny data set is not Fashion-MNIST's size
-    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=600)
+    # Eight commands, torch.compile among them: the deadline only catches a hang, however loaded the machine.
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=3 * HANG_SECONDS)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "check" / "gpu_check.json").read_text())
     steps = {s["step"]: s for s in report["steps"]}

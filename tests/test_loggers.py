@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +19,8 @@ pytest.importorskip("tensorboard", reason="the tensorboard extra is not installe
 
 from cnnlab.config import load_config  # noqa: E402
 from cnnlab.engine import fit  # noqa: E402
+
+from conftest import HANG_SECONDS, wait_for  # noqa: E402
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
@@ -85,24 +86,43 @@ def test_the_mlflow_ui_shows_the_run_in_a_real_browser(logged, tmp_path):
 
     run_dir, summary, uri = logged
     experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(summary["name"])
-    port = free_port()
-    server = subprocess.Popen([MLFLOW, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, start_new_session=True)
+    port, server = mlflow_ui(uri, tmp_path)
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
         page = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs"
         dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
-                              "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+                              "--dump-dom", page], capture_output=True, text=True, timeout=HANG_SECONDS).stdout
         assert run_dir.name in dom, dom[-2000:]  # the run's name, rendered by MLflow's own UI
     finally:
         os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        server.wait(timeout=HANG_SECONDS)
+
+
+def mlflow_ui(uri: str, cwd: Path) -> tuple[int, subprocess.Popen]:
+    """`mlflow ui` on a free port, answering: (port, its process). A port free when chosen may be taken
+    before the server binds it (another process on a busy machine); the server then exits, and
+    another port is tried."""
+    log = cwd / "mlflow-ui.log"  # a file, not a pipe: nobody reads the server's output while it serves
+    for _ in range(3):
+        port = free_port()
+        with open(log, "w") as output:
+            server = subprocess.Popen([MLFLOW, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
+                                      stdout=output, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        try:
+            wait_for(lambda: healthy(port) or server.poll() is not None, "mlflow ui answering")
+        except BaseException:
+            os.killpg(server.pid, signal.SIGKILL)
+            raise
+        if server.poll() is None:
+            return port, server
+    raise AssertionError(f"mlflow ui did not start:\n{log.read_text()}")
+
+
+def healthy(port: int) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+        return True
+    except OSError:
+        return False
 
 
 def test_a_logger_whose_package_is_missing_is_a_config_error(tmp_path, tiny_overrides):
@@ -111,7 +131,7 @@ def test_a_logger_whose_package_is_missing_is_a_config_error(tmp_path, tiny_over
     hide_mlflow = "import sys; sys.modules['mlflow'] = None; from cnnlab.entry import main; main()"
     sets = [a for o in tiny_overrides for a in ("--set", o)]
     result = subprocess.run([sys.executable, "-c", hide_mlflow, "run", str(config), *sets], capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=HANG_SECONDS)
     assert result.returncode == 2, result.stderr
     assert "output.loggers: mlflow needs the mlflow package, which is not installed; install it with: " \
            "pip install 'cnnlab[mlflow]'" in result.stderr
@@ -120,7 +140,8 @@ def test_a_logger_whose_package_is_missing_is_a_config_error(tmp_path, tiny_over
 
 def test_an_unreachable_mlflow_server_is_said_once_and_the_run_trains_on(tmp_path, tiny_overrides):
     """The warning is the reachability probe's, before MLflow's client (which retries a dead server for
-    about 250 s) is ever made; the timeout only catches that old hang, it does not time the run."""
+    about 250 s) is ever made: the client's own failure, after its retries, would say something else.
+    The timeout only catches a hang; it does not time the run."""
     config = tmp_path / "logged.yaml"
     config.write_text("name: logged\noutput: {loggers: [mlflow]}\n")
     with socket.socket() as closed:
@@ -129,7 +150,7 @@ def test_an_unreachable_mlflow_server_is_said_once_and_the_run_trains_on(tmp_pat
         sets = [a for o in [*tiny_overrides, "train.epochs=1", f"output.mlflow_uri=http://me:secret@127.0.0.1:{port}"]
                 for a in ("--set", o)]
         result = subprocess.run([sys.executable, "-m", "cnnlab", "run", str(config), "--quiet", *sets],
-                                capture_output=True, text=True, timeout=120)
+                                capture_output=True, text=True, timeout=HANG_SECONDS)
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert warnings == [f"warning: output.loggers: mlflow is not logging this run: the tracking server "

@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
+from conftest import HANG_SECONDS
 
 runner = CliRunner()
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "screenshot_report.sh"
@@ -56,7 +57,7 @@ def test_html_renders_in_headless_chromium_with_no_broken_image(report, tmp_path
     out, _ = report
     shot = tmp_path / "shot.png"
     result = subprocess.run(["bash", str(SCRIPT), str(out.with_suffix(".html")), str(shot)], capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=HANG_SECONDS)
     assert result.returncode == 0, result.stderr
     counts = dict(re.findall(r"(images|broken): (\d+)", result.stdout))
     assert int(counts["images"]) >= 5 and counts["broken"] == "0"

@@ -13,14 +13,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from conftest import write_dataset
+from conftest import HANG_SECONDS, checkpoint_epoch, wait_for, write_dataset
 
 TIMING = {"epoch_seconds", "train_examples_per_sec"}
 runner = CliRunner()
@@ -56,14 +55,13 @@ def only_run(folder: Path) -> Path:
 
 def wait_for_epochs(process: subprocess.Popen, results: Path, epochs: int) -> Path:
     """Block until the run has finished ``epochs`` epochs (its metrics.csv says so); return its folder."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    def finished() -> Path | None:
         for metrics in results.glob("resumable/*/metrics.csv"):
             if len(metrics.read_text().splitlines()) > epochs:
                 return metrics.parent
-        assert process.poll() is None, process.stdout.read()
-        time.sleep(0.01)
-    raise AssertionError("the run did not reach epoch {epochs}")
+        return None
+
+    return wait_for(finished, f"the run finishing epoch {epochs}", process)
 
 
 def metric_rows(run: Path) -> list[dict]:
@@ -79,20 +77,22 @@ def summary(run: Path) -> dict:
 def reference(workdir: Path) -> Path:
     """The same config trained without interruption."""
     process = start(workdir, "reference")
-    output = process.communicate(timeout=300)[0]
+    output = process.communicate(timeout=HANG_SECONDS)[0]
     assert process.returncode == 0, output
     return only_run(workdir / "reference")
 
 
 def resume(run: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cnnlab", "resume", str(run), "--quiet", *args],
-                          cwd=run.parents[2], capture_output=True, text=True, timeout=300)
+                          cwd=run.parents[2], capture_output=True, text=True, timeout=HANG_SECONDS)
 
 
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(workdir, reference):
     process = start(workdir, "killed")
     run = wait_for_epochs(process, workdir / "killed", 2)
-    time.sleep(0.1)  # well inside epoch 3
+    # Epoch 2's checkpoint is written in the background while epoch 3 trains: once it is on disk the
+    # kill lands inside epoch 3 and the resume must start from epoch 2, however slow the machine.
+    wait_for(lambda: checkpoint_epoch(run) >= 2, "epoch 2's checkpoint", process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert summary(run)["status"] == "running"  # nobody could write anything down...
@@ -100,7 +100,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(workdir, refe
     listing = runner.invoke(app, ["compare", str(run)])
     assert "1 stale of 1" in listing.output  # ...but the dead run is told from a live one
     looked = subprocess.run([sys.executable, "-m", "cnnlab", "eval", str(run)], capture_output=True, text=True,
-                            cwd=workdir, timeout=120)
+                            cwd=workdir, timeout=HANG_SECONDS)
     assert looked.returncode == 0 and "warning:" in looked.stderr and "stale" in looked.stderr
 
     done = resume(run)
@@ -119,7 +119,7 @@ def test_sigterm_stops_at_a_batch_exits_143_and_resume_completes_identically(wor
     process = start(workdir, "terminated")
     run = wait_for_epochs(process, workdir / "terminated", 1)
     process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=60)[0]
+    output = process.communicate(timeout=HANG_SECONDS)[0]
     assert process.returncode == 143, output
     stopped = summary(run)
     assert stopped["status"] == "interrupted" and stopped["error"] == "interrupted by SIGTERM"
@@ -139,7 +139,7 @@ def test_sigint_and_sighup_are_recorded_like_sigterm(workdir, signum, code):
     process = start(workdir, results)
     run = wait_for_epochs(process, workdir / results, 1)
     process.send_signal(signum)
-    output = process.communicate(timeout=60)[0]
+    output = process.communicate(timeout=HANG_SECONDS)[0]
     assert process.returncode == code, output
     assert summary(run)["status"] == "interrupted"
     assert signal.Signals(signum).name in summary(run)["error"]
@@ -187,17 +187,17 @@ def test_run_resume_auto_continues_the_unfinished_run_of_the_same_config(workdir
     process = start(workdir, "auto")
     run = wait_for_epochs(process, workdir / "auto", 1)
     process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=60)
+    process.communicate(timeout=HANG_SECONDS)
 
     again = subprocess.run([sys.executable, "-m", "cnnlab", "run", "cfg.yaml", "--quiet", "--results", "auto",
-                            "--resume", "auto"], cwd=workdir, capture_output=True, text=True, timeout=300)
+                            "--resume", "auto"], cwd=workdir, capture_output=True, text=True, timeout=HANG_SECONDS)
     assert again.returncode == 0, again.stdout + again.stderr
     assert only_run(workdir / "auto") == run  # continued in place, no second folder
     assert metric_rows(run) == metric_rows(reference)
 
     other = subprocess.run([sys.executable, "-m", "cnnlab", "run", "cfg.yaml", "--quiet", "--results", "auto",
                             "--resume", "auto", "--epochs", "1"], cwd=workdir, capture_output=True, text=True,
-                           timeout=300)
+                           timeout=HANG_SECONDS)
     assert other.returncode == 0, other.stderr
     assert len(list((workdir / "auto" / "resumable").iterdir())) == 2  # a finished run is not resumed: a new one
 
@@ -213,7 +213,7 @@ def test_a_failure_after_the_last_epoch_is_recorded_with_the_test_accuracy(workd
     process = subprocess.run(
         [sys.executable, "-m", "cnnlab", "run", "cfg.yaml", "--quiet", "--results", "full", "--epochs", "1",
          "--set", "output.checkpoints=false"],
-        cwd=workdir, capture_output=True, text=True, timeout=300, preexec_fn=small_files,
+        cwd=workdir, capture_output=True, text=True, timeout=HANG_SECONDS, preexec_fn=small_files,
     )
     assert process.returncode == 1, process.stdout + process.stderr
     assert "Traceback" not in process.stderr and "File too large" in process.stderr
@@ -232,7 +232,7 @@ def test_a_live_run_cannot_be_resumed_twice(workdir):
         assert "1 running of 1" in listing.output
     finally:
         process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=60)
+        process.communicate(timeout=HANG_SECONDS)
     assert summary(run)["status"] == "interrupted"
 
 
@@ -323,7 +323,7 @@ def test_a_checkpoint_that_cannot_be_written_fails_the_run_and_says_so(workdir):
 
     process = subprocess.run(
         [sys.executable, "-m", "cnnlab", "run", "cfg.yaml", "--quiet", "--results", "nodisk", "--epochs", "2"],
-        cwd=workdir, capture_output=True, text=True, timeout=300, preexec_fn=small_files,
+        cwd=workdir, capture_output=True, text=True, timeout=HANG_SECONDS, preexec_fn=small_files,
     )
     assert process.returncode == 1, process.stdout + process.stderr
     assert "Traceback" not in process.stderr and "File too large" in process.stderr
@@ -462,7 +462,7 @@ def test_two_ctrl_c_back_to_back_are_recorded_as_one_interruption(workdir, attem
     run = wait_for_epochs(process, workdir / results, 1)
     os.kill(process.pid, signal.SIGINT)
     os.kill(process.pid, signal.SIGINT)
-    output = process.communicate(timeout=120)[0]
+    output = process.communicate(timeout=HANG_SECONDS)[0]
     assert process.returncode == 130, output
     stopped = summary(run)
     assert stopped["status"] == "interrupted" and stopped["stopped_at"] and stopped["finished"], stopped
@@ -478,7 +478,7 @@ def test_a_folder_that_cannot_take_its_first_files_is_exit_2_and_taken_back(work
         resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
 
     process = subprocess.run([sys.executable, "-m", "cnnlab", "run", "cfg.yaml", "--quiet", "--results", "nospace"],
-                             cwd=workdir, capture_output=True, text=True, timeout=300, preexec_fn=tiny_files)
+                             cwd=workdir, capture_output=True, text=True, timeout=HANG_SECONDS, preexec_fn=tiny_files)
     assert process.returncode == 2, process.stdout + process.stderr
     assert "Traceback" not in process.stderr and "File too large" in process.stderr
     assert "cannot write the new run folder nospace/resumable/" in process.stderr

@@ -124,9 +124,8 @@ def test_a_sweep_stopped_by_sigterm_records_what_ran_and_resumes_the_stopped_tri
     import signal
     import subprocess
     import sys
-    import time
 
-    from conftest import write_dataset
+    from conftest import HANG_SECONDS, wait_for, write_dataset
 
     data = write_dataset(tmp_path / "data", n_train=3000, n_test=200)
     family = tmp_path / "family"
@@ -138,12 +137,10 @@ def test_a_sweep_stopped_by_sigterm_records_what_ran_and_resumes_the_stopped_tri
     command = [sys.executable, "-m", "cnnlab", "sweep", str(family), "--results", str(tmp_path / "results"), "--quiet"]
     sweep = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     runs = tmp_path / "results" / "sweeps" / "family" / "runs"
-    deadline = time.monotonic() + 180
-    while not any(len(m.read_text().splitlines()) > 1 for m in runs.glob("b/*/metrics.csv")):
-        assert sweep.poll() is None and time.monotonic() < deadline, sweep.stdout.read()
-        time.sleep(0.01)
+    wait_for(lambda: any(len(m.read_text().splitlines()) > 1 for m in runs.glob("b/*/metrics.csv")),
+             "trial b finishing its first epoch", sweep)
     sweep.send_signal(signal.SIGTERM)
-    output = sweep.communicate(timeout=60)[0]
+    output = sweep.communicate(timeout=HANG_SECONDS)[0]
     assert sweep.returncode == 143, output
     [stopped_dir] = (tmp_path / "results" / "sweeps" / "family").glob("2*")
     trials = {t["name"]: t for t in json.loads((stopped_dir / "trials.json").read_text())}
@@ -151,9 +148,8 @@ def test_a_sweep_stopped_by_sigterm_records_what_ran_and_resumes_the_stopped_tri
     assert {r["name"]: r["status"] for r in read_csv(stopped_dir / "summary.csv")} == {"a": "completed", "b": "interrupted"}
     [b_run] = runs.glob("b/*")
     assert json.loads((b_run / "summary.json").read_text())["status"] == "interrupted"
-    time.sleep(1.1)  # the next sweep folder gets a new timestamp
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=HANG_SECONDS)  # a folder of its own, same second or not
     assert again.returncode == 0, again.stdout + again.stderr
     assert "1 done before" in again.stdout and "resume b seed 0" in again.stdout
     assert list(runs.glob("b/*")) == [b_run]  # continued in its own folder, not started over

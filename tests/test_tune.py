@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ pytest.importorskip("ray", reason="the ray extra is not installed (pip install '
 from cnnlab.cli import app  # noqa: E402
 from cnnlab.results import read_summary  # noqa: E402
 
-from conftest import write_dataset  # noqa: E402
+from conftest import HANG_SECONDS, wait_for, write_dataset  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 runner = CliRunner()
@@ -34,9 +33,11 @@ def space_file(tmp_path: Path, data: Path, trials: int = 4, epochs: int = 3) -> 
         "  model.channels: {choice: [[4, 8], [6, 16]]}\n"
         "  model.dropout: {uniform: [0.0, 0.3]}\n"
     )
+    # One thread a trial: on a loaded machine a trial given both cores' threads is ten times slower (they
+    # wait for each other). A trial's default, the CPUs Ray gives it, is taken in the relative-paths test.
     (tmp_path / "sets").write_text("\n".join([
         f"data.root={data}", "data.check_counts=false", "data.val_size=200", f"train.epochs={epochs}",
-        "train.batch_size=64", "train.device=cpu"]))
+        "train.batch_size=64", "train.device=cpu", "train.threads=1"]))
     return path
 
 
@@ -94,14 +95,14 @@ def test_sigterm_to_the_process_group_stops_the_tune_in_order_and_resume_continu
     process = subprocess.Popen([*command, "--jobs", "1", *sets(tmp_path)], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     runs = tmp_path / "results" / "tune" / "space" / "runs"
-    deadline = time.monotonic() + 240
-    while process.poll() is None and time.monotonic() < deadline:
+
+    def in_third_epoch() -> bool:
         metrics = list(runs.glob("*/*/metrics.csv"))
-        if metrics and len(metrics[0].read_text().splitlines()) >= 3:  # the first trial is in its third epoch
-            os.killpg(process.pid, signal.SIGTERM)
-            break
-        time.sleep(0.05)
-    output, _ = process.communicate(timeout=240)
+        return bool(metrics) and len(metrics[0].read_text().splitlines()) >= 3
+
+    wait_for(in_third_epoch, "the first trial finishing its second epoch", process)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=HANG_SECONDS)
     assert process.returncode == 143, output
     assert "continue it with --resume" in output and "Traceback" not in output
     [first] = runs.glob("*/*/summary.json")
@@ -114,9 +115,10 @@ def test_sigterm_to_the_process_group_stops_the_tune_in_order_and_resume_continu
     assert all(row["status"] == "not started" and not row["run_dir"] for row in rows[1:]), rows
     assert (folder / "trials.json").is_file() and not (folder / ".stop").exists()
 
-    refused = subprocess.run([*command, "--resume", "--trials", "5"], capture_output=True, text=True, env=env, timeout=120)
+    refused = subprocess.run([*command, "--resume", "--trials", "5"], capture_output=True, text=True, env=env,
+                             timeout=HANG_SECONDS)
     assert refused.returncode == 2 and "leave out --set, --trials and --jobs" in refused.stderr
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, timeout=300)  # as started
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, timeout=HANG_SECONDS)  # as started
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     rows = read_rows(folder)  # the same tune folder, continued
     assert len(rows) == 2 and {row["status"] for row in rows} <= {"completed", "pruned"}
@@ -196,7 +198,7 @@ def test_without_ray_tune_says_how_to_install_it(tmp_path, tiny_data):
     (blocker / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-m", "cnnlab", "tune", str(space_file(tmp_path, tiny_data)), "--results",
-                             str(tmp_path / "results")], capture_output=True, text=True, env=env, timeout=120)
+                             str(tmp_path / "results")], capture_output=True, text=True, env=env, timeout=HANG_SECONDS)
     assert result.returncode == 2 and "cnnlab tune needs Ray" in result.stderr and "pip install 'cnnlab[ray]'" in result.stderr
     assert not (tmp_path / "results").exists()
 

@@ -42,7 +42,9 @@ from cnnlab.trial import TrialRecorder, TrialResult, run_trial
 INSTALL = "pip install 'cnnlab[ray]'"
 MAX_RUN_ARCHIVE = 2 << 30  # a shipped run folder is checkpoints and a few plots; refuse anything near this
 SKIPPED_FILES = (".lock",)
-CANCEL_GRACE_SECONDS = 60  # how long a cancelled trial may take to checkpoint and reply
+# How long a cancelled trial may take to checkpoint, pack its folder and reply: only a hung trial takes it all
+# (a loaded machine may take a minute); the trial is then recorded from the events it sent.
+CANCEL_GRACE_SECONDS = 300
 
 
 def require_ray(feature: str) -> Any:

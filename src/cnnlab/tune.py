@@ -55,7 +55,9 @@ DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 STATE_FOLDER = "ray"  # Ray Tune's experiment state, inside the tune folder
 STOP_FILE = ".stop"  # in the tune folder while the tune stops on a signal: its number (see TuneSignals)
 STOP_POLL_SECONDS = 0.5  # how often a trial looks for the stop file between batches
-STOP_GRACE_SECONDS = 60  # how long the tune waits for its trials to checkpoint and stop before Ray Tune ends them
+# How long the tune waits for its trials to checkpoint and stop before Ray Tune ends them: only a hung trial
+# takes it all (a loaded machine may take a minute to write a checkpoint); a second signal ends the tune at once.
+STOP_GRACE_SECONDS = 300
 WORST_LOSS = 1e6  # what a failed trial scores on a loss metric (finite: Optuna's TPE takes it as a value)
 
 
