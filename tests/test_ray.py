@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -210,19 +211,24 @@ def test_a_stopped_trial_without_shared_storage_still_comes_back_with_its_checkp
     scratch_before = set(Path(tempfile.gettempdir()).glob("cnnlab-trial-*"))
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def first_epoch_done() -> bool:
+    def first_epoch_done() -> bool:  # in this test's trial: the temporary folder holds other runs' trials too
         fresh = set(Path(tempfile.gettempdir()).glob("cnnlab-trial-*")) - scratch_before
-        return any(len(m.read_text().splitlines()) >= 2 for d in fresh for m in d.glob("*/*/metrics.csv"))
+        for metrics in (m for d in fresh for m in d.glob("*/*/metrics.csv")):
+            with contextlib.suppress(OSError):  # another trial's folder, removed as it ends
+                if str(data) in (metrics.parent / "config.yaml").read_text() and len(metrics.read_text().splitlines()) >= 2:
+                    return True
+        return False
 
     wait_for(first_epoch_done, "the trial finishing its first epoch on the worker's side", process)
     process.send_signal(signal.SIGTERM)  # the trial has (or is writing) a checkpoint on the worker's side
     output, _ = process.communicate(timeout=HANG_SECONDS)
     assert "STOPPED_BY 15" in output, output
-    [run_dir] = (tmp_path / "results" / "sweeps" / "long" / "runs").glob("*/2*")  # shipped back, not lost
-    summary = read_summary(run_dir / "summary.json")
-    assert summary.status == "interrupted" and summary.epochs_completed >= 1
-    assert summary.error == "interrupted by SIGTERM"  # the sweep's signal, not the SIGINT of Ray's cancellation
-    assert Checkpoint.load(run_dir / "checkpoints" / "last.pt").epoch >= 1
     [sweep_dir] = (tmp_path / "results" / "sweeps" / "long").glob("2*")
     [row] = json.loads((sweep_dir / "trials.json").read_text())
+    shipped = list((tmp_path / "results" / "sweeps" / "long" / "runs").glob("*/2*"))
+    assert len(shipped) == 1, (row, output)  # shipped back, not lost
+    summary = read_summary(shipped[0] / "summary.json")
+    assert summary.status == "interrupted" and summary.epochs_completed >= 1
+    assert summary.error == "interrupted by SIGTERM"  # the sweep's signal, not the SIGINT of Ray's cancellation
+    assert Checkpoint.load(shipped[0] / "checkpoints" / "last.pt").epoch >= 1
     assert row["status"] == "interrupted" and row["error"] == "interrupted by SIGTERM"
