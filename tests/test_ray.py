@@ -42,21 +42,24 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """A one-node Ray cluster with 2 CPUs, started with `ray start` and stopped after the tests;
-    cnnlab finds it with `--address auto`, as on a cluster's node. The port is free when chosen but
-    may be taken before Ray binds it (another process on a busy machine): then another is tried."""
+    cnnlab finds it with `--address auto`, as on a cluster's node. Only this cluster's processes are
+    ended after (`ray stop` would end every Ray cluster on the machine, another person's tests' too)."""
+    log = tmp_path_factory.mktemp("ray") / "ray-start.log"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    for _ in range(3):
-        started = subprocess.run([RAY, "start", "--head", f"--port={free_port()}", "--num-cpus=2", "--num-gpus=0",
-                                  "--include-dashboard=false", "--disable-usage-stats"],
-                                 capture_output=True, text=True, env=env, timeout=HANG_SECONDS)
-        if started.returncode == 0:
+    for _ in range(3):  # a port free when chosen may be taken before Ray binds it: then another is tried
+        with open(log, "w") as output:
+            head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
+                                     "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"],
+                                    stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        wait_for(lambda: "block forever" in log.read_text() or head.poll() is not None, "ray start")
+        if head.poll() is None:
             break
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=HANG_SECONDS)
-    assert started.returncode == 0, started.stdout + started.stderr
+    assert head.poll() is None, log.read_text()
     try:
         yield "auto"
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=HANG_SECONDS)
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` and every process of its cluster
+        head.wait(timeout=HANG_SECONDS)
 
 
 def family(tmp_path: Path, data: Path) -> Path:
