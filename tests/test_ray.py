@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -41,21 +42,24 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """A one-node Ray cluster with 2 CPUs, started with `ray start` and stopped after the tests;
-    cnnlab finds it with `--address auto`, as on a cluster's node. The port is free when chosen but
-    may be taken before Ray binds it (another process on a busy machine): then another is tried."""
+    cnnlab finds it with `--address auto`, as on a cluster's node. Only this cluster's processes are
+    ended after (`ray stop` would end every Ray cluster on the machine, another person's tests' too)."""
+    log = tmp_path_factory.mktemp("ray") / "ray-start.log"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    for _ in range(3):
-        started = subprocess.run([RAY, "start", "--head", f"--port={free_port()}", "--num-cpus=2", "--num-gpus=0",
-                                  "--include-dashboard=false", "--disable-usage-stats"],
-                                 capture_output=True, text=True, env=env, timeout=HANG_SECONDS)
-        if started.returncode == 0:
+    for _ in range(3):  # a port free when chosen may be taken before Ray binds it: then another is tried
+        with open(log, "w") as output:
+            head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
+                                     "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"],
+                                    stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        wait_for(lambda: "block forever" in log.read_text() or head.poll() is not None, "ray start")
+        if head.poll() is None:
             break
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=HANG_SECONDS)
-    assert started.returncode == 0, started.stdout + started.stderr
+    assert head.poll() is None, log.read_text()
     try:
         yield "auto"
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=HANG_SECONDS)
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` and every process of its cluster
+        head.wait(timeout=HANG_SECONDS)
 
 
 def family(tmp_path: Path, data: Path) -> Path:
@@ -210,19 +214,24 @@ def test_a_stopped_trial_without_shared_storage_still_comes_back_with_its_checkp
     scratch_before = set(Path(tempfile.gettempdir()).glob("cnnlab-trial-*"))
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def first_epoch_done() -> bool:
+    def first_epoch_done() -> bool:  # in this test's trial: the temporary folder holds other runs' trials too
         fresh = set(Path(tempfile.gettempdir()).glob("cnnlab-trial-*")) - scratch_before
-        return any(len(m.read_text().splitlines()) >= 2 for d in fresh for m in d.glob("*/*/metrics.csv"))
+        for metrics in (m for d in fresh for m in d.glob("*/*/metrics.csv")):
+            with contextlib.suppress(OSError):  # another trial's folder, removed as it ends
+                if str(data) in (metrics.parent / "config.yaml").read_text() and len(metrics.read_text().splitlines()) >= 2:
+                    return True
+        return False
 
     wait_for(first_epoch_done, "the trial finishing its first epoch on the worker's side", process)
     process.send_signal(signal.SIGTERM)  # the trial has (or is writing) a checkpoint on the worker's side
     output, _ = process.communicate(timeout=HANG_SECONDS)
     assert "STOPPED_BY 15" in output, output
-    [run_dir] = (tmp_path / "results" / "sweeps" / "long" / "runs").glob("*/2*")  # shipped back, not lost
-    summary = read_summary(run_dir / "summary.json")
-    assert summary.status == "interrupted" and summary.epochs_completed >= 1
-    assert summary.error == "interrupted by SIGTERM"  # the sweep's signal, not the SIGINT of Ray's cancellation
-    assert Checkpoint.load(run_dir / "checkpoints" / "last.pt").epoch >= 1
     [sweep_dir] = (tmp_path / "results" / "sweeps" / "long").glob("2*")
     [row] = json.loads((sweep_dir / "trials.json").read_text())
+    shipped = list((tmp_path / "results" / "sweeps" / "long" / "runs").glob("*/2*"))
+    assert len(shipped) == 1, (row, output)  # shipped back, not lost
+    summary = read_summary(shipped[0] / "summary.json")
+    assert summary.status == "interrupted" and summary.epochs_completed >= 1
+    assert summary.error == "interrupted by SIGTERM"  # the sweep's signal, not the SIGINT of Ray's cancellation
+    assert Checkpoint.load(shipped[0] / "checkpoints" / "last.pt").epoch >= 1
     assert row["status"] == "interrupted" and row["error"] == "interrupted by SIGTERM"
