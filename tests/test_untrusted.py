@@ -501,13 +501,26 @@ def test_a_ctrl_c_at_any_moment_of_start_up_stops_the_command(tiny_data, tmp_pat
     import sys
     import time
 
-    for delay in (0.05, 0.4, 1.2):
+    from conftest import HANG_SECONDS, wait_for
+
+    def handlers_installed(pid: int) -> bool:
+        """cnnlab records signals from its first line (entry.py); before that the interpreter itself
+        is starting, and a Ctrl-C there is Python's, not cnnlab's (SigCgt: the signals it catches)."""
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        return all(caught & (1 << (s - 1)) for s in (signal.SIGTERM, signal.SIGHUP))
+
+    for delay in (0.0, 0.05, 0.4, 1.2):  # after cnnlab's first line: during imports, data loading, the first batches
         results = tmp_path / f"r{delay}"
-        process = subprocess.Popen([sys.executable, "-m", "cnnlab", *map(str, tiny_run(tiny_data, results))],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        command = [sys.executable, "-m", "cnnlab", *map(str, tiny_run(tiny_data, results)), "--epochs", "100000"]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        wait_for(lambda: handlers_installed(process.pid), "cnnlab to install its signal handlers", process)
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
-        output = process.communicate(timeout=120)[0].decode()
+        output = process.communicate(timeout=HANG_SECONDS)[0].decode()
         assert process.returncode == 130, (delay, output)
         completed = [p for p in results.glob("*/*/summary.json") if '"completed"' in p.read_text()]
         assert not completed, delay
