@@ -18,7 +18,7 @@ import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -198,7 +198,7 @@ def latest_trials_file(folder: Path) -> Path | None:
     return stamped[-1] if stamped else None
 
 
-Stat = tuple["float | None", "float | None"]  # (mean, std) over seeds; (None, None) where nothing was measured
+Stat = tuple[Optional[float], Optional[float]]  # (mean, std) over seeds; (None, None) where nothing was measured
 
 
 def mean_std(values: list[Any]) -> Stat:
