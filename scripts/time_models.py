@@ -18,7 +18,8 @@ from torch import nn
 
 from cnnlab.config import load_config
 from cnnlab.data import load_data
-from cnnlab.engine import build_model, make_optimizer, make_runtime, make_scheduler, train_one_epoch
+from cnnlab.engine import make_optimizer, make_runtime, make_scheduler, train_one_epoch
+from cnnlab.models.build import build_model
 from cnnlab.sweep import expand
 
 TRAIN_IMAGES = 60_000  # the report's mode trains on the whole training set
@@ -27,7 +28,7 @@ TRAIN_IMAGES = 60_000  # the report's mode trains on the whole training set
 def images_per_second(model_name: str, device: str, seconds: float, data) -> tuple[float, int]:
     cfg = load_config(None, [f"model.name={model_name}", f"train.device={device}", "optim.lr=0.01"])
     runtime = make_runtime(device, "fp32")
-    model = build_model(cfg, runtime)
+    model = build_model(cfg, runtime.device, channels_last=runtime.channels_last)
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.schedule, 1, 1000)
     loss_fn = nn.CrossEntropyLoss()

@@ -3,10 +3,10 @@
 import json
 from pathlib import Path
 
+from conftest import HANG_SECONDS
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from conftest import HANG_SECONDS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 runner = CliRunner()
@@ -47,7 +47,8 @@ def test_the_gpu_check_script_collects_every_figure_into_one_json(tmp_path, tiny
     import sys
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.sh"
-    env = {**os.environ, "OUT": str(tmp_path / "check"), "DEVICE": "cpu", "STEPS": "bench baseline eager fill", "EPOCHS": "1", "FILL_JOBS": "2", "FILL_SEEDS": "0",
+    env = {**os.environ, "OUT": str(tmp_path / "check"), "DEVICE": "cpu", "STEPS": "bench baseline eager fill", "EPOCHS": "1",
+           "FILL_JOBS": "2", "FILL_SEEDS": "0",
            "BATCHES": "2", "PYTHON": sys.executable, "CNNLAB_DATA": str(tiny_data)}
     env["SETS"] = "data.check_counts=false data.val_size=100"  # the tiny data set is not Fashion-MNIST's size
     # Eight commands, torch.compile among them: the deadline only catches a hang, however loaded the machine.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_dataset
 
 from cnnlab.config import load_config
 from cnnlab.engine import fit
@@ -16,8 +17,6 @@ from cnnlab.progress import Reporter
 from cnnlab.results import read_metrics_csv
 from cnnlab.runs import resume
 from cnnlab.stopping import Interrupted
-
-from conftest import write_dataset
 
 COMPARED = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 

@@ -5,10 +5,10 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import write_dataset
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from conftest import write_dataset
 
 runner = CliRunner()
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

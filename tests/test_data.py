@@ -3,11 +3,11 @@ import struct
 
 import pytest
 import torch
+from conftest import idx_bytes, write_dataset
 
 from cnnlab.config import DataConfig
 from cnnlab.data import Augment, find_data_dir, load_data, read_idx, read_split, stratified_split
 from cnnlab.errors import UserError
-from conftest import idx_bytes, write_dataset
 
 CPU = torch.device("cpu")
 

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_SECONDS, checkpoint_epoch, wait_for, write_dataset
 
 from cnnlab.distributed import World
 from cnnlab.errors import UserError
 from cnnlab.results import read_metrics_csv
-
-from conftest import HANG_SECONDS, checkpoint_epoch, wait_for, write_dataset
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

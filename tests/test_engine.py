@@ -162,7 +162,8 @@ def test_interrupt_is_recorded_and_partial_results_kept(tiny_overrides, tmp_path
 def test_checking_a_model_before_training_leaves_no_trace(tiny_overrides):
     """The pre-flight batch must not move BatchNorm statistics or consume dropout's random draws."""
     from cnnlab.data import load_data
-    from cnnlab.engine import build_model, check_model
+    from cnnlab.engine import check_model
+    from cnnlab.models.build import build_model
 
     cfg = load_config(None, [*tiny_overrides, "model.batch_norm=true", "model.dropout=0.5"])
     data = load_data(cfg.data, cfg.seed, torch.device("cpu"))

@@ -4,10 +4,10 @@ import csv
 from pathlib import Path
 
 import pytest
+from conftest import requires_real_data
 
 from cnnlab.config import load_config
 from cnnlab.engine import fit
-from conftest import requires_real_data
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -17,10 +17,10 @@ import pytest
 pytest.importorskip("mlflow", reason="the mlflow extra is not installed (pip install 'cnnlab[mlflow]')")
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install 'cnnlab[tensorboard]')")
 
-from cnnlab.config import load_config  # noqa: E402
-from cnnlab.engine import fit  # noqa: E402
+from conftest import HANG_SECONDS, wait_for
 
-from conftest import HANG_SECONDS, wait_for  # noqa: E402
+from cnnlab.config import load_config
+from cnnlab.engine import fit
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 

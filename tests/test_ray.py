@@ -7,8 +7,8 @@ import csv
 import io
 import json
 import os
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -20,13 +20,13 @@ from typer.testing import CliRunner
 
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'cnnlab[ray]')")
 
-from cnnlab.cli import app  # noqa: E402
-from cnnlab.cluster import pack_run, unpack_run  # noqa: E402
-from cnnlab.errors import UserError  # noqa: E402
-from cnnlab.results import Checkpoint, read_summary  # noqa: E402
-from cnnlab.sweep import RayOptions, run_sweep  # noqa: E402
+from conftest import HANG_SECONDS, wait_for, write_dataset
 
-from conftest import HANG_SECONDS, wait_for, write_dataset  # noqa: E402
+from cnnlab.cli import app
+from cnnlab.cluster import pack_run, unpack_run
+from cnnlab.errors import UserError
+from cnnlab.results import Checkpoint, read_summary
+from cnnlab.sweep import RayOptions, run_sweep
 
 RAY = str(Path(sys.executable).parent / "ray")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -25,14 +25,12 @@ import time
 from pathlib import Path
 
 import yaml
+from conftest import write_dataset
 from PIL import Image
-
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
 from cnnlab.results import read_summary
-
-from conftest import write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

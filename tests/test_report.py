@@ -8,11 +8,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import HANG_SECONDS
 from PIL import Image
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from conftest import HANG_SECONDS
 
 runner = CliRunner()
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "screenshot_report.sh"
@@ -32,8 +32,10 @@ def test_markdown_carries_the_runs_numbers_and_relative_images(report):
     text = out.read_text()
     for heading in ("## 1. Setup", "## 2. Results", "## 3. Models", "## 4. What the convolutions see"):
         assert heading in text
-    row = next(line for line in text.splitlines() if line.startswith(f"| {summary['name']} | {summary['final']['train_loss']:.3f}"))
-    assert f"| {summary['test_acc']:.3f} |" in row and f"{summary['params']:,}" in row and f"{summary['flops_per_image']:,}" in row
+    start = f"| {summary['name']} | {summary['final']['train_loss']:.3f}"
+    row = next(line for line in text.splitlines() if line.startswith(start))
+    assert f"| {summary['test_acc']:.3f} |" in row and f"{summary['params']:,}" in row
+    assert f"{summary['flops_per_image']:,}" in row
     assert "| 3 | Conv2d(6, 16, k=5) | 16x10x10 | 2,416 |" in text  # the structure table, as `cnnlab summary` prints
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(links) >= 5 and all(not Path(link).is_absolute() for link in links)

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_SECONDS, checkpoint_epoch, wait_for, write_dataset
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from conftest import HANG_SECONDS, checkpoint_epoch, wait_for, write_dataset
 
 TIMING = {"epoch_seconds", "train_examples_per_sec"}
 runner = CliRunner()

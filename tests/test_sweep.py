@@ -149,7 +149,8 @@ def test_a_sweep_stopped_by_sigterm_records_what_ran_and_resumes_the_stopped_tri
     [b_run] = runs.glob("b/*")
     assert json.loads((b_run / "summary.json").read_text())["status"] == "interrupted"
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=HANG_SECONDS)  # a folder of its own, same second or not
+    # a folder of its own, same second or not
+    again = subprocess.run(command, capture_output=True, text=True, timeout=HANG_SECONDS)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "1 done before" in again.stdout and "resume b seed 0" in again.stdout
     assert list(runs.glob("b/*")) == [b_run]  # continued in its own folder, not started over

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'cnnlab[ray]')")
 
-from cnnlab.cli import app  # noqa: E402
-from cnnlab.results import read_summary  # noqa: E402
+from conftest import HANG_SECONDS, wait_for, write_dataset
 
-from conftest import HANG_SECONDS, wait_for, write_dataset  # noqa: E402
+from cnnlab.cli import app
+from cnnlab.results import read_summary
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 runner = CliRunner()

@@ -1,17 +1,16 @@
 """The report's section-6 networks, user-defined models, and their parameter counts by hand."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
-from pathlib import Path
-
 from cnnlab.config import load_config
-from cnnlab.engine import build_model
 from cnnlab.errors import UserError
 from cnnlab.modelinfo import count_params
 from cnnlab.models import get_model
+from cnnlab.models.build import build_model
 
 
 def conv(cin, cout, k):

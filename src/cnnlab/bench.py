@@ -54,7 +54,7 @@ def _peak_mb(device: torch.device) -> float | None:
 def d2l_in_process(cfg: Config, device: torch.device, batches: int) -> dict[str, Any]:
     """The report's loop over its DataLoader (end to end), then over batches made beforehand (step)."""
     from cnnlab.d2l_replica import loaders, step, torchvision_layout
-    from cnnlab.engine import build_model
+    from cnnlab.models.build import build_model
 
     with torchvision_layout(cfg) as root:
         train_loader, _ = loaders(root, cfg.train.batch_size)

@@ -139,7 +139,7 @@ class _Recorder(TorchDispatchMode):
         self.calls: list[tuple[Any, tuple, dict, list]] = []
         self.made: set[int] = set()  # ids of the tensors the recorded calls made (kept alive by self.calls)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (PyTorch's protocol)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         refused = _refusal(func, args, kwargs)
         if refused is not None:

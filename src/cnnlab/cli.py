@@ -19,8 +19,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from cnnlab.errors import TrainingError, UserError
 from cnnlab.console import SafeConsole, literal
+from cnnlab.errors import TrainingError, UserError
 
 app = typer.Typer(
     name="cnnlab",
@@ -415,9 +415,12 @@ RunArgument = Annotated[
 @app.command()
 def visualize(
     run_dir: RunArgument = None,
-    layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Top-level layer index (0 = first conv, 3 = LeNet's second conv) or dotted module name.")] = None,
-    image: Annotated[Optional[int], typer.Option(help="Index of the image in the split (with --class: the N-th image of that class).")] = None,
-    class_name: Annotated[Optional[str], typer.Option("--class", help="Use an image of this class, e.g. 'Ankle boot' or 9.")] = None,
+    layer: Annotated[Optional[str], typer.Option(
+        "--layer", "-l", help="Top-level layer index (0 = first conv, 3 = LeNet's second conv) or dotted module name.")] = None,
+    image: Annotated[Optional[int], typer.Option(
+        help="Index of the image in the split (with --class: the N-th image of that class).")] = None,
+    class_name: Annotated[Optional[str], typer.Option(
+        "--class", help="Use an image of this class, e.g. 'Ankle boot' or 9.")] = None,
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
     out_file: Annotated[Optional[Path], typer.Option("--out", help="PNG file to write (default: <run>/visualize/...).")] = None,
     filters: Annotated[bool, typer.Option("--filters", help="Draw the layer's learned kernels instead of its output.")] = False,
@@ -483,7 +486,9 @@ def eval_(
 @app.command()
 def report(
     targets: Annotated[list[Path], typer.Argument(help="Runs, sweeps, or folders holding runs.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Markdown file to write; images go to <name>_files/ beside it.")] = Path("results/report/report.md"),
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Markdown file to write; images go to <name>_files/ beside it.",
+    )] = Path("results/report/report.md"),
     html: Annotated[bool, typer.Option("--html", help="Also write one self-contained HTML file (images embedded).")] = False,
     trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
@@ -523,11 +528,12 @@ def summary(
     """Per-layer output shapes, parameters and FLOPs of a model, for one 1x28x28 image."""
     with cli_errors(debug):
         from cnnlab.config import load_config
-        from cnnlab.engine import build_model
         from cnnlab.modelinfo import count_params, profile
+        from cnnlab.models.build import build_model
 
         is_file = Path(target).suffix in (".yaml", ".yml") or Path(target).is_file()
-        cfg = load_config(target, set_, trust_code=trust_code or None) if is_file else load_config(None, [f"model.name={target}", *(set_ or [])])
+        cfg = load_config(target, set_, trust_code=trust_code or None) if is_file else \
+            load_config(None, [f"model.name={target}", *(set_ or [])])
         model = build_model(cfg)
         rows, total_flops = profile(model)
         table = Table("#", "layer", "output shape", "params", "FLOPs", box=None, header_style="bold")

@@ -37,10 +37,13 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    root: Path | None = None  # folder with the IDX files; None searches $CNNLAB_DATA, ~/.cache/cnnlab/fashion-mnist, /usr/share/datasets/fashion-mnist
+    # folder with the IDX files; None searches $CNNLAB_DATA, ~/.cache/cnnlab/fashion-mnist, /usr/share/datasets/fashion-mnist
+    root: Path | None = None
     download: bool = False  # fetch through torchvision's mirrors if no local copy is found (never otherwise)
-    val_size: int = Field(5000, ge=0)  # training images held out for validation (stratified, fixed by seed); 0 = the report's mode: test set every epoch
-    normalize: bool = True  # subtract the training split's pixel mean and divide by its std (about 0.286 and 0.353); false = the report's raw [0, 1] pixels
+    # training images held out for validation (stratified, fixed by seed); 0 = the report's mode: test set every epoch
+    val_size: int = Field(5000, ge=0)
+    # subtract the training split's pixel mean, divide by its std (about 0.286 and 0.353); false = the report's raw [0, 1] pixels
+    normalize: bool = True
     check_counts: bool = True  # require Fashion-MNIST's 60,000 / 10,000 images; turn off for other IDX data sets
     augment: AugmentConfig = AugmentConfig()
 
@@ -152,7 +155,8 @@ class Config(Section):
 
     name: str = Field("experiment", min_length=1)  # experiment name; the results sub-folder (sanitised)
     seed: int = Field(0, ge=0, le=MAX_SEED)  # seeds the split, the initial weights and the batch order
-    init: Literal["xavier_uniform", "kaiming", "default"] = "xavier_uniform"  # weight init of Conv2d / Linear (the report: xavier_uniform)
+    # weight init of Conv2d / Linear (the report: xavier_uniform)
+    init: Literal["xavier_uniform", "kaiming", "default"] = "xavier_uniform"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()

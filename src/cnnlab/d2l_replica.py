@@ -79,7 +79,7 @@ def evaluate_accuracy(model: nn.Module, loader: torch.utils.data.DataLoader, dev
 def train_ch6(cfg: Config, epochs: int, device: torch.device) -> dict[str, float]:
     """The report's whole training: returns the final train loss/accuracy and test accuracy, and its
     training img/s (data loading included, as train_ch6's timer measured)."""
-    from cnnlab.engine import build_model
+    from cnnlab.models.build import build_model
 
     with torchvision_layout(cfg) as root:
         train_loader, test_loader = loaders(root, cfg.train.batch_size)

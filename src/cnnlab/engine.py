@@ -32,7 +32,7 @@ from cnnlab.distributed import World, current_world, use_sync_batchnorm
 from cnnlab.errors import TrainingError, UserError, warn
 from cnnlab.events import FanOut
 from cnnlab.modelinfo import count_params, flops_per_image
-from cnnlab.models import get_model
+from cnnlab.models.build import build_model
 from cnnlab.progress import Reporter, make_reporter
 from cnnlab.results import Checkpoint, CheckpointWriter, RunDir, RunSummary, git_commit, utc_now
 from cnnlab.state import EpochProgress, TrainState
@@ -106,19 +106,7 @@ def make_runtime(device_name: str, precision: str, channels_last: bool | str = "
 
 
 # ---------------------------------------------------------------------------------------------
-# Model, optimiser, schedule
-
-
-def init_weights(model: nn.Module, scheme: str) -> None:
-    """``xavier_uniform`` (the report) or ``kaiming`` on every Conv2d/Linear weight; biases untouched."""
-    if scheme == "default":
-        return
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            if scheme == "xavier_uniform":
-                nn.init.xavier_uniform_(module.weight)
-            else:
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+# Optimiser, schedule
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -282,18 +270,6 @@ def evaluate(
 # Building what a run trains with
 
 
-def build_model(cfg: Config, runtime: Runtime | None = None) -> nn.Module:
-    """The configured model with the configured initial weights (seeded by ``cfg.seed``)."""
-    torch.manual_seed(cfg.seed)
-    model = get_model(cfg.model.name, **cfg.model.kwargs)
-    init_weights(model, cfg.init)
-    if runtime is not None:
-        model = model.to(runtime.device)
-        if runtime.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-    return model
-
-
 def check_model(model: nn.Module, cfg: Config, data: Data) -> None:
     """Run the model on two training images before anything is written: a model that cannot train
     on this data (wrong output shape, an error in its forward pass) is bad input, not a failed run.
@@ -410,7 +386,7 @@ def prepare(cfg: Config) -> Session:
     runtime = make_runtime(world.device_name(cfg.train.device), cfg.train.precision, cfg.train.channels_last,
                            cfg.train.tf32)
     data = load_data(cfg.data, cfg.seed, runtime.device, channels_last=runtime.channels_last)
-    model = build_model(cfg, runtime)
+    model = build_model(cfg, runtime.device, channels_last=runtime.channels_last)
     check_model(model, cfg, data)
     if warming is not None:
         warming.join()

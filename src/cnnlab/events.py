@@ -119,7 +119,7 @@ def event_channel() -> EventWriter | None:
             return None
         try:
             os.set_inheritable(int(fd), False)  # this process's children must not hold the pipe open
-            _channel = EventWriter(open(int(fd), "w", encoding="utf-8", closefd=True))  # noqa: SIM115 (lives as long as the process)
+            _channel = EventWriter(open(int(fd), "w", encoding="utf-8", closefd=True))
         except OSError:
             return None
         finally:

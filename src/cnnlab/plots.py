@@ -12,13 +12,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 matplotlib.rcParams["text.parse_math"] = False  # run names are printed literally: '$x$' is not a formula
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
-from cnnlab.console import printable  # noqa: E402
-from cnnlab.errors import UserError, warn  # noqa: E402
-from cnnlab.numtext import finite  # noqa: E402
-from cnnlab.results import atomic_write, read_metrics_csv  # noqa: E402
+from cnnlab.console import printable
+from cnnlab.errors import UserError, warn
+from cnnlab.numtext import finite
+from cnnlab.results import atomic_write, read_metrics_csv
 
 
 def save_figure(fig, out: Path, tight: bool = True) -> Path:

@@ -90,8 +90,8 @@ def copy_png(source: Path, target: Path) -> bool:
 
 def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) -> tuple[list[Block], list[str]]:
     """The report's blocks, and a line for each run or folder that could not be read (left out)."""
-    from cnnlab.engine import build_model
     from cnnlab.modelinfo import profile
+    from cnnlab.models.build import build_model
     from cnnlab.plots import plot_accuracy_bars, plot_sweep_curves
 
     found = collect_rows(targets)

@@ -131,9 +131,11 @@ def check_output_file(path: Path, option: str, *, folder: bool = False) -> None:
     elif stat.S_ISLNK(mode):
         raise UserError(f"{option} {path}: is a symbolic link (to {os.readlink(path)}); give the real path instead")
     elif stat.S_ISDIR(mode):
-        raise UserError(f"{option} {path}: is a folder; give a file name inside it, e.g. {path / ('out' + (path.suffix or '.png'))}")
+        example = path / ("out" + (path.suffix or ".png"))
+        raise UserError(f"{option} {path}: is a folder; give a file name inside it, e.g. {example}")
     elif folder:
-        raise UserError(f"{option} {path}: is {file_kind(mode)}, but cnnlab writes a folder there; move it or choose another name")
+        raise UserError(f"{option} {path}: is {file_kind(mode)}, but cnnlab writes a folder there; move it or choose another "
+                        "name")
     else:
         raise UserError(f"{option} {path}: is {file_kind(mode)}, not a regular file; give the name of a new or regular file")
     _check_writable_parent(path.parent, option, path)
@@ -553,7 +555,7 @@ class RunDir:
         if lock_path.exists() and (lock_path.is_symlink() or not lock_path.is_file()):
             raise UserError(f"{lock_path}: not a regular file; remove it (cnnlab makes a new one)")
         try:
-            handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115 (held open on purpose)
+            handle = open(lock_path, "a+", encoding="utf-8")
         except OSError as err:
             raise UserError(f"cannot write in the run folder {self.path} ({_reason(err)}); copy it somewhere "
                             "writable first") from None
@@ -673,7 +675,7 @@ def is_locked(run_dir: Path) -> bool | None:
     if not (Path(run_dir) / LOCK_FILE).is_file():  # opening a FIFO planted there would block
         return None
     try:
-        handle = open(Path(run_dir) / LOCK_FILE, encoding="utf-8")  # noqa: SIM115
+        handle = open(Path(run_dir) / LOCK_FILE, encoding="utf-8")
     except OSError:
         return None
     with handle:

@@ -24,7 +24,14 @@ from cnnlab.data import Data, load_data
 from cnnlab.errors import UserError, warn
 from cnnlab.progress import Reporter, make_reporter
 from cnnlab.results import (
-    Checkpoint, RunDir, RunSummary, read_metrics_csv, read_summary, run_state, sanitize_name, utc_now,
+    Checkpoint,
+    RunDir,
+    RunSummary,
+    read_metrics_csv,
+    read_summary,
+    run_state,
+    sanitize_name,
+    utc_now,
 )
 
 if TYPE_CHECKING:  # engine imports this module's callers; only the type names are needed here
@@ -72,7 +79,7 @@ def open_run(
     run_dir: Path, device: str | torch.device = "cpu", *, checkpoint: str | None = "best", trust_code: bool = False
 ) -> OpenedRun:
     """A run's config, summary and state, and (unless ``checkpoint`` is None) its trained model."""
-    from cnnlab.engine import build_model
+    from cnnlab.models.build import build_model
 
     run_dir = require_run_dir(run_dir)
     cfg = load_run_config(run_dir / "config.yaml", trust_code)

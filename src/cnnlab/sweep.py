@@ -28,10 +28,10 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,13 +40,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cnnlab.compare import aggregate, markdown_table, row_from_summary, write_trials
 from cnnlab.config import Config, absolute_paths, dump_config, load_config, read_yaml
-from cnnlab.errors import UserError
 from cnnlab.console import SafeConsole
+from cnnlab.errors import UserError
+from cnnlab.events import EVENTS_FD_ENV, read_events
 from cnnlab.results import (
-    MAX_NAME_CHARS, RunSummary, atomic_write_text, check_output_dir, new_dated_dir, read_summary, sanitize_name,
+    MAX_NAME_CHARS,
+    RunSummary,
+    atomic_write_text,
+    check_output_dir,
+    new_dated_dir,
+    read_summary,
+    sanitize_name,
 )
 from cnnlab.runs import runs_of
-from cnnlab.events import EVENTS_FD_ENV, read_events
 from cnnlab.stopping import HANDLED, PARENT_ENV, pending_signal, signal_name
 from cnnlab.trial import TrialRecorder, TrialResult
 

@@ -44,8 +44,18 @@ from cnnlab.config import Config, absolute_paths, dump_config, load_config, read
 from cnnlab.console import SafeConsole
 from cnnlab.errors import UserError
 from cnnlab.progress import Reporter
-from cnnlab.results import RunDir, RunSummary, atomic_write_text, check_output_dir, new_dated_dir, read_metrics_csv, \
-    read_regular_text, read_summary, run_state, sanitize_name
+from cnnlab.results import (
+    RunDir,
+    RunSummary,
+    atomic_write_text,
+    check_output_dir,
+    new_dated_dir,
+    read_metrics_csv,
+    read_regular_text,
+    read_summary,
+    run_state,
+    sanitize_name,
+)
 from cnnlab.runs import runs_of
 from cnnlab.stopping import HANDLED, Interrupted, Pruned, settle_signals, signal_name
 

@@ -18,8 +18,8 @@ from torch import nn
 
 from cnnlab.data import CLASSES, Data
 from cnnlab.errors import UserError, warn
-from cnnlab.results import check_output_file
 from cnnlab.modelinfo import profile, short_repr
+from cnnlab.results import check_output_file
 from cnnlab.runs import open_run
 
 

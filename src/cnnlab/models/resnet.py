@@ -116,9 +116,11 @@ def resnet9(num_classes: int = 10, in_channels: int = 1, *, width: PositiveInt =
     return nn.Sequential(
         OrderedDict(
             prep=conv_bn(in_channels, w),
-            layer1=nn.Sequential(conv_bn(w, 2 * w, pool=True), AddInput(nn.Sequential(conv_bn(2 * w, 2 * w), conv_bn(2 * w, 2 * w)))),
+            layer1=nn.Sequential(conv_bn(w, 2 * w, pool=True),
+                                 AddInput(nn.Sequential(conv_bn(2 * w, 2 * w), conv_bn(2 * w, 2 * w)))),
             layer2=conv_bn(2 * w, 4 * w, pool=True),
-            layer3=nn.Sequential(conv_bn(4 * w, 8 * w, pool=True), AddInput(nn.Sequential(conv_bn(8 * w, 8 * w), conv_bn(8 * w, 8 * w)))),
+            layer3=nn.Sequential(conv_bn(4 * w, 8 * w, pool=True),
+                                 AddInput(nn.Sequential(conv_bn(8 * w, 8 * w), conv_bn(8 * w, 8 * w)))),
             pool=nn.AdaptiveMaxPool2d(1),
             flatten=nn.Flatten(),
             fc=nn.Linear(8 * w, num_classes, bias=False),
