@@ -63,8 +63,8 @@ def interrupted(base: list[str], results: Path, signum: int, after_epochs: int) 
 
 def checkpoint_seconds(config: str, device: str) -> dict[str, float]:
     from cnnlab.config import load_config
-    from cnnlab.engine import prepare
     from cnnlab.results import Checkpoint
+    from cnnlab.session import prepare
     from cnnlab.state import TrainState
 
     session = prepare(load_config(config, [f"train.device={device}"]))

@@ -18,8 +18,10 @@ from torch import nn
 
 from cnnlab.config import load_config
 from cnnlab.data import load_data
-from cnnlab.engine import make_optimizer, make_runtime, make_scheduler, train_one_epoch
 from cnnlab.models.build import build_model
+from cnnlab.optim import make_optimizer, make_scheduler
+from cnnlab.runtime import make_runtime
+from cnnlab.steps import train_one_epoch
 from cnnlab.sweep import expand
 
 TRAIN_IMAGES = 60_000  # the report's mode trains on the whole training set

@@ -12,10 +12,9 @@ import torch
 from conftest import write_dataset
 
 from cnnlab.config import load_config
-from cnnlab.engine import fit
+from cnnlab.engine import fit, resume
 from cnnlab.progress import Reporter
 from cnnlab.results import read_metrics_csv
-from cnnlab.runs import resume
 from cnnlab.stopping import Interrupted
 
 COMPARED = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -168,7 +167,7 @@ def test_a_static_run_stopped_mid_epoch_resumes_to_the_same_metrics(hard_setting
 
 def test_what_cannot_take_the_static_step_falls_back_with_one_line(tiny_overrides, capsys):
     from cnnlab.capture import why_not
-    from cnnlab.engine import prepare
+    from cnnlab.session import prepare
 
     summary = fit(load_config(None, [*tiny_overrides, "train.epochs=1", "train.cuda_graphs=true", "optim.name=adam"]),
                   quiet=True)

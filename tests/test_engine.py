@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from cnnlab.config import ScheduleConfig, load_config
-from cnnlab.engine import fit, lr_factor
+from cnnlab.engine import fit
 from cnnlab.errors import TrainingError
+from cnnlab.optim import lr_factor
 from cnnlab.results import Checkpoint, RunDir, atomic_write_text
 
 TIMING_COLUMNS = {"epoch_seconds", "train_examples_per_sec"}
@@ -162,8 +163,8 @@ def test_interrupt_is_recorded_and_partial_results_kept(tiny_overrides, tmp_path
 def test_checking_a_model_before_training_leaves_no_trace(tiny_overrides):
     """The pre-flight batch must not move BatchNorm statistics or consume dropout's random draws."""
     from cnnlab.data import load_data
-    from cnnlab.engine import check_model
     from cnnlab.models.build import build_model
+    from cnnlab.session import check_model
 
     cfg = load_config(None, [*tiny_overrides, "model.batch_norm=true", "model.dropout=0.5"])
     data = load_data(cfg.data, cfg.seed, torch.device("cpu"))
@@ -176,7 +177,7 @@ def test_checking_a_model_before_training_leaves_no_trace(tiny_overrides):
 
 
 def test_device_aware_layout_and_start_up_time_are_recorded(tiny_overrides):
-    from cnnlab.engine import make_runtime
+    from cnnlab.runtime import make_runtime
 
     assert make_runtime("cpu", "fp32").channels_last is True  # auto: NHWC on the CPU
     assert make_runtime("cpu", "fp32", channels_last=False).channels_last is False

@@ -273,7 +273,7 @@ def _interrupted_run(tiny_overrides, monkeypatch, *extra):
 
 
 def test_resume_auto_passes_over_a_run_whose_checkpoint_is_corrupt(tiny_overrides, monkeypatch, capsys):
-    from cnnlab.runs import run_or_resume
+    from cnnlab.engine import run_or_resume
 
     cfg, run = _interrupted_run(tiny_overrides, monkeypatch)
     last = run / "checkpoints" / "last.pt"
@@ -285,7 +285,7 @@ def test_resume_auto_passes_over_a_run_whose_checkpoint_is_corrupt(tiny_override
 
 
 def test_resume_auto_finds_the_run_however_the_results_folder_is_written(tiny_overrides, monkeypatch, tmp_path):
-    from cnnlab.runs import run_or_resume
+    from cnnlab.engine import run_or_resume
 
     monkeypatch.chdir(tmp_path)
     cfg, run = _interrupted_run([o for o in tiny_overrides if not o.startswith("output.dir")], monkeypatch,
@@ -298,8 +298,8 @@ def test_resume_auto_finds_the_run_however_the_results_folder_is_written(tiny_ov
 def test_an_early_stopped_run_is_completed_and_an_extension_counts_patience_afresh(tiny_overrides):
     from cnnlab.config import load_config
     from cnnlab.engine import fit
+    from cnnlab.engine import resume as resume_run
     from cnnlab.errors import UserError
-    from cnnlab.runs import resume as resume_run
 
     first = fit(load_config(None, [*tiny_overrides, "optim.lr=1e-12", "train.epochs=10", "train.patience=2"]),
                 quiet=True)
@@ -390,9 +390,9 @@ def test_resume_removes_the_temporaries_a_killed_write_left_and_nothing_else(tin
     as atomic writes make them); the next process to hold the run's lock removes them, and only them."""
     import tempfile
 
+    from cnnlab.engine import resume as resume_run
     from cnnlab.errors import UserError
     from cnnlab.results import RunDir
-    from cnnlab.runs import resume as resume_run
 
     _, run = _interrupted_run(tiny_overrides, monkeypatch)
     holder = RunDir(run)
@@ -530,8 +530,8 @@ def test_a_diverged_run_is_continued_with_a_lower_learning_rate(tiny_overrides):
 def test_a_new_learning_rate_follows_the_schedule_from_where_the_run_stopped(tiny_overrides, monkeypatch):
     """A cosine schedule's state holds the rate it scales (base_lrs): the new one must replace it."""
     from cnnlab.config import ScheduleConfig
-    from cnnlab.engine import lr_factor
-    from cnnlab.runs import resume as resume_run
+    from cnnlab.engine import resume as resume_run
+    from cnnlab.optim import lr_factor
 
     _, run = _interrupted_run(tiny_overrides, monkeypatch, "schedule.name=cosine", "optim.lr=0.1")
     resumed = resume_run(run, settings=["optim.lr=0.02", "schedule.min_lr_ratio=0.5"], quiet=True)

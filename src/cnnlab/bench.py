@@ -89,7 +89,8 @@ def _repeat(items: list, count: int) -> Any:
 def cnnlab_in_process(cfg: Config, batches: int) -> dict[str, Any]:
     """cnnlab's loop (``train_one_epoch``) over on-device batches (end to end), then over batches made
     beforehand (step)."""
-    from cnnlab.engine import prepare, train_one_epoch
+    from cnnlab.session import prepare
+    from cnnlab.steps import train_one_epoch
 
     session = prepare(cfg)
     device = session.runtime.device
@@ -220,7 +221,7 @@ def _mb(value: float | None) -> str:
 def run_bench(config_path: Path | None, overrides: list[str], *, device: str = "cpu", batches: int = 150,
               commands: bool = True, epochs: int = 3, out: Path | None = None, quiet: bool = False) -> tuple[dict, Path]:
     from cnnlab.config import load_config
-    from cnnlab.engine import resolve_device
+    from cnnlab.runtime import resolve_device
 
     if batches < 1 or epochs < 1:
         raise UserError("--batches and --epochs must be at least 1")

@@ -1,11 +1,11 @@
-"""Usage: ``step = StaticStep(session, graph="cuda")``; ``step.run_epoch(progress, ...)``;
+"""Usage: ``step = StaticStep(session, graph="cuda")``; ``step.train_epoch(progress, reporter, stop)``;
 ``StaticEval(session, "val", graph="cuda")(stop)``.
 
 The training step and the evaluation step over static buffers, each written once and run one of
 three ways (``train.cuda_graphs``):
 
 - eagerly (``true`` off CUDA): the very code that a graph would hold, as plain PyTorch calls; the
-  CPU tests check it against the ordinary loop (``engine.train_one_epoch``, ``engine.evaluate``);
+  CPU tests check it against the ordinary loop (``steps.train_one_epoch``, ``steps.evaluate``);
 - as a CUDA graph (``true``, or ``auto`` on CUDA): warmed up on a side stream, captured once, each
   batch one replay;
 - as an emulated graph (``emulate``, any device): warmed up, recorded once at the level of
@@ -26,7 +26,9 @@ tensor learning rate back to the host); other optimisers and fp16's gradient sca
 ordinary loop with one line saying why; a step that fails to capture (a model that reads a value
 back, say) runs eagerly from then on, with one line saying why. A compiled model (``train.compile``)
 is captured inside the step when asked for by name (``train.cuda_graphs: true``): its fused kernels
-in the whole-step graph; by default it keeps the ordinary step.
+in the whole-step graph; by default it keeps the ordinary step. The per-batch bookkeeping is the
+ordinary step's (steps.py); a run's session is known here only by what the steps use of it
+(``StepSession``), so that this module imports nothing above it.
 
 One evaluation step: a slice of the split at a device-side offset, converted and normalised, the
 forward pass in eval mode, and the summed loss and correct counts; the per-epoch evaluation replays
@@ -36,24 +38,45 @@ it, the last short batch runs eagerly.
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-if TYPE_CHECKING:
-    from cnnlab.engine import Session
-    from cnnlab.state import EpochProgress
-    from cnnlab.stopping import StopSignals
+from cnnlab.config import Config
+from cnnlab.data import Data
+from cnnlab.distributed import World
+from cnnlab.progress import Reporter
+from cnnlab.runtime import Runtime
+from cnnlab.state import EpochProgress
+from cnnlab.steps import Evaluation, add_eval_batch, add_train_batch, batch_done, totals, train_one_epoch
+from cnnlab.stopping import StopSignals
 
 WARMUP_STEPS = 3  # eager steps before capture (CUDA's rule: allocations and cuDNN's choices settle first)
 
 Graph = Literal["cuda", "emulated"] | None  # how a static step runs: a CUDA graph, its emulation, or eagerly
+
+
+class StepSession(Protocol):
+    """What the static steps use of a run's session (``session.Session``)."""
+
+    cfg: Config
+    runtime: Runtime
+    data: Data
+    world: World
+    model: nn.Module
+    forward: nn.Module  # the model, or its compiled form
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    order: torch.Generator  # the data order (shuffling) generator
+    steps_per_epoch: int
 
 
 def graph_kind(wanted: bool | str, device: torch.device) -> Graph:
@@ -63,7 +86,7 @@ def graph_kind(wanted: bool | str, device: torch.device) -> Graph:
     return "cuda" if device.type == "cuda" else None
 
 
-def why_not(session: Session) -> str | None:
+def why_not(session: StepSession) -> str | None:
     """Why this run's step cannot be the static one (None: it can)."""
     cfg = session.cfg
     if cfg.optim.name != "sgd":
@@ -272,7 +295,7 @@ class Captured:
         self.graph = graph
 
 
-def _autocast(session: Session, graph: Graph) -> contextlib.AbstractContextManager:
+def _autocast(session: StepSession, graph: Graph) -> contextlib.AbstractContextManager:
     runtime = session.runtime
     if runtime.precision == "fp32":
         return contextlib.nullcontext()
@@ -288,7 +311,7 @@ def _autocast(session: Session, graph: Graph) -> contextlib.AbstractContextManag
 class StaticStep:
     """The training step of ``session`` over static buffers, run as ``graph`` says."""
 
-    def __init__(self, session: Session, graph: Graph) -> None:
+    def __init__(self, session: StepSession, graph: Graph) -> None:
         self.session = session
         self.device = device = session.runtime.device
         cfg, data = session.cfg, session.data
@@ -335,8 +358,7 @@ class StaticStep:
         if session.cfg.train.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.params, session.cfg.train.grad_clip)
         self._sgd()
-        self.loss_sum += loss.detach().float() * self.batch_size
-        self.correct += (logits.detach().argmax(1) == y).sum()
+        add_train_batch(self.loss_sum, self.correct, loss, logits, y, self.batch_size)
         self.start += self.batch_size
 
     @torch.no_grad()
@@ -383,8 +405,29 @@ class StaticStep:
                 buffer.copy_(current)
                 state[p]["momentum_buffer"] = buffer
 
+    def train_epoch(self, progress: EpochProgress, reporter: Reporter, stop: StopSignals) -> dict[str, float]:
+        """One epoch through this step: the same permutation ``Data.batches`` draws, its full batches
+        replayed (or run eagerly), a last short batch through the ordinary step."""
+        session = self.session
+        cfg, data = session.cfg, session.data
+        batch_size, n = cfg.train.batch_size, len(data.train)
+        used = data.num_batches("train", batch_size, shuffle=True) * batch_size  # as Data.batches, a short last one counted
+        full = min(n, used) // batch_size
+        permutation = torch.randperm(n, generator=session.order).to(data.train.images.device)
+        session.forward.train()
+        start = time.perf_counter()
+        try:
+            self.run_epoch(progress, permutation, full, reporter, stop)
+        finally:
+            progress.seconds += time.perf_counter() - start
+        session.order.set_state(progress.order_state)  # the same permutation again, for the short last batch
+        rest = data.batches("train", batch_size, shuffle=True, generator=session.order, skip=full) if progress.batches < \
+            session.steps_per_epoch else iter(())
+        return train_one_epoch(session.forward, rest, session.optimizer, session.scheduler, session.loss_fn, session.runtime,
+                               cfg.train.grad_clip, reporter, progress=progress, stop=stop)
+
     def run_epoch(self, progress: EpochProgress, permutation: torch.Tensor, full_batches: int,
-                  reporter: Any, stop: Any) -> None:
+                  reporter: Reporter | None, stop: StopSignals | None) -> None:
         """Train the epoch's full batches from ``progress.batches`` on, adding into ``progress``
         after every batch (a last short batch is the caller's, through the ordinary step)."""
         self._pin()
@@ -399,12 +442,7 @@ class StaticStep:
                 self.lr.fill_(float(group["lr"]))
                 self.step()
                 self.session.scheduler.step()
-                progress.seen += self.batch_size
-                progress.batches += 1
-                if reporter is not None:
-                    reporter.advance(progress.loss_sum, progress.correct, progress.seen)
-                if stop is not None:
-                    stop.check()
+                batch_done(progress, self.batch_size, reporter, stop)
         finally:  # the sums leave the static buffers, which the next epoch overwrites
             progress.loss_sum, progress.correct = self.loss_sum.clone(), self.correct.clone()
             self._pin()  # before the short last batch's ordinary step: the capture's tensors, held
@@ -416,10 +454,10 @@ class StaticStep:
 
 class StaticEval:
     """The per-epoch evaluation of split ``name`` over static buffers, run as ``graph`` says: the same
-    figures as ``engine.evaluate`` (full batches of ``train.eval_batch_size`` replayed, the last
+    figures as ``steps.evaluate`` (full batches of ``train.eval_batch_size`` replayed, the last
     short one eagerly)."""
 
-    def __init__(self, session: Session, name: str, graph: Graph) -> None:
+    def __init__(self, session: StepSession, name: str, graph: Graph) -> None:
         self.session = session
         device = session.runtime.device
         split = session.data.split(name)
@@ -438,15 +476,14 @@ class StaticEval:
         x, y = session.data.prepare(self.images.index_select(0, idx)), self.labels.index_select(0, idx)
         with _autocast(session, self.graph_kind):
             logits = session.forward(x)
-        self.loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-        self.correct += (logits.argmax(1) == y).sum()
+        add_eval_batch(self.loss_sum, self.correct, logits, y)
 
     def _full_batch(self) -> None:
         self._batch(self.start + self.offsets)
         self.start += self.batch_size
 
-    def __call__(self, stop: StopSignals | None = None) -> dict[str, float]:
-        """Mean cross-entropy and accuracy over the split, as ``engine.evaluate`` gives them."""
+    def __call__(self, stop: StopSignals | None = None) -> Evaluation:
+        """Mean cross-entropy and accuracy over the split, as ``steps.evaluate`` gives them."""
         self.session.forward.eval()
         self.start.zero_()
         self.loss_sum.zero_()
@@ -458,7 +495,5 @@ class StaticEval:
                     stop.check()
             if self.full * self.batch_size < self.n:
                 self._batch(torch.arange(self.full * self.batch_size, self.n, device=self.start.device))
-        from cnnlab.engine import _totals
-
-        loss_sum, correct, seen = _totals(self.loss_sum, self.correct, self.n, None)
-        return {"loss": loss_sum / seen, "acc": correct / seen}
+        loss_sum, correct, seen = totals(self.loss_sum, self.correct, self.n, None)
+        return Evaluation(loss_sum / seen, correct / seen, seen)

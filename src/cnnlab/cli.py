@@ -162,7 +162,7 @@ def run(
             overrides.append("data.download=true")
         cfg = load_config(config, overrides, trust_code=trust_code or None)
         if resume == "auto":
-            from cnnlab.runs import run_or_resume
+            from cnnlab.engine import run_or_resume
 
             run_or_resume(cfg, reporter=run_reporter(quiet))
         else:
@@ -184,7 +184,7 @@ def resume_(
 ) -> None:
     """Continue an interrupted, failed or killed run in its own folder, from its last checkpoint."""
     with cli_errors(debug, trains=True):
-        from cnnlab.runs import resume
+        from cnnlab.engine import resume
 
         if epochs is not None and epochs < 1:
             raise UserError(f"--epochs {epochs}: give a positive number of epochs")

@@ -1,465 +1,44 @@
-"""Usage: ``summary = fit(load_config("configs/lenet.yaml"))``.
+"""Usage: ``summary = fit(load_config("configs/lenet.yaml"))``; ``summary = resume(Path("results/lenet/2026..."))``.
 
-The one train/evaluate loop every experiment shares: ``fit`` reads as a table of contents (runtime,
-data, model, loss, optimiser, schedule, epoch loop, test, summary); ``train_one_epoch`` and
-``evaluate`` are plain functions returning dicts. Device, precision and compile are resolved once in
-``Runtime``; the hot loop never reads a value back to the host: losses and correct counts add up on
-the device and are read once per epoch (and by the progress bar a few times a second at most).
+A run's life. ``fit`` and ``resume`` share one start (``start``): signals handled, the session
+prepared (session.py), the training state fresh or the checkpoint's, the folder made or locked and
+rewritten (an ``Opening``: ``NewRun`` or ``Continuation``); then ``train``, the epoch loop from
+wherever the state stands and the test pass; and every ending (completed, interrupted, failed,
+pruned) recorded in the folder, which then agrees with its checkpoint. ``run_or_resume`` is
+``cnnlab run --resume auto``. What a run trains with lives below: runtime.py, optim.py, steps.py,
+capture.py, session.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import os
-import platform
 import socket
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from torch import nn
 
-from cnnlab.config import Config, OptimConfig, ScheduleConfig, dump_config
-from cnnlab.data import CLASSES, Data, load_data
-from cnnlab.distributed import World, current_world, use_sync_batchnorm
+from cnnlab.config import Config, dump_config, parse_override, set_value, validate
+from cnnlab.data import CLASSES, Data
+from cnnlab.distributed import World
 from cnnlab.errors import TrainingError, UserError, warn
 from cnnlab.events import FanOut
-from cnnlab.modelinfo import count_params, flops_per_image
-from cnnlab.models.build import build_model
+from cnnlab.modelinfo import count_params
 from cnnlab.progress import Reporter, make_reporter
-from cnnlab.results import Checkpoint, CheckpointWriter, RunDir, RunSummary, git_commit, utc_now
+from cnnlab.results import Checkpoint, CheckpointWriter, RunDir, RunSummary, git_commit, read_summary, utc_now
+from cnnlab.runs import OpenedRun, comparable, config_differences, describe_state, open_run, runs_of
+from cnnlab.runtime import process_age
+from cnnlab.session import Session, join_world, prepare, step_fields
 from cnnlab.state import EpochProgress, TrainState
+from cnnlab.steps import evaluate, train_one_epoch
 from cnnlab.stopping import Interrupted, Pruned, StopSignals
 
 # ---------------------------------------------------------------------------------------------
-# Runtime: resolved once
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    precision: str
-    autocast: Callable[[], contextlib.AbstractContextManager]
-    scaler: torch.amp.GradScaler | None
-    channels_last: bool = False  # the NHWC layout, resolved for this device
-    tf32: bool | None = None  # TF32 for fp32 matmuls and convolutions (CUDA only; None elsewhere)
-
-    @property
-    def device_name(self) -> str:
-        if self.device.type == "cuda":
-            return torch.cuda.get_device_name(self.device)
-        if self.device.type == "cpu":
-            return cpu_name()
-        return self.device.type
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"train.device: {name} requested but no CUDA GPU is available; use auto or cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"train.device: {name} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("train.device: mps requested but Apple's MPS backend is not available; use auto or cpu")
-    return device
-
-
-def make_runtime(device_name: str, precision: str, channels_last: bool | str = "auto", tf32: bool = True) -> Runtime:
-    """Device, precision and the device-aware settings, resolved once: ``channels_last`` auto is on for
-    the CPU and off elsewhere (measured: it slows LeNet on an H200 by 26%); on CUDA cuDNN picks its
-    fastest kernels for the (fixed) batch shapes, and ``tf32`` allows TF32 matmuls and convolutions."""
-    device = resolve_device(device_name)
-    layout = device.type == "cpu" if channels_last == "auto" else bool(channels_last)
-    allow_tf32 = None
-    if device.type == "cuda":
-        if device.index is not None:  # cuda:N: streams, graphs and allocations default to it from here on
-            torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32 = bool(tf32)
-    if precision == "fp32":
-        return Runtime(device, precision, contextlib.nullcontext, None, layout, allow_tf32)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
-    return Runtime(device, precision, lambda: torch.autocast(device.type, dtype=dtype), scaler, layout, allow_tf32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimiser, schedule
-
-
-def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_factor(cfg: ScheduleConfig, epochs: int) -> Callable[[float], float]:
-    """The learning rate, as a fraction of ``optim.lr``, at a (fractional) epoch ``t``."""
-    warmup = cfg.warmup_epochs
-    if cfg.name == "onecycle" and warmup == 0:
-        warmup = cfg.pct_start * epochs
-
-    def factor(t: float) -> float:
-        if t < warmup:
-            return (t + 1e-3) / warmup if warmup else 1.0
-        if cfg.name == "constant":
-            return 1.0
-        if cfg.name == "step":
-            return cfg.gamma ** math.floor(t / cfg.step_size)
-        progress = min(1.0, (t - warmup) / max(epochs - warmup, 1e-9))
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
-
-    return factor
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per batch, so warm-up and cosine move smoothly within an epoch."""
-    factor = lr_factor(cfg, epochs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step / steps_per_epoch))
-
-
-def follow_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: OptimConfig) -> None:
-    """After loading a checkpoint's optimiser and schedule, which carry the hyperparameters they were
-    saved with: ``cfg``'s instead (a resume may change them), the learning rate where the (maybe new)
-    schedule puts it at the saved step. Unchanged values give back exactly the saved ones."""
-    for group in optimizer.param_groups:
-        group["initial_lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
-        if "momentum" in group:  # SGD's; its momentum buffers are kept
-            group["momentum"] = cfg.momentum
-    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)  # what LambdaLR scales from, saved in its state
-    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group["lr"] = cfg.lr * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-
-
-# ---------------------------------------------------------------------------------------------
-# One epoch of training, one evaluation
-
-
-def train_one_epoch(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loss_fn: nn.Module,
-    runtime: Runtime,
-    grad_clip: float | None = None,
-    reporter: Reporter | None = None,
-    *,
-    progress: EpochProgress | None = None,
-    stop: StopSignals | None = None,
-    world: World | None = None,
-) -> dict[str, float]:
-    """Train over ``batches``, adding into ``progress`` (the epoch so far; a fresh one if None).
-
-    ``progress`` is complete after every batch, so when ``stop`` raises between batches it holds
-    exactly what a checkpoint needs to continue the epoch later. Under torchrun (``world``) the
-    returned figures are summed over every rank's shard.
-    """
-    model.train()
-    progress = progress if progress is not None else EpochProgress().to(runtime.device)
-    start = time.perf_counter()
-    try:
-        for x, y in batches:
-            with runtime.autocast():
-                logits = model(x)
-                loss = loss_fn(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            if runtime.scaler is not None:
-                runtime.scaler.scale(loss).backward()
-                runtime.scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            if runtime.scaler is not None:
-                runtime.scaler.step(optimizer)
-                runtime.scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            n = len(y)
-            progress.loss_sum += loss.detach().float() * n
-            progress.correct += (logits.detach().argmax(1) == y).sum()
-            progress.seen += n
-            progress.batches += 1
-            if reporter is not None:
-                reporter.advance(progress.loss_sum, progress.correct, progress.seen)
-            if stop is not None:
-                stop.check()
-    finally:
-        progress.seconds += time.perf_counter() - start
-    loss_sum, correct, seen = _totals(progress.loss_sum, progress.correct, progress.seen, world)  # the one read-back
-    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "examples": seen, "seconds": progress.seconds}
-
-
-def _totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, world: World | None) -> tuple[float, int, int]:
-    """(loss sum, correct, seen) as numbers, summed over the ranks under torchrun (one collective)."""
-    if world is None or not world.distributed:
-        return loss_sum.item(), int(correct.item()), seen
-    local = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), dtype=torch.float64,
-                                                                            device=loss_sum.device)])
-    total_loss, total_correct, total_seen = world.sum(local).tolist()
-    return total_loss, round(total_correct), round(total_seen)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    runtime: Runtime,
-    stop: StopSignals | None = None,
-    world: World | None = None,
-    confusion: bool = False,
-) -> dict[str, Any]:
-    """Mean cross-entropy (without label smoothing) and accuracy over ``batches`` (summed over the
-    ranks' shards under torchrun); with ``confusion``, also the confusion matrix (rows: true class,
-    columns: predicted) as a list of lists of counts."""
-    model.eval()
-    loss_sum = torch.zeros((), device=runtime.device)
-    correct = torch.zeros((), device=runtime.device, dtype=torch.long)
-    counts = torch.zeros(len(CLASSES) ** 2, device=runtime.device, dtype=torch.long) if confusion else None
-    seen = 0
-    for x, y in batches:
-        with runtime.autocast():
-            logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-        predicted = logits.argmax(1)
-        correct += (predicted == y).sum()
-        if counts is not None:
-            counts += torch.bincount(y * len(CLASSES) + predicted, minlength=len(CLASSES) ** 2)
-        seen += len(y)
-        if stop is not None:
-            stop.check()
-    loss_total, correct_total, seen = _totals(loss_sum, correct, seen, world)
-    result: dict[str, Any] = {"loss": loss_total / max(seen, 1), "acc": correct_total / max(seen, 1)}
-    if counts is not None:
-        result["confusion"] = (world or World()).sum(counts).view(len(CLASSES), -1).tolist()
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Building what a run trains with
-
-
-def check_model(model: nn.Module, cfg: Config, data: Data) -> None:
-    """Run the model on two training images before anything is written: a model that cannot train
-    on this data (wrong output shape, an error in its forward pass) is bad input, not a failed run.
-
-    In eval mode and with the random generators put back afterwards, so that the check leaves no
-    trace: BatchNorm's running statistics and dropout's random draws are as if it never ran.
-    """
-    x, _ = next(data.batches("train", 2))
-    was_training = model.training
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            out = model.eval()(x)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as err:  # user code may even call sys.exit in its forward pass
-        raise UserError(
-            f"model {cfg.model.name!r} fails on a batch of training images (shape {tuple(x.shape)}): "
-            f"{type(err).__name__}: {err}"
-        ) from None
-    finally:
-        model.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.shape != (len(x), len(CLASSES)):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(
-            f"model {cfg.model.name!r} must return logits of shape (batch, {len(CLASSES)}); "
-            f"for a batch of {len(x)} images it returned {got}"
-        )
-
-
-@dataclass
-class Session:
-    """Everything one run trains with, built and checked before its folder exists."""
-
-    cfg: Config
-    runtime: Runtime
-    data: Data
-    model: nn.Module
-    forward: nn.Module  # the model, or its compiled form
-    loss_fn: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    steps_per_epoch: int
-    order: torch.Generator  # the data order (shuffling) generator
-    flops: int
-    threads: int
-    world: World = field(default_factory=World)
-    sync_bn: bool = False
-    static_step: Any = None  # capture.StaticStep when the step runs over static buffers (train.cuda_graphs)
-    static_eval: Any = None  # capture.StaticEval for the per-epoch evaluation, alongside it
-    step_note: str | None = None  # why it does not, when it was asked for
-
-    @property
-    def generators(self) -> dict[str, torch.Generator | None]:
-        return {"order": self.order, "augment": self.data.augment_generator}
-
-    def checkpoint(self, state: TrainState) -> Checkpoint:
-        return Checkpoint(
-            model=self.model.state_dict(),
-            config=self.cfg.to_dict(),
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
-            scaler=self.runtime.scaler.state_dict() if self.runtime.scaler is not None else None,
-            state=state.state_dict(self.generators),
-        )
-
-    def restore(self, checkpoint: Checkpoint, state: TrainState, path: Path) -> None:
-        """Model, optimiser, schedule, scaler and generators as ``checkpoint`` left them."""
-        try:
-            self.model.load_state_dict(checkpoint.model)
-            self.optimizer.load_state_dict(checkpoint.optimizer)
-            self.scheduler.load_state_dict(checkpoint.scheduler)
-            follow_config(self.optimizer, self.scheduler, self.cfg.optim)
-            if self.runtime.scaler is not None and checkpoint.scaler:
-                self.runtime.scaler.load_state_dict(checkpoint.scaler)
-            state.load_state_dict(checkpoint.state, self.generators)
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
-            raise UserError(f"{path}: does not fit this run's model, optimiser and training state "
-                            f"({type(err).__name__}); "
-                            "it belongs to another run or was changed") from None
-        if state.current is not None:
-            if not self.world.is_main:  # the epoch's sums so far are counted once, on rank 0, when summed over ranks
-                current = state.current
-                current.loss_sum, current.correct, current.seen = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
-            if state.current.batches > self.steps_per_epoch:
-                raise UserError(f"{path}: says {state.current.batches} batches of an epoch of "
-                                f"{self.steps_per_epoch} were done; it belongs to another run or was changed")
-            state.current.to(self.runtime.device)
-
-
-def resolve_threads(threads: int | None) -> int:
-    """Apply ``train.threads`` (validated against this machine) and return the count torch will use."""
-    if threads:
-        cpus = os.cpu_count() or 1
-        if threads > cpus:
-            raise UserError(f"train.threads: {threads} is more than this machine's {cpus} CPU(s), which only slows "
-                            f"training down; use at most {cpus}, or null for torch's default")
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
-
-
-def prepare(cfg: Config) -> Session:
-    """Runtime, data, model, loss, optimiser and schedule for ``cfg``. Bad input raises ``UserError``.
-
-    Under torchrun this process joins the group here and its model is wrapped in
-    DistributedDataParallel (``forward``); ``model`` stays the plain module that checkpoints hold.
-    """
-    world = join_world(cfg)
-    if cfg.output.loggers:
-        from cnnlab.loggers import check_loggers
-
-        check_loggers(cfg.output.loggers)
-    warming = warm_imports()
-    threads = resolve_threads(cfg.train.threads)
-    runtime = make_runtime(world.device_name(cfg.train.device), cfg.train.precision, cfg.train.channels_last,
-                           cfg.train.tf32)
-    data = load_data(cfg.data, cfg.seed, runtime.device, channels_last=runtime.channels_last)
-    model = build_model(cfg, runtime.device, channels_last=runtime.channels_last)
-    check_model(model, cfg, data)
-    if warming is not None:
-        warming.join()
-    flops = flops_per_image(model)
-    model, sync_bn = use_sync_batchnorm(model, cfg.train.sync_bn, world, runtime.device)
-    parallel = model
-    if world.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        parallel = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    mode = cfg.train.compile if isinstance(cfg.train.compile, str) else None
-    forward = torch.compile(parallel, mode=mode) if cfg.train.compile else parallel
-    optimizer = make_optimizer(model, cfg.optim)
-    steps_per_epoch = data.num_batches("train", cfg.train.batch_size, shuffle=True, min_last=world.min_last_batch)
-    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
-    session = Session(
-        cfg, runtime, data, model, forward, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), optimizer,
-        scheduler, steps_per_epoch, torch.Generator().manual_seed(cfg.seed), flops, threads, world, sync_bn,
-    )
-    choose_step(session)
-    return session
-
-
-def choose_step(session: Session) -> None:
-    """The static (CUDA-graph) steps where ``train.cuda_graphs`` asks for them and the run allows it;
-    otherwise the ordinary step, saying why in summary.json (and in one line when asked for by name)."""
-    from cnnlab.capture import StaticEval, StaticStep, graph_kind, why_not
-
-    wanted, device = session.cfg.train.cuda_graphs, session.runtime.device
-    if wanted is False or (wanted == "auto" and device.type != "cuda"):
-        return
-    reason = why_not(session)
-    if reason is not None:
-        session.step_note = f"train.cuda_graphs: off: {reason}"
-        if session.world.is_main and wanted != "auto":  # asked for by name: said; by default: in summary.json only
-            warn(session.step_note)
-        return
-    graph = graph_kind(wanted, device)
-    session.static_step = StaticStep(session, graph)
-    session.static_eval = StaticEval(session, session.data.eval_split_name, graph)
-
-
-def step_fields(session: Session) -> tuple[str, str | None]:
-    """summary.json's train_step and train_step_note: how the steps ran, and why not as asked."""
-    static = session.static_step
-    if static is None:
-        return "ordinary", session.step_note
-    notes = [s.fallback for s in (static.step, session.static_eval.step) if s.fallback]
-    return static.kind, "; ".join(notes) or session.step_note
-
-
-def warm_imports() -> threading.Thread | None:
-    """Import torch._dynamo in the background while the data is read and the model built: PyTorch's
-    FLOP counter and optimisers import it on first use (0.7 s here). The caller joins the thread
-    before anything of its own could import it, so two threads never import torch's modules at once."""
-    def load() -> None:
-        with contextlib.suppress(Exception):
-            importlib.import_module("torch._dynamo")
-
-    if "torch._dynamo" in sys.modules:
-        return None
-    thread = threading.Thread(target=load, name="cnnlab-warm-imports", daemon=True)
-    thread.start()
-    return thread
-
-
-def join_world(cfg: Config) -> World:
-    """This process's torchrun group (a world of one for a plain run), joined for ``cfg``'s device."""
-    world = current_world()
-    if world.distributed:
-        world.check_batch_size(cfg.train.batch_size)
-        world.join(resolve_device(world.device_name(cfg.train.device)).type)
-    return world
+# Starting a run: new, or continued in its own folder
 
 
 def describe_run(session: Session, run: RunDir) -> RunSummary:
@@ -501,8 +80,28 @@ def describe_run(session: Session, run: RunDir) -> RunSummary:
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# A whole run
+class Opening(Protocol):
+    """What differs between starting a new run and continuing one: the state it trains on from, and
+    its folder (made, or locked and rewritten) with the summary it starts with."""
+
+    def restore(self, session: Session) -> TrainState: ...
+
+    def open(self, session: Session, state: TrainState, reporter: Reporter) -> tuple[RunDir, RunSummary]: ...
+
+
+def start(cfg: Config, opening: Opening, reporter: Reporter | None, quiet: bool, wall_start: float) -> dict[str, Any]:
+    """The one start of every run: prepare ``cfg``'s session, take ``opening``'s state and folder, train.
+
+    Bad input raises ``UserError`` before the folder is touched. Signals are handled from the first
+    moment (``StopSignals``), so that no moment of a run's life is left to an unrecorded death by signal.
+    """
+    with StopSignals() as stop:
+        session = prepare(cfg)
+        state = opening.restore(session)
+        stop.check()  # asked to stop while setting up: leave before anything is written
+        reporter = reporter or make_reporter(quiet=quiet)
+        run, summary = opening.open(session, state, reporter)
+        return train(session, run, state, summary, reporter, wall_start, stop)
 
 
 def fit(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -511,17 +110,23 @@ def fit(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -
     Bad input raises ``UserError`` before the run folder exists. A failure during training is
     recorded in ``summary.json`` (status ``failed`` or ``interrupted``) and re-raised.
     """
-    wall_start = time.perf_counter()
-    with StopSignals() as stop:
-        session = prepare(cfg)
-        stop.check()  # asked to stop while setting up: leave before anything is written
-        world = session.world
+    return start(cfg, NewRun(), reporter, quiet, time.perf_counter())
+
+
+class NewRun:
+    """A new run: a fresh state, and a new folder with its config and opening summary."""
+
+    def restore(self, session: Session) -> TrainState:
+        return TrainState()
+
+    def open(self, session: Session, state: TrainState, reporter: Reporter) -> tuple[RunDir, RunSummary]:
+        cfg, world = session.cfg, session.world
         run = RunDir.create(cfg.output.dir, cfg.name) if world.is_main else None
         path = world.broadcast(str(run.path) if run is not None else None)
         run = run or RunDir(Path(path), writer=False)
         summary = describe_run(session, run)
         open_new_run(run, dump_config(cfg), summary)
-        return train(session, run, TrainState(), summary, reporter or make_reporter(quiet=quiet), wall_start, stop)
+        return run, summary
 
 
 def open_new_run(run: RunDir, config_text: str, summary: RunSummary) -> None:
@@ -538,6 +143,238 @@ def open_new_run(run: RunDir, config_text: str, summary: RunSummary) -> None:
         run.discard()
         raise UserError(f"cannot write the new run folder {run.path}: {err.strerror or type(err).__name__}; free some "
                         "space, or choose another results folder with --results") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: a run continued in its own folder
+
+RESUMABLE = ("interrupted", "failed", "stale")
+# What a resumed run may change (`cnnlab resume RUN --set KEY=VALUE`): how the optimiser steps from the
+# checkpoint on and how long and how patiently it trains. The checkpoint's state stays right under each:
+# the weights, the optimiser's buffers (SGD's momentum is kept, and optim.name, whose state Adam's moments
+# are, is not here), the position in the epoch and the data order. Not the model or the data (the weights
+# and the split belong to them), nor train.batch_size (it makes the epoch's batches, where a checkpoint
+# stands inside one), nor the loss (label_smoothing) or the precision.
+RESUME_SETTABLE = ("optim.lr", "optim.momentum", "optim.weight_decay", "schedule.*", "train.grad_clip",
+                   "train.epochs", "train.patience")
+
+
+def resume(
+    run_dir: Path,
+    *,
+    epochs: int | None = None,
+    settings: list[str] | None = None,
+    device: str | None = None,
+    data_root: Path | None = None,
+    quiet: bool = False,
+    reporter: Reporter | None = None,
+    trust_code: bool = False,
+) -> dict[str, Any]:
+    """Continue ``run_dir`` from ``checkpoints/last.pt`` in the same folder; returns the summary.
+
+    ``epochs`` extends (or, for an unfinished run, changes) the total; ``settings`` (``--set``
+    strings) change the keys of ``RESUME_SETTABLE``, in config.yaml too, from the next batch on;
+    ``device`` and ``data_root`` may change because a run can move to another machine. Anything
+    else that differs between ``config.yaml`` and the checkpoint is refused.
+    """
+    wall_start = time.perf_counter()
+    cfg, continuation = plan_resume(run_dir, epochs=epochs, settings=settings, device=device, data_root=data_root,
+                                    trust_code=trust_code)
+    return start(cfg, continuation, reporter, quiet, wall_start)
+
+
+def plan_resume(run_dir: Path, *, epochs: int | None, settings: list[str] | None, device: str | None,
+                data_root: Path | None, trust_code: bool) -> tuple[Config, Continuation]:
+    """The config a resume of ``run_dir`` trains with, and what it continues from; everything a resume
+    refuses (a live run, no checkpoint, a changed config, too few epochs) is refused here, before
+    anything is prepared."""
+    changed = settable_overrides(settings or [], run_dir)
+    opened = open_run(run_dir, checkpoint=None, trust_code=trust_code)
+    run_dir = opened.path
+    if opened.state == "running":
+        raise UserError(f"{run_dir} is {describe_state(opened)}; stop it before resuming it")
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise UserError(f"{run_dir} has no checkpoints/last.pt to resume from (output.checkpoints was false, or it "
+                        f"stopped before its first epoch ended); start it again with `cnnlab run {run_dir / 'config.yaml'}`")
+    checkpoint = Checkpoint.load(last)
+    if checkpoint.state is None:
+        raise UserError(f"{last} was written by an older cnnlab without the training state a resume needs; it can "
+                        "still be evaluated, but the run must be started again to train further")
+    try:
+        trained = validate(checkpoint.config, "its config", trust_code)
+    except UserError as err:
+        raise UserError(f"{last}: the config stored in it is not a valid cnnlab config ({err})") from None
+    # config.yaml may differ in what a resume may change: an earlier `resume --set` wrote it, and its session
+    # may have ended before its first checkpoint. Each such difference is recorded as a change below.
+    differing = [key for key in config_differences(comparable(trained.to_dict()), comparable(opened.cfg.to_dict()))
+                 if not resume_settable(key)]
+    if differing:
+        raise UserError(f"{run_dir / 'config.yaml'} differs from the config its checkpoint was trained with, in "
+                        f"{', '.join(differing)}; put config.yaml back as it was, or start a new run with the new config "
+                        f"(a resume may change only {', '.join(RESUME_SETTABLE)}, with --set)")
+
+    values = opened.cfg.to_dict()
+    for key, value in changed:
+        values = set_value(values, key, value)
+    if epochs is not None:
+        values["train"]["epochs"] = epochs
+    if device is not None:
+        values["train"]["device"] = device
+    if data_root is not None:
+        values["data"]["root"] = str(data_root)
+    source = f"resuming {run_dir}" + (" with --set " + " ".join(settings) if settings else "")
+    cfg = validate(values, source, trust_code=trust_code)
+
+    done, total = checkpoint.epoch, cfg.train.epochs
+    if total < done or (total == done and checkpoint.state.get("current") is not None):
+        asked = f"--epochs {total}" if epochs is not None else f"train.epochs {total}"
+        raise UserError(f"{asked}: the run has already trained {done} epoch(s); give a larger number")
+    extending = epochs is not None or any(key == "train.epochs" for key, _ in changed)
+    if opened.state == "completed" and (not extending or total <= done):
+        raise UserError(f"{run_dir} has completed ({done} epochs"
+                        + (", stopped early" if checkpoint.state.get("stopped_early") else "")
+                        + f"); to train it further pass --epochs N with N > {done}")
+    changes = [{"key": key, "old": old, "new": new, "epoch": done + 1}
+               for key, old, new in setting_changes(trained, cfg)]
+    return cfg, Continuation(opened, checkpoint, last, done, changes)
+
+
+@dataclass
+class Continuation:
+    """A run continued in its own folder from its last checkpoint (``path``), which has trained
+    ``done`` epochs; ``changes``: the settings that differ from the checkpoint's, recorded in this
+    resume's entry of the summary."""
+
+    opened: OpenedRun
+    checkpoint: Checkpoint
+    path: Path
+    done: int
+    changes: list[dict[str, Any]]
+
+    def restore(self, session: Session) -> TrainState:
+        check_same_data(session.data, self.opened.summary, self.opened.path)
+        state = TrainState()
+        session.restore(self.checkpoint, state, self.path)
+        if self.opened.state == "completed":  # extended: it trains on, and patience counts afresh
+            state.stopped_early, state.patience_start = False, self.done
+        return state
+
+    def open(self, session: Session, state: TrainState, reporter: Reporter) -> tuple[RunDir, RunSummary]:
+        """Lock the folder (refused when another process took it meanwhile), then rewrite its config,
+        metrics and summary for the resumed run."""
+        run_dir, world = self.opened.path, session.world
+        world.barrier()  # under torchrun: every rank has read the folder before rank 0 writes to it
+        run = RunDir(run_dir, writer=world.is_main)
+        refusal = None
+        try:
+            run.lock()
+            if run.writer and read_summary(run_dir / "summary.json") != self.opened.summary:  # another resume got here first
+                run.unlock()
+                raise UserError(f"{run_dir} changed while this resume was starting (another process resumed it); "
+                                "look at it again before resuming")
+        except UserError as err:
+            refusal = str(err)
+        refusal = world.broadcast(refusal)  # rank 0's verdict, for every rank: none waits for a rank that left
+        if refusal is not None:
+            raise UserError(refusal)
+        return run, self._rewrite(run, session, state, for_rank(reporter, world))
+
+    def _rewrite(self, run: RunDir, session: Session, state: TrainState, reporter: Reporter) -> RunSummary:
+        """The folder's config, metrics and summary for the resumed run (holding its lock); said in one line."""
+        opened, cfg, done, changes = self.opened, session.cfg, self.done, self.changes
+        run_dir, summary = run.path, opened.summary
+        if cfg != opened.cfg:
+            run.write_config(dump_config(cfg))
+        run.metrics = state.metrics
+        run.write_metrics()  # rows past the checkpoint are redone
+        fresh = describe_run(session, run)
+        resumed = summary.model_copy(update={k: getattr(fresh, k) for k in (
+            "status", "epochs", "device", "device_name", "precision", "threads", "torch_version", "git_commit", "pid",
+            "host", "data_root")})
+        for key in ("error", "stopped_at", "finished", "test_acc", "test_loss", "test_checkpoint", "final"):
+            setattr(resumed, key, None)
+        at = state.current.batches if state.current is not None else 0
+        resumed.resumes = [*summary.resumes, {
+            "at": utc_now(), "from_status": opened.state, "from_epoch": done, "from_batch": at, "epochs": cfg.train.epochs,
+            "device": str(session.runtime.device), "host": socket.gethostname(), "pid": os.getpid(), "changes": changes,
+        }]
+        run.write_summary(resumed)
+        where = f"epoch {done + 1} of {cfg.train.epochs}" + (f", batch {at}" if at else "")
+        with_changes = "".join(f", {c['key']} {c['old']} -> {c['new']}" for c in changes)
+        reporter.message(f"resuming {run_dir} ({opened.state}) at {where}{with_changes}")
+        return resumed
+
+
+def resume_settable(key: str) -> bool:
+    """Whether a resumed run may change the dotted config ``key`` (``RESUME_SETTABLE``)."""
+    return key in RESUME_SETTABLE or any(p.endswith(".*") and key.startswith(p[:-1]) for p in RESUME_SETTABLE)
+
+
+def settable_overrides(settings: list[str], run_dir: Path) -> list[tuple[str, Any]]:
+    """``resume --set`` strings as (dotted key, value); a key a resumed run may not change is refused."""
+    parsed = []
+    for text in settings:
+        parts, value = parse_override(text)
+        key = ".".join(parts)
+        if not resume_settable(key):
+            raise UserError(f"--set {key}: a resumed run cannot change {key} (its checkpoint's weights, optimiser state "
+                            f"and data belong to the config it was trained with); a resume may change "
+                            f"{', '.join(RESUME_SETTABLE)}. To train with another {key}, start a new run: "
+                            f"cnnlab run {Path(run_dir) / 'config.yaml'} --set {text}")
+        parsed.append((key, value))
+    return parsed
+
+
+def setting_changes(trained: Config, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(key, value the checkpoint was trained with, value from now on) for each settable key that differs."""
+    before, after = trained.to_dict(), cfg.to_dict()
+    return [(key, _lookup(before, key), _lookup(after, key))
+            for key in config_differences(before, after) if resume_settable(key)]
+
+
+def _lookup(values: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
+
+
+def check_same_data(data: Data, summary: RunSummary, run_dir: Path) -> None:
+    """Refuse to continue a run on other data than it was trained on (sizes and pixel statistics)."""
+    now = {"train_size": len(data.train), "val_size": len(data.val) if data.val is not None else 0,
+           "test_size": len(data.test), "pixel_mean": data.mean, "pixel_std": data.std}
+    differs = [f"{key} {getattr(summary, key)} then, {value} now" for key, value in now.items()
+               if getattr(summary, key) is not None and getattr(summary, key) != value]
+    if differs:
+        raise UserError(f"the data in {data.root} is not the data {run_dir} was trained on ({'; '.join(differs)}); "
+                        f"point --data-dir at the original files (the run used {summary.data_root})")
+
+
+def find_resumable(cfg: Config) -> Path | None:
+    """The newest unfinished run (interrupted, failed, stale) of exactly ``cfg`` whose checkpoint loads."""
+    for run_dir, _, state in runs_of(cfg):
+        last = run_dir / "checkpoints" / "last.pt"
+        if state not in RESUMABLE or not last.is_file():
+            continue
+        try:
+            if Checkpoint.load(last).state is not None:
+                return run_dir
+        except UserError as err:
+            warn(f"{err}; not resuming that run")
+    return None
+
+
+def run_or_resume(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
+    """``cnnlab run CONFIG --resume auto``: continue the newest unfinished run of this config, or start one."""
+    world = join_world(cfg)  # under torchrun, rank 0 decides for every rank
+    previous = world.broadcast(find_resumable(cfg) if world.is_main else None)
+    if previous is None:
+        return fit(cfg, quiet=quiet, reporter=reporter)
+    return resume(previous, device=cfg.train.device, quiet=quiet, reporter=reporter, trust_code=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training, and how it ended
 
 
 def train(
@@ -575,7 +412,7 @@ def train(
             reporter.start_epoch(epoch, session.steps_per_epoch, done=progress.batches)
             epoch_start = time.perf_counter() - progress.seconds
             if session.static_step is not None:
-                train_metrics = train_epoch_static(session, progress, reporter, stop)
+                train_metrics = session.static_step.train_epoch(progress, reporter, stop)
             else:
                 batches = world.shard(data.batches("train", cfg.train.batch_size, shuffle=True, generator=session.order,
                                                    skip=progress.batches, min_last=world.min_last_batch))
@@ -596,15 +433,15 @@ def train(
                 "epoch": epoch,
                 "train_loss": train_metrics["loss"],
                 "train_acc": train_metrics["acc"],
-                "val_loss": val["loss"],
-                "val_acc": val["acc"],
+                "val_loss": val.loss,
+                "val_acc": val.acc,
                 "lr": progress.lr,
                 "epoch_seconds": time.perf_counter() - epoch_start,
                 "train_examples_per_sec": train_metrics["examples"] / max(train_metrics["seconds"], 1e-9),
             }
-            is_best = val["acc"] > state.best_acc
+            is_best = val.acc > state.best_acc
             if is_best:
-                state.best_acc, state.best_epoch = val["acc"], epoch
+                state.best_acc, state.best_epoch = val.acc, epoch
             state.epoch, state.current = epoch, None
             state.train_seconds += train_metrics["seconds"]
             state.train_examples += train_metrics["examples"]
@@ -624,9 +461,9 @@ def train(
                 model.load_state_dict(Checkpoint.load(run.checkpoint_dir / "best.pt", runtime.device).model)
             world.broadcast_module(model)  # the other ranks test the same weights without reading the folder
         test = evaluate(model, world.shard(data.batches("test", cfg.train.eval_batch_size)), runtime, stop, world,
-                        confusion=True)
-        summary.test_acc, summary.test_loss = test["acc"], test["loss"]
-        summary.test_confusion = test["confusion"]
+                        confusion=True, num_classes=len(CLASSES))
+        summary.test_acc, summary.test_loss = test.acc, test.loss
+        summary.test_confusion = test.confusion
         summary.test_checkpoint = "best" if cfg.output.checkpoints else "last"
         final = run.metrics[-1]
         summary.status = "completed"
@@ -698,27 +535,6 @@ def listeners(session: Session, run: RunDir, reporter: Reporter) -> FanOut:
 
         loggers = make_loggers(session.cfg.to_dict(), run.path)
     return FanOut(RunRecord(run), reporter, *loggers)
-
-
-def train_epoch_static(session: Session, progress: EpochProgress, reporter: Reporter, stop: StopSignals) -> dict[str, float]:
-    """One epoch through the static step: the same permutation ``Data.batches`` draws, its full
-    batches replayed (or run eagerly), a last short batch through the ordinary step."""
-    cfg, data = session.cfg, session.data
-    batch_size, n = cfg.train.batch_size, len(data.train)
-    used = data.num_batches("train", batch_size, shuffle=True) * batch_size  # as Data.batches, a short last one counted
-    full = min(n, used) // batch_size
-    permutation = torch.randperm(n, generator=session.order).to(data.train.images.device)
-    session.forward.train()
-    start = time.perf_counter()
-    try:
-        session.static_step.run_epoch(progress, permutation, full, reporter, stop)
-    finally:
-        progress.seconds += time.perf_counter() - start
-    session.order.set_state(progress.order_state)  # the same permutation again, for the short last batch
-    rest = data.batches("train", batch_size, shuffle=True, generator=session.order, skip=full) if progress.batches < \
-        session.steps_per_epoch else iter(())
-    return train_one_epoch(session.forward, rest, session.optimizer, session.scheduler, session.loss_fn, session.runtime,
-                           cfg.train.grad_clip, reporter, progress=progress, stop=stop)
 
 
 def _tell_ending(listeners: list[Reporter], summary: RunSummary, run: RunDir) -> None:
@@ -811,16 +627,6 @@ def failure_text(err: BaseException, run: RunDir) -> str:
 
 def _in_folder(filename: Any, folder: Path) -> bool:
     return isinstance(filename, str) and Path(filename).is_relative_to(folder)
-
-
-def process_age() -> float | None:
-    """Seconds since this process started (interpreter start-up included), from /proc where there is one."""
-    try:
-        with open("/proc/self/stat", encoding="ascii") as stat, open("/proc/uptime", encoding="ascii") as uptime:
-            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
-            return max(0.0, float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _rounded(seconds: float | None) -> float | None:

@@ -14,14 +14,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from cnnlab.data import CLASSES
 from cnnlab.errors import UserError
 from cnnlab.results import atomic_write_text, check_output_dir
 from cnnlab.runs import open_run
+from cnnlab.runtime import make_runtime
+from cnnlab.steps import evaluate
 
 MAX_ERROR_TILES = 36
+BATCH_SIZE = 1024
 
 
 @dataclass
@@ -37,39 +39,25 @@ class EvalReport:
     folder: str
 
 
-@torch.no_grad()
-def predict(model: nn.Module, data, split: str, batch_size: int = 1024) -> tuple[torch.Tensor, float]:
-    """(predicted labels, mean cross-entropy) over a split."""
-    preds, loss = [], 0.0
-    for x, y in data.batches(split, batch_size):
-        logits = model(x)
-        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        preds.append(logits.argmax(1))
-    return torch.cat(preds), loss / len(data.split(split))
-
-
-def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, classes: int = len(CLASSES)) -> torch.Tensor:
-    return torch.bincount(labels * classes + preds, minlength=classes * classes).reshape(classes, classes)
-
-
 def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", trust_code: bool = False) -> EvalReport:
     if split not in ("test", "val"):
         raise UserError(f"--split {split!r}: choose test or val")
     folder = Path(run_dir) / "eval" / f"{split}-{checkpoint}"
     check_output_dir(folder, "eval output")
     opened = open_run(run_dir, checkpoint=checkpoint, trust_code=trust_code)
-    model = opened.model
     data = opened.load_data()
     labels = data.split(split).labels
-    preds, loss = predict(model, data, split)
-    matrix = confusion_matrix(labels, preds)
+    runtime = make_runtime("cpu", opened.cfg.train.precision, channels_last=False)  # autocast as the run trained
+    result = evaluate(opened.model, data.batches(split, BATCH_SIZE), runtime, confusion=True, predictions=True,
+                      num_classes=len(CLASSES))
+    preds, matrix = result.predictions, torch.tensor(result.confusion)
     per_class = {name: (matrix[i, i] / matrix[i].sum()).item() for i, name in enumerate(CLASSES) if matrix[i].sum()}
     off = matrix.clone()
     off.fill_diagonal_(0)
     order = torch.argsort(off.flatten(), descending=True)[:5]
     pairs = [(CLASSES[int(i) // 10], CLASSES[int(i) % 10], int(off.flatten()[i])) for i in order if off.flatten()[i] > 0]
-    report = EvalReport(split, checkpoint, len(labels), (preds == labels).float().mean().item(), loss, per_class,
-                        pairs, matrix.tolist(), str(folder))
+    report = EvalReport(split, checkpoint, len(labels), result.acc, result.loss, per_class, pairs, result.confusion,
+                        str(folder))
     write_outputs(report, folder, data.split(split).images, labels, preds)
     return report
 

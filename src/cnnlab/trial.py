@@ -84,7 +84,7 @@ class TrialRecorder(Reporter):
 
 def run_trial(cfg: Config, events: Reporter | None = None) -> TrialResult:
     """Run (or continue) the experiment ``cfg`` in this process and return how it ended."""
-    from cnnlab.runs import run_or_resume
+    from cnnlab.engine import run_or_resume
 
     recorder = TrialRecorder()
     try:

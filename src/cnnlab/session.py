@@ -1,0 +1,192 @@
+"""Usage: ``session = prepare(load_config("configs/lenet.yaml"))``.
+
+Everything one run trains with, built and checked before its folder exists (``prepare``): the
+torchrun group it joins, the runtime, the data, the model (tried on two training images first),
+the loss, the optimiser and schedule, and the step it runs: the ordinary one or the static
+(CUDA-graph) one of capture.py (``choose_step``). ``Session`` holds them, and writes and reads them
+as a checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnnlab.capture import StaticEval, StaticStep, graph_kind, why_not
+from cnnlab.config import Config
+from cnnlab.data import CLASSES, Data, load_data
+from cnnlab.distributed import World, current_world, use_sync_batchnorm
+from cnnlab.errors import UserError, warn
+from cnnlab.modelinfo import flops_per_image
+from cnnlab.models.build import build_model
+from cnnlab.optim import follow_config, make_optimizer, make_scheduler
+from cnnlab.results import Checkpoint
+from cnnlab.runtime import Runtime, make_runtime, resolve_device, resolve_threads, warm_imports
+from cnnlab.state import TrainState
+
+
+def check_model(model: nn.Module, cfg: Config, data: Data) -> None:
+    """Run the model on two training images before anything is written: a model that cannot train
+    on this data (wrong output shape, an error in its forward pass) is bad input, not a failed run.
+
+    In eval mode and with the random generators put back afterwards, so that the check leaves no
+    trace: BatchNorm's running statistics and dropout's random draws are as if it never ran.
+    """
+    x, _ = next(data.batches("train", 2))
+    was_training = model.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = model.eval()(x)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # user code may even call sys.exit in its forward pass
+        raise UserError(
+            f"model {cfg.model.name!r} fails on a batch of training images (shape {tuple(x.shape)}): "
+            f"{type(err).__name__}: {err}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.shape != (len(x), len(CLASSES)):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(
+            f"model {cfg.model.name!r} must return logits of shape (batch, {len(CLASSES)}); "
+            f"for a batch of {len(x)} images it returned {got}"
+        )
+
+
+@dataclass
+class Session:
+    """Everything one run trains with, built and checked before its folder exists."""
+
+    cfg: Config
+    runtime: Runtime
+    data: Data
+    model: nn.Module
+    forward: nn.Module  # the model, or its compiled form
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int
+    order: torch.Generator  # the data order (shuffling) generator
+    flops: int
+    threads: int
+    world: World = field(default_factory=World)
+    sync_bn: bool = False
+    static_step: StaticStep | None = None  # when the step runs over static buffers (train.cuda_graphs)
+    static_eval: StaticEval | None = None  # the per-epoch evaluation over static buffers, alongside it
+    step_note: str | None = None  # why it does not, when it was asked for
+
+    @property
+    def generators(self) -> dict[str, torch.Generator | None]:
+        return {"order": self.order, "augment": self.data.augment_generator}
+
+    def checkpoint(self, state: TrainState) -> Checkpoint:
+        return Checkpoint(
+            model=self.model.state_dict(),
+            config=self.cfg.to_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.runtime.scaler.state_dict() if self.runtime.scaler is not None else None,
+            state=state.state_dict(self.generators),
+        )
+
+    def restore(self, checkpoint: Checkpoint, state: TrainState, path: Path) -> None:
+        """Model, optimiser, schedule, scaler and generators as ``checkpoint`` left them."""
+        try:
+            self.model.load_state_dict(checkpoint.model)
+            self.optimizer.load_state_dict(checkpoint.optimizer)
+            self.scheduler.load_state_dict(checkpoint.scheduler)
+            follow_config(self.optimizer, self.scheduler, self.cfg.optim)
+            if self.runtime.scaler is not None and checkpoint.scaler:
+                self.runtime.scaler.load_state_dict(checkpoint.scaler)
+            state.load_state_dict(checkpoint.state, self.generators)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
+            raise UserError(f"{path}: does not fit this run's model, optimiser and training state "
+                            f"({type(err).__name__}); "
+                            "it belongs to another run or was changed") from None
+        if state.current is not None:
+            if not self.world.is_main:  # the epoch's sums so far are counted once, on rank 0, when summed over ranks
+                current = state.current
+                current.loss_sum, current.correct, current.seen = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
+            if state.current.batches > self.steps_per_epoch:
+                raise UserError(f"{path}: says {state.current.batches} batches of an epoch of "
+                                f"{self.steps_per_epoch} were done; it belongs to another run or was changed")
+            state.current.to(self.runtime.device)
+
+
+def prepare(cfg: Config) -> Session:
+    """Runtime, data, model, loss, optimiser and schedule for ``cfg``. Bad input raises ``UserError``.
+
+    Under torchrun this process joins the group here and its model is wrapped in
+    DistributedDataParallel (``forward``); ``model`` stays the plain module that checkpoints hold.
+    """
+    world = join_world(cfg)
+    if cfg.output.loggers:
+        from cnnlab.loggers import check_loggers
+
+        check_loggers(cfg.output.loggers)
+    warming = warm_imports()
+    threads = resolve_threads(cfg.train.threads)
+    runtime = make_runtime(world.device_name(cfg.train.device), cfg.train.precision, cfg.train.channels_last,
+                           cfg.train.tf32)
+    data = load_data(cfg.data, cfg.seed, runtime.device, channels_last=runtime.channels_last)
+    model = build_model(cfg, runtime.device, channels_last=runtime.channels_last)
+    check_model(model, cfg, data)
+    if warming is not None:
+        warming.join()
+    flops = flops_per_image(model)
+    model, sync_bn = use_sync_batchnorm(model, cfg.train.sync_bn, world, runtime.device)
+    parallel = model
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        parallel = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    mode = cfg.train.compile if isinstance(cfg.train.compile, str) else None
+    forward = torch.compile(parallel, mode=mode) if cfg.train.compile else parallel
+    optimizer = make_optimizer(model, cfg.optim)
+    steps_per_epoch = data.num_batches("train", cfg.train.batch_size, shuffle=True, min_last=world.min_last_batch)
+    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
+    session = Session(
+        cfg, runtime, data, model, forward, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), optimizer,
+        scheduler, steps_per_epoch, torch.Generator().manual_seed(cfg.seed), flops, threads, world, sync_bn,
+    )
+    choose_step(session)
+    return session
+
+
+def choose_step(session: Session) -> None:
+    """The static (CUDA-graph) steps where ``train.cuda_graphs`` asks for them and the run allows it;
+    otherwise the ordinary step, saying why in summary.json (and in one line when asked for by name)."""
+    wanted, device = session.cfg.train.cuda_graphs, session.runtime.device
+    if wanted is False or (wanted == "auto" and device.type != "cuda"):
+        return
+    reason = why_not(session)
+    if reason is not None:
+        session.step_note = f"train.cuda_graphs: off: {reason}"
+        if session.world.is_main and wanted != "auto":  # asked for by name: said; by default: in summary.json only
+            warn(session.step_note)
+        return
+    graph = graph_kind(wanted, device)
+    session.static_step = StaticStep(session, graph)
+    session.static_eval = StaticEval(session, session.data.eval_split_name, graph)
+
+
+def step_fields(session: Session) -> tuple[str, str | None]:
+    """summary.json's train_step and train_step_note: how the steps ran, and why not as asked."""
+    static = session.static_step
+    if static is None:
+        return "ordinary", session.step_note
+    notes = [s.fallback for s in (static.step, session.static_eval.step) if s.fallback]
+    return static.kind, "; ".join(notes) or session.step_note
+
+
+def join_world(cfg: Config) -> World:
+    """This process's torchrun group (a world of one for a plain run), joined for ``cfg``'s device."""
+    world = current_world()
+    if world.distributed:
+        world.check_batch_size(cfg.train.batch_size)
+        world.join(resolve_device(world.device_name(cfg.train.device)).type)
+    return world

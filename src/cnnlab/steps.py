@@ -1,0 +1,180 @@
+"""Usage: ``figures = train_one_epoch(model, batches, optimizer, scheduler, loss_fn, runtime)``;
+``result = evaluate(model, batches, runtime, confusion=True, num_classes=10)``.
+
+The ordinary training step and the one evaluation loop, plain functions over batches. The hot loop
+never reads a value back to the host: losses and correct counts add up on the device and are read
+once per epoch (``totals``; and by the progress bar a few times a second at most). ``evaluate``
+serves the per-epoch validation, the test pass (with the confusion matrix) and ``cnnlab eval``
+(with each example's predicted class as well). The per-batch bookkeeping (``add_train_batch``,
+``batch_done``, ``add_eval_batch``) is shared with the static steps of capture.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cnnlab.distributed import World
+from cnnlab.progress import Reporter
+from cnnlab.runtime import Runtime
+from cnnlab.state import EpochProgress
+from cnnlab.stopping import StopSignals
+
+# ---------------------------------------------------------------------------------------------
+# One batch's figures, shared by the ordinary and the static steps
+
+
+def add_train_batch(loss_sum: torch.Tensor, correct: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor,
+                    y: torch.Tensor, n: int) -> None:
+    """Add a training batch of ``n`` examples into the running sums, in place (the static step's sums
+    are buffers a graph writes)."""
+    loss_sum += loss.detach().float() * n
+    correct += (logits.detach().argmax(1) == y).sum()
+
+
+def batch_done(progress: EpochProgress, n: int, reporter: Reporter | None, stop: StopSignals | None) -> None:
+    """Count a trained batch of ``n`` examples into ``progress`` (its sums hold it already), show it, and
+    stop here if asked: between batches, where ``progress`` is all a checkpoint needs."""
+    progress.seen += n
+    progress.batches += 1
+    if reporter is not None:
+        reporter.advance(progress.loss_sum, progress.correct, progress.seen)
+    if stop is not None:
+        stop.check()
+
+
+def add_eval_batch(loss_sum: torch.Tensor, correct: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Add an evaluated batch's summed cross-entropy (without label smoothing) and correct count into
+    the running sums, in place; returns the predicted classes."""
+    loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+    predicted = logits.argmax(1)
+    correct += (predicted == y).sum()
+    return predicted
+
+
+def totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, world: World | None) -> tuple[float, int, int]:
+    """(loss sum, correct, seen) as numbers, summed over the ranks under torchrun (one collective)."""
+    if world is None or not world.distributed:
+        return loss_sum.item(), int(correct.item()), seen
+    local = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), dtype=torch.float64,
+                                                                            device=loss_sum.device)])
+    total_loss, total_correct, total_seen = world.sum(local).tolist()
+    return total_loss, round(total_correct), round(total_seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# One epoch of training
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    runtime: Runtime,
+    grad_clip: float | None = None,
+    reporter: Reporter | None = None,
+    *,
+    progress: EpochProgress | None = None,
+    stop: StopSignals | None = None,
+    world: World | None = None,
+) -> dict[str, float]:
+    """Train over ``batches``, adding into ``progress`` (the epoch so far; a fresh one if None).
+
+    ``progress`` is complete after every batch, so when ``stop`` raises between batches it holds
+    exactly what a checkpoint needs to continue the epoch later. Under torchrun (``world``) the
+    returned figures are summed over every rank's shard.
+    """
+    model.train()
+    progress = progress if progress is not None else EpochProgress().to(runtime.device)
+    start = time.perf_counter()
+    try:
+        for x, y in batches:
+            with runtime.autocast():
+                logits = model(x)
+                loss = loss_fn(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            if runtime.scaler is not None:
+                runtime.scaler.scale(loss).backward()
+                runtime.scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if runtime.scaler is not None:
+                runtime.scaler.step(optimizer)
+                runtime.scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            add_train_batch(progress.loss_sum, progress.correct, loss, logits, y, len(y))
+            batch_done(progress, len(y), reporter, stop)
+    finally:
+        progress.seconds += time.perf_counter() - start
+    loss_sum, correct, seen = totals(progress.loss_sum, progress.correct, progress.seen, world)  # the one read-back
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "examples": seen, "seconds": progress.seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation loop
+
+
+@dataclass
+class Evaluation:
+    """What ``evaluate`` found: mean cross-entropy (without label smoothing), accuracy, the examples
+    seen; where asked for, the confusion matrix (rows: true class, columns: predicted, as counts) and
+    each example's predicted class (this process's examples, in the order of its batches)."""
+
+    loss: float
+    acc: float
+    examples: int
+    confusion: list[list[int]] | None = None
+    predictions: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    runtime: Runtime,
+    stop: StopSignals | None = None,
+    world: World | None = None,
+    *,
+    confusion: bool = False,
+    predictions: bool = False,
+    num_classes: int | None = None,
+) -> Evaluation:
+    """Evaluate ``model`` over ``batches`` under the runtime's autocast, as it trained (summed over the
+    ranks' shards under torchrun). ``confusion`` needs ``num_classes``, the data's number of classes."""
+    if confusion and num_classes is None:
+        raise ValueError("evaluate(confusion=True) needs num_classes")
+    model.eval()
+    loss_sum = torch.zeros((), device=runtime.device)
+    correct = torch.zeros((), device=runtime.device, dtype=torch.long)
+    counts = torch.zeros(num_classes ** 2, device=runtime.device, dtype=torch.long) if confusion else None
+    predicted_batches: list[torch.Tensor] = []
+    seen = 0
+    for x, y in batches:
+        with runtime.autocast():
+            logits = model(x)
+        predicted = add_eval_batch(loss_sum, correct, logits, y)
+        if counts is not None:
+            counts += torch.bincount(y * num_classes + predicted, minlength=num_classes ** 2)
+        if predictions:
+            predicted_batches.append(predicted)
+        seen += len(y)
+        if stop is not None:
+            stop.check()
+    loss_total, correct_total, seen = totals(loss_sum, correct, seen, world)
+    result = Evaluation(loss_total / max(seen, 1), correct_total / max(seen, 1), seen)
+    if counts is not None:
+        result.confusion = (world or World()).sum(counts).view(num_classes, -1).tolist()
+    if predictions:
+        result.predictions = torch.cat(predicted_batches) if predicted_batches else \
+            torch.zeros(0, dtype=torch.long, device=runtime.device)
+    return result
