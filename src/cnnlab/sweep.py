@@ -28,9 +28,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +38,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cnnlab.compare import aggregate, markdown_table, row_from_summary, write_trials
-from cnnlab.config import Config, absolute_paths, dump_config, load_config, read_yaml
+from cnnlab.config import absolute_paths, dump_config, load_config, read_yaml
 from cnnlab.console import SafeConsole
 from cnnlab.errors import UserError
 from cnnlab.events import EVENTS_FD_ENV, read_events
+from cnnlab.launch import EventSink, Launcher, Trial
 from cnnlab.results import (
     MAX_NAME_CHARS,
     RunSummary,
@@ -57,25 +57,6 @@ from cnnlab.stopping import HANDLED, PARENT_ENV, pending_signal, signal_name
 from cnnlab.trial import TrialRecorder, TrialResult
 
 SWEEP_KEYS = {"name", "base", "grid", "seeds"}
-
-
-@dataclass
-class Trial:
-    name: str  # the variant: a config's file name, or the grid point; runs of every seed share it
-    seed: int
-    swept: dict[str, Any] = field(default_factory=dict)  # grid key -> value ({} for folder sweeps)
-    config: Config | None = None
-    error: str = ""  # why the config could not be loaded
-    status: str = "pending"  # pending, completed, skipped (done before), failed, interrupted, not started
-    run_dir: Path | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} seed {self.seed}"
-
-    @property
-    def swept_text(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.swept.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,29 +201,6 @@ class SweepDisplay:
             self.console.print(text, soft_wrap=True)
         else:
             self.progress.console.print(text, soft_wrap=True)
-
-
-EventSink = Callable[[dict[str, Any]], None]
-
-
-class Launcher:
-    """Where and how a sweep's trials run. ``launch`` runs one trial to its end (called from one of
-    ``jobs`` threads) and returns its result, passing its events to ``on_event`` as they come;
-    ``stop`` asks every running trial to checkpoint and stop. Used as a context manager."""
-
-    name = "base"
-
-    def __enter__(self) -> Launcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def launch(self, trial: Trial, config_path: Path, slot: int, on_event: EventSink) -> TrialResult:
-        raise NotImplementedError
-
-    def stop(self, signum: int) -> None:
-        raise NotImplementedError
 
 
 class LocalLauncher(Launcher):
