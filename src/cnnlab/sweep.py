@@ -24,7 +24,6 @@ import hashlib
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -53,7 +52,7 @@ from cnnlab.results import (
     sanitize_name,
 )
 from cnnlab.runs import runs_of
-from cnnlab.stopping import HANDLED, PARENT_ENV, pending_signal, signal_name
+from cnnlab.stopping import PARENT_ENV, handling_signals, signal_name
 from cnnlab.trial import TrialRecorder, TrialResult
 
 SWEEP_KEYS = {"name", "base", "grid", "seeds"}
@@ -280,20 +279,17 @@ class Runner:
         self.slots = list(range(jobs))
         self.lock = threading.Lock()
         self.stop_signal: int | None = None
-        self._previous: dict[int, Any] = {}
+        self._handlers = contextlib.ExitStack()
 
     def __enter__(self) -> Runner:
-        if threading.current_thread() is threading.main_thread():
-            for signum in HANDLED:
-                self._previous[signum] = signal.signal(signum, self._on_signal)
-        self.stop_signal = pending_signal()  # asked to stop while the sweep was starting: start nothing
+        # asked to stop while the sweep was starting: start nothing
+        self.stop_signal = self._handlers.enter_context(handling_signals(self._on_signal))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        self._handlers.close()
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int) -> None:
         if self.stop_signal is None:
             self.display.say(f"{signal_name(signum)}: stopping the running trials (they checkpoint and can be resumed)")
         self.stop_signal = self.stop_signal or signum
