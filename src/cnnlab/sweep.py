@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cnnlab.compare import aggregate, markdown_table, row_from_summary, write_trials
-from cnnlab.config import absolute_paths, dump_config, load_config, read_yaml
+from cnnlab.config import absolute_paths, dump_config, load_config, read_yaml, with_values
 from cnnlab.console import SafeConsole
 from cnnlab.errors import UserError
 from cnnlab.events import EVENTS_FD_ENV, read_events
@@ -80,9 +80,8 @@ def expand(target: Path, overrides: list[str], seeds: list[int] | None = None) -
         trials = []
         for path, name in zip(files, unique_names([p.stem for p in files], [p.name for p in files])):
             for seed in seeds or [None]:
-                trial_overrides = [*overrides, *([f"seed={seed}"] if seed is not None else [])]
                 try:
-                    cfg = load_config(path, trial_overrides, {"name": name})
+                    cfg = load_config(path, overrides, {"name": name, **({"seed": seed} if seed is not None else {})})
                     trials.append(Trial(name, cfg.seed, config=cfg))
                 except UserError as err:
                     trials.append(Trial(name, seed or 0, error=one_line(err), status="failed"))
@@ -224,7 +223,7 @@ class LocalLauncher(Launcher):
     def launch(self, trial: Trial, config_path: Path, slot: int, on_event: EventSink) -> TrialResult:
         device, threads = placement(slot, self.jobs)
         if device:  # the trial's copy of its config says where it runs
-            cfg = trial.config.model_copy(update={"train": trial.config.train.model_copy(update={"device": device})})
+            cfg = with_values(trial.config, {"train.device": device}, f"{config_path} placed on {device}")
             atomic_write_text(config_path, dump_config(cfg))
         # A config's own train.threads is part of what it computes (results differ with the thread count)
         # and is kept; otherwise the trial gets its share of the CPUs through OMP_NUM_THREADS, which torch
