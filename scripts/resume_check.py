@@ -67,7 +67,7 @@ def checkpoint_seconds(config: str, device: str) -> dict[str, float]:
     from cnnlab.session import prepare
     from cnnlab.state import TrainState
 
-    session = prepare(load_config(config, [f"train.device={device}"]))
+    session = prepare(load_config(config, values={"train.device": device}))
     state = TrainState()
     out = Path("/tmp/cnnlab-resume-check.pt")
     times = []

@@ -28,7 +28,7 @@ TRAIN_IMAGES = 60_000  # the report's mode trains on the whole training set
 
 
 def images_per_second(model_name: str, device: str, seconds: float, data) -> tuple[float, int]:
-    cfg = load_config(None, [f"model.name={model_name}", f"train.device={device}", "optim.lr=0.01"])
+    cfg = load_config(None, values={"model.name": model_name, "train.device": device, "optim.lr": 0.01})
     runtime = make_runtime(device, "fp32")
     model = build_model(cfg, runtime.device, channels_last=runtime.channels_last)
     optimizer = make_optimizer(model, cfg.optim)
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="training time measured per model")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    cfg = load_config(None, ["data.val_size=0", f"train.device={args.device}"])
+    cfg = load_config(None, values={"data.val_size": 0, "train.device": args.device})
     runtime = make_runtime(args.device, "fp32")
     data = load_data(cfg.data, 0, runtime.device, channels_last=True)
     per_epoch = {}

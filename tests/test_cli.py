@@ -133,3 +133,21 @@ def test_data_command(tiny_data, tmp_path):
     assert invoke("data", "--data-dir", tmp_path / "empty").exit_code == 2
     result = invoke("data", "--data-dir", tiny_data)
     assert result.exit_code == 2 and "Fashion-MNIST's train set has 60,000" in result.output
+
+
+def test_option_values_are_taken_as_typed_not_reread_as_yaml(tmp_path, monkeypatch):
+    """--data-dir null and --results yes are folders named so: option values are never formatted into
+    `key=value` text and read back as YAML (which made them None and True)."""
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "null")
+    args = tiny_args(Path("null"), Path("yes"))
+    result = invoke(*args[:args.index("--set")], "--seed", "3", *args[args.index("--set"):])
+    assert result.exit_code == 0, result.output
+    [run] = (tmp_path / "yes" / "lenet_relu").iterdir()
+    assert '"seed": 3' in (run / "summary.json").read_text()
+
+
+def test_summary_of_a_model_name_keeps_the_options_set_for_it():
+    narrow = invoke("summary", "resnet9", "--set", "model.width=8")
+    assert narrow.exit_code == 0 and "resnet9(width=8)" in narrow.output, narrow.output
+    assert "103,800 parameters" in narrow.output

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnlab.config import Config, dump_config, load_config
+from cnnlab.config import Config, dump_config, load_config, with_values
 from cnnlab.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -109,3 +109,17 @@ def test_bad_overrides(override, expected):
     with pytest.raises(UserError) as info:
         load_config(None, [override])
     assert expected in str(info.value)
+
+
+def test_typed_values_win_over_set_strings_and_start_lies_beneath_the_file():
+    cfg = load_config(CONFIGS / "lenet.yaml", ["train.epochs=3", "seed=1"], {"train.epochs": 5, "output.dir": Path("on")})
+    assert cfg.train.epochs == 5 and cfg.seed == 1 and cfg.output.dir == Path("on")
+    assert load_config(None, ["model.width=8"], start={"model.name": "resnet9"}).model.kwargs == {"width": 8}
+    assert load_config(CONFIGS / "kernels" / "lenet_k7.yaml", start={"model.name": "resnet9"}).model.name == "lenet"
+
+
+def test_a_value_set_on_a_loaded_config_is_validated():
+    cfg = load_config(None)
+    assert with_values(cfg, {"train.device": "cuda:1"}, "trial").train.device == "cuda:1"
+    with pytest.raises(UserError, match="trial: invalid config:\n  train.device: must be one of"):
+        with_values(cfg, {"train.device": "gpu1"}, "trial")

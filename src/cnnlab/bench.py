@@ -194,15 +194,17 @@ def _tree_pss_mb(root: int) -> float | None:
     return total / 1024
 
 
-def whole_commands(config_path: Path, overrides: list[str], device: str, epochs: int) -> dict[str, Any]:
-    """Each pipeline as the command a user runs, from process start to exit."""
+def whole_commands(config_path: Path, overrides: list[str], device: str, epochs: int,
+                   data_root: Path | None) -> dict[str, Any]:
+    """Each pipeline as the command a user runs, from process start to exit, both on the data in
+    ``data_root`` (the benchmarked config's ``data.root``; None: where each finds Fashion-MNIST)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    data_root = next((o.split("=", 1)[1] for o in overrides if o.startswith("data.root=")), None)
+    data = ["--data-dir", str(data_root)] if data_root is not None else []
     with tempfile.TemporaryDirectory(prefix="cnnlab-bench-") as tmp:
         ours = [sys.executable, "-m", "cnnlab", "run", str(config_path), "--epochs", str(epochs), "--device", device,
-                "--results", tmp, "--quiet", *(a for o in overrides for a in ("--set", o))]
+                "--results", tmp, "--quiet", *(a for o in overrides for a in ("--set", o)), *data]
         d2l = [sys.executable, "-m", "cnnlab.d2l_replica", str(config_path), "--epochs", str(epochs), "--device", device,
-               *(["--data-dir", data_root] if data_root else [])]
+               *data]
         d2l_seconds, d2l_mb, d2l_output = _timed_command(d2l, env)
         our_seconds, our_mb, _ = _timed_command(ours, env)
         [summary_path] = Path(tmp).glob("*/*/summary.json")
@@ -218,8 +220,9 @@ def _mb(value: float | None) -> str:
     return "not measured" if value is None else f"{value:,.0f} MB"
 
 
-def run_bench(config_path: Path | None, overrides: list[str], *, device: str = "cpu", batches: int = 150,
-              commands: bool = True, epochs: int = 3, out: Path | None = None, quiet: bool = False) -> tuple[dict, Path]:
+def run_bench(config_path: Path | None, overrides: list[str], *, device: str = "cpu", data_dir: Path | None = None,
+              batches: int = 150, commands: bool = True, epochs: int = 3, out: Path | None = None,
+              quiet: bool = False) -> tuple[dict, Path]:
     from cnnlab.config import load_config
     from cnnlab.runtime import resolve_device
 
@@ -227,7 +230,7 @@ def run_bench(config_path: Path | None, overrides: list[str], *, device: str = "
         raise UserError("--batches and --epochs must be at least 1")
     if out is not None:
         check_output_file(Path(out), "--out")
-    cfg = load_config(config_path, [*overrides, f"train.device={device}"])
+    cfg = load_config(config_path, overrides, {"train.device": device, **({"data.root": data_dir} if data_dir else {})})
     resolved = resolve_device(device)
     console = SafeConsole()
     say = (lambda text: None) if quiet else (lambda text: console.print(text, soft_wrap=True))
@@ -239,7 +242,8 @@ def run_bench(config_path: Path | None, overrides: list[str], *, device: str = "
     theirs = d2l_in_process(cfg, resolved, batches)
     say(f"d2l     end to end {theirs['end_to_end_img_s']:>10,.0f} img/s   step {theirs['step_img_s']:>10,.0f} img/s")
     result: dict[str, Any] = {
-        "config": str(config_path) if config_path else None, "overrides": overrides, "name": cfg.name,
+        "config": str(config_path) if config_path else None, "overrides": overrides,
+        "data_dir": str(data_dir) if data_dir else None, "name": cfg.name,
         "model": cfg.model.name, "batch_size": cfg.train.batch_size, "batches": batches, "device": str(resolved),
         "device_name": ours.pop("device_name"), "threads": ours.pop("threads"), "torch_version": str(torch.__version__),
         "python": platform.python_version(), "host": socket.gethostname(), "measured": utc_now(),
@@ -254,7 +258,7 @@ def run_bench(config_path: Path | None, overrides: list[str], *, device: str = "
         if config_path is None:
             raise UserError("--commands times `cnnlab run CONFIG`: give a config file (e.g. configs/lenet.yaml)")
         say(f"whole commands, {epochs} epochs each ...")
-        result["commands"] = whole_commands(Path(config_path), overrides, device, epochs)
+        result["commands"] = whole_commands(Path(config_path), overrides, device, epochs, cfg.data.root)
         c = result["commands"]
         say(f"commands  d2l {c['d2l_seconds']:.1f} s, cnnlab {c['cnnlab_seconds']:.1f} s: {c['ratio']:.2f}x; "
             f"cnnlab start-up {c['cnnlab_startup_seconds']} s; peak memory d2l {_mb(c['d2l_peak_pss_mb'])}, "

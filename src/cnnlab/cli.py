@@ -148,19 +148,10 @@ def run(
         if resume is None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
             resume = "auto"  # torchrun restarted its workers (--max-restarts): continue the run they were training
 
-        overrides = list(set_ or [])
-        for key, value in (
-            ("train.epochs", epochs),
-            ("train.device", device),
-            ("data.root", data_dir),
-            ("output.dir", results),
-            ("seed", seed),
-        ):
-            if value is not None:
-                overrides.append(f"{key}={value}")
-        if download:
-            overrides.append("data.download=true")
-        cfg = load_config(config, overrides, trust_code=trust_code or None)
+        options = {"train.epochs": epochs, "train.device": device, "data.root": data_dir, "output.dir": results,
+                   "seed": seed, "data.download": download or None}
+        values = {key: value for key, value in options.items() if value is not None}  # they win over --set
+        cfg = load_config(config, set_, values, trust_code=trust_code or None)
         if resume == "auto":
             from cnnlab.engine import run_or_resume
 
@@ -309,9 +300,8 @@ def bench(
 
         if config is None and Path("configs/lenet.yaml").is_file():
             config = Path("configs/lenet.yaml")
-        overrides = list(set_ or []) + ([f"data.root={data_dir}"] if data_dir else [])
-        run_bench(config, overrides, device=device, batches=batches, commands=commands, epochs=epochs, out=out,
-                  quiet=quiet)
+        run_bench(config, list(set_ or []), device=device, data_dir=data_dir, batches=batches, commands=commands,
+                  epochs=epochs, out=out, quiet=quiet)
 
 
 @app.command()
@@ -533,7 +523,7 @@ def summary(
 
         is_file = Path(target).suffix in (".yaml", ".yml") or Path(target).is_file()
         cfg = load_config(target, set_, trust_code=trust_code or None) if is_file else \
-            load_config(None, [f"model.name={target}", *(set_ or [])])
+            load_config(None, set_, start={"model.name": target})
         model = build_model(cfg)
         rows, total_flops = profile(model)
         table = Table("#", "layer", "output shape", "params", "FLOPs", box=None, header_style="bold")

@@ -34,9 +34,9 @@ from typing import Any
 from cnnlab.config import validate
 from cnnlab.errors import UserError
 from cnnlab.events import EventWriter
+from cnnlab.launch import Launcher, Trial
 from cnnlab.results import RunDir, atomic_write_text, read_summary
 from cnnlab.stopping import signal_name
-from cnnlab.sweep import Launcher, Trial
 from cnnlab.trial import TrialRecorder, TrialResult, run_trial
 
 INSTALL = "pip install 'cnnlab[ray]'"

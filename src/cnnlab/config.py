@@ -1,7 +1,8 @@
-"""Usage: ``cfg = load_config("configs/lenet.yaml", overrides=["train.epochs=5"])``.
+"""Usage: ``cfg = load_config("configs/lenet.yaml", ["optim.lr=0.1"], {"train.epochs": 5})``.
 
 One typed experiment config. Precedence, lowest first: the defaults below < the file a config
-``extends`` < the YAML file itself < ``--set key=value`` overrides. Everything is validated before
+``extends`` < the YAML file itself < ``--set key=value`` overrides < typed values (``--epochs`` and
+the other command-line options, a sweep's grid point). Everything is validated before
 any training starts; errors name the full key path and, for a misspelt key, the closest valid one.
 The defaults reproduce the lab report's baseline (LeNet, sigmoid, SGD lr 0.9, batch 256, 20 epochs)
 except that a real validation split is held out and inputs are normalised.
@@ -322,35 +323,53 @@ def load_config(
     overrides: list[str] | None = None,
     values: dict[str, Any] | None = None,
     *,
+    start: dict[str, Any] | None = None,
     trust_code: bool | None = None,
 ) -> Config:
     """Read, inherit, override and validate one experiment config.
 
-    ``path=None`` starts from the defaults alone. A config without ``name`` is named after its file.
-    ``overrides`` are ``--set`` strings; ``values`` (dotted key -> value, e.g. a sweep's grid point)
-    are applied after them. ``trust_code=False`` (a config read back from someone's run folder)
-    refuses a Python model (``model.name: module:function``) instead of importing it; the default,
-    None, trusts a config the user wrote and not the ``config.yaml`` of a run folder.
+    Typed values stay typed: ``values`` and ``start`` map dotted keys to values (``{"train.epochs": 5}``),
+    never formatted into ``--set`` text. Precedence, lowest first: the defaults < ``start`` (what a
+    config without a file starts from: ``cnnlab summary MODEL``'s model name) < the file ``path``
+    < ``overrides`` (``--set`` strings) < ``values`` (command-line options such as ``--epochs``, a
+    sweep's grid point). ``path=None`` starts from the defaults. A config without ``name`` is named
+    after its file. ``trust_code=False`` (a config read back from someone's run folder) refuses a
+    Python model (``model.name: module:function``) instead of importing it; the default, None,
+    trusts a config the user wrote and not the ``config.yaml`` of a run folder.
     """
     if trust_code is None:
         trust_code = path is None or not is_run_folder_config(Path(path))
-    data: dict[str, Any] = {}
+    data = set_values({}, start)
     source = "defaults"
     if path is not None:
         path = Path(path)
-        data = resolve_extends(path)
-        data.setdefault("name", path.stem)
+        read = resolve_extends(path)
+        read.setdefault("name", path.stem)
         source = str(path)
-        if "space" in data and "base" in data:
+        if "space" in read and "base" in read:
             raise UserError(f"{path} is a search space file (it has base/space keys); run it with `cnnlab tune {path}`")
-        if {"grid", "base"} & set(data):
+        if {"grid", "base"} & set(read):
             raise UserError(f"{path} is a sweep file (it has base/grid keys); run it with `cnnlab sweep {path}`")
+        data = merge_configs(data, read)
     if overrides:
         data = apply_overrides(data, overrides)
         source += " with --set " + " ".join(overrides)
+    return validate(set_values(data, values), source, trust_code)
+
+
+def set_values(data: dict[str, Any], values: dict[str, Any] | None) -> dict[str, Any]:
+    """``data`` with each dotted key of ``values`` set; ``model.name`` first, so that the model's
+    other options given beside it are kept (a new model name starts its options afresh)."""
     for key, value in sorted((values or {}).items(), key=lambda kv: kv[0] != "model.name"):
         data = set_value(data, key, value)
-    return validate(data, source, trust_code)
+    return data
+
+
+def with_values(cfg: Config, values: dict[str, Any], source: str) -> Config:
+    """``cfg`` with the dotted keys of ``values`` set, validated like any other config value (a
+    launcher's placement of a trial, e.g. ``{"train.device": "cuda:1"}``); ``source`` names the
+    config in an error."""
+    return validate(set_values(cfg.to_dict(), values), source)
 
 
 def is_run_folder_config(path: Path) -> bool:

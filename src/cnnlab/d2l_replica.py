@@ -108,8 +108,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
-    overrides = [f"data.root={args.data_dir}"] if args.data_dir else []
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, values={"data.root": args.data_dir} if args.data_dir else None)
     result = train_ch6(cfg, args.epochs or cfg.train.epochs, torch.device(args.device))
     print(f"loss {result['train_loss']:.3f}, train acc {result['train_acc']:.3f}, test acc {result['test_acc']:.3f}")
     print(f"{result['examples_per_sec']:.1f} examples/sec on {args.device}")

@@ -1,5 +1,9 @@
 """Usage: ``with StopSignals() as stop: ... stop.check()`` between batches.
 
+The one place signal handlers are installed: ``handling_signals(on_signal)`` (used by a run's
+``StopSignals``, a sweep's ``Runner`` and a tune's ``TuneSignals``, which only say what a signal means
+to them) and, for the command's start-up, ``record_early_signals``/``settle_signals``.
+
 How a run ends when asked to: SIGINT (Ctrl-C), SIGTERM (``kill``, ``timeout``, every scheduler's
 preemption) and SIGHUP (a closed terminal) only *request* a stop; the loop honours it at the next
 batch boundary, where the model, optimiser and generators agree, checkpoints there and exits with
@@ -15,8 +19,9 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PARENT_ENV = "CNNLAB_PARENT_PID"  # set by the sweep launcher for its trials
@@ -63,6 +68,23 @@ def settle_signals() -> None:
         raise Interrupted(_pending)
 
 
+@contextlib.contextmanager
+def handling_signals(on_signal: Callable[[int], None]) -> Iterator[int | None]:
+    """SIGINT, SIGTERM and SIGHUP call ``on_signal(signum)`` while the block runs; the handlers that were
+    there before (the start-up's recorder, Ray's) are put back after it. Yields the signal that came
+    while the command was starting, if one did: the block takes it over (``on_signal`` is not called
+    for it). Outside the main thread, where Python runs no signal handler, nothing is installed."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in HANDLED:
+            previous[signum] = signal.signal(signum, lambda signum, frame: on_signal(signum))
+    try:
+        yield _pending
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 class Interrupted(Exception):
     """A run stopped on a signal, at a batch boundary."""
 
@@ -89,24 +111,20 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.requested: int | None = None
-        self._previous: dict[int, object] = {}
+        self._handlers = contextlib.ExitStack()
         self._deferring = False  # the ending is being recorded: a second Ctrl-C must not cut it short
         parent = os.environ.get(PARENT_ENV, "")
         self._parent = int(parent) if parent.isdigit() else None
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
-            for signum in HANDLED:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        self.requested = _pending  # a signal that came while the command was starting counts
+        # a signal that came while the command was starting is a stop request like any other
+        self.requested = self._handlers.enter_context(handling_signals(self._handle))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
-        self._previous.clear()
+        self._handlers.close()
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
+    def _handle(self, signum: int) -> None:
         if self.requested is not None and signum == signal.SIGINT and not self._deferring:
             self._deferring = True  # the stop starts here: the next Ctrl-C waits for its record
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait

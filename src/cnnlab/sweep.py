@@ -24,13 +24,11 @@ import hashlib
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +37,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cnnlab.compare import aggregate, markdown_table, row_from_summary, write_trials
-from cnnlab.config import Config, absolute_paths, dump_config, load_config, read_yaml
+from cnnlab.config import absolute_paths, dump_config, load_config, read_yaml, with_values
 from cnnlab.console import SafeConsole
 from cnnlab.errors import UserError
 from cnnlab.events import EVENTS_FD_ENV, read_events
+from cnnlab.launch import EventSink, Launcher, Trial
 from cnnlab.results import (
     MAX_NAME_CHARS,
     RunSummary,
@@ -53,29 +52,10 @@ from cnnlab.results import (
     sanitize_name,
 )
 from cnnlab.runs import runs_of
-from cnnlab.stopping import HANDLED, PARENT_ENV, pending_signal, signal_name
+from cnnlab.stopping import PARENT_ENV, handling_signals, signal_name
 from cnnlab.trial import TrialRecorder, TrialResult
 
 SWEEP_KEYS = {"name", "base", "grid", "seeds"}
-
-
-@dataclass
-class Trial:
-    name: str  # the variant: a config's file name, or the grid point; runs of every seed share it
-    seed: int
-    swept: dict[str, Any] = field(default_factory=dict)  # grid key -> value ({} for folder sweeps)
-    config: Config | None = None
-    error: str = ""  # why the config could not be loaded
-    status: str = "pending"  # pending, completed, skipped (done before), failed, interrupted, not started
-    run_dir: Path | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} seed {self.seed}"
-
-    @property
-    def swept_text(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.swept.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,9 +80,8 @@ def expand(target: Path, overrides: list[str], seeds: list[int] | None = None) -
         trials = []
         for path, name in zip(files, unique_names([p.stem for p in files], [p.name for p in files])):
             for seed in seeds or [None]:
-                trial_overrides = [*overrides, *([f"seed={seed}"] if seed is not None else [])]
                 try:
-                    cfg = load_config(path, trial_overrides, {"name": name})
+                    cfg = load_config(path, overrides, {"name": name, **({"seed": seed} if seed is not None else {})})
                     trials.append(Trial(name, cfg.seed, config=cfg))
                 except UserError as err:
                     trials.append(Trial(name, seed or 0, error=one_line(err), status="failed"))
@@ -222,29 +201,6 @@ class SweepDisplay:
             self.progress.console.print(text, soft_wrap=True)
 
 
-EventSink = Callable[[dict[str, Any]], None]
-
-
-class Launcher:
-    """Where and how a sweep's trials run. ``launch`` runs one trial to its end (called from one of
-    ``jobs`` threads) and returns its result, passing its events to ``on_event`` as they come;
-    ``stop`` asks every running trial to checkpoint and stop. Used as a context manager."""
-
-    name = "base"
-
-    def __enter__(self) -> Launcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def launch(self, trial: Trial, config_path: Path, slot: int, on_event: EventSink) -> TrialResult:
-        raise NotImplementedError
-
-    def stop(self, signum: int) -> None:
-        raise NotImplementedError
-
-
 class LocalLauncher(Launcher):
     """Each trial is a ``cnnlab run CONFIG --resume auto`` process on this machine, in its own session
     (so a terminal's Ctrl-C reaches it once, through the sweep), its output in ``logs/``, its events
@@ -267,7 +223,7 @@ class LocalLauncher(Launcher):
     def launch(self, trial: Trial, config_path: Path, slot: int, on_event: EventSink) -> TrialResult:
         device, threads = placement(slot, self.jobs)
         if device:  # the trial's copy of its config says where it runs
-            cfg = trial.config.model_copy(update={"train": trial.config.train.model_copy(update={"device": device})})
+            cfg = with_values(trial.config, {"train.device": device}, f"{config_path} placed on {device}")
             atomic_write_text(config_path, dump_config(cfg))
         # A config's own train.threads is part of what it computes (results differ with the thread count)
         # and is kept; otherwise the trial gets its share of the CPUs through OMP_NUM_THREADS, which torch
@@ -322,20 +278,17 @@ class Runner:
         self.slots = list(range(jobs))
         self.lock = threading.Lock()
         self.stop_signal: int | None = None
-        self._previous: dict[int, Any] = {}
+        self._handlers = contextlib.ExitStack()
 
     def __enter__(self) -> Runner:
-        if threading.current_thread() is threading.main_thread():
-            for signum in HANDLED:
-                self._previous[signum] = signal.signal(signum, self._on_signal)
-        self.stop_signal = pending_signal()  # asked to stop while the sweep was starting: start nothing
+        # asked to stop while the sweep was starting: start nothing
+        self.stop_signal = self._handlers.enter_context(handling_signals(self._on_signal))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        self._handlers.close()
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int) -> None:
         if self.stop_signal is None:
             self.display.say(f"{signal_name(signum)}: stopping the running trials (they checkpoint and can be resumed)")
         self.stop_signal = self.stop_signal or signum

@@ -32,7 +32,6 @@ import math
 import os
 import secrets
 import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ from cnnlab.results import (
     sanitize_name,
 )
 from cnnlab.runs import runs_of
-from cnnlab.stopping import HANDLED, Interrupted, Pruned, settle_signals, signal_name
+from cnnlab.stopping import Interrupted, Pruned, handling_signals, settle_signals, signal_name
 
 SPACE_KEYS = {"name", "base", "metric", "mode", "trials", "space", "seed", "grace_period", "reduction_factor"}
 METRICS = {"val_acc": "max", "train_acc": "max", "val_loss": "min", "train_loss": "min"}
@@ -448,17 +447,15 @@ class TuneSignals:
     def __init__(self) -> None:
         self.received: int | None = None
         self._stop_file: Path | None = None
-        self._previous: dict[int, Any] = {}
+        self._handlers = contextlib.ExitStack()
 
     def __enter__(self) -> TuneSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in HANDLED:
-                self._previous[signum] = signal.signal(signum, self._handle)
+        # No signal can be pending here: one that came while starting stopped the command (settle_signals).
+        self._handlers.enter_context(handling_signals(self._handle))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        self._handlers.close()
 
     @contextlib.contextmanager
     def fitting(self, stop_file: Path) -> Any:
@@ -468,7 +465,7 @@ class TuneSignals:
         finally:
             self._stop_file = None
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, signum: int) -> None:
         first = self.received is None
         self.received = self.received or signum
         if self._stop_file is None:
