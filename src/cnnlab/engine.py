@@ -30,10 +30,11 @@ from cnnlab.config import Config, OptimConfig, ScheduleConfig, dump_config
 from cnnlab.data import CLASSES, Data, load_data
 from cnnlab.distributed import World, current_world, use_sync_batchnorm
 from cnnlab.errors import TrainingError, UserError, warn
-from cnnlab.events import FanOut
+from cnnlab.listeners import Listener
 from cnnlab.modelinfo import count_params, flops_per_image
 from cnnlab.models.build import build_model
-from cnnlab.progress import Reporter, make_reporter
+from cnnlab.progress import make_reporter
+from cnnlab.record import RunRecord, recording_ending, run_listeners
 from cnnlab.results import Checkpoint, CheckpointWriter, RunDir, RunSummary, git_commit, utc_now
 from cnnlab.state import EpochProgress, TrainState
 from cnnlab.stopping import Interrupted, Pruned, StopSignals
@@ -172,7 +173,7 @@ def train_one_epoch(
     loss_fn: nn.Module,
     runtime: Runtime,
     grad_clip: float | None = None,
-    reporter: Reporter | None = None,
+    reporter: Listener | None = None,
     *,
     progress: EpochProgress | None = None,
     stop: StopSignals | None = None,
@@ -505,7 +506,7 @@ def describe_run(session: Session, run: RunDir) -> RunSummary:
 # A whole run
 
 
-def fit(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
+def fit(cfg: Config, *, quiet: bool = False, reporter: Listener | None = None) -> dict[str, Any]:
     """Train and test one experiment; returns its summary (also written to ``summary.json``).
 
     Bad input raises ``UserError`` before the run folder exists. A failure during training is
@@ -545,7 +546,7 @@ def train(
     run: RunDir,
     state: TrainState,
     summary: RunSummary,
-    reporter: Reporter,
+    reporter: Listener,
     wall_start: float,
     stop: StopSignals,
 ) -> dict[str, Any]:
@@ -556,7 +557,7 @@ def train(
     """
     cfg, data, runtime, model, optimizer = session.cfg, session.data, session.runtime, session.model, session.optimizer
     world = session.world
-    reporter = listeners(session, run, reporter)
+    reporter = run_listeners(cfg, world, run, reporter)
     reporter.start_run(cfg.name, run.path, cfg.train.epochs, resumed=state.epoch + (state.current is not None) > 0,
                        config=cfg.to_dict())
     wall_before = state.wall_seconds  # time spent in earlier sessions of a resumed run, as its checkpoint says
@@ -640,18 +641,15 @@ def train(
         summary.train_step, summary.train_step_note = step_fields(session)
         summary.wall_seconds = wall_before + time.perf_counter() - wall_start
         summary.run_dir = str(run.path)
-        reporter.finish(summary.to_dict(), run.path)  # the record first: summary.json, curves.png; then the rest
+        reporter.finish(summary, run.path)  # the record first: summary.json, curves.png; then the rest
         world.barrier()  # under torchrun the others wait for rank 0's files, then all leave the group together
         world.leave()
     except BaseException as err:
-        record = [listener for listener in reporter.listeners if isinstance(listener, RunRecord)]
-        with stop.deferred():  # a second Ctrl-C must not leave summary.json saying "running": it waits for this
+        with recording_ending(reporter, summary, run, stop):  # a second Ctrl-C waits; then every listener hears
             with RunRecord.guarded(run):  # the epoch's checkpoint still being written: finished first
                 checkpoints.flush()
             _record_ending(err, session, run, state, summary, wall_before + time.perf_counter() - wall_start, stop,
                            checkpoints)
-            _tell_ending(record, summary, run)
-        _tell_ending([listener for listener in reporter.listeners if listener not in record], summary, run)
         if summary.status == "failed" and isinstance(err, OSError) and _in_folder(err.filename, run.path):
             raise TrainingError(summary.error) from err  # one line naming the file, not an OSError's repr
         raise
@@ -661,46 +659,7 @@ def train(
     return summary.to_dict()
 
 
-class RunRecord(Reporter):
-    """cnnlab's own record of a run as a listener, first among them: metrics.csv after every epoch,
-    summary.json and curves.png at the end, however the run ended (the folder and its opening
-    summary are made before the run starts, by ``fit`` or ``resume``)."""
-
-    def __init__(self, run: RunDir) -> None:
-        super().__init__(enabled=False)
-        self.run = run
-
-    def end_epoch(self, row: dict[str, Any], is_best: bool) -> None:
-        self.run.write_metrics()
-
-    def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
-        self.run.write_summary(RunSummary.model_validate(summary))
-        if self.run.metrics and summary.get("status") != "pruned":  # a pruned trial's process is about to be ended
-            _draw_curves(self.run)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def guarded(run: RunDir) -> Any:
-        try:
-            yield
-        except Exception as second:
-            warn(f"could not record the ending in {run.path}: {type(second).__name__}: {second}")
-
-
-def listeners(session: Session, run: RunDir, reporter: Reporter) -> FanOut:
-    """Everything that hears this run: its record, the console (or a launcher), and the loggers of
-    ``output.loggers``; under torchrun, rank 0 alone."""
-    if not session.world.is_main:
-        return FanOut()
-    loggers: list[Reporter] = []
-    if session.cfg.output.loggers:
-        from cnnlab.loggers import make_loggers
-
-        loggers = make_loggers(session.cfg.to_dict(), run.path)
-    return FanOut(RunRecord(run), reporter, *loggers)
-
-
-def train_epoch_static(session: Session, progress: EpochProgress, reporter: Reporter, stop: StopSignals) -> dict[str, float]:
+def train_epoch_static(session: Session, progress: EpochProgress, reporter: Listener, stop: StopSignals) -> dict[str, float]:
     """One epoch through the static step: the same permutation ``Data.batches`` draws, its full
     batches replayed (or run eagerly), a last short batch through the ordinary step."""
     cfg, data = session.cfg, session.data
@@ -719,14 +678,6 @@ def train_epoch_static(session: Session, progress: EpochProgress, reporter: Repo
         session.steps_per_epoch else iter(())
     return train_one_epoch(session.forward, rest, session.optimizer, session.scheduler, session.loss_fn, session.runtime,
                            cfg.train.grad_clip, reporter, progress=progress, stop=stop)
-
-
-def _tell_ending(listeners: list[Reporter], summary: RunSummary, run: RunDir) -> None:
-    """Every listener hears the ending, each on its own: a record that cannot be written (the disk is
-    full) is said, and the lock still tells that nobody trains; the others still close."""
-    for listener in listeners:
-        with RunRecord.guarded(run):
-            listener.finish(summary.to_dict(), run.path)
 
 
 def _record_ending(err: BaseException, session: Session, run: RunDir, state: TrainState, summary: RunSummary,
@@ -825,16 +776,3 @@ def process_age() -> float | None:
 
 def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
-
-
-def for_rank(reporter: Reporter, world: World) -> Reporter:
-    """Under torchrun only rank 0 reports (prints, tells a launcher); the others train in silence."""
-    return reporter if world.is_main else Reporter(enabled=False)
-
-
-def _draw_curves(run: RunDir) -> None:
-    if not run.writer:
-        return
-    from cnnlab.plots import plot_curves  # matplotlib is slow to import; only load it when drawing
-
-    plot_curves(run.path / "metrics.csv", run.path / "curves.png")

@@ -22,7 +22,8 @@ from torch import nn
 from cnnlab.config import Config, dump_config, parse_override, read_yaml, set_value, validate
 from cnnlab.data import Data, load_data
 from cnnlab.errors import UserError, warn
-from cnnlab.progress import Reporter, make_reporter
+from cnnlab.listeners import Listener
+from cnnlab.progress import make_reporter
 from cnnlab.results import (
     Checkpoint,
     RunDir,
@@ -174,7 +175,7 @@ def resume(
     device: str | None = None,
     data_root: Path | None = None,
     quiet: bool = False,
-    reporter: Reporter | None = None,
+    reporter: Listener | None = None,
     trust_code: bool = False,
 ) -> dict[str, Any]:
     """Continue ``run_dir`` from ``checkpoints/last.pt`` in the same folder; returns the summary.
@@ -311,10 +312,11 @@ def check_same_data(data: Data, summary: RunSummary, run_dir: Path) -> None:
 
 
 def _continue(run: RunDir, session: Session, state: TrainState, opened: OpenedRun, cfg: Config, done: int,
-              changes: list[dict[str, Any]], reporter: Reporter, wall_start: float, stop: StopSignals) -> dict[str, Any]:
+              changes: list[dict[str, Any]], reporter: Listener, wall_start: float, stop: StopSignals) -> dict[str, Any]:
     """Rewrite the folder's config, metrics and summary for the resumed run, then train (holding its lock).
     ``changes``: the settings that differ from the checkpoint's, recorded in this resume's entry."""
-    from cnnlab.engine import describe_run, for_rank, train
+    from cnnlab.engine import describe_run, train
+    from cnnlab.record import for_rank
 
     run_dir, summary = run.path, opened.summary
     reporter = for_rank(reporter, session.world)
@@ -371,7 +373,7 @@ def find_resumable(cfg: Config) -> Path | None:
     return None
 
 
-def run_or_resume(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
+def run_or_resume(cfg: Config, *, quiet: bool = False, reporter: Listener | None = None) -> dict[str, Any]:
     """``cnnlab run CONFIG --resume auto``: continue the newest unfinished run of this config, or start one."""
     from cnnlab.engine import fit, join_world
 
