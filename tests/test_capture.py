@@ -13,7 +13,7 @@ from conftest import write_dataset
 
 from cnnlab.config import load_config
 from cnnlab.engine import fit, resume
-from cnnlab.progress import Reporter
+from cnnlab.listeners import Listener
 from cnnlab.results import read_metrics_csv
 from cnnlab.stopping import Interrupted
 
@@ -139,11 +139,10 @@ def test_a_step_a_graph_cannot_hold_runs_eagerly_said_once(tiny_overrides, tmp_p
         assert b["val_acc"] == pytest.approx(a["val_acc"], abs=1e-4)
 
 
-class StopAfter(Reporter):
+class StopAfter(Listener):
     """Asks the run to stop (as SIGTERM would) after ``batches`` batches."""
 
     def __init__(self, batches: int) -> None:
-        super().__init__(enabled=False)
         self.left = batches
 
     def advance(self, loss_sum, correct, seen) -> None:

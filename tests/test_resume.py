@@ -423,11 +423,11 @@ def test_a_second_ctrl_c_while_the_ending_is_written_waits_for_the_record(tiny_o
 
     from cnnlab.config import load_config
     from cnnlab.engine import fit
-    from cnnlab.progress import Reporter
+    from cnnlab.listeners import Listener
     from cnnlab.results import Checkpoint, RunDir
     from cnnlab.stopping import Interrupted
 
-    class CtrlCInEpoch2(Reporter):
+    class CtrlCInEpoch2(Listener):
         def start_epoch(self, epoch: int, batches: int, done: int = 0) -> None:
             self.epoch = epoch
 
@@ -446,7 +446,7 @@ def test_a_second_ctrl_c_while_the_ending_is_written_waits_for_the_record(tiny_o
     monkeypatch.setattr(RunDir, "save_checkpoint", save_checkpoint)
     cfg = load_config(None, [*tiny_overrides, "train.epochs=3"])
     with pytest.raises((Interrupted, KeyboardInterrupt)):
-        fit(cfg, quiet=True, reporter=CtrlCInEpoch2(enabled=False))
+        fit(cfg, quiet=True, reporter=CtrlCInEpoch2())
     assert seconds, "the stop wrote no checkpoint"
     [run] = Path(cfg.output.dir).glob("*/*")
     result = summary(run)

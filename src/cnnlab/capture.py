@@ -52,7 +52,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from cnnlab.config import Config
 from cnnlab.data import Data
 from cnnlab.distributed import World
-from cnnlab.progress import Reporter
+from cnnlab.listeners import Listener
 from cnnlab.runtime import Runtime
 from cnnlab.state import EpochProgress
 from cnnlab.steps import Evaluation, add_eval_batch, add_train_batch, batch_done, totals, train_one_epoch
@@ -405,7 +405,7 @@ class StaticStep:
                 buffer.copy_(current)
                 state[p]["momentum_buffer"] = buffer
 
-    def train_epoch(self, progress: EpochProgress, reporter: Reporter, stop: StopSignals) -> dict[str, float]:
+    def train_epoch(self, progress: EpochProgress, reporter: Listener, stop: StopSignals) -> dict[str, float]:
         """One epoch through this step: the same permutation ``Data.batches`` draws, its full batches
         replayed (or run eagerly), a last short batch through the ordinary step."""
         session = self.session
@@ -427,7 +427,7 @@ class StaticStep:
                                cfg.train.grad_clip, reporter, progress=progress, stop=stop)
 
     def run_epoch(self, progress: EpochProgress, permutation: torch.Tensor, full_batches: int,
-                  reporter: Reporter | None, stop: StopSignals | None) -> None:
+                  reporter: Listener | None, stop: StopSignals | None) -> None:
         """Train the epoch's full batches from ``progress.batches`` on, adding into ``progress``
         after every batch (a last short batch is the caller's, through the ordinary step)."""
         self._pin()

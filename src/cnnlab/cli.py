@@ -112,7 +112,8 @@ def say_error(label: str, message: str, exit_code: int = 1) -> None:
 
 def run_reporter(quiet: bool):
     """What a training command reports to: the console, and a launcher's event pipe when it has one."""
-    from cnnlab.events import FanOut, event_channel
+    from cnnlab.events import event_channel
+    from cnnlab.listeners import FanOut
     from cnnlab.progress import make_reporter
 
     channel = event_channel()

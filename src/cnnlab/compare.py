@@ -260,11 +260,18 @@ def _labels(groups: dict[tuple[str, str, str], list[dict[str, Any]]]) -> dict[tu
     return labels
 
 
-def _fmt(value: Stat, kind: str) -> str:
-    mean, std = value
+def metric_text(value: Any, kind: str) -> str:
+    """A number of the ``kind`` column (METRICS) as the tables show it: examples/s whole, seconds to a
+    tenth (both with thousands separated), accuracies and losses to three decimals."""
     decimals, grouped = {"examples_per_sec": (0, True), "wall_seconds": (1, True)}.get(kind, (3, False))
-    spread = f" ± {number_text(std, decimals, grouped=grouped)}" if finite(mean) and finite(std) and std else ""
-    return number_text(mean, decimals, grouped=grouped) + spread
+    return number_text(value, decimals, grouped=grouped)
+
+
+def stat_text(value: Stat, kind: str) -> str:
+    """A mean over seeds with its spread: ``0.912 ± 0.004``; the mean alone where there is no spread."""
+    mean, std = value
+    spread = f" ± {metric_text(std, kind)}" if finite(mean) and finite(std) and std else ""
+    return metric_text(mean, kind) + spread
 
 
 HEADERS = ("variant", "seeds", "train loss", "train acc", "val acc", "test acc", "examples/s", "wall s", "params", "status")
@@ -278,7 +285,7 @@ def table_cells(entry: dict[str, Any]) -> list[str]:
     return [
         label,
         ",".join(map(str, entry["seeds"])) or MISSING,
-        *(_fmt(entry[m], m) for m in METRICS),
+        *(stat_text(entry[m], m) for m in METRICS),
         number_text(entry["params"], grouped=True) if entry["params"] else MISSING,
         status,
     ]

@@ -11,7 +11,6 @@ capture.py, session.py.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import socket
@@ -24,11 +23,11 @@ import torch
 
 from cnnlab.config import Config, dump_config, parse_override, set_value, validate
 from cnnlab.data import CLASSES, Data
-from cnnlab.distributed import World
 from cnnlab.errors import TrainingError, UserError, warn
-from cnnlab.events import FanOut
+from cnnlab.listeners import Listener
 from cnnlab.modelinfo import count_params
-from cnnlab.progress import Reporter, make_reporter
+from cnnlab.progress import make_reporter
+from cnnlab.record import RunRecord, for_rank, recording_ending, run_listeners
 from cnnlab.results import Checkpoint, CheckpointWriter, RunDir, RunSummary, git_commit, read_summary, utc_now
 from cnnlab.runs import OpenedRun, comparable, config_differences, describe_state, open_run, runs_of
 from cnnlab.runtime import process_age
@@ -86,10 +85,10 @@ class Opening(Protocol):
 
     def restore(self, session: Session) -> TrainState: ...
 
-    def open(self, session: Session, state: TrainState, reporter: Reporter) -> tuple[RunDir, RunSummary]: ...
+    def open(self, session: Session, state: TrainState, reporter: Listener) -> tuple[RunDir, RunSummary]: ...
 
 
-def start(cfg: Config, opening: Opening, reporter: Reporter | None, quiet: bool, wall_start: float) -> dict[str, Any]:
+def start(cfg: Config, opening: Opening, reporter: Listener | None, quiet: bool, wall_start: float) -> dict[str, Any]:
     """The one start of every run: prepare ``cfg``'s session, take ``opening``'s state and folder, train.
 
     Bad input raises ``UserError`` before the folder is touched. Signals are handled from the first
@@ -104,7 +103,7 @@ def start(cfg: Config, opening: Opening, reporter: Reporter | None, quiet: bool,
         return train(session, run, state, summary, reporter, wall_start, stop)
 
 
-def fit(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
+def fit(cfg: Config, *, quiet: bool = False, reporter: Listener | None = None) -> dict[str, Any]:
     """Train and test one experiment; returns its summary (also written to ``summary.json``).
 
     Bad input raises ``UserError`` before the run folder exists. A failure during training is
@@ -119,7 +118,7 @@ class NewRun:
     def restore(self, session: Session) -> TrainState:
         return TrainState()
 
-    def open(self, session: Session, state: TrainState, reporter: Reporter) -> tuple[RunDir, RunSummary]:
+    def open(self, session: Session, state: TrainState, reporter: Listener) -> tuple[RunDir, RunSummary]:
         cfg, world = session.cfg, session.world
         run = RunDir.create(cfg.output.dir, cfg.name) if world.is_main else None
         path = world.broadcast(str(run.path) if run is not None else None)
@@ -167,7 +166,7 @@ def resume(
     device: str | None = None,
     data_root: Path | None = None,
     quiet: bool = False,
-    reporter: Reporter | None = None,
+    reporter: Listener | None = None,
     trust_code: bool = False,
 ) -> dict[str, Any]:
     """Continue ``run_dir`` from ``checkpoints/last.pt`` in the same folder; returns the summary.
@@ -260,7 +259,7 @@ class Continuation:
             state.stopped_early, state.patience_start = False, self.done
         return state
 
-    def open(self, session: Session, state: TrainState, reporter: Reporter) -> tuple[RunDir, RunSummary]:
+    def open(self, session: Session, state: TrainState, reporter: Listener) -> tuple[RunDir, RunSummary]:
         """Lock the folder (refused when another process took it meanwhile), then rewrite its config,
         metrics and summary for the resumed run."""
         run_dir, world = self.opened.path, session.world
@@ -280,7 +279,7 @@ class Continuation:
             raise UserError(refusal)
         return run, self._rewrite(run, session, state, for_rank(reporter, world))
 
-    def _rewrite(self, run: RunDir, session: Session, state: TrainState, reporter: Reporter) -> RunSummary:
+    def _rewrite(self, run: RunDir, session: Session, state: TrainState, reporter: Listener) -> RunSummary:
         """The folder's config, metrics and summary for the resumed run (holding its lock); said in one line."""
         opened, cfg, done, changes = self.opened, session.cfg, self.done, self.changes
         run_dir, summary = run.path, opened.summary
@@ -364,7 +363,7 @@ def find_resumable(cfg: Config) -> Path | None:
     return None
 
 
-def run_or_resume(cfg: Config, *, quiet: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
+def run_or_resume(cfg: Config, *, quiet: bool = False, reporter: Listener | None = None) -> dict[str, Any]:
     """``cnnlab run CONFIG --resume auto``: continue the newest unfinished run of this config, or start one."""
     world = join_world(cfg)  # under torchrun, rank 0 decides for every rank
     previous = world.broadcast(find_resumable(cfg) if world.is_main else None)
@@ -382,7 +381,7 @@ def train(
     run: RunDir,
     state: TrainState,
     summary: RunSummary,
-    reporter: Reporter,
+    reporter: Listener,
     wall_start: float,
     stop: StopSignals,
 ) -> dict[str, Any]:
@@ -393,7 +392,7 @@ def train(
     """
     cfg, data, runtime, model, optimizer = session.cfg, session.data, session.runtime, session.model, session.optimizer
     world = session.world
-    reporter = listeners(session, run, reporter)
+    reporter = run_listeners(cfg, world, run, reporter)
     reporter.start_run(cfg.name, run.path, cfg.train.epochs, resumed=state.epoch + (state.current is not None) > 0,
                        config=cfg.to_dict())
     wall_before = state.wall_seconds  # time spent in earlier sessions of a resumed run, as its checkpoint says
@@ -477,18 +476,15 @@ def train(
         summary.train_step, summary.train_step_note = step_fields(session)
         summary.wall_seconds = wall_before + time.perf_counter() - wall_start
         summary.run_dir = str(run.path)
-        reporter.finish(summary.to_dict(), run.path)  # the record first: summary.json, curves.png; then the rest
+        reporter.finish(summary, run.path)  # the record first: summary.json, curves.png; then the rest
         world.barrier()  # under torchrun the others wait for rank 0's files, then all leave the group together
         world.leave()
     except BaseException as err:
-        record = [listener for listener in reporter.listeners if isinstance(listener, RunRecord)]
-        with stop.deferred():  # a second Ctrl-C must not leave summary.json saying "running": it waits for this
+        with recording_ending(reporter, summary, run, stop):  # a second Ctrl-C waits; then every listener hears
             with RunRecord.guarded(run):  # the epoch's checkpoint still being written: finished first
                 checkpoints.flush()
             _record_ending(err, session, run, state, summary, wall_before + time.perf_counter() - wall_start, stop,
                            checkpoints)
-            _tell_ending(record, summary, run)
-        _tell_ending([listener for listener in reporter.listeners if listener not in record], summary, run)
         if summary.status == "failed" and isinstance(err, OSError) and _in_folder(err.filename, run.path):
             raise TrainingError(summary.error) from err  # one line naming the file, not an OSError's repr
         raise
@@ -496,53 +492,6 @@ def train(
         checkpoints.close()
         run.unlock()
     return summary.to_dict()
-
-
-class RunRecord(Reporter):
-    """cnnlab's own record of a run as a listener, first among them: metrics.csv after every epoch,
-    summary.json and curves.png at the end, however the run ended (the folder and its opening
-    summary are made before the run starts, by ``fit`` or ``resume``)."""
-
-    def __init__(self, run: RunDir) -> None:
-        super().__init__(enabled=False)
-        self.run = run
-
-    def end_epoch(self, row: dict[str, Any], is_best: bool) -> None:
-        self.run.write_metrics()
-
-    def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
-        self.run.write_summary(RunSummary.model_validate(summary))
-        if self.run.metrics and summary.get("status") != "pruned":  # a pruned trial's process is about to be ended
-            _draw_curves(self.run)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def guarded(run: RunDir) -> Any:
-        try:
-            yield
-        except Exception as second:
-            warn(f"could not record the ending in {run.path}: {type(second).__name__}: {second}")
-
-
-def listeners(session: Session, run: RunDir, reporter: Reporter) -> FanOut:
-    """Everything that hears this run: its record, the console (or a launcher), and the loggers of
-    ``output.loggers``; under torchrun, rank 0 alone."""
-    if not session.world.is_main:
-        return FanOut()
-    loggers: list[Reporter] = []
-    if session.cfg.output.loggers:
-        from cnnlab.loggers import make_loggers
-
-        loggers = make_loggers(session.cfg.to_dict(), run.path)
-    return FanOut(RunRecord(run), reporter, *loggers)
-
-
-def _tell_ending(listeners: list[Reporter], summary: RunSummary, run: RunDir) -> None:
-    """Every listener hears the ending, each on its own: a record that cannot be written (the disk is
-    full) is said, and the lock still tells that nobody trains; the others still close."""
-    for listener in listeners:
-        with RunRecord.guarded(run):
-            listener.finish(summary.to_dict(), run.path)
 
 
 def _record_ending(err: BaseException, session: Session, run: RunDir, state: TrainState, summary: RunSummary,
@@ -633,14 +582,3 @@ def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
 
 
-def for_rank(reporter: Reporter, world: World) -> Reporter:
-    """Under torchrun only rank 0 reports (prints, tells a launcher); the others train in silence."""
-    return reporter if world.is_main else Reporter(enabled=False)
-
-
-def _draw_curves(run: RunDir) -> None:
-    if not run.writer:
-        return
-    from cnnlab.plots import plot_curves  # matplotlib is slow to import; only load it when drawing
-
-    plot_curves(run.path / "metrics.csv", run.path / "curves.png")

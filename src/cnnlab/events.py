@@ -1,9 +1,8 @@
 """Usage: ``fit(cfg, reporter=FanOut(make_reporter(), EventWriter(stream)))``; ``for event in read_events(pipe)``.
 
 A run's progress as structured events, so that whoever launched it (a sweep's local processes, a
-Ray task, Ray Tune) follows it without reading console text. Every listener of a run has the
-``Reporter`` interface (``progress.py``): start_run, start_epoch, advance, end_epoch, message,
-finish. ``EventWriter`` turns those calls into JSON lines::
+Ray task, Ray Tune) follows it without reading console text. ``EventWriter`` is a listener of the
+run (``listeners.py``) that turns its calls into JSON lines::
 
     {"event": "run_start", "name": "lenet", "run_dir": "/abs/results/lenet/2026...", "epochs": 10, "resumed": false}
     {"event": "epoch_end", "epoch": 1, "epochs": 10, "best": true, "row": {"train_loss": ..., "val_acc": ...}}
@@ -22,55 +21,22 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import torch
+from cnnlab.listeners import Listener
 
-from cnnlab.progress import Reporter
+if TYPE_CHECKING:
+    from cnnlab.results import RunSummary
 
 EVENTS_FD_ENV = "CNNLAB_EVENTS_FD"
 EVENTS = ("run_start", "epoch_start", "epoch_end", "message", "run_end", "error")
 MAX_EVENT_BYTES = 1 << 20  # a summary is a few kB; a longer line is not ours
 
 
-class FanOut(Reporter):
-    """Passes every call on to each of ``listeners``, in order."""
-
-    def __init__(self, *listeners: Reporter | None) -> None:
-        super().__init__(enabled=False)
-        self.listeners = [listener for listener in listeners if listener is not None]
-
-    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False,
-                  config: dict[str, Any] | None = None) -> None:
-        for listener in self.listeners:
-            listener.start_run(name, run_dir, epochs, resumed, config)
-
-    def start_epoch(self, epoch: int, batches: int, done: int = 0) -> None:
-        for listener in self.listeners:
-            listener.start_epoch(epoch, batches, done)
-
-    def advance(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> None:
-        for listener in self.listeners:
-            listener.advance(loss_sum, correct, seen)
-
-    def end_epoch(self, row: dict[str, Any], is_best: bool) -> None:
-        for listener in self.listeners:
-            listener.end_epoch(row, is_best)
-
-    def message(self, text: str) -> None:
-        for listener in self.listeners:
-            listener.message(text)
-
-    def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
-        for listener in self.listeners:
-            listener.finish(summary, run_dir)
-
-
-class EventWriter(Reporter):
+class EventWriter(Listener):
     """Writes a run's events as JSON lines to ``stream`` (or hands each to ``sink``), flushing each."""
 
     def __init__(self, stream: IO[str] | None = None, sink: Callable[[dict[str, Any]], None] | None = None) -> None:
-        super().__init__(enabled=False)
         self.stream = stream
         self.sink = sink
         self.epochs = 0
@@ -100,8 +66,8 @@ class EventWriter(Reporter):
     def message(self, text: str) -> None:
         self.emit("message", text=text)
 
-    def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
-        self.emit("run_end", run_dir=str(Path(run_dir).resolve()), summary=summary)
+    def finish(self, summary: RunSummary, run_dir: Path) -> None:
+        self.emit("run_end", run_dir=str(Path(run_dir).resolve()), summary=summary.to_dict())
 
     def error(self, kind: str, message: str, exit_code: int) -> None:
         self.emit("error", kind=kind, message=message, exit_code=exit_code)

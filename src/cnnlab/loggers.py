@@ -1,6 +1,6 @@
 """Usage: ``output: {loggers: [tensorboard, mlflow]}`` in a config: runs watched in TensorBoard or MLflow.
 
-The loggers are listeners of a run like the console (the ``Reporter`` interface): they hear the run
+The loggers are listeners of a run like the console (``listeners.py``): they hear the run
 start with its resolved config, every epoch's metrics row, and the end with the summary; cnnlab's
 own files are written whatever they do. Under torchrun only rank 0 has them.
 
@@ -25,11 +25,14 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cnnlab.console import printable
 from cnnlab.errors import UserError, warn
-from cnnlab.progress import Reporter
+from cnnlab.listeners import Listener
+
+if TYPE_CHECKING:
+    from cnnlab.results import RunSummary
 
 LOGGERS = {"tensorboard": ("tensorboard", "pip install 'cnnlab[tensorboard]'"),
            "mlflow": ("mlflow", "pip install 'cnnlab[mlflow]'")}
@@ -74,9 +77,9 @@ def experiment_name(config: dict[str, Any]) -> str:
     return str(config.get("name", "cnnlab"))
 
 
-def make_loggers(config: dict[str, Any], run_dir: Path) -> list[Reporter]:
+def make_loggers(config: dict[str, Any], run_dir: Path) -> list[Listener]:
     names = config.get("output", {}).get("loggers") or []
-    made: list[Reporter] = []
+    made: list[Listener] = []
     if "tensorboard" in names:
         made.append(TensorBoardLogger())
     if "mlflow" in names:
@@ -91,13 +94,12 @@ def default_mlflow_uri(config: dict[str, Any]) -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
-class Logger(Reporter):
+class Logger(Listener):
     """A listener that must never stop a run: its first failure is said once and it stops logging."""
 
     name = "logger"
 
     def __init__(self) -> None:
-        super().__init__(enabled=False)
         self.failed = False
 
     def _safely(self, action: Any, *args: Any) -> None:
@@ -121,8 +123,8 @@ class Logger(Reporter):
     def end_epoch(self, row: dict[str, Any], is_best: bool) -> None:
         self._safely(self.epoch, row)
 
-    def finish(self, summary: dict[str, Any], run_dir: Path) -> None:
-        self._safely(self.close, summary)
+    def finish(self, summary: RunSummary, run_dir: Path) -> None:
+        self._safely(self.close, summary.to_dict())
 
     def open(self, name: str, resumed: bool) -> None: ...
     def epoch(self, row: dict[str, Any]) -> None: ...

@@ -14,15 +14,23 @@ MISSING = "–"  # no value at all (a metric the run never measured)
 LARGE = 1e9  # from here on, scientific notation: 1e308 must not print 309 digits
 
 
-def number_text(value: Any, decimals: int = 3, *, grouped: bool = False) -> str:
-    """``value`` with ``decimals`` decimals (thousands separated when ``grouped``); ``nan``, ``inf`` and
-    ``-inf`` as such, very large numbers as ``1.23e+15``, ``None`` as a dash, anything else as text."""
+def number_text(value: Any, decimals: int = 3, *, grouped: bool = False, significant: int | None = None,
+                missing: str = MISSING) -> str:
+    """``value`` as text, in one of two styles:
+
+    - a table's or a message's (the default): ``decimals`` decimals (none for whole numbers), thousands
+      separated when ``grouped``, very large numbers as ``1.23e+15``;
+    - a data file's (``significant`` digits, as metrics.csv keeps them): ``1.23457e+06``, whole numbers in full.
+
+    In both, ``nan``, ``inf`` and ``-inf`` as such, ``None`` as ``missing``, anything else as text."""
     if value is None:
-        return MISSING
+        return missing
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if significant is not None:
+        return f"{value:.{significant}g}" if isinstance(value, float) else str(value)
     if abs(value) >= LARGE:
         return f"{value:.3g}" if isinstance(value, float) or abs(value) >= 1e15 else f"{value:,}"
     if isinstance(value, int):

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cnnlab.compare import aggregate, collect_rows
+from cnnlab.compare import aggregate, collect_rows, metric_text
 from cnnlab.console import printable
 from cnnlab.errors import UserError, warn
 from cnnlab.numtext import number_text
@@ -35,10 +35,6 @@ class Block:
     headers: tuple[str, ...] = ()
     rows: tuple[tuple[str, ...], ...] = ()
     path: Path | None = None  # image file inside the report folder
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    return number_text(value, digits, grouped=isinstance(value, int))
 
 
 def final(summary, key: str) -> float | None:
@@ -138,11 +134,12 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
     blocks.append(Block("h2", "2. Results"))
     blocks.append(Block("table", headers=("run", "train loss", "train acc", "val acc", "test acc", "examples/s",
                                            "wall s", "params", "FLOPs/image"), rows=tuple(
-        (label[r], _fmt(final(summaries[r], "train_loss")), _fmt(final(summaries[r], "train_acc")),
-         _fmt(final(summaries[r], "val_acc")), _fmt(summaries[r].test_acc),
-         number_text(summaries[r].train_examples_per_sec, 0, grouped=True),
-         number_text(summaries[r].wall_seconds, 1, grouped=True),
-         _fmt(summaries[r].params), _fmt(summaries[r].flops_per_image)) for r in runs)))
+        (label[r], number_text(final(summaries[r], "train_loss")), number_text(final(summaries[r], "train_acc")),
+         number_text(final(summaries[r], "val_acc")), number_text(summaries[r].test_acc),
+         metric_text(summaries[r].train_examples_per_sec, "examples_per_sec"),
+         metric_text(summaries[r].wall_seconds, "wall_seconds"),
+         number_text(summaries[r].params, grouped=True), number_text(summaries[r].flops_per_image, grouped=True))
+        for r in runs)))
     if len(table) > 1:
         blocks.append(Block("p", "Across runs (mean ± std over seeds where there are several):"))
         from cnnlab.compare import HEADERS, table_cells

@@ -41,18 +41,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cnnlab.errors import UserError
-from cnnlab.state import check_state_dict
-
-METRIC_COLUMNS = (
-    "epoch",
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_acc",
-    "lr",
-    "epoch_seconds",
-    "train_examples_per_sec",
-)
+from cnnlab.numtext import number_text
+from cnnlab.state import METRIC_COLUMNS, check_state_dict
 
 
 def _file_mode() -> int:
@@ -244,14 +234,8 @@ def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _csv_value(row.get(k)) for k in METRIC_COLUMNS})
+        writer.writerow({k: number_text(row.get(k), significant=6, missing="") for k in METRIC_COLUMNS})
     atomic_write_text(path, buffer.getvalue())
-
-
-def _csv_value(value: Any) -> Any:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "" if value is None else value
 
 
 def read_metrics_csv(path: Path) -> list[dict[str, float]]:

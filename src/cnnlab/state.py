@@ -88,8 +88,9 @@ class TrainState:
         restore_rng(state["rng"], generators)
 
 
-METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
-               "train_examples_per_sec")
+# A metrics row's keys, in the order of metrics.csv's columns (results.py writes them).
+METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
+                  "train_examples_per_sec")
 
 
 def _number(value: Any) -> bool:
@@ -119,7 +120,7 @@ def check_state_dict(state: Any) -> None:
     if not isinstance(metrics, list) or len(metrics) != state["epoch"]:
         raise ValueError("state.metrics does not hold one row per completed epoch")
     for i, row in enumerate(metrics, start=1):
-        if not isinstance(row, dict) or not all(_number(row.get(k)) for k in METRIC_KEYS) or row["epoch"] != i:
+        if not isinstance(row, dict) or not all(_number(row.get(k)) for k in METRIC_COLUMNS) or row["epoch"] != i:
             raise ValueError(f"state.metrics row {i} is not a metrics row of epoch {i}")
     current = state.get("current")
     if current is not None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cnnlab.distributed import World
-from cnnlab.progress import Reporter
+from cnnlab.listeners import Listener
 from cnnlab.runtime import Runtime
 from cnnlab.state import EpochProgress
 from cnnlab.stopping import StopSignals
@@ -36,7 +36,7 @@ def add_train_batch(loss_sum: torch.Tensor, correct: torch.Tensor, loss: torch.T
     correct += (logits.detach().argmax(1) == y).sum()
 
 
-def batch_done(progress: EpochProgress, n: int, reporter: Reporter | None, stop: StopSignals | None) -> None:
+def batch_done(progress: EpochProgress, n: int, reporter: Listener | None, stop: StopSignals | None) -> None:
     """Count a trained batch of ``n`` examples into ``progress`` (its sums hold it already), show it, and
     stop here if asked: between batches, where ``progress`` is all a checkpoint needs."""
     progress.seen += n
@@ -78,7 +78,7 @@ def train_one_epoch(
     loss_fn: nn.Module,
     runtime: Runtime,
     grad_clip: float | None = None,
-    reporter: Reporter | None = None,
+    reporter: Listener | None = None,
     *,
     progress: EpochProgress | None = None,
     stop: StopSignals | None = None,

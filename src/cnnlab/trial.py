@@ -3,7 +3,7 @@
 A trial is ``cnnlab run CONFIG --resume auto`` as a function: it continues the newest unfinished
 run of exactly this config or starts one, never raises for the ways a run can end, and returns a
 ``TrialResult`` (status, run folder, summary, metrics) that launchers and Ray Tune use as data.
-``events`` (any ``Reporter``, e.g. an ``EventWriter``) hears the run's progress as it happens.
+``events`` (any ``Listener``, e.g. an ``EventWriter``) hears the run's progress as it happens.
 A launcher that runs the trial in another process rebuilds the same result from its events and
 exit code with ``TrialRecorder``.
 """
@@ -16,8 +16,7 @@ from typing import Any
 
 from cnnlab.config import Config
 from cnnlab.errors import TrainingError, UserError
-from cnnlab.events import FanOut
-from cnnlab.progress import Reporter
+from cnnlab.listeners import FanOut, Listener
 from cnnlab.results import RunSummary, read_metrics_csv, read_summary
 from cnnlab.stopping import HANDLED, Interrupted, Pruned, signal_name
 
@@ -36,11 +35,10 @@ class TrialResult:
         return len(self.metrics)
 
 
-class TrialRecorder(Reporter):
+class TrialRecorder(Listener):
     """Listens to a trial and keeps what its result needs: the run folder and the final summary."""
 
     def __init__(self) -> None:
-        super().__init__(enabled=False)
         self.run_dir: Path | None = None
         self.error = ""
 
@@ -82,7 +80,7 @@ class TrialRecorder(Reporter):
             return None, [], str(err)
 
 
-def run_trial(cfg: Config, events: Reporter | None = None) -> TrialResult:
+def run_trial(cfg: Config, events: Listener | None = None) -> TrialResult:
     """Run (or continue) the experiment ``cfg`` in this process and return how it ended."""
     from cnnlab.engine import run_or_resume
 

@@ -42,7 +42,7 @@ from cnnlab.compare import aggregate, markdown_table, row_from_summary, run_conf
 from cnnlab.config import Config, absolute_paths, dump_config, load_config, read_yaml, validate
 from cnnlab.console import SafeConsole
 from cnnlab.errors import UserError
-from cnnlab.progress import Reporter
+from cnnlab.listeners import Listener
 from cnnlab.results import (
     RunDir,
     RunSummary,
@@ -204,7 +204,7 @@ def _dimension(path: Path, key: Any, value: Any) -> Dimension:
 # One trial, inside Ray Tune
 
 
-class TuneReporter(Reporter):
+class TuneReporter(Listener):
     """Reports each epoch's metrics to Ray Tune; when ASHA stops the trial, Ray raises SystemExit out
     of ``tune.report``, which becomes ``Pruned`` so that the run records it and ends at once.
 
@@ -214,7 +214,7 @@ class TuneReporter(Reporter):
     where it stands, is recorded ``interrupted`` and a resumed tune continues it."""
 
     def __init__(self, box: dict[str, str], stop_file: Path) -> None:
-        super().__init__(enabled=False)
+        self.epochs = 0
         self.box = box
         self.stop_file = stop_file
         self.looked = 0.0

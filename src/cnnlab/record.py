@@ -1,0 +1,83 @@
+"""Usage: ``listeners = run_listeners(cfg, world, run, reporter)``; ``with recording_ending(listeners, summary, run, stop): ...``.
+
+A run's own record, kept as a listener of the run, first among them: metrics.csv after every epoch,
+summary.json and curves.png at the end, however the run ended (the folder and its opening summary
+are made before the run starts, by ``fit`` or ``resume``). Beside it, who hears a run (its record,
+the console or a launcher, the loggers; under torchrun, rank 0 alone) and how a run that ended early
+is told so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cnnlab.config import Config
+from cnnlab.distributed import World
+from cnnlab.listeners import FanOut, Listener, ending_guarded
+from cnnlab.results import RunDir, RunSummary
+from cnnlab.stopping import StopSignals
+
+
+class RunRecord(Listener):
+    """cnnlab's own record of a run as a listener, first among them: metrics.csv after every epoch,
+    summary.json and curves.png at the end, however the run ended (the folder and its opening
+    summary are made before the run starts, by ``fit`` or ``resume``)."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+
+    def end_epoch(self, row: dict[str, Any], is_best: bool) -> None:
+        self.run.write_metrics()
+
+    def finish(self, summary: RunSummary, run_dir: Path) -> None:
+        self.run.write_summary(summary)
+        if self.run.metrics and summary.status != "pruned":  # a pruned trial's process is about to be ended
+            _draw_curves(self.run)
+
+    @staticmethod
+    def guarded(run: RunDir) -> contextlib.AbstractContextManager[None]:
+        """A failure while recording how ``run`` ended is said, and goes no further."""
+        return ending_guarded(run.path)
+
+
+def run_listeners(cfg: Config, world: World, run: RunDir, reporter: Listener) -> FanOut:
+    """Everything that hears this run: its record, the console (or a launcher), and the loggers of
+    ``output.loggers``; under torchrun, rank 0 alone."""
+    if not world.is_main:
+        return FanOut()
+    loggers: list[Listener] = []
+    if cfg.output.loggers:
+        from cnnlab.loggers import make_loggers
+
+        loggers = make_loggers(cfg.to_dict(), run.path)
+    return FanOut(RunRecord(run), reporter, *loggers)
+
+
+@contextlib.contextmanager
+def recording_ending(listeners: FanOut, summary: RunSummary, run: RunDir, stop: StopSignals) -> Iterator[None]:
+    """For a run that ended early: the block writes down how (in ``summary``) while a second Ctrl-C
+    only waits (``stop.deferred``); on leaving it every listener hears the ending, each on its own
+    (``FanOut.finish_each``): the run's record first, still deferred, so that summary.json is never
+    left saying "running", then the others, which a second Ctrl-C may cut short."""
+    record = FanOut(*(listener for listener in listeners.listeners if isinstance(listener, RunRecord)))
+    others = FanOut(*(listener for listener in listeners.listeners if not isinstance(listener, RunRecord)))
+    with stop.deferred():
+        yield
+        record.finish_each(summary, run.path)
+    others.finish_each(summary, run.path)
+
+
+def for_rank(reporter: Listener, world: World) -> Listener:
+    """Under torchrun only rank 0 reports (prints, tells a launcher); the others train in silence."""
+    return reporter if world.is_main else Listener()
+
+
+def _draw_curves(run: RunDir) -> None:
+    if not run.writer:
+        return
+    from cnnlab.plots import plot_curves  # matplotlib is slow to import; only load it when drawing
+
+    plot_curves(run.path / "metrics.csv", run.path / "curves.png")
