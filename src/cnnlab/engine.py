@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from cnnlab.config import Config, OptimConfig, ScheduleConfig, dump_config
-from cnnlab.data import CLASSES, Data, load_data
+from cnnlab.data import Data, load_data
 from cnnlab.distributed import World, current_world, use_sync_batchnorm
 from cnnlab.errors import TrainingError, UserError, warn
 from cnnlab.events import FanOut
@@ -239,14 +239,15 @@ def evaluate(
     stop: StopSignals | None = None,
     world: World | None = None,
     confusion: bool = False,
+    num_classes: int = 0,
 ) -> dict[str, Any]:
     """Mean cross-entropy (without label smoothing) and accuracy over ``batches`` (summed over the
-    ranks' shards under torchrun); with ``confusion``, also the confusion matrix (rows: true class,
-    columns: predicted) as a list of lists of counts."""
+    ranks' shards under torchrun); with ``confusion``, also the ``num_classes`` x ``num_classes``
+    confusion matrix (rows: true class, columns: predicted) as a list of lists of counts."""
     model.eval()
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), device=runtime.device, dtype=torch.long)
-    counts = torch.zeros(len(CLASSES) ** 2, device=runtime.device, dtype=torch.long) if confusion else None
+    counts = torch.zeros(num_classes ** 2, device=runtime.device, dtype=torch.long) if confusion else None
     seen = 0
     for x, y in batches:
         with runtime.autocast():
@@ -255,14 +256,14 @@ def evaluate(
         predicted = logits.argmax(1)
         correct += (predicted == y).sum()
         if counts is not None:
-            counts += torch.bincount(y * len(CLASSES) + predicted, minlength=len(CLASSES) ** 2)
+            counts += torch.bincount(y * num_classes + predicted, minlength=num_classes ** 2)
         seen += len(y)
         if stop is not None:
             stop.check()
     loss_total, correct_total, seen = _totals(loss_sum, correct, seen, world)
     result: dict[str, Any] = {"loss": loss_total / max(seen, 1), "acc": correct_total / max(seen, 1)}
     if counts is not None:
-        result["confusion"] = (world or World()).sum(counts).view(len(CLASSES), -1).tolist()
+        result["confusion"] = (world or World()).sum(counts).view(num_classes, -1).tolist()
     return result
 
 
@@ -291,10 +292,10 @@ def check_model(model: nn.Module, cfg: Config, data: Data) -> None:
         ) from None
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.shape != (len(x), len(CLASSES)):
+    if not isinstance(out, torch.Tensor) or out.shape != (len(x), data.spec.num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(
-            f"model {cfg.model.name!r} must return logits of shape (batch, {len(CLASSES)}); "
+            f"model {cfg.model.name!r} must return logits of shape (batch, {data.spec.num_classes}); "
             f"for a batch of {len(x)} images it returned {got}"
         )
 
@@ -333,6 +334,7 @@ class Session:
             scheduler=self.scheduler.state_dict(),
             scaler=self.runtime.scaler.state_dict() if self.runtime.scaler is not None else None,
             state=state.state_dict(self.generators),
+            data=self.data.spec.to_dict(),
         )
 
     def restore(self, checkpoint: Checkpoint, state: TrainState, path: Path) -> None:
@@ -386,11 +388,11 @@ def prepare(cfg: Config) -> Session:
     runtime = make_runtime(world.device_name(cfg.train.device), cfg.train.precision, cfg.train.channels_last,
                            cfg.train.tf32)
     data = load_data(cfg.data, cfg.seed, runtime.device, channels_last=runtime.channels_last)
-    model = build_model(cfg, runtime.device, channels_last=runtime.channels_last)
+    model = build_model(cfg, runtime.device, spec=data.spec, channels_last=runtime.channels_last)
     check_model(model, cfg, data)
     if warming is not None:
         warming.join()
-    flops = flops_per_image(model)
+    flops = flops_per_image(model, data.spec.input_shape)
     model, sync_bn = use_sync_batchnorm(model, cfg.train.sync_bn, world, runtime.device)
     parallel = model
     if world.distributed:
@@ -482,6 +484,7 @@ def describe_run(session: Session, run: RunDir) -> RunSummary:
         test_size=len(data.test),
         pixel_mean=data.mean,
         pixel_std=data.std,
+        data=data.spec,
         device=str(runtime.device),
         device_name=runtime.device_name,
         precision=runtime.precision,
@@ -624,7 +627,7 @@ def train(
                 model.load_state_dict(Checkpoint.load(run.checkpoint_dir / "best.pt", runtime.device).model)
             world.broadcast_module(model)  # the other ranks test the same weights without reading the folder
         test = evaluate(model, world.shard(data.batches("test", cfg.train.eval_batch_size)), runtime, stop, world,
-                        confusion=True)
+                        confusion=True, num_classes=data.spec.num_classes)
         summary.test_acc, summary.test_loss = test["acc"], test["loss"]
         summary.test_confusion = test["confusion"]
         summary.test_checkpoint = "best" if cfg.output.checkpoints else "last"
