@@ -173,3 +173,8 @@ def test_another_data_set_is_one_module_and_a_config_value(tmp_path, monkeypatch
 def test_summary_and_models_say_the_default_data_sets_shape():
     result = runner.invoke(app, ["summary", "lenet"])
     assert result.exit_code == 0 and "lenet()  input 1x28x28" in result.output
+
+
+def test_an_unknown_data_set_is_named_with_the_known_ones():
+    with pytest.raises(UserError, match=r"data\.name: .*unknown data set 'cifar'; cnnlab knows fashion-mnist"):
+        load_config(None, ["data.name=cifar"])

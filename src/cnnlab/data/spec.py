@@ -35,7 +35,8 @@ class DataSpec(BaseModel):
     """A data set's description. ``mean``/``std``/``source`` are None until the files are read (the
     description of a data set by name, e.g. for ``cnnlab summary``)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    # Keys it does not know are passed over, as summary.json's are: a newer cnnlab may record more.
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     # Strict types: a value read back is taken as written, never converted ("3" is no channel count).
     name: StrictStr = Field(min_length=1, max_length=100)  # as data.name says it: fashion-mnist
