@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cnnlab.data import FILES, find_data_dir, find_file
+from cnnlab.data.fashion_mnist import FILES, find_data_dir, find_file
 
 
 def subset(source: Path, target: Path, images: int, test_images: int) -> Path:

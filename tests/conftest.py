@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cnnlab.config import load_config
-from cnnlab.data import FILES, find_data_dir
+from cnnlab.data.fashion_mnist import FILES, find_data_dir
 from cnnlab.engine import fit
 from cnnlab.errors import UserError
 from cnnlab.results import Checkpoint

@@ -6,7 +6,8 @@ import torch
 from conftest import idx_bytes, write_dataset
 
 from cnnlab.config import DataConfig
-from cnnlab.data import Augment, find_data_dir, load_data, read_idx, read_split, stratified_split
+from cnnlab.data import Augment, load_data, stratified_split
+from cnnlab.data.fashion_mnist import find_data_dir, read_idx, read_split
 from cnnlab.errors import UserError
 
 CPU = torch.device("cpu")
@@ -27,8 +28,8 @@ def test_torchvision_layout_is_found(tmp_path):
 
 def test_missing_data_lists_every_place_searched(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNLAB_DATA", str(tmp_path / "env"))
-    monkeypatch.setattr("cnnlab.data.CACHE_DIR", tmp_path / "cache")
-    monkeypatch.setattr("cnnlab.data.SYSTEM_DIR", tmp_path / "system")
+    monkeypatch.setattr("cnnlab.data.fashion_mnist.CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr("cnnlab.data.fashion_mnist.SYSTEM_DIR", tmp_path / "system")
     (tmp_path / "cache").mkdir()
     with pytest.raises(UserError) as info:
         find_data_dir(None)

@@ -16,11 +16,13 @@ from typer.testing import CliRunner
 
 from cnnlab import inference
 from cnnlab.cli import app
+from cnnlab.data import described
 from cnnlab.errors import UserError
 from cnnlab.inference import export, predict
 from cnnlab.runs import open_run
 
 runner = CliRunner()
+FASHION = described("fashion-mnist")
 
 
 def test_a_picture_of_a_data_set_image_gets_the_class_eval_gives_it(trained, tmp_path):
@@ -41,7 +43,7 @@ def test_a_picture_of_a_data_set_image_gets_the_class_eval_gives_it(trained, tmp
         assert predict(run_dir, [photo])[0].top[0][0] == as_data.top[0][0]
     with torch.no_grad():  # and that class is the model's own answer on the data set (what `eval` reports)
         x = opened.load_data().prepare(test.images[:8])
-        assert [inference.CLASSES[int(c)] for c in opened.model(x).argmax(1)][7] == predict(run_dir, [], index=7)[0].top[0][0]
+        assert [FASHION.classes[int(c)] for c in opened.model(x).argmax(1)][7] == predict(run_dir, [], index=7)[0].top[0][0]
 
 
 def test_predict_prints_the_top_classes_or_json(trained, tmp_path):
@@ -50,7 +52,7 @@ def test_predict_prints_the_top_classes_or_json(trained, tmp_path):
     assert result.exit_code == 0, result.output
     [entry] = json.loads(result.output)
     assert entry["image"] == "test image 3" and len(entry["top"]) == 3
-    assert entry["top"][0]["probability"] >= entry["top"][1]["probability"] and entry["label"] in inference.CLASSES
+    assert entry["top"][0]["probability"] >= entry["top"][1]["probability"] and entry["label"] in FASHION.classes
     text = runner.invoke(app, ["predict", str(run_dir), "--image", "3", "--top", "2"])
     assert text.exit_code == 0 and text.output.count("%") == 2 and "(true: " in text.output
 
@@ -99,7 +101,8 @@ def test_a_phones_mpo_jpeg_is_read_by_its_first_frame(trained, tmp_path):
     garment.convert("RGB").save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[depth_map], quality=95)
     with Image.open(tmp_path / "phone.jpg") as check:
         assert check.format == "MPO" and check.n_frames == 2
-    assert torch.equal(inference.load_image(tmp_path / "phone.jpg"), inference.load_image(tmp_path / "photo.jpg"))
+    assert torch.equal(inference.load_image(tmp_path / "phone.jpg", FASHION),
+                       inference.load_image(tmp_path / "photo.jpg", FASHION))
     assert predict(run_dir, [tmp_path / "phone.jpg"])[0].top == predict(run_dir, [tmp_path / "photo.jpg"])[0].top
 
 
@@ -110,7 +113,7 @@ def test_a_very_long_picture_is_reduced_in_pillow_never_walked_pixel_by_pixel(tm
     del tall
     tracemalloc.start()
     try:
-        image = inference.load_image(tmp_path / "tall.png")
+        image = inference.load_image(tmp_path / "tall.png", FASHION)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -165,7 +168,8 @@ def test_a_16_bit_picture_is_scaled_not_clipped(trained, tmp_path):
     Image.fromarray(test.images[5, 0].numpy().astype(np.uint16) * 257).save(sixteen)  # a 16-bit grey PNG
     with Image.open(sixteen) as check:
         assert check.mode.startswith("I;16") or check.mode == "I"
-    assert torch.equal(inference.load_image(sixteen), inference.load_image(eight))  # the same picture, every pixel
+    # the same picture, every pixel
+    assert torch.equal(inference.load_image(sixteen, FASHION), inference.load_image(eight, FASHION))
     assert predict(run_dir, [sixteen])[0].top == predict(run_dir, [eight])[0].top
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from cnnlab.data import CLASSES
+from cnnlab.data import described
 from cnnlab.errors import UserError
 from cnnlab.evaluation import evaluate_run
 from cnnlab.plots import plt
@@ -58,7 +58,7 @@ def test_grad_cam_defaults_to_the_last_conv_block_whose_map_carries_signal(train
         module = resolve_layer(model, cam.layer)[1]
         assert isinstance(module, (nn.Conv2d, nn.ReLU)), (cam.layer, module)  # LeNet's last AvgPool is passed over
         x = opened.load_data().prepare(opened.load_data().test.images[index : index + 1])
-        heat = grad_cam(model, module, x, CLASSES.index(cam.predicted_label))
+        heat = grad_cam(model, module, x, described().classes.index(cam.predicted_label))
         assert heat.max() == 1 and heat.min() < 1  # a map, not a blank
 
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from cnnlab.data import described
 from cnnlab.errors import UserError
 from cnnlab.modelinfo import count_params, profile
 from cnnlab.models import get_model, list_models, register_model
@@ -12,7 +13,7 @@ def test_default_lenet_is_the_reports_layer_for_layer():
     kinds = [type(m).__name__ for m in model]
     assert kinds == ["Conv2d", "Sigmoid", "AvgPool2d", "Conv2d", "Sigmoid", "AvgPool2d", "Flatten",
                      "Linear", "Sigmoid", "Linear", "Sigmoid", "Linear"]
-    rows, flops = profile(model)
+    rows, flops = profile(model, described().input_shape)
     shapes = [r.output_shape for r in rows if r.layer.split("(")[0] in ("Conv2d", "AvgPool2d", "Flatten", "Linear")]
     assert shapes == [(6, 28, 28), (6, 14, 14), (16, 10, 10), (16, 5, 5), (400,), (120,), (84,), (10,)]
     # conv1 156 + conv2 2,416 + fc 48,120 + 10,164 + 850

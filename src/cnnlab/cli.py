@@ -430,9 +430,9 @@ def visualize(
             from cnnlab.runs import open_run
             from cnnlab.visualize import layer_rows
 
-            model = open_run(run_dir, trust_code=trust_code).model
+            opened = open_run(run_dir, trust_code=trust_code)
             grid = Table("layer", "module", "output shape", box=None, header_style="bold")
-            for row in layer_rows(model):
+            for row in layer_rows(opened.model, opened.spec.input_shape):
                 grid.add_row(*map(literal, row))
             out.print(f"{run_dir}")
             out.print(grid)
@@ -496,15 +496,17 @@ def report(
 
 @app.command()
 def models() -> None:
-    """List the registered models: name, parameters at 1x28x28, description."""
+    """List the registered models: name, parameters (for the default data set's images), description."""
+    from cnnlab.data import described
     from cnnlab.modelinfo import count_params
     from cnnlab.models import get_entry, get_model, list_models
+    from cnnlab.models.build import model_arguments
 
     table = Table("model", "params", "description", box=None, header_style="bold")
     for name in list_models():
         entry = get_entry(name)
         needs_options = any(f.is_required() for f in entry.options.model_fields.values())
-        params = "(yours)" if needs_options else f"{count_params(get_model(name)):,}"
+        params = "(yours)" if needs_options else f"{count_params(get_model(name, **model_arguments(name, {}, described()))):,}"
         table.add_row(literal(name), params, literal(entry.description))
     out.print(table)
 
@@ -516,23 +518,25 @@ def summary(
     trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Per-layer output shapes, parameters and FLOPs of a model, for one 1x28x28 image."""
+    """Per-layer output shapes, parameters and FLOPs of a model, for one image of the config's data set."""
     with cli_errors(debug):
         from cnnlab.config import load_config
+        from cnnlab.data import described
         from cnnlab.modelinfo import count_params, profile
         from cnnlab.models.build import build_model
 
         is_file = Path(target).suffix in (".yaml", ".yml") or Path(target).is_file()
         cfg = load_config(target, set_, trust_code=trust_code or None) if is_file else \
             load_config(None, set_, start={"model.name": target})
-        model = build_model(cfg)
-        rows, total_flops = profile(model)
+        spec = described(cfg.data.name)
+        model = build_model(cfg, spec=spec)
+        rows, total_flops = profile(model, spec.input_shape)
         table = Table("#", "layer", "output shape", "params", "FLOPs", box=None, header_style="bold")
         for row in rows:
             shape = "x".join(map(str, row.output_shape))
             table.add_row(literal(row.name), literal(row.layer), shape, f"{row.params:,}", f"{row.flops:,}")
         args = ", ".join(f"{k}={v}" for k, v in cfg.model.kwargs.items())
-        out.print(f"{cfg.model.name}({args})  input 1x28x28")
+        out.print(f"{cfg.model.name}({args})  input {spec.shape_text}")
         out.print(table)
         out.print(f"total: {count_params(model):,} parameters, {total_flops:,} FLOPs per image")
 
@@ -546,20 +550,10 @@ def data(
 ) -> None:
     """Find the Fashion-MNIST files, check them, and say where they are (exit 2 if missing)."""
     with cli_errors(debug):
-        from cnnlab.data import FILES, SHA256, find_data_dir, find_file, read_split, sha256_of
+        from cnnlab.data import DEFAULT, data_set
 
-        root = find_data_dir(data_dir, download)
-        out.print(f"Fashion-MNIST found in {root}")
-        for split in FILES:
-            loaded = read_split(root, split)
-            out.print(f"  {split}: {len(loaded):,} images, 28x28, labels 0-9")
-        if verify:
-            for stem in (s for pair in FILES.values() for s in pair):
-                path = find_file(root, stem)
-                ok = sha256_of(path) == SHA256[stem]
-                out.print(f"  {path.name}: {'sha256 ok' if ok else 'sha256 MISMATCH'}")
-                if not ok:
-                    raise UserError(f"{path}: checksum differs from Fashion-MNIST's; replace the file")
+        for line in data_set(DEFAULT).check(data_dir, download, verify):
+            out.print(line)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from cnnlab.data import registry as data_registry
 from cnnlab.errors import UserError
 from cnnlab.models import registry
 
@@ -32,21 +33,29 @@ class Section(BaseModel):
 class AugmentConfig(Section):
     """On-device augmentation of training batches; all off by default (the report used none)."""
 
-    crop_padding: int = Field(0, ge=0, le=14)  # random crop: pad by this many pixels, crop back to 28x28; 0 = off
+    crop_padding: int = Field(0, ge=0, le=14)  # random crop: pad by this many pixels, crop back to the image size; 0 = off
     flip: bool = False  # horizontal flip with probability 0.5
     erasing: float = Field(0.0, ge=0, le=1)  # probability of erasing one random rectangle per image
 
 
 class DataConfig(Section):
-    # folder with the IDX files; None searches $CNNLAB_DATA, ~/.cache/cnnlab/fashion-mnist, /usr/share/datasets/fashion-mnist
+    name: str = data_registry.DEFAULT  # the data set, by its name in cnnlab.data.registry
+    # folder with the data set's files; None searches the data set's usual places ($CNNLAB_DATA, cnnlab's cache...)
     root: Path | None = None
     download: bool = False  # fetch through torchvision's mirrors if no local copy is found (never otherwise)
     # training images held out for validation (stratified, fixed by seed); 0 = the report's mode: test set every epoch
     val_size: int = Field(5000, ge=0)
-    # subtract the training split's pixel mean, divide by its std (about 0.286 and 0.353); false = the report's raw [0, 1] pixels
+    # subtract the training split's pixel mean, divide by its std (per channel); false = the report's raw [0, 1] pixels
     normalize: bool = True
-    check_counts: bool = True  # require Fashion-MNIST's 60,000 / 10,000 images; turn off for other IDX data sets
+    check_counts: bool = True  # require the data set's own image counts; turn off for other files in its format
     augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _known_data_set(cls, name: str) -> str:
+        if name not in data_registry.DATA_SETS:
+            raise ValueError(f"unknown data set {name!r}; cnnlab knows {', '.join(sorted(data_registry.DATA_SETS))}")
+        return name
 
 
 class ModelConfig(BaseModel):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cnnlab.config import Config, load_config
-from cnnlab.data import FILES, find_data_dir, find_file, read_bytes
+from cnnlab.data.fashion_mnist import FILES, find_data_dir, find_file, read_bytes
 
 WORKERS = 4  # d2l's get_dataloader_workers()
 

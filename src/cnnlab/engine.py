@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from cnnlab.config import Config, dump_config, parse_override, set_value, validate
-from cnnlab.data import CLASSES, Data
+from cnnlab.data import Data
 from cnnlab.errors import TrainingError, UserError, warn
 from cnnlab.listeners import Listener
 from cnnlab.modelinfo import count_params
@@ -60,6 +60,7 @@ def describe_run(session: Session, run: RunDir) -> RunSummary:
         test_size=len(data.test),
         pixel_mean=data.mean,
         pixel_std=data.std,
+        data=data.spec,
         device=str(runtime.device),
         device_name=runtime.device_name,
         precision=runtime.precision,
@@ -290,7 +291,7 @@ class Continuation:
         fresh = describe_run(session, run)
         resumed = summary.model_copy(update={k: getattr(fresh, k) for k in (
             "status", "epochs", "device", "device_name", "precision", "threads", "torch_version", "git_commit", "pid",
-            "host", "data_root")})
+            "host", "data_root", "data")})
         for key in ("error", "stopped_at", "finished", "test_acc", "test_loss", "test_checkpoint", "final"):
             setattr(resumed, key, None)
         at = state.current.batches if state.current is not None else 0
@@ -460,7 +461,7 @@ def train(
                 model.load_state_dict(Checkpoint.load(run.checkpoint_dir / "best.pt", runtime.device).model)
             world.broadcast_module(model)  # the other ranks test the same weights without reading the folder
         test = evaluate(model, world.shard(data.batches("test", cfg.train.eval_batch_size)), runtime, stop, world,
-                        confusion=True, num_classes=len(CLASSES))
+                        confusion=True, num_classes=data.spec.num_classes)
         summary.test_acc, summary.test_loss = test.acc, test.loss
         summary.test_confusion = test.confusion
         summary.test_checkpoint = "best" if cfg.output.checkpoints else "last"

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from cnnlab.data import CLASSES
 from cnnlab.errors import UserError
 from cnnlab.results import atomic_write_text, check_output_dir
 from cnnlab.runs import open_run
@@ -48,33 +47,36 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", t
     data = opened.load_data()
     labels = data.split(split).labels
     runtime = make_runtime("cpu", opened.cfg.train.precision, channels_last=False)  # autocast as the run trained
+    classes = opened.spec.classes
     result = evaluate(opened.model, data.batches(split, BATCH_SIZE), runtime, confusion=True, predictions=True,
-                      num_classes=len(CLASSES))
+                      num_classes=len(classes))
     preds, matrix = result.predictions, torch.tensor(result.confusion)
-    per_class = {name: (matrix[i, i] / matrix[i].sum()).item() for i, name in enumerate(CLASSES) if matrix[i].sum()}
+    per_class = {name: (matrix[i, i] / matrix[i].sum()).item() for i, name in enumerate(classes) if matrix[i].sum()}
     off = matrix.clone()
     off.fill_diagonal_(0)
     order = torch.argsort(off.flatten(), descending=True)[:5]
-    pairs = [(CLASSES[int(i) // 10], CLASSES[int(i) % 10], int(off.flatten()[i])) for i in order if off.flatten()[i] > 0]
+    pairs = [(classes[int(i) // len(classes)], classes[int(i) % len(classes)], int(off.flatten()[i]))
+             for i in order if off.flatten()[i] > 0]
     report = EvalReport(split, checkpoint, len(labels), result.acc, result.loss, per_class, pairs, result.confusion,
                         str(folder))
-    write_outputs(report, folder, data.split(split).images, labels, preds)
+    write_outputs(report, folder, data.split(split).images, labels, preds, classes)
     return report
 
 
-def write_outputs(report: EvalReport, folder: Path, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor) -> None:
-    from cnnlab.plots import confusion_figure, plt, save_figure
+def write_outputs(report: EvalReport, folder: Path, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
+                  classes: tuple[str, ...]) -> None:
+    from cnnlab.plots import confusion_figure, picture, plt, save_figure
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["true \\ predicted", *CLASSES])
-    for name, row in zip(CLASSES, report.confusion):
+    writer.writerow(["true \\ predicted", *classes])
+    for name, row in zip(classes, report.confusion):
         writer.writerow([name, *row])
     atomic_write_text(folder / "confusion.csv", buffer.getvalue())
     atomic_write_text(folder / "eval.json", json.dumps(asdict(report), indent=2) + "\n")
 
     fig = confusion_figure(report.confusion,
-                           f"{report.split} set: accuracy {report.accuracy:.4f} ({report.checkpoint} checkpoint)")
+                           f"{report.split} set: accuracy {report.accuracy:.4f} ({report.checkpoint} checkpoint)", classes)
     save_figure(fig, folder / "confusion.png")
 
     wrong = (preds != labels).nonzero().flatten()[:MAX_ERROR_TILES]
@@ -85,7 +87,7 @@ def write_outputs(report: EvalReport, folder: Path, images: torch.Tensor, labels
         axis.axis("off")
         if k < len(wrong):
             i = int(wrong[k])
-            axis.imshow(images[i, 0].numpy(), cmap="gray")
-            axis.set_title(f"#{i}\n{CLASSES[int(labels[i])]}\n-> {CLASSES[int(preds[i])]}", fontsize=7)
+            axis.imshow(picture(images[i]), cmap="gray")
+            axis.set_title(f"#{i}\n{classes[int(labels[i])]}\n-> {classes[int(preds[i])]}", fontsize=7)
     fig.suptitle(f"first {len(wrong)} misclassified {report.split} images (true -> predicted)", fontsize=9)
     save_figure(fig, folder / "errors.png")

@@ -1,11 +1,12 @@
 """Usage: ``cnnlab predict RUN shoe.jpg``; ``cnnlab export RUN --format onnx``: using a trained model.
 
-``predict`` classifies the user's own pictures: any PNG or JPEG, any size or colour, is made into a
-Fashion-MNIST image the way the data set was made (grey, the longer side fitted to 28 pixels and
-centred on a black square, inverted first when its background is light, since Fashion-MNIST's
-garments are light on black), then normalised as the run was trained. ``export`` writes the model
-with that normalisation folded in as its first layer, so the file takes raw [0, 1] pixels
-(N x 1 x 28 x 28), and refuses to write a file whose outputs differ from PyTorch's.
+``predict`` classifies the user's own pictures: any PNG or JPEG, any size or colour, is made into an
+image of the run's data set (its ``DataSpec``: channels, size) the way a grey data set of light
+things on black is made (grey, the longer side fitted to the image size and centred on black,
+inverted first when its background is light), then normalised as the run was trained (per channel).
+``export`` writes the model with that normalisation folded in as its first layer, so the file takes
+raw [0, 1] pixels (N x channels x height x width), and refuses to write a file whose outputs differ
+from PyTorch's. Class names come from the run's data description too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import stat
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,7 +24,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
-from cnnlab.data import CLASSES, IMAGE_SIZE
+from cnnlab.data import DataSpec
 from cnnlab.errors import UserError
 from cnnlab.results import check_output_file, file_kind
 
@@ -36,40 +38,47 @@ CHECK_IMAGES = 256
 
 
 class Normalized(nn.Module):
-    """The trained model behind its input normalisation: takes raw [0, 1] pixels."""
+    """The trained model behind its input normalisation (a mean and std per channel): takes raw [0, 1] pixels."""
 
-    def __init__(self, model: nn.Module, mean: float, std: float) -> None:
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean))
-        self.register_buffer("std", torch.tensor(std))
+        self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(-1, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model((pixels - self.mean) / self.std)
 
 
-def pixel_stats(opened: Any) -> tuple[float, float]:
-    """(mean, std) the run normalised with: from its summary, else from its data (older runs)."""
+def normalization(opened: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel the run normalised with: from its data description, else from its summary's
+    pixel_mean and pixel_std (runs that recorded no description), else from its data (older runs still)."""
+    channels = opened.spec.channels
     if not opened.cfg.data.normalize:
-        return 0.0, 1.0
+        return (0.0,) * channels, (1.0,) * channels
+    if opened.spec.mean is not None:  # validated as it was read: one finite value per channel, std above 0
+        return opened.spec.mean, opened.spec.std
     mean, std = opened.summary.pixel_mean, opened.summary.pixel_std
     if mean is None or std is None:
         data = opened.load_data()
         mean, std = data.mean, data.std
     if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
         raise UserError(f"{opened.path / 'summary.json'}: pixel_mean {mean} / pixel_std {std} cannot normalise images")
-    return float(mean), float(std)
+    return (float(mean),), (float(std),)
 
 
-def load_image(path: Path) -> torch.Tensor:
-    """A picture as a Fashion-MNIST image: uint8 [1, 28, 28], light garment on black.
+def load_image(path: Path, spec: DataSpec) -> torch.Tensor:
+    """A picture as an image of the data set ``spec`` describes: uint8 [1, height, width], light on black.
 
     The work is bounded by the pixels the result needs: a JPEG is decoded at 1/2 to 1/8 scale where
     that leaves enough of them, and the decoded picture is reduced by whole factors (in Pillow, one
-    pass) to at most about 2 x REDUCING_GAP x 28 pixels a side before anything else looks at it.
+    pass) to at most about 2 x REDUCING_GAP x the image size a side before anything else looks at it.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if spec.channels != 1:  # a colour data set's pictures are made another way; its module will say how
+        raise UserError(f"predicting pictures is for grey data sets so far; {spec.title} has {spec.channels} channels")
+    box = (spec.image_size[1], spec.image_size[0])  # (width, height), as Pillow gives sizes
     path = Path(path)
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the size is checked below, with its own message
     try:
@@ -81,9 +90,9 @@ def load_image(path: Path) -> torch.Tensor:
             if width * height > MAX_IMAGE_PIXELS:
                 raise UserError(f"{path}: {width:,} x {height:,} pixels is too large a picture to classify (at most "
                                 f"{MAX_IMAGE_PIXELS:,} pixels); give a smaller one")
-            opened.draft(None, tuple(REDUCING_GAP * side for side in _fitted_size(opened.size)))
+            opened.draft(None, tuple(REDUCING_GAP * side for side in _fitted_size(opened.size, box)))
             ImageOps.exif_transpose(opened, in_place=True)
-            image = _reduced(_grey(opened))
+            image = _reduced(_grey(opened), box)
     except UnidentifiedImageError as err:
         raise UserError(f"{path}: not an image cnnlab can read ({type(err).__name__}); give a PNG or JPEG") from None
     except (OSError, SyntaxError, ValueError) as err:
@@ -92,11 +101,10 @@ def load_image(path: Path) -> torch.Tensor:
         Image.MAX_IMAGE_PIXELS = limit
     if _background(image) > 127:
         image = ImageOps.invert(image)
-    fitted = image if image.size == (IMAGE_SIZE, IMAGE_SIZE) else \
-        image.resize(_fitted_size(image.size), Image.Resampling.LANCZOS)
-    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
-    canvas.paste(fitted, ((IMAGE_SIZE - fitted.width) // 2, (IMAGE_SIZE - fitted.height) // 2))
-    return torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).reshape(1, IMAGE_SIZE, IMAGE_SIZE)
+    fitted = image if image.size == box else image.resize(_fitted_size(image.size, box), Image.Resampling.LANCZOS)
+    canvas = Image.new("L", box, 0)
+    canvas.paste(fitted, ((box[0] - fitted.width) // 2, (box[1] - fitted.height) // 2))
+    return torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).reshape(1, *spec.image_size)
 
 
 def _open_picture(path: Path) -> BinaryIO:
@@ -128,17 +136,17 @@ def _open_picture(path: Path) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def _reduced(image: Any) -> Any:
-    """A copy of ``image`` box-averaged by whole factors to no less than REDUCING_GAP times its fitted
-    size: small however large or long the picture (one within that size is copied as it is)."""
+def _reduced(image: Any, box: tuple[int, int]) -> Any:
+    """A copy of ``image`` box-averaged by whole factors to no less than REDUCING_GAP times its size fitted
+    into ``box``: small however large or long the picture (one within that size is copied as it is)."""
     return image.reduce(tuple(max(1, side // (REDUCING_GAP * fitted))
-                              for side, fitted in zip(image.size, _fitted_size(image.size))))
+                              for side, fitted in zip(image.size, _fitted_size(image.size, box))))
 
 
-def _fitted_size(size: tuple[int, int]) -> tuple[int, int]:
-    """The picture's size with its longer side fitted to 28 pixels (at least 1 x 1)."""
+def _fitted_size(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """The picture's (width, height) scaled to fit ``box`` (width, height), at least 1 x 1."""
     width, height = size
-    scale = IMAGE_SIZE / max(width, height)
+    scale = min(box[0] / width, box[1] / height)
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
@@ -185,10 +193,11 @@ def predict(run_dir: Path, images: list[Path], *, split: str | None = None, inde
         raise UserError("give image files, or --image N (with --split test or val) for a data-set image")
     if images and index is not None:
         raise UserError("give image files or --image N, not both")
-    if not 1 <= top <= len(CLASSES):
-        raise UserError(f"--top {top}: choose 1 to {len(CLASSES)}")
     opened = open_run(run_dir, trust_code=trust_code)
-    model = Normalized(opened.model, *pixel_stats(opened)).eval()
+    classes = opened.spec.classes
+    if not 1 <= top <= len(classes):
+        raise UserError(f"--top {top}: choose 1 to {len(classes)}")
+    model = Normalized(opened.model, *normalization(opened)).eval()
     sources, labels, batch = [], [], []
     if index is not None:
         data = opened.load_data()
@@ -197,18 +206,18 @@ def predict(run_dir: Path, images: list[Path], *, split: str | None = None, inde
             raise UserError(f"--image {index}: the {split or 'test'} split has images 0 to {len(chosen) - 1}")
         batch.append(chosen.images[index])
         sources.append(f"{split or 'test'} image {index}")
-        labels.append(CLASSES[int(chosen.labels[index])])
+        labels.append(classes[int(chosen.labels[index])])
     else:
         for path in images:
-            batch.append(load_image(path))
+            batch.append(load_image(path, opened.spec))
             sources.append(str(path))
             labels.append(None)
     with torch.no_grad():
         probabilities = model(torch.stack(batch).float() / 255).softmax(1)
     results = []
     for source, label, row in zip(sources, labels, probabilities):
-        values, classes = row.topk(top)
-        results.append(Prediction(source, [(CLASSES[int(c)], float(v)) for v, c in zip(values, classes)], label))
+        values, indices = row.topk(top)
+        results.append(Prediction(source, [(classes[int(c)], float(v)) for v, c in zip(values, indices)], label))
     return results
 
 
@@ -244,7 +253,7 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool
     except OSError as err:
         raise UserError(f"-o {out}: cannot write there ({err.strerror or err}); choose another file") from None
     try:
-        model = Normalized(opened.model, *pixel_stats(opened)).eval()
+        model = Normalized(opened.model, *normalization(opened)).eval()
         data = opened.load_data()
         pixels = data.test.images[:CHECK_IMAGES].float() / 255
         with torch.no_grad():

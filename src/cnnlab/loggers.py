@@ -166,7 +166,8 @@ class TensorBoardLogger(Logger):
             from cnnlab.plots import confusion_figure
 
             accuracy = summary.get("test_acc") or 0.0
-            self.writer.add_figure("confusion", confusion_figure(summary["test_confusion"], f"test set: accuracy {accuracy:.4f}"))
+            self.writer.add_figure("confusion", confusion_figure(summary["test_confusion"], f"test set: accuracy {accuracy:.4f}",
+                                                                 summary["data"]["classes"]))
         self.writer.close()
 
 

@@ -1,4 +1,7 @@
-"""Usage: ``rows, total_flops = profile(model)``; ``flops_per_image(model)``: what ``cnnlab summary`` prints.
+"""Usage: ``rows, total_flops = profile(model, spec.input_shape)``; ``flops_per_image(model, spec.input_shape)``.
+
+What ``cnnlab summary`` prints, for one image of the shape the data's description gives (channels,
+height, width).
 
 FLOPs count the multiply-adds of convolutions and matrix products (2 FLOPs each), as
 ``torch.utils.flop_counter`` does; activations, pooling and normalisation are not counted.
@@ -11,8 +14,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-
-INPUT_SHAPE = (1, 28, 28)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -57,7 +58,7 @@ def short_repr(module: nn.Module) -> str:
 
 
 @torch.no_grad()
-def profile(model: nn.Module, input_shape: tuple[int, ...] = INPUT_SHAPE) -> tuple[list[LayerRow], int]:
+def profile(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[LayerRow], int]:
     """One row per top-level layer (output shape for one image, parameters, FLOPs) and total FLOPs."""
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = [
@@ -83,5 +84,5 @@ def profile(model: nn.Module, input_shape: tuple[int, ...] = INPUT_SHAPE) -> tup
     return rows, int(counter.get_total_flops())
 
 
-def flops_per_image(model: nn.Module, input_shape: tuple[int, ...] = INPUT_SHAPE) -> int:
+def flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return profile(model, input_shape)[1]

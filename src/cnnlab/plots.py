@@ -6,6 +6,7 @@ Plots read the files a run wrote, never live training state, so they can be redr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -121,26 +122,31 @@ def plot_tune_progress(scores: list[float | None], metric: str, mode: str, out: 
     return save_figure(fig, out)
 
 
-def confusion_figure(confusion: list[list[int]], title: str):
+def confusion_figure(confusion: list[list[int]], title: str, classes: Sequence[str]):
     """The confusion matrix (rows: true class, columns: predicted), shaded by the fraction of each
-    true class, with the counts written in."""
+    true class, with the counts written in; ``classes`` names its rows and columns."""
     import torch
 
-    from cnnlab.data import CLASSES
-
+    names = [printable(name) for name in classes]
     matrix = torch.tensor(confusion, dtype=torch.float)
     fig, ax = plt.subplots(figsize=(7.5, 6.5), dpi=110)
     shown = ax.imshow((matrix / matrix.sum(1, keepdim=True).clamp(min=1)).numpy(), cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(CLASSES)):
-        for j in range(len(CLASSES)):
+    for i in range(len(names)):
+        for j in range(len(names)):
             value = int(matrix[i, j])
             if value:
                 ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
                         color="white" if matrix[i, j] > 0.5 * matrix[i].sum() else "black")
-    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(printable(title))
     fig.colorbar(shown, ax=ax, fraction=0.046, label="fraction of the true class")
     return fig
+
+
+def picture(image):
+    """A uint8 or float image [C, H, W] as ``imshow`` draws it: [H, W] for one channel (give it a grey
+    colour map), [H, W, C] for colour."""
+    return image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()

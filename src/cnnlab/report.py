@@ -106,8 +106,9 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
     # Each run under its experiment's label: two variants of one name never look like one experiment.
     label = {Path(run_dir): entry["name"] for entry in table for run_dir in entry["run_dirs"]}
     label = {run: label.get(run, summaries[run].name) for run in runs}
+    spec = opened[runs[0]].spec  # the data as the first run recorded it (Fashion-MNIST for runs that did not)
     blocks = [
-        Block("h1", "Convolutional networks on Fashion-MNIST"),
+        Block("h1", f"Convolutional networks on {spec.title}"),
         Block("p", f"Written by cnnlab from {len(runs)} run(s) on "
                    f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}: " + ", ".join(map(str, targets)) + "."),
         Block("h2", "1. Setup"),
@@ -118,8 +119,8 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
              else f"{(s0.val_size or 0):,} training images held out for validation (stratified); the test set "
                   "evaluated once, with the best checkpoint")
     blocks.append(Block("p", (
-        f"Data: Fashion-MNIST, {(s0.train_size or 0):,} training / {(s0.test_size or 0):,} test images of 1x28x28, "
-        f"10 classes, from {s0.data_root}. Validation: {split}. Pixels "
+        f"Data: {spec.title}, {(s0.train_size or 0):,} training / {(s0.test_size or 0):,} test images of {spec.shape_text}, "
+        f"{spec.num_classes} classes, from {s0.data_root}. Validation: {split}. Pixels "
         f"{'normalised by the training mean and std' if first.data.normalize else 'scaled to [0, 1]'}; augmentation "
         f"{'on' if first.data.augment.crop_padding or first.data.augment.flip or first.data.augment.erasing else 'none'}. "
         f"Loss: cross-entropy{f' with label smoothing {first.train.label_smoothing}' if first.train.label_smoothing else ''}. "
@@ -155,10 +156,11 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
     for run in runs:
         cfg, summary = configs[run], summaries[run]
         blocks.append(Block("h3", f"{label[run]} ({run.name})"))
-        key = json.dumps(cfg.model.model_dump(), sort_keys=True, default=str)
+        shape = (opened[run].spec.input_shape, opened[run].spec.num_classes)  # one model's table per data shape, too
+        key = json.dumps([cfg.model.model_dump(), shape], sort_keys=True, default=str)
         if key not in seen_models:
             seen_models.add(key)
-            layers, flops = profile(build_model(cfg))
+            layers, flops = profile(build_model(cfg, spec=opened[run].spec), opened[run].spec.input_shape)
             blocks.append(Block("table", headers=("#", "layer", "output shape", "params", "FLOPs"), rows=tuple(
                 (r.name, r.layer, "x".join(map(str, r.output_shape)), f"{r.params:,}", f"{r.flops:,}") for r in layers)))
             blocks.append(Block("p", f"{summary.params or 0:,} parameters, {flops:,} FLOPs per image."))

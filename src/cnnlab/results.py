@@ -40,6 +40,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cnnlab.data.spec import DataSpec
 from cnnlab.errors import UserError
 from cnnlab.numtext import number_text
 from cnnlab.state import METRIC_COLUMNS, check_state_dict
@@ -301,6 +302,7 @@ class RunSummary(BaseModel):
     test_size: int | None = None
     pixel_mean: float | None = None  # of the training split: with the sizes, tells whether resumed data is the same
     pixel_std: float | None = None
+    data: DataSpec | None = None  # what the data set is (classes, channels, size, mean/std); None: Fashion-MNIST (older runs)
     device: str | None = None
     device_name: str | None = None
     precision: str | None = None
@@ -375,10 +377,15 @@ class Checkpoint:
     state: dict[str, Any] | None = None  # TrainState.state_dict(); None in format-1 checkpoints
     format: int = CHECKPOINT_FORMAT
     torch_version: str = str(torch.__version__)
+    data: dict[str, Any] | None = None  # DataSpec.to_dict() of the data it was trained on; None in older checkpoints
 
     @property
     def epoch(self) -> int:
         return int(self.state["epoch"]) if self.state else 0
+
+    @property
+    def spec(self) -> DataSpec | None:
+        return DataSpec.model_validate(self.data) if self.data is not None else None
 
     def snapshot(self) -> Checkpoint:
         """A copy that training cannot change: every tensor copied to the CPU, every container rebuilt
@@ -478,9 +485,10 @@ class Checkpoint:
                 check_state_dict(state)
             except ValueError as err:
                 raise UserError(f"{path}: not a cnnlab checkpoint, or one that was changed ({err})") from None
+        spec = DataSpec.read(data["data"], str(path)).to_dict() if data.get("data") is not None else None
         return cls(model=data["model"], config=data["config"], optimizer=data.get("optimizer"),
                    scheduler=data.get("scheduler"), scaler=data.get("scaler"), state=state,
-                   format=fmt if isinstance(fmt, int) else 0, torch_version=str(data.get("torch_version", "")))
+                   format=fmt if isinstance(fmt, int) else 0, torch_version=str(data.get("torch_version", "")), data=spec)
 
 
 def digest_path(path: Path) -> Path:

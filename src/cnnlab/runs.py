@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cnnlab.config import Config, read_yaml, validate
-from cnnlab.data import Data, load_data
+from cnnlab.data import Data, DataSpec, described, load_data
 from cnnlab.errors import UserError, warn
 from cnnlab.results import (
     Checkpoint,
@@ -42,6 +42,12 @@ class OpenedRun:
     state: str  # the summary's status, or "stale" for a run whose process died without a word
     model: nn.Module | None = None  # in eval mode, with the chosen checkpoint's weights
     checkpoint: str | None = None
+
+    @property
+    def spec(self) -> DataSpec:
+        """What the run trained on, as its summary records it; for a run of an older cnnlab, which recorded
+        none, its data set as known by name (Fashion-MNIST), without reading any file."""
+        return self.summary.data or described(self.cfg.data.name)
 
     def load_data(self, device: str | torch.device = "cpu") -> Data:
         """The run's data, split exactly as it was for training (same seed, same validation images)."""
@@ -79,7 +85,7 @@ def open_run(
     if state != "completed":
         warn(f"{run_dir} is {describe_state(opened)}; using its {checkpoint} checkpoint anyway")
     weights = Checkpoint.load(path)
-    model = build_model(cfg)
+    model = build_model(cfg, spec=opened.spec)
     try:
         model.load_state_dict(weights.model)
     except RuntimeError:
@@ -137,8 +143,11 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A config as a mapping with the placement keys dropped: two runs of it compute the same thing."""
-    config = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    """A config as a mapping with the placement keys dropped: two runs of it compute the same thing.
+    Keys an older cnnlab did not write (data.name) take today's defaults, as in identity.experiment_key."""
+    defaults = Config().to_dict()
+    config = {k: {**defaults[k], **v} if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+              for k, v in config.items()}
     for section, key in PLACEMENT_KEYS:
         if isinstance(config.get(section), dict):
             config[section].pop(key, None)

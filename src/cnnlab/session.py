@@ -17,7 +17,7 @@ from torch import nn
 
 from cnnlab.capture import StaticEval, StaticStep, graph_kind, why_not
 from cnnlab.config import Config
-from cnnlab.data import CLASSES, Data, load_data
+from cnnlab.data import Data, load_data
 from cnnlab.distributed import World, current_world, use_sync_batchnorm
 from cnnlab.errors import UserError, warn
 from cnnlab.modelinfo import flops_per_image
@@ -49,10 +49,10 @@ def check_model(model: nn.Module, cfg: Config, data: Data) -> None:
         ) from None
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.shape != (len(x), len(CLASSES)):
+    if not isinstance(out, torch.Tensor) or out.shape != (len(x), data.spec.num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(
-            f"model {cfg.model.name!r} must return logits of shape (batch, {len(CLASSES)}); "
+            f"model {cfg.model.name!r} must return logits of shape (batch, {data.spec.num_classes}); "
             f"for a batch of {len(x)} images it returned {got}"
         )
 
@@ -91,6 +91,7 @@ class Session:
             scheduler=self.scheduler.state_dict(),
             scaler=self.runtime.scaler.state_dict() if self.runtime.scaler is not None else None,
             state=state.state_dict(self.generators),
+            data=self.data.spec.to_dict(),
         )
 
     def restore(self, checkpoint: Checkpoint, state: TrainState, path: Path) -> None:
@@ -133,11 +134,11 @@ def prepare(cfg: Config) -> Session:
     runtime = make_runtime(world.device_name(cfg.train.device), cfg.train.precision, cfg.train.channels_last,
                            cfg.train.tf32)
     data = load_data(cfg.data, cfg.seed, runtime.device, channels_last=runtime.channels_last)
-    model = build_model(cfg, runtime.device, channels_last=runtime.channels_last)
+    model = build_model(cfg, runtime.device, spec=data.spec, channels_last=runtime.channels_last)
     check_model(model, cfg, data)
     if warming is not None:
         warming.join()
-    flops = flops_per_image(model)
+    flops = flops_per_image(model, data.spec.input_shape)
     model, sync_bn = use_sync_batchnorm(model, cfg.train.sync_bn, world, runtime.device)
     parallel = model
     if world.distributed:

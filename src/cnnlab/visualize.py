@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab.data import CLASSES, Data
+from cnnlab.data import Data
 from cnnlab.errors import UserError, warn
 from cnnlab.modelinfo import profile, short_repr
 from cnnlab.results import check_output_file
@@ -54,30 +54,30 @@ def resolve_layer(model: nn.Module, spec: str) -> tuple[str, nn.Module]:
         raise UserError(f"--layer {spec!r}: no such layer; top-level layers: {top} (see --list-layers)") from None
 
 
-def layer_rows(model: nn.Module) -> list[tuple[str, str, str]]:
-    """(index, name and layer, output shape) of every top-level layer, for --list-layers."""
-    rows, _ = profile(model)
+def layer_rows(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, str, str]]:
+    """(index, name and layer, output shape) of every top-level layer for one image of ``input_shape``, for --list-layers."""
+    rows, _ = profile(model, input_shape)
     return [(str(i), f"{row.name}: {row.layer}" if not row.name.isdigit() else row.layer,
              "x".join(map(str, row.output_shape))) for i, row in enumerate(rows)]
 
 
 def pick_image(data: Data, split: str, image: int | None, class_name: str | None) -> int:
-    labels = data.split(split).labels
+    labels, classes = data.split(split).labels, data.spec.classes
     if class_name is not None:
         def norm(text: str) -> str:
             return text.strip().lower().replace("-", " ").replace("_", " ")
 
         wanted = norm(class_name)
-        matches = [i for i, name in enumerate(CLASSES)
+        matches = [i for i, name in enumerate(classes)
                    if wanted in (norm(name), norm(name.split("/")[0]), str(i))]
         if not matches:
-            raise UserError(f"--class {class_name!r}: not a Fashion-MNIST class; choose one of {', '.join(CLASSES)}")
+            raise UserError(f"--class {class_name!r}: not a {data.spec.title} class; choose one of {', '.join(classes)}")
         positions = (labels == matches[0]).nonzero()
         if not len(positions):
             raise UserError(f"--class {class_name!r}: no such image in the {split} split")
         start = image or 0
         if start >= len(positions):
-            raise UserError(f"--image {start}: the {split} split has {len(positions)} images of class {CLASSES[matches[0]]}")
+            raise UserError(f"--image {start}: the {split} split has {len(positions)} images of class {classes[matches[0]]}")
         return int(positions[start])
     index = image or 0
     if not 0 <= index < len(labels):
@@ -126,7 +126,7 @@ def cam_layer(model: nn.Module, x: torch.Tensor) -> str:
     class-weighted channels sum below zero everywhere: for configs/lenet.yaml trained 20 epochs, on 90
     of the first 200 test images at its second AvgPool, 69 at the Sigmoid before it, 23 at the conv.
     """
-    rows, _ = profile(model)
+    rows, _ = profile(model, tuple(x.shape[1:]))
     pooling = nn.MaxPool2d.__module__  # torch.nn.modules.pooling, home of every torch pooling layer
     candidates = [str(i) for i, (row, (_, module)) in enumerate(zip(rows, model.named_children()))
                   if len(row.output_shape) == 3 and type(module).__module__ != pooling]
@@ -170,7 +170,7 @@ def visualize(
     trust_code: bool = False,
 ) -> Picture:
     """Draw ``mode`` (maps, filters or cam) for one image of ``split``; writes a PNG and describes it."""
-    from cnnlab.plots import plt, save_figure
+    from cnnlab.plots import picture, plt, save_figure
 
     if out is not None:
         check_output_file(Path(out), "--out")
@@ -189,7 +189,8 @@ def visualize(
     described = f"layer {layer}" + (f" ({name})" if name != layer else "") + f": {short_repr(module)}"
     logits, activation = capture(model, module, x)
     predicted = int(logits.argmax(1))
-    raw = (chosen.images[index, 0].float() / 255).numpy()
+    raw = picture(chosen.images[index].float() / 255)
+    classes = opened.spec.classes
 
     if mode == "filters":
         weight = getattr(module, "weight", None)
@@ -203,10 +204,10 @@ def visualize(
     elif mode == "cam":
         heat = grad_cam(model, module, x, predicted)
         tiles = []
-        title = f"Grad-CAM of '{CLASSES[predicted]}'\nat {described}"
+        title = f"Grad-CAM of '{classes[predicted]}'\nat {described}"
         if not heat.max() > 0:
             title += "\n(all zero: nothing here raises the class's score)"
-            warn(f"the Grad-CAM map of '{CLASSES[predicted]}' at layer {layer} is all zero: no part of that layer's "
+            warn(f"the Grad-CAM map of '{classes[predicted]}' at layer {layer} is all zero: no part of that layer's "
                  "output raises the class's score; try an earlier layer (--layer, see --list-layers)")
     else:
         if activation.dim() == 4:
@@ -220,7 +221,7 @@ def visualize(
     if out is None:
         out = Path(run_dir) / "visualize" / f"{mode}-layer{layer}-{split}{index}.png"
         check_output_file(out, "visualize output")
-    caption = f"{split} image {index}\ntrue: {CLASSES[truth]}\npredicted: {CLASSES[predicted]}"
+    caption = f"{split} image {index}\ntrue: {classes[truth]}\npredicted: {classes[predicted]}"
     if mode == "cam":
         fig = cam_figure(raw, heat, caption, title)
     else:
@@ -240,4 +241,4 @@ def visualize(
             axis.set_yticks([])
         fig.suptitle(title, fontsize=10)
     save_figure(fig, out, tight=False)
-    return Picture(out, len(tiles), layer, index, CLASSES[truth], CLASSES[predicted])
+    return Picture(out, len(tiles), layer, index, classes[truth], classes[predicted])

@@ -2,7 +2,9 @@
 
 A small explicit registry, after torchvision's ``models/_api.py``. Every builder has the same shape,
 ``builder(num_classes: int = 10, in_channels: int = 1, **options) -> nn.Module``, with type hints on
-its options: they are what configs are validated against before anything is built.
+its options: they are what configs are validated against before anything is built. ``num_classes``
+and ``in_channels`` come from the data (``build.py``), never from a config; so does a builder's
+``image_size`` option, unless the config sets it.
 """
 
 from __future__ import annotations
