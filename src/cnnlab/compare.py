@@ -198,6 +198,11 @@ def latest_trials_file(folder: Path) -> Path | None:
     return stamped[-1] if stamped else None
 
 
+def in_order(seeds: list[Any]) -> list[Any]:
+    """The seeds in increasing order, whichever run came first (as read, where one is not a whole number)."""
+    return sorted(seeds) if all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds) else seeds
+
+
 Stat = tuple[Optional[float], Optional[float]]  # (mean, std) over seeds; (None, None) where nothing was measured
 
 
@@ -233,7 +238,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {
             "name": labels[group],
             "params_swept": swept,
-            "seeds": [r["seed"] for r in done],
+            "seeds": in_order([r["seed"] for r in done]),
             "runs": len(members),
             "failed": len(members) - len(done),
             "unfinished": unfinished,  # status -> count: failed, interrupted, running, stale
