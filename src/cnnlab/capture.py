@@ -27,8 +27,8 @@ ordinary loop with one line saying why; a step that fails to capture (a model th
 back, say) runs eagerly from then on, with one line saying why. A compiled model (``train.compile``)
 is captured inside the step when asked for by name (``train.cuda_graphs: true``): its fused kernels
 in the whole-step graph; by default it keeps the ordinary step. The per-batch bookkeeping is the
-ordinary step's (steps.py); a run's session is known here only by what the steps use of it
-(``StepSession``), so that this module imports nothing above it.
+ordinary step's (steps.py); a run's session is known here by what the steps train with
+(``steps.Trainables``), so that this module imports nothing above it.
 
 One evaluation step: a slice of the split at a device-side offset, converted and normalised, the
 forward pass in eval mode, and the summed loss and correct counts; the per-epoch evaluation replays
@@ -42,41 +42,21 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from cnnlab.config import Config
-from cnnlab.data import Data
-from cnnlab.distributed import World
 from cnnlab.listeners import Listener
-from cnnlab.runtime import Runtime
 from cnnlab.state import EpochProgress
-from cnnlab.steps import Evaluation, add_eval_batch, add_train_batch, batch_done, totals, train_one_epoch
+from cnnlab.steps import Evaluation, Trainables, add_eval_batch, add_train_batch, batch_done, totals, train_one_epoch
 from cnnlab.stopping import StopSignals
 
 WARMUP_STEPS = 3  # eager steps before capture (CUDA's rule: allocations and cuDNN's choices settle first)
 
 Graph = Literal["cuda", "emulated"] | None  # how a static step runs: a CUDA graph, its emulation, or eagerly
-
-
-class StepSession(Protocol):
-    """What the static steps use of a run's session (``session.Session``)."""
-
-    cfg: Config
-    runtime: Runtime
-    data: Data
-    world: World
-    model: nn.Module
-    forward: nn.Module  # the model, or its compiled form
-    loss_fn: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    order: torch.Generator  # the data order (shuffling) generator
-    steps_per_epoch: int
 
 
 def graph_kind(wanted: bool | str, device: torch.device) -> Graph:
@@ -86,7 +66,7 @@ def graph_kind(wanted: bool | str, device: torch.device) -> Graph:
     return "cuda" if device.type == "cuda" else None
 
 
-def why_not(session: StepSession) -> str | None:
+def why_not(session: Trainables) -> str | None:
     """Why this run's step cannot be the static one (None: it can)."""
     cfg = session.cfg
     if cfg.optim.name != "sgd":
@@ -295,7 +275,7 @@ class Captured:
         self.graph = graph
 
 
-def _autocast(session: StepSession, graph: Graph) -> contextlib.AbstractContextManager:
+def _autocast(session: Trainables, graph: Graph) -> contextlib.AbstractContextManager:
     runtime = session.runtime
     if runtime.precision == "fp32":
         return contextlib.nullcontext()
@@ -311,7 +291,7 @@ def _autocast(session: StepSession, graph: Graph) -> contextlib.AbstractContextM
 class StaticStep:
     """The training step of ``session`` over static buffers, run as ``graph`` says."""
 
-    def __init__(self, session: StepSession, graph: Graph) -> None:
+    def __init__(self, session: Trainables, graph: Graph) -> None:
         self.session = session
         self.device = device = session.runtime.device
         cfg, data = session.cfg, session.data
@@ -457,7 +437,7 @@ class StaticEval:
     figures as ``steps.evaluate`` (full batches of ``train.eval_batch_size`` replayed, the last
     short one eagerly)."""
 
-    def __init__(self, session: StepSession, name: str, graph: Graph) -> None:
+    def __init__(self, session: Trainables, name: str, graph: Graph) -> None:
         self.session = session
         device = session.runtime.device
         split = session.data.split(name)

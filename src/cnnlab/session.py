@@ -9,7 +9,7 @@ as a checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +24,9 @@ from cnnlab.modelinfo import flops_per_image
 from cnnlab.models.build import build_model
 from cnnlab.optim import follow_config, make_optimizer, make_scheduler
 from cnnlab.results import Checkpoint
-from cnnlab.runtime import Runtime, make_runtime, resolve_device, resolve_threads, warm_imports
+from cnnlab.runtime import make_runtime, resolve_device, resolve_threads, warm_imports
 from cnnlab.state import TrainState
+from cnnlab.steps import Trainables
 
 
 def check_model(model: nn.Module, cfg: Config, data: Data) -> None:
@@ -57,23 +58,14 @@ def check_model(model: nn.Module, cfg: Config, data: Data) -> None:
         )
 
 
-@dataclass
-class Session:
-    """Everything one run trains with, built and checked before its folder exists."""
+@dataclass(kw_only=True)
+class Session(Trainables):
+    """Everything one run trains with (``Trainables``: config, runtime, data, model, loss, optimiser,
+    schedule, data order, torchrun group) and what it says of itself, built and checked before its folder
+    exists."""
 
-    cfg: Config
-    runtime: Runtime
-    data: Data
-    model: nn.Module
-    forward: nn.Module  # the model, or its compiled form
-    loss_fn: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    steps_per_epoch: int
-    order: torch.Generator  # the data order (shuffling) generator
     flops: int
     threads: int
-    world: World = field(default_factory=World)
     sync_bn: bool = False
     static_step: StaticStep | None = None  # when the step runs over static buffers (train.cuda_graphs)
     static_eval: StaticEval | None = None  # the per-epoch evaluation over static buffers, alongside it
@@ -151,8 +143,10 @@ def prepare(cfg: Config) -> Session:
     steps_per_epoch = data.num_batches("train", cfg.train.batch_size, shuffle=True, min_last=world.min_last_batch)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
     session = Session(
-        cfg, runtime, data, model, forward, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), optimizer,
-        scheduler, steps_per_epoch, torch.Generator().manual_seed(cfg.seed), flops, threads, world, sync_bn,
+        cfg=cfg, runtime=runtime, data=data, model=model, forward=forward,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), optimizer=optimizer, scheduler=scheduler,
+        steps_per_epoch=steps_per_epoch, order=torch.Generator().manual_seed(cfg.seed), world=world, flops=flops,
+        threads=threads, sync_bn=sync_bn,
     )
     choose_step(session)
     return session

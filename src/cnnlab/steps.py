@@ -13,16 +13,37 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from cnnlab.config import Config
+from cnnlab.data import Data
 from cnnlab.distributed import World
 from cnnlab.listeners import Listener
 from cnnlab.runtime import Runtime
 from cnnlab.state import EpochProgress
 from cnnlab.stopping import StopSignals
+
+
+@dataclass(kw_only=True)
+class Trainables:
+    """What a run's steps train with, built by ``session.prepare`` (whose ``Session`` adds the rest): the
+    ordinary step takes its parts as arguments, the static steps of capture.py take this whole."""
+
+    cfg: Config
+    runtime: Runtime
+    data: Data
+    model: nn.Module
+    forward: nn.Module  # the model, or its compiled form
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int
+    order: torch.Generator  # the data order (shuffling) generator
+    world: World = field(default_factory=World)
+
 
 # ---------------------------------------------------------------------------------------------
 # One batch's figures, shared by the ordinary and the static steps
