@@ -521,14 +521,14 @@ def summary(
     """Per-layer output shapes, parameters and FLOPs of a model, for one image of the config's data set."""
     with cli_errors(debug):
         from cnnlab.config import load_config
-        from cnnlab.data import described
+        from cnnlab.data import describe
         from cnnlab.modelinfo import count_params, profile
         from cnnlab.models.build import build_model
 
         is_file = Path(target).suffix in (".yaml", ".yml") or Path(target).is_file()
         cfg = load_config(target, set_, trust_code=trust_code or None) if is_file else \
             load_config(None, set_, start={"model.name": target})
-        spec = described(cfg.data.name)
+        spec = describe(cfg.data)
         model = build_model(cfg, spec=spec)
         rows, total_flops = profile(model, spec.input_shape)
         table = Table("#", "layer", "output shape", "params", "FLOPs", box=None, header_style="bold")

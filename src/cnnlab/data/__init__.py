@@ -6,9 +6,9 @@
 """
 
 from cnnlab.data.loader import Augment, Data, channel_stats, load_data, pixel_stats
-from cnnlab.data.registry import DATA_SETS, DEFAULT, data_set, described
+from cnnlab.data.registry import DATA_SETS, DEFAULT, data_set, describe, described
 from cnnlab.data.spec import DataSpec
 from cnnlab.data.splits import Split, stratified_split
 
-__all__ = ["DATA_SETS", "DEFAULT", "Augment", "Data", "DataSpec", "Split", "channel_stats", "data_set", "described",
+__all__ = ["DATA_SETS", "DEFAULT", "Augment", "Data", "DataSpec", "Split", "channel_stats", "data_set", "describe", "described",
            "load_data", "pixel_stats", "stratified_split"]

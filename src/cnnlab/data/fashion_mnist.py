@@ -190,7 +190,13 @@ def check(root: Path | None = None, download: bool = False, verify: bool = False
                 raise UserError(f"{path}: checksum differs from Fashion-MNIST's; replace the file")
 
 
-SPEC = DataSpec(name="fashion-mnist", title="Fashion-MNIST", classes=CLASSES, channels=1, image_size=(IMAGE_SIZE, IMAGE_SIZE))
+NAME = "fashion-mnist"
+SPEC = DataSpec(name=NAME, title="Fashion-MNIST", classes=CLASSES, channels=1, image_size=(IMAGE_SIZE, IMAGE_SIZE))
+
+
+def describe(cfg) -> DataSpec:
+    """What Fashion-MNIST is, whatever the config: ``SPEC``."""
+    return SPEC
 
 
 def read_splits(cfg) -> tuple[Path, Split, Split]:

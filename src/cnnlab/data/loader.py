@@ -184,11 +184,12 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False) -> Data:
     """Read, validate and split the data set described by a ``DataConfig``, onto ``device``."""
     source = data_set(getattr(cfg, "name", DEFAULT))
+    described = source.describe(cfg)
     root, train, test = source.read_splits(cfg)
     for split in (train, test):
-        if tuple(split.images.shape[1:]) != source.SPEC.input_shape:
-            raise UserError(f"{root}: images of {'x'.join(map(str, split.images.shape[1:]))}, but {source.SPEC.title}'s are "
-                            f"{source.SPEC.shape_text} (channels x height x width)")
+        if tuple(split.images.shape[1:]) != described.input_shape:
+            raise UserError(f"{root}: images of {'x'.join(map(str, split.images.shape[1:]))}, but {described.title}'s are "
+                            f"{described.shape_text} (channels x height x width)")
     if cfg.val_size >= len(train):
         raise UserError(
             f"data.val_size: {cfg.val_size:,} leaves no training images (the training set has {len(train):,}); "
@@ -199,7 +200,7 @@ def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False)
         train_idx, val_idx = stratified_split(train.labels, cfg.val_size, seed)
         train, val = Split(train.images[train_idx], train.labels[train_idx]), Split(train.images[val_idx], train.labels[val_idx])
     mean, std = channel_stats(train.images)
-    spec = DataSpec(**{**source.SPEC.model_dump(), "mean": mean, "std": std, "source": str(root)})
+    spec = DataSpec(**{**described.model_dump(), "mean": mean, "std": std, "source": str(root)})
     augment = Augment(cfg.augment.crop_padding, cfg.augment.flip, cfg.augment.erasing)
     return Data(
         train=train.to(device),

@@ -1,22 +1,28 @@
-"""Usage: ``source = data_set("fashion-mnist")``; ``described("fashion-mnist").classes``.
+"""Usage: ``source = data_set("fashion-mnist")``; ``describe(cfg.data).classes``; ``described("fashion-mnist")``.
 
-The data sets cnnlab knows, by the name ``data.name`` gives them. Each is one module with two names:
-``SPEC``, a ``DataSpec`` of what the data set is (classes, channels, image size; no statistics), and
-``read_splits(cfg) -> (folder, train Split, test Split)``, which finds, reads and validates its files
-for a ``DataConfig``, and ``check(root, download, verify)``, the lines ``cnnlab data`` prints (its
-files found and checked). Adding a data set is adding its module here.
+The data sets cnnlab knows, by the name ``data.name`` gives them. Each is one module with:
+- ``NAME``, the name configs give it;
+- ``describe(cfg) -> DataSpec``: what the configured data is (classes, channels, image size; no pixel
+  statistics), from its files' names and headers at most, never decoding the images;
+- ``read_splits(cfg) -> (folder, train Split, test Split)``, which finds, reads and validates its files
+  for a ``DataConfig``;
+- ``check(root, download, verify)``, the lines ``cnnlab data`` prints (its files found and checked);
+- and, for a data set whose description is fixed whatever the files (Fashion-MNIST's classes are), ``SPEC``:
+  ``described(name)`` gives it without any config, for runs of older cnnlab versions that recorded none.
+Adding a data set is adding its module here.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
 from cnnlab.data import fashion_mnist
 from cnnlab.data.spec import DataSpec
 from cnnlab.errors import UserError
 
 DEFAULT = "fashion-mnist"
-DATA_SETS: dict[str, ModuleType] = {module.SPEC.name: module for module in (fashion_mnist,)}
+DATA_SETS: dict[str, ModuleType] = {module.NAME: module for module in (fashion_mnist,)}
 
 
 def data_set(name: str) -> ModuleType:
@@ -26,6 +32,15 @@ def data_set(name: str) -> ModuleType:
     return DATA_SETS[name]
 
 
+def describe(cfg: Any) -> DataSpec:
+    """What the data a ``DataConfig`` names is (no pixel statistics, no source), without decoding any image."""
+    return data_set(getattr(cfg, "name", DEFAULT)).describe(cfg)
+
+
 def described(name: str = DEFAULT) -> DataSpec:
-    """What the data set called ``name`` is, without reading any file (no pixel statistics, no source)."""
-    return data_set(name).SPEC
+    """The fixed description of the data set called ``name``, without a config or any file: for data sets
+    that have one (``SPEC``); one whose classes come from its files needs ``describe(cfg)``."""
+    spec = getattr(data_set(name), "SPEC", None)
+    if spec is None:
+        raise UserError(f"data.name: {name}'s classes and image size come from its files; give a config that names them")
+    return spec

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cnnlab.config import Config
-from cnnlab.data import DataSpec, described
+from cnnlab.data import DataSpec, describe
 from cnnlab.models.registry import ModelArgumentError, get_entry, get_model
 
 
@@ -22,7 +22,7 @@ def build_model(cfg: Config, device: torch.device | None = None, *, spec: DataSp
                 channels_last: bool = False) -> nn.Module:
     """The configured model for the data ``spec`` describes, with the configured initial weights (seeded by
     ``cfg.seed``), on ``device`` (and in the NHWC layout with ``channels_last``) when given."""
-    arguments = model_arguments(cfg.model.name, cfg.model.kwargs, spec or described(cfg.data.name))
+    arguments = model_arguments(cfg.model.name, cfg.model.kwargs, spec or describe(cfg.data))
     torch.manual_seed(cfg.seed)
     model = get_model(cfg.model.name, **arguments)
     init_weights(model, cfg.init)
