@@ -147,7 +147,8 @@ def tiny_colour_splits(cfg) -> tuple[Path, Split, Split]:
 
 
 def test_another_data_set_is_one_module_and_a_config_value(tmp_path, monkeypatch):
-    monkeypatch.setitem(DATA_SETS, COLOUR.name, SimpleNamespace(SPEC=COLOUR, read_splits=tiny_colour_splits))
+    monkeypatch.setitem(DATA_SETS, COLOUR.name, SimpleNamespace(NAME=COLOUR.name, SPEC=COLOUR, describe=lambda cfg: COLOUR,
+                                                          read_splits=tiny_colour_splits))
     cfg = load_config(None, [f"data.name={COLOUR.name}", "data.val_size=50", "train.epochs=1", "train.batch_size=32",
                              "train.device=cpu", "model.activation=relu", "optim.lr=0.05", f"output.dir={tmp_path}"])
     summary = fit(cfg, quiet=True)
