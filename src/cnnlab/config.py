@@ -48,6 +48,8 @@ class DataConfig(Section):
     # subtract the training split's pixel mean, divide by its std (per channel); false = the report's raw [0, 1] pixels
     normalize: bool = True
     check_counts: bool = True  # require the data set's own image counts; turn off for other files in its format
+    # which labels, for a data set with two kinds (cifar100: 100 fine classes, or 20 coarse superclasses); others have fine only
+    labels: Literal["fine", "coarse"] = "fine"
     augment: AugmentConfig = AugmentConfig()
 
     @field_validator("name")
