@@ -49,7 +49,7 @@ LAYOUT = "the layout is DIR/train/<class>/<pictures>, with optional DIR/val/<cla
 
 @dataclass(frozen=True)
 class Picture:
-    path: Path
+    path: str
     name: str  # relative to the data folder, with / separators: train/cat/001.png
     label: int
     size: int
@@ -79,40 +79,47 @@ class Decoded:
 # The folder's files
 
 
-def entries(folder: Path) -> Iterator[tuple[Path, os.stat_result]]:
-    """(path, stat) of each non-hidden entry of ``folder``, sorted by name, symlinks followed; a link
-    that loops or leads nowhere is a ``UserError`` naming it."""
+def entries(folder: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(path, name, stat) of each non-hidden entry of ``folder``, sorted by name, symlinks followed; a
+    link that loops or leads nowhere is a ``UserError`` naming it. (Plain strings: a folder may hold
+    hundreds of thousands of pictures, and pathlib costs more than the stat.)"""
     with os.scandir(folder) as found:
-        names = sorted(entry.name for entry in found if not entry.name.startswith("."))
-    for name in names:
-        path = folder / name
+        listed = sorted((entry for entry in found if not entry.name.startswith(".")), key=lambda entry: entry.name)
+    for entry in listed:
+        path, name = entry.path, entry.name
         try:
-            yield path, path.stat()
+            yield path, name, entry.stat()
         except OSError as err:
             what = "a symlink loop (the link leads back to itself)" if err.errno == errno.ELOOP else \
                 f"cannot be read ({err.strerror or err})"
-            raise UserError(f"{printable(str(path))}: {what}; remove or fix it") from None
+            raise UserError(f"{printable(path)}: {what}; remove or fix it") from None
 
 
-def pictures_in(folder: Path, ancestors: tuple[tuple[int, int], ...]) -> Iterator[tuple[Path, os.stat_result]]:
-    """Every picture file under ``folder``, sub-folders included, in name order. ``ancestors`` are the
-    (device, inode) of the folders above: a sub-folder that is one of them is a symlink loop."""
-    for path, info in entries(folder):
+def is_picture(name: str) -> bool:
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in pictures.extensions()
+
+
+def pictures_in(folder: str, relative: str, ancestors: tuple[tuple[int, int], ...]) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(path, path below the data folder, stat) of every picture under ``folder`` (whose path below the
+    data folder is ``relative``), sub-folders included, in name order. ``ancestors`` are the (device,
+    inode) of the folders above: a sub-folder that is one of them is a symlink loop."""
+    for path, name, info in entries(folder):
         if stat.S_ISDIR(info.st_mode):
             if (info.st_dev, info.st_ino) in ancestors:
-                raise UserError(f"{printable(str(path))}: a symlink loop (it leads back to a folder above it); remove the link")
-            yield from pictures_in(path, (*ancestors, (info.st_dev, info.st_ino)))
-        elif stat.S_ISREG(info.st_mode) and path.suffix.lower() in pictures.extensions():
-            yield path, info
+                raise UserError(f"{printable(path)}: a symlink loop (it leads back to a folder above it); remove the link")
+            yield from pictures_in(path, f"{relative}/{name}", (*ancestors, (info.st_dev, info.st_ino)))
+        elif stat.S_ISREG(info.st_mode) and is_picture(name):
+            yield path, f"{relative}/{name}", info
 
 
 def class_folders(split_dir: Path) -> list[Path]:
     """The class folders of a split folder; a picture beside them (in no class) is a ``UserError``."""
     folders = []
-    for path, info in entries(split_dir):
+    for path, name, info in entries(str(split_dir)):
         if stat.S_ISDIR(info.st_mode):
-            folders.append(path)
-        elif path.suffix.lower() in pictures.extensions():
+            folders.append(Path(path))
+        elif is_picture(name):
             raise UserError(f"{printable(str(path))}: a picture outside any class folder; move it into "
                             f"{split_dir.name}/<class>/ ({LAYOUT})")
     return folders
@@ -152,9 +159,9 @@ def split_pictures(root: Path, split: str, classes: tuple[str, ...]) -> list[Pic
                             f"{printable(', '.join(classes))}); rename or remove the folder")
         before = len(found)
         above = tuple((info.st_dev, info.st_ino) for info in (root.stat(), (root / split).stat(), folder.stat()))
-        for path, info in pictures_in(folder, above):
-            name = path.relative_to(root).as_posix()
-            found.append(Picture(path, name, classes.index(folder.name), info.st_size, info.st_mtime_ns))
+        label = classes.index(folder.name)
+        for path, name, info in pictures_in(str(folder), f"{split}/{folder.name}", above):
+            found.append(Picture(path, name, label, info.st_size, info.st_mtime_ns))
         if len(found) == before:
             raise UserError(f"{printable(str(folder))}: an empty class folder (no pictures: files ending in .png, .jpg, "
                             ".webp, .tif... that Pillow reads); add pictures or remove the folder")
@@ -210,8 +217,11 @@ def first_problem(problems: dict[str, str]) -> str:
 
 def cache_key(layout: Layout, size_asked: tuple[int, int] | None, channels_asked: int | None) -> str:
     """What the decoded pixels depend on: each file's name, size and modification time, and the settings."""
-    files = {split: [[p.name, p.size, p.mtime_ns] for p in found] for split, found in layout.splits.items()}
-    return cache.content_key({"version": CACHE_VERSION, "classes": layout.classes, "files": files,
+    files = hashlib.sha256()
+    for split, found in layout.splits.items():
+        files.update("".join(f"{p.name}\0{p.size}\0{p.mtime_ns}\n" for p in found).encode("utf-8", "surrogateescape"))
+        files.update(f"-- end of {split}\n".encode())
+    return cache.content_key({"version": CACHE_VERSION, "classes": layout.classes, "files": files.hexdigest(),
                               "image_size": size_asked, "channels": channels_asked})
 
 
@@ -341,7 +351,7 @@ def held_out_test(cfg, train: Split, names: list[str]) -> tuple[Split, Split]:
     if not 1 <= count < len(train):
         raise UserError(f"data.test_size: {cfg.test_size} of train/'s {len(train):,} pictures is {count:,}; the test split "
                         f"needs at least one and must leave some to train on (or make a test/ folder)")
-    seed = int.from_bytes(hashlib.sha256("\n".join(names).encode()).digest()[:8], "big") % 2**63
+    seed = int.from_bytes(hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).digest()[:8], "big") % 2**63
     keep, test = stratified_split(train.labels, count, seed)
     return Split(train.images[keep], train.labels[keep]), Split(train.images[test], train.labels[test])
 

@@ -15,6 +15,7 @@ decode side by side.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,13 +33,14 @@ ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 ORIENTATION = 0x0112
 
 
+@functools.cache
 def extensions() -> frozenset[str]:
     """The file endings Pillow can read (``.png``, ``.jpg``, ``.tif``, ``.webp``...), lower case."""
     Image.init()
     return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
-def open_checked(path: Path) -> Image.Image:
+def open_checked(path: str | Path) -> Image.Image:
     """The picture at ``path``, opened (header read, pixels not yet): a decompression bomb raises here.
     (Pillow only warns below twice its limit: ``each_file`` makes that warning an error too.)"""
     image = Image.open(path)
@@ -59,7 +61,7 @@ def is_grey(image: Image.Image) -> bool:
     return False
 
 
-def probe(path: Path) -> tuple[int, int, bool]:
+def probe(path: str | Path) -> tuple[int, int, bool]:
     """(height, width, grey) of the picture at ``path`` as it will be shown (EXIF rotation applied), from its header."""
     with open_checked(path) as image:
         width, height = image.size
@@ -85,7 +87,7 @@ def eight_bit(image: Image.Image, channels: int) -> Image.Image:
     return image.convert(target)
 
 
-def decode_into(path: Path, out: np.ndarray, size: tuple[int, int], channels: int) -> None:
+def decode_into(path: str | Path, out: np.ndarray, size: tuple[int, int], channels: int) -> None:
     """Decode the picture at ``path`` into ``out`` (uint8 [channels, height, width]), converted and resized."""
     with open_checked(path) as opened:
         opened.load()  # a truncated or corrupt file fails here
