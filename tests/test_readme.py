@@ -79,6 +79,12 @@ def pictures(root: Path) -> None:
     for name in ("shoe.jpg", "my-shoe.jpg"):
         image.save(root / name)
     image.convert("L").save(root / "photo.png")
+    for label, colour in enumerate(("red", "green", "blue")):  # my-pictures/: the README's folder of your own data
+        (root / "my-pictures" / "train" / colour).mkdir(parents=True)
+        for i in range(50):
+            shade = Image.new("RGB", (16, 16), colour)
+            shade.putpixel((i % 16, label), (i, i, i))
+            shade.save(root / "my-pictures" / "train" / colour / f"{i}.png")
 
 
 def newest_run(root: Path, status: str) -> Path:
@@ -136,7 +142,7 @@ def test_the_readme_commands_run_as_written(tmp_path, monkeypatch):
     pictures(root)
     env = {**os.environ, "CNNLAB_DATA": str(write_dataset(tmp_path / "data", n_train=600, n_test=200)),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", "CNNLAB_CACHE": str(tmp_path / "cache")}
     real_data = Path("/usr/share/datasets/fashion-mnist")
 
     commands = readme_commands()

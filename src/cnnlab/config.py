@@ -50,7 +50,18 @@ class DataConfig(Section):
     check_counts: bool = True  # require the data set's own image counts; turn off for other files in its format
     # which labels, for a data set with two kinds (cifar100: 100 fine classes, or 20 coarse superclasses); others have fine only
     labels: Literal["fine", "coarse"] = "fine"
+    # data.name: folder without a test/ folder: images held out for testing, stratified and fixed by the file list
+    # (never by seed): a fraction below 1 (0.1 = a tenth) or a count (1000)
+    test_size: int | float = Field(0.1, gt=0)
+    skip_bad: bool = False  # data.name: folder: skip images that cannot be decoded (counted in summary.json), not exit 2
     augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("test_size")
+    @classmethod
+    def _fraction_or_count(cls, size: int | float) -> int | float:
+        if isinstance(size, float) and size >= 1:
+            raise ValueError("a fraction is below 1 (0.1 = a tenth of the images); a count is a whole number (1000)")
+        return size
 
     @field_validator("name")
     @classmethod

@@ -61,6 +61,8 @@ def describe_run(session: Session, run: RunDir) -> RunSummary:
         pixel_mean=data.mean,
         pixel_std=data.std,
         data=data.spec,
+        skipped_images=len(data.skipped) or None,
+        skipped_examples=list(data.skipped[:5]) or None,
         device=str(runtime.device),
         device_name=runtime.device_name,
         precision=runtime.precision,

@@ -302,6 +302,8 @@ class RunSummary(BaseModel):
     test_size: int | None = None
     pixel_mean: float | None = None  # of the training split: with the sizes, tells whether resumed data is the same
     pixel_std: float | None = None
+    skipped_images: int | None = None  # pictures passed over as undecodable (data.skip_bad: true); None: none
+    skipped_examples: list[str] | None = None  # the first few of them, "file: problem"
     data: DataSpec | None = None  # what the data set is (classes, channels, size, mean/std); None: Fashion-MNIST (older runs)
     device: str | None = None
     device_name: str | None = None

@@ -78,6 +78,7 @@ class Data:
     augment: Augment | None = None
     channels_last: bool = False
     augment_generator: torch.Generator | None = None
+    skipped: tuple[str, ...] = ()  # pictures the data set passed over as undecodable (data.skip_bad), "file: problem"
 
     def __post_init__(self) -> None:
         # One channel: plain numbers, subtracted as they always were. Several: (1, C, 1, 1) tensors made
@@ -185,18 +186,21 @@ def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False)
     """Read, validate and split the data set described by a ``DataConfig``, onto ``device``."""
     source = data_set(getattr(cfg, "name", DEFAULT))
     described = source.describe(cfg)
-    root, train, test = source.read_splits(cfg)
-    for split in (train, test):
+    # A data set whose files hold a validation split (a folder's val/) gives it as a fourth.
+    root, train, test, *given_val = source.read_splits(cfg)
+    for split in (train, test, *given_val):
         if tuple(split.images.shape[1:]) != described.input_shape:
             raise UserError(f"{root}: images of {'x'.join(map(str, split.images.shape[1:]))}, but {described.title}'s are "
                             f"{described.shape_text} (channels x height x width)")
-    if cfg.val_size >= len(train):
+    if cfg.val_size >= len(train) and not given_val:
         raise UserError(
             f"data.val_size: {cfg.val_size:,} leaves no training images (the training set has {len(train):,}); "
             f"choose a value below {len(train):,}, e.g. 5000, or 0 to evaluate on the test set"
         )
-    val = None
-    if cfg.val_size:
+    val, skipped = None, train.skipped
+    if cfg.val_size and given_val:
+        val = given_val[0]
+    elif cfg.val_size:
         train_idx, val_idx = stratified_split(train.labels, cfg.val_size, seed)
         train, val = Split(train.images[train_idx], train.labels[train_idx]), Split(train.images[val_idx], train.labels[val_idx])
     mean, std = channel_stats(train.images)
@@ -211,4 +215,5 @@ def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False)
         augment=augment if augment.active else None,
         channels_last=channels_last,
         augment_generator=torch.Generator(device=device).manual_seed((seed + 1) % 2**63) if augment.active else None,
+        skipped=skipped,
     )

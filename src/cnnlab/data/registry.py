@@ -5,7 +5,8 @@ The data sets cnnlab knows, by the name ``data.name`` gives them. Each is one mo
 - ``describe(cfg) -> DataSpec``: what the configured data is (classes, channels, image size; no pixel
   statistics), from its files' names and headers at most, never decoding the images;
 - ``read_splits(cfg) -> (folder, train Split, test Split)``, which finds, reads and validates its files
-  for a ``DataConfig``;
+  for a ``DataConfig``; a data set whose files hold a validation split adds it as a fourth (``data.val_size``
+  then draws none from the training split);
 - ``check(root, download, verify)``, the lines ``cnnlab data`` prints (its files found and checked);
 - and, for a data set whose description is fixed whatever the files (Fashion-MNIST's classes are), ``SPEC``:
   ``described(name)`` gives it without any config, for runs of older cnnlab versions that recorded none.
@@ -17,12 +18,12 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from cnnlab.data import cifar10, cifar100, fashion_mnist
+from cnnlab.data import cifar10, cifar100, fashion_mnist, folder
 from cnnlab.data.spec import DataSpec
 from cnnlab.errors import UserError
 
 DEFAULT = "fashion-mnist"
-DATA_SETS: dict[str, ModuleType] = {module.NAME: module for module in (fashion_mnist, cifar10, cifar100)}
+DATA_SETS: dict[str, ModuleType] = {module.NAME: module for module in (fashion_mnist, cifar10, cifar100, folder)}
 
 
 def data_set(name: str) -> ModuleType:

@@ -15,6 +15,7 @@ import torch
 class Split:
     images: torch.Tensor  # uint8 [N, channels, height, width]
     labels: torch.Tensor  # int64 [N]
+    skipped: tuple[str, ...] = ()  # pictures passed over as undecodable (data.skip_bad), "file: problem" each
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -1,0 +1,381 @@
+"""Usage: ``data.name: folder`` and ``data.root: DIR`` in a config: your own pictures, one folder per class.
+
+The layout (torchvision's ImageFolder): ``DIR/train/<class>/<pictures>``, and optionally
+``DIR/val/<class>/...`` and ``DIR/test/<class>/...``; pictures may sit in sub-folders of a class
+folder. Class names are train/'s sub-folder names, sorted (label = position). Any file whose ending
+Pillow reads is a picture (``pictures.extensions()``); other files and hidden ones (``.DS_Store``)
+are passed over. Without test/, ``data.test_size`` of train/'s pictures are held out as the test
+split, stratified and fixed by the file list (never by the run's seed: runs with different seeds are
+tested on the same pictures). With val/, it is the validation split and ``data.val_size`` draws none
+from train/ (0 still means no validation split).
+
+Every picture is made one size and one channel count: ``data.image_size`` and ``data.channels``
+when the config has them, else the most common size in train/, and grey when every train/ picture
+is grey, RGB otherwise. The decoded pixels are cached (``cache.py``) under a key made of the file
+list, sizes, modification times and these settings: the second load reads the cache. One line on
+stderr says which happened. Bad data is a ``UserError`` naming the file, before anything is written;
+``data.skip_bad: true`` passes over pictures that cannot be decoded, and the run records them.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnlab.data import cache, pictures
+from cnnlab.data.spec import DataSpec
+from cnnlab.data.splits import Split, stratified_split
+from cnnlab.errors import UserError
+from cnnlab.safetext import printable
+
+NAME = "folder"
+SPLITS = ("train", "val", "test")
+CACHE_VERSION = 1  # bump when what a cache file holds, or how pictures are decoded, changes
+ARRAYS = ("images", "labels", "splits", "meta")
+LAYOUT = "the layout is DIR/train/<class>/<pictures>, with optional DIR/val/<class>/ and DIR/test/<class>/"
+
+
+@dataclass(frozen=True)
+class Picture:
+    path: str
+    name: str  # relative to the data folder, with / separators: train/cat/001.png
+    label: int
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a data folder holds, from its file names alone."""
+
+    root: Path
+    classes: tuple[str, ...]
+    splits: dict[str, list[Picture]]  # train, and val and test when their folders exist
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A folder's pictures as pixels: every split's, in ``Layout`` order, less any skipped."""
+
+    images: np.ndarray  # uint8 [N, channels, height, width]
+    labels: np.ndarray  # int64 [N]
+    splits: np.ndarray  # uint8 [N]: the position in SPLITS of each picture's split
+    skipped: tuple[str, ...]  # "train/cat/7.png: cannot be decoded (...)", for each picture passed over
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder's files
+
+
+def entries(folder: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(path, name, stat) of each non-hidden entry of ``folder``, sorted by name, symlinks followed; a
+    link that loops or leads nowhere is a ``UserError`` naming it. (Plain strings: a folder may hold
+    hundreds of thousands of pictures, and pathlib costs more than the stat.)"""
+    with os.scandir(folder) as found:
+        listed = sorted((entry for entry in found if not entry.name.startswith(".")), key=lambda entry: entry.name)
+    for entry in listed:
+        path, name = entry.path, entry.name
+        try:
+            yield path, name, entry.stat()
+        except OSError as err:
+            what = "a symlink loop (the link leads back to itself)" if err.errno == errno.ELOOP else \
+                f"cannot be read ({err.strerror or err})"
+            raise UserError(f"{printable(path)}: {what}; remove or fix it") from None
+
+
+def is_picture(name: str) -> bool:
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in pictures.extensions()
+
+
+def pictures_in(folder: str, relative: str, ancestors: tuple[tuple[int, int], ...]) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(path, path below the data folder, stat) of every picture under ``folder`` (whose path below the
+    data folder is ``relative``), sub-folders included, in name order. ``ancestors`` are the (device,
+    inode) of the folders above: a sub-folder that is one of them is a symlink loop."""
+    for path, name, info in entries(folder):
+        if stat.S_ISDIR(info.st_mode):
+            if (info.st_dev, info.st_ino) in ancestors:
+                raise UserError(f"{printable(path)}: a symlink loop (it leads back to a folder above it); remove the link")
+            yield from pictures_in(path, f"{relative}/{name}", (*ancestors, (info.st_dev, info.st_ino)))
+        elif stat.S_ISREG(info.st_mode) and is_picture(name):
+            yield path, f"{relative}/{name}", info
+
+
+def class_folders(split_dir: Path) -> list[Path]:
+    """The class folders of a split folder; a picture beside them (in no class) is a ``UserError``."""
+    folders = []
+    for path, name, info in entries(str(split_dir)):
+        if stat.S_ISDIR(info.st_mode):
+            folders.append(Path(path))
+        elif is_picture(name):
+            raise UserError(f"{printable(str(path))}: a picture outside any class folder; move it into "
+                            f"{split_dir.name}/<class>/ ({LAYOUT})")
+    return folders
+
+
+def scan(root: Path | None) -> Layout:
+    """The pictures of the data folder ``root`` and their classes; a layout that cannot be trained on is a ``UserError``."""
+    if root is None:
+        raise UserError(f"data.root: data.name: folder needs the folder of your pictures ({LAYOUT})")
+    root = Path(root).expanduser()
+    where = printable(str(root))
+    if not (root / "train").is_dir():
+        state = "does not exist" if not root.exists() else "has no train/ folder"
+        raise UserError(f"data.root: {where} {state}; {LAYOUT}")
+    folders = class_folders(root / "train")
+    if not folders:
+        raise UserError(f"{where}/train: no class folders, so no pictures; {LAYOUT}")
+    classes = tuple(folder.name for folder in folders)
+    if len(classes) == 1:
+        raise UserError(f"{where}/train: only one class ({printable(classes[0])}); a classifier needs two or more class folders")
+    splits = {}
+    for split in SPLITS:
+        if split == "train" or (root / split).is_dir():
+            splits[split] = split_pictures(root, split, classes)
+    return Layout(root=root, classes=classes, splits=splits)
+
+
+def split_pictures(root: Path, split: str, classes: tuple[str, ...]) -> list[Picture]:
+    """The pictures of one split folder, labelled by ``classes`` (train/'s)."""
+    found = []
+    folders = class_folders(root / split)
+    if not folders:
+        raise UserError(f"{printable(str(root / split))}: no class folders, so no pictures; {LAYOUT}")
+    for folder in folders:
+        if folder.name not in classes:
+            raise UserError(f"{printable(str(folder))}: class {printable(folder.name)!r} is not in train/ (whose classes are "
+                            f"{printable(', '.join(classes))}); rename or remove the folder")
+        before = len(found)
+        above = tuple((info.st_dev, info.st_ino) for info in (root.stat(), (root / split).stat(), folder.stat()))
+        label = classes.index(folder.name)
+        for path, name, info in pictures_in(str(folder), f"{split}/{folder.name}", above):
+            found.append(Picture(path, name, label, info.st_size, info.st_mtime_ns))
+        if len(found) == before:
+            raise UserError(f"{printable(str(folder))}: an empty class folder (no pictures: files ending in .png, .jpg, "
+                            ".webp, .tif... that Pillow reads); add pictures or remove the folder")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# What the pictures become: one size, one channel count
+
+
+def asked_size(cfg) -> tuple[int, int] | None:
+    """``data.image_size`` as (height, width), when the config has it and sets it."""
+    size = getattr(cfg, "image_size", None)
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def asked_channels(cfg) -> int | None:
+    """``data.channels`` when the config has it and sets it (1 or 3); None for auto."""
+    channels = getattr(cfg, "channels", None)
+    return None if channels in (None, "auto") else int(channels)
+
+
+def settings(cfg, layout: Layout, problems: dict[str, str]) -> tuple[tuple[int, int], int]:
+    """(height and width, channels) the pictures become: as asked, else from train/'s pictures' headers
+    (the most common size; grey when all are grey). Pictures whose header cannot be read go in ``problems``."""
+    size, channels = asked_size(cfg), asked_channels(cfg)
+    if size is not None and channels is not None:
+        return size, channels
+    train = layout.splits["train"]
+    headers = pictures.each_file(pictures.probe, [picture.path for picture in train])
+    sizes, grey = Counter(), True
+    for picture, header in zip(train, headers):
+        if isinstance(header, str):
+            problems[picture.name] = header
+        else:
+            sizes[header[:2]] += 1
+            grey = grey and header[2]
+    if not sizes:
+        raise UserError(f"{printable(str(layout.root))}/train: none of its pictures can be read ({first_problem(problems)})")
+    return size or sizes.most_common(1)[0][0], channels or (1 if grey else 3)
+
+
+def first_problem(problems: dict[str, str]) -> str:
+    name, problem = next(iter(problems.items()))
+    return f"{printable(name)}: {problem}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding, once
+
+
+def cache_key(layout: Layout, size_asked: tuple[int, int] | None, channels_asked: int | None) -> str:
+    """What the decoded pixels depend on: each file's name, size and modification time, and the settings."""
+    files = hashlib.sha256()
+    for split, found in layout.splits.items():
+        files.update("".join(f"{p.name}\0{p.size}\0{p.mtime_ns}\n" for p in found).encode("utf-8", "surrogateescape"))
+        files.update(f"-- end of {split}\n".encode())
+    return cache.content_key({"version": CACHE_VERSION, "classes": layout.classes, "files": files.hexdigest(),
+                              "image_size": size_asked, "channels": channels_asked})
+
+
+def decode(cfg, layout: Layout) -> tuple[Decoded, tuple[int, int], int]:
+    """Every picture of ``layout`` decoded (in parallel) to one size and channel count: (the pixels, size, channels).
+    A picture that cannot be decoded is a ``UserError`` naming it, unless ``data.skip_bad``."""
+    problems: dict[str, str] = {}
+    size, channels = settings(cfg, layout, problems)
+    every = [(SPLITS.index(split), picture) for split, found in layout.splits.items() for picture in found]
+    images = np.zeros((len(every), channels, *size), dtype=np.uint8)
+    outcomes = pictures.each_file(lambda i: pictures.decode_into(every[i][1].path, images[i], size, channels),
+                                  range(len(every)))
+    for (_, picture), outcome in zip(every, outcomes):
+        if isinstance(outcome, str):
+            problems.setdefault(picture.name, outcome)
+    if problems and not getattr(cfg, "skip_bad", False):
+        raise UserError(f"{printable(str(layout.root))}/{first_problem(problems)}; remove or replace it, or set "
+                        "data.skip_bad: true to train without the pictures that cannot be decoded")
+    keep = np.array([picture.name not in problems for _, picture in every], dtype=bool)
+    decoded = Decoded(images=images[keep],
+                      labels=np.array([picture.label for _, picture in every], dtype=np.int64)[keep],
+                      splits=np.array([split for split, _ in every], dtype=np.uint8)[keep],
+                      skipped=tuple(f"{name}: {problem}" for name, problem in problems.items()))
+    return decoded, size, channels
+
+
+def meta_array(layout: Layout, size: tuple[int, int], channels: int, skipped: tuple[str, ...]) -> np.ndarray:
+    meta = {"classes": list(layout.classes), "image_size": list(size), "channels": channels, "skipped": list(skipped)}
+    return np.array(json.dumps(meta))
+
+
+def read_meta(value: np.ndarray, images: np.ndarray | None = None) -> tuple[tuple[int, int], int, tuple[str, ...]]:
+    """(size, channels, skipped) from a cache file's meta array, checked against its pixels when given."""
+    meta = json.loads(str(value[()]))
+    size, channels = tuple(meta["image_size"]), meta["channels"]
+    skipped = tuple(meta["skipped"])
+    if not (len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size) and channels in (1, 3)
+            and all(isinstance(s, str) for s in skipped)):
+        raise ValueError(f"its description is not valid: {meta}")
+    if images is not None and images.shape[1:] != (channels, *size):
+        raise ValueError(f"its pixels are {images.shape[1:]}, its description says {(channels, *size)}")
+    return size, channels, skipped
+
+
+def cached(layout: Layout, key: str, only_meta: bool = False) -> dict[str, np.ndarray] | None:
+    """The cache file's arrays for ``key`` when it holds a whole, consistent copy; None when there is none
+    or it is corrupt (which is said, and it is rebuilt)."""
+    path = cache.cache_file(NAME, key)
+    try:
+        arrays = cache.read(path, ARRAYS, only=("meta",) if only_meta else None)
+        if arrays is None:
+            return None
+        read_meta(arrays["meta"], None if only_meta else arrays["images"])
+        if not only_meta:
+            labels, splits, images = arrays["labels"], arrays["splits"], arrays["images"]
+            if not (images.dtype == np.uint8 and images.ndim == 4 and labels.dtype == np.int64 and splits.dtype == np.uint8
+                    and len(images) == len(labels) == len(splits)
+                    and (len(labels) == 0 or (labels.min() >= 0 and labels.max() < len(layout.classes)
+                                              and splits.max() < len(SPLITS)))):
+                raise ValueError("its arrays do not agree")
+        return arrays
+    except (cache.CorruptCache, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+        say(f"cache {path} is corrupt ({err}); decoding again")
+        return None
+
+
+def say(line: str) -> None:
+    """One line on stderr about the data (which path was taken); never stops the command."""
+    try:
+        sys.stderr.write(printable(line) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def load(cfg, layout: Layout) -> tuple[Decoded, tuple[int, int], int]:
+    """``layout``'s pixels: read from the cache, or decoded and cached."""
+    size_asked, channels_asked = asked_size(cfg), asked_channels(cfg)
+    key = cache_key(layout, size_asked, channels_asked)
+    path = cache.cache_file(NAME, key)
+    started = time.perf_counter()
+    arrays = cached(layout, key)
+    if arrays is not None:
+        size, channels, skipped = read_meta(arrays["meta"], arrays["images"])
+        if skipped and not getattr(cfg, "skip_bad", False):
+            raise UserError(f"{printable(str(layout.root))}/{printable(skipped[0])}; remove or replace it, or set "
+                            "data.skip_bad: true to train without the pictures that cannot be decoded")
+        say(f"read {len(arrays['labels']):,} images from cache {path} in {time.perf_counter() - started:.1f} s")
+        decoded = Decoded(arrays["images"], arrays["labels"], arrays["splits"], skipped)
+        return decoded, size, channels
+    decoded, size, channels = decode(cfg, layout)
+    try:
+        cache.write(path, {"images": decoded.images, "labels": decoded.labels, "splits": decoded.splits,
+                           "meta": meta_array(layout, size, channels, decoded.skipped)})
+        where = f"cache {path}"
+    except OSError as err:  # a full disk or a read-only home: the data is decoded, the next run decodes again
+        where = f"no cache ({path}: {err.strerror or err})"
+    say(f"decoded {len(decoded.labels):,} images in {time.perf_counter() - started:.1f} s -> {where}")
+    return decoded, size, channels
+
+
+# ---------------------------------------------------------------------------------------------
+# The data set interface (registry.py)
+
+
+def title(layout: Layout) -> str:
+    return printable(layout.root.resolve().name or str(layout.root))[:100]
+
+
+def describe(cfg) -> DataSpec:
+    """What the folder ``data.root`` holds: classes from its folder names, size and channels as they will
+    be (from the cache when there is one, else from the pictures' headers: nothing is decoded)."""
+    layout = scan(cfg.root)
+    key = cache_key(layout, asked_size(cfg), asked_channels(cfg))
+    arrays = cached(layout, key, only_meta=True)
+    if arrays is not None:
+        size, channels, _ = read_meta(arrays["meta"])
+    else:
+        size, channels = settings(cfg, layout, {})
+    return DataSpec(name=NAME, title=title(layout), classes=layout.classes, channels=channels, image_size=size)
+
+
+def held_out_test(cfg, train: Split, names: list[str]) -> tuple[Split, Split]:
+    """(train, test): ``data.test_size`` of the pictures, stratified, chosen by a seed made from train/'s
+    file ``names``: the same pictures whatever the run's seed."""
+    count = round(cfg.test_size * len(train)) if isinstance(cfg.test_size, float) else cfg.test_size
+    if not 1 <= count < len(train):
+        raise UserError(f"data.test_size: {cfg.test_size} of train/'s {len(train):,} pictures is {count:,}; the test split "
+                        f"needs at least one and must leave some to train on (or make a test/ folder)")
+    seed = int.from_bytes(hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).digest()[:8], "big") % 2**63
+    keep, test = stratified_split(train.labels, count, seed)
+    return Split(train.images[keep], train.labels[keep]), Split(train.images[test], train.labels[test])
+
+
+def read_splits(cfg) -> tuple:
+    """(the folder, the training split, the test split[, the validation split when there is a val/ folder])."""
+    layout = scan(cfg.root)
+    decoded, _, _ = load(cfg, layout)
+    images, labels = torch.from_numpy(decoded.images), torch.from_numpy(decoded.labels)
+    parts = {split: Split(images[mask], labels[mask]) for split, mask in
+             ((split, torch.from_numpy(decoded.splits == SPLITS.index(split))) for split in layout.splits)}
+    train = parts["train"]
+    if "test" in parts:
+        test = parts["test"]
+    else:
+        train, test = held_out_test(cfg, train, [picture.name for picture in layout.splits["train"]])
+    train = Split(train.images, train.labels, skipped=decoded.skipped)
+    return (layout.root, train, test, *((parts["val"],) if "val" in parts else ()))
+
+
+def check(root: Path | None = None, download: bool = False, verify: bool = False) -> Iterator[str]:
+    """What ``cnnlab data`` says of a data folder: its classes and the pictures each split holds."""
+    layout = scan(root)
+    classes = printable(", ".join(layout.classes))
+    yield f"a folder of pictures, {printable(str(layout.root))}: {len(layout.classes)} classes ({classes})"
+    for split, found in layout.splits.items():
+        yield f"  {split}: {len(found):,} pictures"
