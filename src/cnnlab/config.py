@@ -14,13 +14,14 @@ import difflib
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from cnnlab.data import registry as data_registry
+from cnnlab.data.spec import MAX_SIDE
 from cnnlab.errors import UserError
 from cnnlab.models import registry
 
@@ -48,6 +49,10 @@ class DataConfig(Section):
     # subtract the training split's pixel mean, divide by its std (per channel); false = the report's raw [0, 1] pixels
     normalize: bool = True
     check_counts: bool = True  # require the data set's own image counts; turn off for other files in its format
+    # resize every image once as it is loaded (antialiased): one side, or [height, width]; null = the set's own size
+    image_size: Annotated[int, Field(ge=1, le=MAX_SIDE)] | tuple[Annotated[int, Field(ge=1, le=MAX_SIDE)],
+                                                                 Annotated[int, Field(ge=1, le=MAX_SIDE)]] | None = None
+    channels: Literal["auto", 1, 3] = "auto"  # 3 repeats a grey set's channel, 1 makes colour grey (BT.601 luma)
     augment: AugmentConfig = AugmentConfig()
 
     @field_validator("name")

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from cnnlab.data import fashion_mnist
+from cnnlab.data.convert import shaped
 from cnnlab.data.spec import DataSpec
 from cnnlab.errors import UserError
 
@@ -33,8 +34,9 @@ def data_set(name: str) -> ModuleType:
 
 
 def describe(cfg: Any) -> DataSpec:
-    """What the data a ``DataConfig`` names is (no pixel statistics, no source), without decoding any image."""
-    return data_set(getattr(cfg, "name", DEFAULT)).describe(cfg)
+    """What the data a ``DataConfig`` names is (no pixel statistics, no source), without decoding any image:
+    as its files hold it, in the channels and size the config asks for (``data.channels``, ``data.image_size``)."""
+    return shaped(data_set(getattr(cfg, "name", DEFAULT)).describe(cfg), cfg)
 
 
 def described(name: str = DEFAULT) -> DataSpec:
