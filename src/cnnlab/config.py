@@ -53,6 +53,8 @@ class DataConfig(Section):
     image_size: Annotated[int, Field(ge=1, le=MAX_SIDE)] | tuple[Annotated[int, Field(ge=1, le=MAX_SIDE)],
                                                                  Annotated[int, Field(ge=1, le=MAX_SIDE)]] | None = None
     channels: Literal["auto", 1, 3] = "auto"  # 3 repeats a grey set's channel, 1 makes colour grey (BT.601 luma)
+    # class names (index = label) for data whose files do not name them (npz); null = "0" to "K-1"
+    classes: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(None, min_length=1)
     augment: AugmentConfig = AugmentConfig()
 
     @field_validator("name")

@@ -17,13 +17,13 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from cnnlab.data import fashion_mnist
+from cnnlab.data import fashion_mnist, npz
 from cnnlab.data.convert import shaped
 from cnnlab.data.spec import DataSpec
 from cnnlab.errors import UserError
 
 DEFAULT = "fashion-mnist"
-DATA_SETS: dict[str, ModuleType] = {module.NAME: module for module in (fashion_mnist,)}
+DATA_SETS: dict[str, ModuleType] = {module.NAME: module for module in (fashion_mnist, npz)}
 
 
 def data_set(name: str) -> ModuleType:
