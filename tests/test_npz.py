@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_images
+from PIL import Image
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
@@ -16,6 +17,8 @@ from cnnlab.config import load_config
 from cnnlab.data import describe
 from cnnlab.engine import fit
 from cnnlab.errors import UserError
+from cnnlab.inference import load_image, predict
+from cnnlab.runs import open_run
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -123,3 +126,53 @@ def test_labels_beyond_the_configs_class_names_are_named(tmp_path):
     cfg = load_config(None, settings(archive, tmp_path, "data.classes=[a, b, c]"))
     with pytest.raises(UserError, match="holds label 9, but data.classes names 3 classes"):
         describe(cfg.data)
+
+
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory) -> Path:
+    """A LeNet trained for three epochs on a 3x32x32 archive: a colour data set's run."""
+    root = tmp_path_factory.mktemp("colour")
+    archive = write_npz(root / "colour.npz", colour=True)
+    summary = fit(load_config(None, settings(archive, root, "train.epochs=3")), quiet=True)
+    return Path(summary["run_dir"])
+
+
+def test_predict_takes_colour_pictures_for_a_colour_run(colour_run, tmp_path):
+    opened = open_run(colour_run)
+    test = opened.load_data().test
+    for index in (0, 5):
+        as_data = predict(colour_run, [], index=index)[0]
+        picture = tmp_path / f"test{index}.png"
+        Image.fromarray(test.images[index].permute(1, 2, 0).numpy(), mode="RGB").save(picture)
+        assert torch.equal(load_image(picture, opened.spec), test.images[index])  # the very same pixels, not grey
+        as_file = predict(colour_run, [picture])[0]
+        assert as_file.top[0] == pytest.approx(as_data.top[0], abs=1e-6)
+        # Larger, with a white margin: scaled to cover 32x32 and centre-cropped, never inverted (no dark background).
+        framed = Image.new("RGB", (80, 64), (255, 255, 255))
+        framed.paste(Image.open(picture).resize((64, 64), Image.Resampling.NEAREST), (8, 0))
+        framed.save(tmp_path / "framed.png")
+        made = load_image(tmp_path / "framed.png", opened.spec).float()
+        assert (made - test.images[index].float()).abs().mean() < 4  # the same picture but for Lanczos's ringing
+    result = CliRunner().invoke(app, ["predict", str(colour_run), str(tmp_path / "framed.png"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)[0]["top"][0]["class"] == predict(colour_run, [], index=5)[0].top[0][0]
+
+
+def test_onnx_export_of_a_colour_run_agrees_and_names_its_classes(colour_run, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    result = CliRunner().invoke(app, ["export", str(colour_run), "--format", "onnx", "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["cnnlab.classes"]) == list("0123456789") and json.loads(meta["cnnlab.input_shape"]) == [3, 32, 32]
+    assert session.get_inputs()[0].shape[1:] == [3, 32, 32]
+    opened = open_run(colour_run)
+    test = opened.load_data().test
+    [logits] = session.run(None, {"pixels": (test.images[:20].float() / 255).numpy()})
+    with torch.no_grad():
+        expected = opened.model(opened.load_data().prepare(test.images[:20])).numpy()
+    assert np.abs(logits - expected).max() < 1e-4
+    picture = tmp_path / "p.png"
+    Image.fromarray(test.images[3].permute(1, 2, 0).numpy(), mode="RGB").save(picture)
+    [one] = session.run(None, {"pixels": (load_image(picture, opened.spec)[None].float() / 255).numpy()})
+    assert json.loads(meta["cnnlab.classes"])[int(one.argmax())] == predict(colour_run, [picture])[0].top[0][0]

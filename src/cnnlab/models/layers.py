@@ -157,8 +157,10 @@ def vanishing_point(model: nn.Module, input_shape: tuple[int, int, int]) -> Vani
         meta_forward(model, input_shape)
     except _Vanished as vanished:
         return vanished.found
-    except Exception:  # any other failure is not a vanishing map: check_model reports it on real images
-        return None
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # any other failure (user code may even call sys.exit) is not a vanishing map: check_model
+        return None  # reports it, on real images
     finally:
         for handle in handles:
             handle.remove()
