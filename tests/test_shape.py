@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
@@ -16,6 +17,7 @@ from cnnlab.data.convert import converted, grey, resized
 from cnnlab.errors import UserError
 from cnnlab.models import get_model
 from cnnlab.models.build import build_model, init_weights
+from cnnlab.models.layers import vanishing_point
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FAMILIES = ["lenet", "vgg", "vgg11", "nin", "googlenet", "resnet", "resnet18", "resnet9", "sequential"]
@@ -47,6 +49,8 @@ def test_a_size_that_does_not_fit_names_the_layer_where_the_map_vanishes():
     with pytest.raises(UserError, match=r"^model resnet9 does not fit 1x4x4 images: the feature map vanishes at layer3.0.1 "
                                         r"\(MaxPool2d\): 1x1 -> 0x0; use data.image_size >= 8$"):
         build_model(config("resnet9"), spec=spec(1, 4))
+    valid = nn.Sequential(nn.Conv2d(1, 4, 3, padding="valid"), nn.Conv2d(4, 4, 3, padding="same"), nn.Conv2d(4, 4, 5))
+    assert vanishing_point(valid, (1, 6, 6)) == ("2", "Conv2d", (4, 4), (0, 0)) and vanishing_point(valid, (1, 7, 7)) is None
     with pytest.raises(UserError, match=r"^model sequential does not fit 3x1x1 images: the feature map vanishes at 2 "
                                         r"\(MaxPool2d\)"):
         build_model(config("sequential"), spec=spec(3, 1))

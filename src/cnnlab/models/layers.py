@@ -119,7 +119,8 @@ def _window_output(module: nn.Module, size: tuple[int, int]) -> tuple[int, int] 
     if not isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) or getattr(module, "padding", 0) == "same":
         return None
     pair = nn.modules.utils._pair
-    kernel, stride, padding = pair(module.kernel_size), pair(module.stride or module.kernel_size), pair(module.padding)
+    padding = pair(0 if module.padding == "valid" else module.padding)
+    kernel, stride = pair(module.kernel_size), pair(module.stride or module.kernel_size)
     dilation = pair(getattr(module, "dilation", 1))
     return tuple((side + 2 * p - d * (k - 1) - 1) // s + 1
                  for side, k, s, p, d in zip(size, kernel, stride, padding, dilation))
