@@ -105,7 +105,8 @@ def test_sequential_lenet_equals_the_registered_lenet(tmp_path):
     ([{"linear": 10}], "model.layers[0] (linear): gets a 1x28x28 image; put `flatten` before it"),
     (["flatten", {"conv": 4}], "model.layers[1] (conv): needs an image"),
     (["flatten", {"linear": 7}], "the last layer outputs 7, but the model must output 10 class scores"),
-    ([{"pool": {"size": 64}}], "model.layers[0] (pool): cannot take a 1x28x28 input"),
+    ([{"pool": {"size": 64}}], "model sequential does not fit 1x28x28 images: the feature map vanishes at 0 (MaxPool2d): "
+                               "28x28 -> 0x0; use data.image_size >= 64"),
     ([{"conv": {"out": "six"}}], "model.layers[0] (conv): out: Input should be a valid integer"),
 ])
 def test_sequential_errors_point_at_the_layer(layers, expected):

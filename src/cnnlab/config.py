@@ -14,13 +14,14 @@ import difflib
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from cnnlab.data import registry as data_registry
+from cnnlab.data.spec import MAX_SIDE
 from cnnlab.errors import UserError
 from cnnlab.models import registry
 
@@ -54,6 +55,12 @@ class DataConfig(Section):
     # (never by seed): a fraction below 1 (0.1 = a tenth) or a count (1000)
     test_size: int | float = Field(0.1, gt=0)
     skip_bad: bool = False  # data.name: folder: skip images that cannot be decoded (counted in summary.json), not exit 2
+    # resize every image once as it is loaded (antialiased): one side, or [height, width]; null = the set's own size
+    image_size: Annotated[int, Field(ge=1, le=MAX_SIDE)] | tuple[Annotated[int, Field(ge=1, le=MAX_SIDE)],
+                                                                 Annotated[int, Field(ge=1, le=MAX_SIDE)]] | None = None
+    channels: Literal["auto", 1, 3] = "auto"  # 3 repeats a grey set's channel, 1 makes colour grey (BT.601 luma)
+    # class names (index = label) for data whose files do not name them (npz); null = "0" to "K-1"
+    classes: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(None, min_length=1)
     augment: AugmentConfig = AugmentConfig()
 
     @field_validator("test_size")

@@ -1,16 +1,20 @@
 """Usage: ``cnnlab predict RUN shoe.jpg``; ``cnnlab export RUN --format onnx``: using a trained model.
 
 ``predict`` classifies the user's own pictures: any PNG or JPEG, any size or colour, is made into an
-image of the run's data set (its ``DataSpec``: channels, size) the way a grey data set of light
-things on black is made (grey, the longer side fitted to the image size and centred on black,
-inverted first when its background is light), then normalised as the run was trained (per channel).
+image of the run's data set (its ``DataSpec``: channels, size), grey or RGB. For a data set of light
+things on black (``dark_background``; a grey set whose description does not say) it is made as such
+a set is (the longer side fitted to the image size and centred on black, inverted first when its
+background is light); for others it is scaled to cover the image size and centre-cropped, as
+torchvision's evaluation transforms do. It is then normalised as the run was trained (per channel).
 ``export`` writes the model with that normalisation folded in as its first layer, so the file takes
 raw [0, 1] pixels (N x channels x height x width), and refuses to write a file whose outputs differ
-from PyTorch's. Class names come from the run's data description too.
+from PyTorch's; an ONNX file carries the class names and input shape in its metadata
+(``cnnlab.classes``, a JSON list; ``cnnlab.input_shape``). Class names come from the run's data description.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import stat
@@ -67,8 +71,14 @@ def normalization(opened: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return (float(mean),), (float(std),)
 
 
+def dark_background(spec: DataSpec) -> bool:
+    """Whether the data set's images are light things on black: as its description says; a description that
+    does not say (recorded before it could) is a grey set's of that time, Fashion-MNIST's, which were."""
+    return spec.dark_background if spec.dark_background is not None else spec.channels == 1
+
+
 def load_image(path: Path, spec: DataSpec) -> torch.Tensor:
-    """A picture as an image of the data set ``spec`` describes: uint8 [1, height, width], light on black.
+    """A picture as an image of the data set ``spec`` describes: uint8 [channels, height, width].
 
     The work is bounded by the pixels the result needs: a JPEG is decoded at 1/2 to 1/8 scale where
     that leaves enough of them, and the decoded picture is reduced by whole factors (in Pillow, one
@@ -76,9 +86,10 @@ def load_image(path: Path, spec: DataSpec) -> torch.Tensor:
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    if spec.channels != 1:  # a colour data set's pictures are made another way; its module will say how
-        raise UserError(f"predicting pictures is for grey data sets so far; {spec.title} has {spec.channels} channels")
+    if spec.channels not in (1, 3):
+        raise UserError(f"predicting pictures is for grey and RGB data sets; {spec.title} has {spec.channels} channels")
     box = (spec.image_size[1], spec.image_size[0])  # (width, height), as Pillow gives sizes
+    on_black = dark_background(spec)
     path = Path(path)
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the size is checked below, with its own message
     try:
@@ -90,21 +101,25 @@ def load_image(path: Path, spec: DataSpec) -> torch.Tensor:
             if width * height > MAX_IMAGE_PIXELS:
                 raise UserError(f"{path}: {width:,} x {height:,} pixels is too large a picture to classify (at most "
                                 f"{MAX_IMAGE_PIXELS:,} pixels); give a smaller one")
-            opened.draft(None, tuple(REDUCING_GAP * side for side in _fitted_size(opened.size, box)))
+            opened.draft(None, tuple(REDUCING_GAP * side for side in _fitted_size(opened.size, box, cover=not on_black)))
             ImageOps.exif_transpose(opened, in_place=True)
-            image = _reduced(_grey(opened), box)
+            image = _reduced(_grey(opened) if spec.channels == 1 else _rgb(opened), box, cover=not on_black)
     except UnidentifiedImageError as err:
         raise UserError(f"{path}: not an image cnnlab can read ({type(err).__name__}); give a PNG or JPEG") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise UserError(f"{path}: a damaged image ({err})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
-    if _background(image) > 127:
-        image = ImageOps.invert(image)
-    fitted = image if image.size == box else image.resize(_fitted_size(image.size, box), Image.Resampling.LANCZOS)
-    canvas = Image.new("L", box, 0)
-    canvas.paste(fitted, ((box[0] - fitted.width) // 2, (box[1] - fitted.height) // 2))
-    return torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).reshape(1, *spec.image_size)
+    if not on_black:
+        canvas = image if image.size == box else ImageOps.fit(image, box, Image.Resampling.LANCZOS)
+    else:
+        if _background(image) > 127:
+            image = ImageOps.invert(image)
+        fitted = image if image.size == box else image.resize(_fitted_size(image.size, box), Image.Resampling.LANCZOS)
+        canvas = Image.new(image.mode, box, 0)
+        canvas.paste(fitted, ((box[0] - fitted.width) // 2, (box[1] - fitted.height) // 2))
+    pixels = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8)
+    return pixels.reshape(*spec.image_size, spec.channels).permute(2, 0, 1).contiguous()
 
 
 def _open_picture(path: Path) -> BinaryIO:
@@ -136,17 +151,19 @@ def _open_picture(path: Path) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def _reduced(image: Any, box: tuple[int, int]) -> Any:
+def _reduced(image: Any, box: tuple[int, int], cover: bool = False) -> Any:
     """A copy of ``image`` box-averaged by whole factors to no less than REDUCING_GAP times its size fitted
-    into ``box``: small however large or long the picture (one within that size is copied as it is)."""
+    into (or, with ``cover``, over) ``box``: small however large or long the picture (one within that size
+    is copied as it is)."""
     return image.reduce(tuple(max(1, side // (REDUCING_GAP * fitted))
-                              for side, fitted in zip(image.size, _fitted_size(image.size, box))))
+                              for side, fitted in zip(image.size, _fitted_size(image.size, box, cover))))
 
 
-def _fitted_size(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
-    """The picture's (width, height) scaled to fit ``box`` (width, height), at least 1 x 1."""
+def _fitted_size(size: tuple[int, int], box: tuple[int, int], cover: bool = False) -> tuple[int, int]:
+    """The picture's (width, height) scaled to fit ``box`` (width, height), or with ``cover`` to cover it
+    (to be centre-cropped), at least 1 x 1."""
     width, height = size
-    scale = min(box[0] / width, box[1] / height)
+    scale = (max if cover else min)(box[0] / width, box[1] / height)
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
@@ -168,10 +185,20 @@ def _grey(image: Any) -> Any:
     return image if image.mode == "L" else image.convert("L")
 
 
+def _rgb(image: Any) -> Any:
+    """8-bit RGB: palettes, alpha (dropped), CMYK and greys (wide ones scaled as ``_grey`` does) converted."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        return _grey(image).convert("RGB")
+    return image.convert("RGB")
+
+
 def _background(image: Any) -> float:
     """The mean grey of the (reduced) picture's border: its background."""
     from PIL import ImageStat
 
+    image = image if image.mode == "L" else image.convert("L")
     width, height = image.size
     strips = [ImageStat.Stat(image.crop(box)) for box in
               ((0, 0, width, 1), (0, height - 1, width, height), (0, 0, 1, height), (width - 1, 0, width, height))]
@@ -258,7 +285,8 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool
         pixels = data.test.images[:CHECK_IMAGES].float() / 255
         with torch.no_grad():
             expected = model(pixels)
-        got = _export_onnx(model, pixels, temporary) if fmt == "onnx" else _export_torchscript(model, pixels, temporary)
+        got = _export_onnx(model, pixels, temporary, onnx_metadata(opened.spec)) if fmt == "onnx" \
+            else _export_torchscript(model, pixels, temporary)
         difference = float((got - expected).abs().max())
         if not difference <= EXPORT_TOLERANCE:
             raise UserError(f"the {fmt} export differs from the PyTorch model by {difference:.3g} on {len(pixels)} test "
@@ -273,6 +301,12 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool
     return Export(out, difference, len(pixels))
 
 
+def onnx_metadata(spec: DataSpec) -> dict[str, str]:
+    """What an ONNX file says of the data its model takes (metadata_props: strings), for whoever loads it."""
+    return {"cnnlab.classes": json.dumps(list(spec.classes)), "cnnlab.input_shape": json.dumps(list(spec.input_shape)),
+            "cnnlab.data": spec.name}
+
+
 def _export_torchscript(model: nn.Module, pixels: torch.Tensor, path: str) -> torch.Tensor:
     with warnings.catch_warnings():  # TorchScript is deprecated upstream, and still what many runtimes load
         warnings.simplefilter("ignore", FutureWarning)
@@ -284,7 +318,7 @@ def _export_torchscript(model: nn.Module, pixels: torch.Tensor, path: str) -> to
         return loaded(pixels)
 
 
-def _export_onnx(model: nn.Module, pixels: torch.Tensor, path: str) -> torch.Tensor:
+def _export_onnx(model: nn.Module, pixels: torch.Tensor, path: str, metadata: dict[str, str]) -> torch.Tensor:
     try:
         import onnxruntime
     except ImportError:
@@ -295,6 +329,7 @@ def _export_onnx(model: nn.Module, pixels: torch.Tensor, path: str) -> torch.Ten
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (pixels[:2],), dynamo=True, input_names=["pixels"], output_names=["logits"],
                                     dynamic_shapes={"pixels": {0: batch}}, verbose=False)
+    program.model.metadata_props.update(metadata)
     program.save(path)
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     [result] = session.run(None, {"pixels": pixels.numpy()})

@@ -341,7 +341,8 @@ def describe(cfg) -> DataSpec:
         size, channels, _ = read_meta(arrays["meta"])
     else:
         size, channels = settings(cfg, layout, {})
-    return DataSpec(name=NAME, title=title(layout), classes=layout.classes, channels=channels, image_size=size)
+    return DataSpec(name=NAME, title=title(layout), classes=layout.classes, channels=channels, image_size=size,
+                    dark_background=False)  # pictures of anything: never inverted by predict
 
 
 def held_out_test(cfg, train: Split, names: list[str]) -> tuple[Split, Split]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from cnnlab.data.convert import converted, shaped
 from cnnlab.data.registry import DEFAULT, data_set
 from cnnlab.data.spec import DataSpec
 from cnnlab.data.splits import Split, stratified_split
@@ -186,12 +187,15 @@ def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False)
     """Read, validate and split the data set described by a ``DataConfig``, onto ``device``."""
     source = data_set(getattr(cfg, "name", DEFAULT))
     described = source.describe(cfg)
+    wanted = shaped(described, cfg)  # as data.image_size and data.channels ask
     # A data set whose files hold a validation split (a folder's val/) gives it as a fourth.
     root, train, test, *given_val = source.read_splits(cfg)
     for split in (train, test, *given_val):
         if tuple(split.images.shape[1:]) != described.input_shape:
             raise UserError(f"{root}: images of {'x'.join(map(str, split.images.shape[1:]))}, but {described.title}'s are "
                             f"{described.shape_text} (channels x height x width)")
+    train, test, *given_val = (Split(converted(split.images, wanted), split.labels, split.skipped)
+                               for split in (train, test, *given_val))
     if cfg.val_size >= len(train) and not given_val:
         raise UserError(
             f"data.val_size: {cfg.val_size:,} leaves no training images (the training set has {len(train):,}); "
@@ -204,7 +208,7 @@ def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False)
         train_idx, val_idx = stratified_split(train.labels, cfg.val_size, seed)
         train, val = Split(train.images[train_idx], train.labels[train_idx]), Split(train.images[val_idx], train.labels[val_idx])
     mean, std = channel_stats(train.images)
-    spec = DataSpec(**{**described.model_dump(), "mean": mean, "std": std, "source": str(root)})
+    spec = DataSpec(**{**wanted.model_dump(), "mean": mean, "std": std, "source": str(root)})
     augment = Augment(cfg.augment.crop_padding, cfg.augment.flip, cfg.augment.erasing)
     return Data(
         train=train.to(device),

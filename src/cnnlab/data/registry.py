@@ -18,12 +18,13 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from cnnlab.data import cifar10, cifar100, fashion_mnist, folder
+from cnnlab.data import cifar10, cifar100, fashion_mnist, folder, npz
+from cnnlab.data.convert import shaped
 from cnnlab.data.spec import DataSpec
 from cnnlab.errors import UserError
 
 DEFAULT = "fashion-mnist"
-DATA_SETS: dict[str, ModuleType] = {module.NAME: module for module in (fashion_mnist, cifar10, cifar100, folder)}
+DATA_SETS: dict[str, ModuleType] = {module.NAME: module for module in (fashion_mnist, cifar10, cifar100, folder, npz)}
 
 
 def data_set(name: str) -> ModuleType:
@@ -34,8 +35,9 @@ def data_set(name: str) -> ModuleType:
 
 
 def describe(cfg: Any) -> DataSpec:
-    """What the data a ``DataConfig`` names is (no pixel statistics, no source), without decoding any image."""
-    return data_set(getattr(cfg, "name", DEFAULT)).describe(cfg)
+    """What the data a ``DataConfig`` names is (no pixel statistics, no source), without decoding any image:
+    as its files hold it, in the channels and size the config asks for (``data.channels``, ``data.image_size``)."""
+    return shaped(data_set(getattr(cfg, "name", DEFAULT)).describe(cfg), cfg)
 
 
 def described(name: str = DEFAULT) -> DataSpec:

@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
@@ -47,6 +48,9 @@ class DataSpec(BaseModel):
     mean: tuple[StrictFloat, ...] | None = None  # per channel, of the training split's pixels scaled to [0, 1]
     std: tuple[StrictFloat, ...] | None = None
     source: StrictStr | None = None  # the folder the files were read from
+    # Light things on a dark background (Fashion-MNIST, MNIST): a picture to classify is inverted when its
+    # background is light. None (descriptions recorded before this field): judged from the picture, as then.
+    dark_background: StrictBool | None = None
 
     @field_validator("image_size")
     @classmethod

@@ -15,6 +15,7 @@ from torch import nn
 
 from cnnlab.config import Config
 from cnnlab.data import DataSpec, describe
+from cnnlab.models.layers import MapVanishes, check_fits
 from cnnlab.models.registry import ModelArgumentError, get_entry, get_model
 
 
@@ -22,9 +23,14 @@ def build_model(cfg: Config, device: torch.device | None = None, *, spec: DataSp
                 channels_last: bool = False) -> nn.Module:
     """The configured model for the data ``spec`` describes, with the configured initial weights (seeded by
     ``cfg.seed``), on ``device`` (and in the NHWC layout with ``channels_last``) when given."""
-    arguments = model_arguments(cfg.model.name, cfg.model.kwargs, spec or describe(cfg.data))
+    spec = spec or describe(cfg.data)
+    arguments = model_arguments(cfg.model.name, cfg.model.kwargs, spec)
     torch.manual_seed(cfg.seed)
     model = get_model(cfg.model.name, **arguments)
+    try:  # models that pool adaptively build for any size, and still lose the map where a pool or conv outgrows it
+        check_fits(model, spec.input_shape)
+    except MapVanishes as err:
+        raise ModelArgumentError(err.for_model(cfg.model.name)) from None
     init_weights(model, cfg.init)
     if device is not None:
         model = model.to(device)
@@ -35,20 +41,13 @@ def build_model(cfg: Config, device: torch.device | None = None, *, spec: DataSp
 
 def model_arguments(name: str, options: dict[str, Any], spec: DataSpec) -> dict[str, Any]:
     """The builder's arguments: the config's ``options``, and from the data its number of classes, its
-    channels and, for a builder with an ``image_size`` option the config does not set, the image size."""
+    channels and, for a builder with an ``image_size`` option the config does not set, the image size
+    (one side for square images, as builders of one side take it; (height, width) for others)."""
     arguments = {**options, "num_classes": spec.num_classes, "in_channels": spec.channels}
     if "image_size" in get_entry(name).options.model_fields and "image_size" not in options:
-        arguments["image_size"] = square_side(name, spec)
+        height, width = spec.image_size
+        arguments["image_size"] = height if height == width else (height, width)
     return arguments
-
-
-def square_side(name: str, spec: DataSpec) -> int:
-    """The side of the data's square images: what a builder's ``image_size`` option takes."""
-    height, width = spec.image_size
-    if height != width:
-        raise ModelArgumentError(f"model {name!r} takes one side as image_size, but the data's images are {height}x{width}; "
-                                 "set model.image_size, or use a model without that option")
-    return height
 
 
 def init_weights(model: nn.Module, scheme: str) -> None:

@@ -86,15 +86,125 @@ class Inception(nn.Module):
         return torch.cat((p1, p2, p3, p4), dim=1)
 
 
-def flat_features(layers: list[nn.Module], in_channels: int, image_size: int) -> int:
-    """Features per image after ``layers``, found by passing one blank image through them."""
-    with torch.no_grad():
-        probe = torch.zeros(1, in_channels, image_size, image_size)
-        try:
-            out = nn.Sequential(*layers).eval()(probe)
-        except RuntimeError as err:
-            raise ValueError(
-                f"the layers shrink a {image_size}x{image_size} image to nothing ({str(err).splitlines()[0]}); "
-                "use fewer pools, smaller kernels or more padding"
-            ) from None
-    return out[0].numel()
+Side = int | tuple[int, int]  # an image size: one side of a square, or (height, width)
+
+
+def sides(size: Side) -> tuple[int, int]:
+    """(height, width) of an image size given as one side or a pair."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class MapVanishes(ValueError):
+    """A model's feature map shrinks to nothing at one of its layers for the images it is given."""
+
+    def __init__(self, shape: tuple[int, int, int], layer: str, kind: str, before: tuple[int, int], after: tuple[int, int],
+                 smallest: int | None) -> None:
+        self.shape, self.layer, self.kind, self.before, self.after, self.smallest = shape, layer, kind, before, after, smallest
+        hint = f"; use data.image_size >= {smallest}" if smallest else ""
+        size = "x".join(str(max(0, side)) for side in after)
+        super().__init__(f"the feature map vanishes at {layer} ({kind}): {before[0]}x{before[1]} -> {size}{hint}")
+
+    def for_model(self, name: str) -> str:
+        """The one line a user reads: ``model vgg11 does not fit 1x8x8 images: the feature map vanishes at ...``."""
+        return f"model {name} does not fit {'x'.join(map(str, self.shape))} images: {self}"
+
+
+class _Vanished(Exception):
+    def __init__(self, found: Vanishing) -> None:
+        self.found = found
+
+
+def _window_output(module: nn.Module, size: tuple[int, int]) -> tuple[int, int] | None:
+    """The (height, width) a conv or pooling layer makes of a map of ``size``; None for other layers."""
+    if not isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) or getattr(module, "padding", 0) == "same":
+        return None
+    pair = nn.modules.utils._pair
+    padding = pair(0 if module.padding == "valid" else module.padding)
+    kernel, stride = pair(module.kernel_size), pair(module.stride or module.kernel_size)
+    dilation = pair(getattr(module, "dilation", 1))
+    return tuple((side + 2 * p - d * (k - 1) - 1) // s + 1
+                 for side, k, s, p, d in zip(size, kernel, stride, padding, dilation))
+
+
+Vanishing = tuple[str, str, tuple[int, int], tuple[int, int]]  # layer name, layer type, map size in, map size out
+
+
+def vanishing_point(model: nn.Module, input_shape: tuple[int, int, int]) -> Vanishing | None:
+    """(layer name, layer type, map size in, map size out) of the first layer of ``model`` that shrinks a
+    (channels, height, width) input's feature map to nothing; None when none does.
+
+    A shape trace on the meta device (no arithmetic, no memory, no random numbers drawn): forward
+    pre-hooks compute each conv's and pool's output size before it runs, forward hooks catch any other
+    layer that returns an empty map. A model that fails for any other reason is not this check's to
+    report (``session.check_model`` runs it on real images).
+    """
+    names = {module: name or type(model).__name__ for name, module in model.named_modules()}
+
+    def before(module: nn.Module, args: tuple) -> None:
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is not None and x.dim() == 4:
+            size = (int(x.shape[2]), int(x.shape[3]))
+            out = _window_output(module, size)
+            if out is not None and min(out) < 1:
+                raise _Vanished((names[module], type(module).__name__, size, out))
+
+    def after(module: nn.Module, args: tuple, out: object) -> None:
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is not None and x.dim() == 4 and isinstance(out, torch.Tensor) and out.dim() == 4 and 0 in out.shape[2:]:
+            raise _Vanished((names[module], type(module).__name__, tuple(x.shape[2:]), tuple(out.shape[2:])))
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        meta_forward(model, input_shape)
+    except _Vanished as vanished:
+        return vanished.found
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # any other failure (user code may even call sys.exit) is not a vanishing map: check_model
+        return None  # reports it, on real images
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None
+
+
+def meta_forward(model: nn.Module, input_shape: tuple[int, int, int]) -> torch.Tensor:
+    """``model``'s output for one zero image of ``input_shape``, on the meta device: shapes only. The
+    model runs in eval mode (BatchNorm takes one image) and is left in the modes it was in."""
+    meta = {name: torch.empty_like(t, device="meta") for name, t in (*model.named_parameters(), *model.named_buffers())}
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        with torch.no_grad():
+            return torch.func.functional_call(model.eval(), meta, (torch.zeros(1, *input_shape, device="meta"),))
+    finally:
+        for module, mode in was_training.items():
+            module.training = mode
+
+
+def smallest_fitting_side(model: nn.Module, channels: int, start: int) -> int | None:
+    """The smallest square side above ``start`` whose map does not vanish in ``model`` (None beyond 8192)."""
+    low, high = start, start
+    while vanishing_point(model, (channels, high, high)) is not None:
+        low, high = high, high * 2
+        if high > 8192:
+            return None
+    while high - low > 1:  # low vanishes, high fits
+        mid = (low + high) // 2
+        low, high = (mid, high) if vanishing_point(model, (channels, mid, mid)) is not None else (low, mid)
+    return high
+
+
+def check_fits(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+    """Raise ``MapVanishes`` naming the layer where an image of ``input_shape`` shrinks to nothing."""
+    found = vanishing_point(model, input_shape)
+    if found is not None:
+        raise MapVanishes(input_shape, *found, smallest_fitting_side(model, input_shape[0], max(1, min(input_shape[1:]))))
+
+
+def flat_features(layers: list[nn.Module], in_channels: int, image_size: Side) -> int:
+    """Features per image after ``layers`` (a model's convolutional part), found by a shape trace; a map
+    that vanishes on the way is a ``MapVanishes`` naming the layer."""
+    body = nn.Sequential(*layers)
+    shape = (in_channels, *sides(image_size))
+    check_fits(body, shape)
+    return meta_forward(body, shape)[0].numel()

@@ -22,7 +22,7 @@ def lenet(
     hidden: tuple[PositiveInt, ...] = (120, 84),
     padding: NonNegativeInt | None = None,
     dropout: NonNegativeFloat = 0.0,
-    image_size: PositiveInt = 28,
+    image_size: PositiveInt | tuple[PositiveInt, PositiveInt] = 28,
 ) -> nn.Sequential:
     """LeNet-5 as the lab report built it (sigmoid, average pooling); every section-5 variant by option.
 
@@ -30,7 +30,8 @@ def lenet(
     ``kernel_size`` is one size for both convs or a pair; ``padding`` pads the first conv only and
     defaults to ``kernel_size // 2`` (the report's padding=2 for 5x5 keeps 28x28). ``batch_norm`` puts a
     BatchNorm after every conv and hidden Linear, before the activation, as the report did. ``dropout``
-    (off in the report) drops hidden activations. The flatten size is computed, not hard-coded.
+    (off in the report) drops hidden activations. The flatten size is computed for ``image_size`` (one side, or
+    (height, width); cnnlab gives the data's), not hard-coded.
     """
     k1, k2 = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
     pad = k1 // 2 if padding is None else padding

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from torch import nn
 
 from cnnlab.errors import UserError
+from cnnlab.models.layers import MapVanishes
 
 Builder = Callable[..., nn.Module]
 RESERVED = ("num_classes", "in_channels")  # supplied by cnnlab from the data, not by configs
@@ -159,6 +160,8 @@ def get_model(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs: 
     user_code = ":" in name
     try:
         model = get_entry(name).builder(num_classes=num_classes, in_channels=in_channels, **options)
+    except MapVanishes as err:
+        raise ModelArgumentError(err.for_model(name)) from None
     except ValueError as err:  # builders raise ValueError for options that cannot work together
         raise ModelArgumentError(f"model {name!r} cannot be built with {options}: {err}") from None
     except KeyboardInterrupt:

@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, confloat
 from torch import nn
 
-from cnnlab.models.layers import ActivationName, Inception, Residual, make_activation
+from cnnlab.models.layers import ActivationName, Inception, Residual, check_fits, make_activation, sides
 from cnnlab.models.nin import nin_block
 from cnnlab.models.registry import ModelArgumentError, register_model
 from cnnlab.models.vgg import vgg_block
@@ -160,13 +160,14 @@ def parse_layer(item: Any, where: str) -> tuple[str, Spec]:
 
 @register_model("sequential")
 def sequential(
-    num_classes: int = 10, in_channels: int = 1, *, layers: list[Any], image_size: PositiveInt = 28
+    num_classes: int = 10, in_channels: int = 1, *, layers: list[Any],
+    image_size: PositiveInt | tuple[PositiveInt, PositiveInt] = 28,
 ) -> nn.Sequential:
     """Your own network as a list of layer specs in the config (conv, bn, act, pool, linear, residual, inception...)."""
     if not layers:
         raise ModelArgumentError("model.layers: give at least one layer")
     modules: list[nn.Module] = []
-    x = torch.zeros(1, in_channels, image_size, image_size)
+    x = torch.zeros(1, in_channels, *sides(image_size))
     for i, item in enumerate(layers):
         where = f"model.layers[{i}]"
         kind, spec = parse_layer(item, where)
@@ -181,6 +182,7 @@ def sequential(
             with torch.no_grad():
                 x = module.eval()(x)
         except RuntimeError as err:
+            check_fits(nn.Sequential(*modules, module), (in_channels, *sides(image_size)))  # a map that vanishes: named
             raise ModelArgumentError(
                 f"{where} ({kind}): cannot take a {'x'.join(map(str, shape))} input: {str(err).splitlines()[0]}"
             ) from None

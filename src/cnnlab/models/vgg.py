@@ -35,7 +35,7 @@ def vgg(
     hidden: tuple[PositiveInt, ...] = (1024, 512),
     dropout: confloat(ge=0, lt=1) = 0.5,
     batch_norm: bool = False,
-    image_size: PositiveInt = 28,
+    image_size: PositiveInt | tuple[PositiveInt, PositiveInt] = 28,
 ) -> nn.Sequential:
     """VGG as the report built it: blocks of 3x3 convs + ReLU, each then a 2x2 max pool; a dropout MLP head.
 
@@ -60,10 +60,13 @@ def vgg(
 
 
 @register_model("vgg11")
-def vgg11(num_classes: int = 10, in_channels: int = 1, *, batch_norm: bool = False) -> nn.Sequential:
-    """The full VGG-11 conv stack (8 convs, 64-512 channels) on 28x28: pools after the first 3 blocks only.
+def vgg11(num_classes: int = 10, in_channels: int = 1, *, batch_norm: bool = False, pooled_blocks: NonNegativeInt = 3,
+          image_size: PositiveInt | tuple[PositiveInt, PositiveInt] = 28) -> nn.Sequential:
+    """The full VGG-11 conv stack (8 convs, 64-512 channels); on 28x28 it pools after the first 3 blocks only.
 
-    Five 2x2 pools would shrink 28x28 to nothing (28-14-7-3-1-0), so the last two blocks run at 3x3;
-    the head is the report's (1024, 512) dropout MLP on 512x3x3 features.
+    Five 2x2 pools would shrink 28x28 to nothing (28-14-7-3-1-0), so by default the last two blocks run
+    at 3x3; ``pooled_blocks: 5`` is the original VGG-11 for images of 32x32 and up. The head is the
+    report's (1024, 512) dropout MLP on the last block's features.
     """
-    return vgg(num_classes, in_channels, conv_arch=VGG11_ARCH, pooled_blocks=3, batch_norm=batch_norm)
+    return vgg(num_classes, in_channels, conv_arch=VGG11_ARCH, pooled_blocks=pooled_blocks, batch_norm=batch_norm,
+               image_size=image_size)
