@@ -167,8 +167,8 @@ def test_another_data_set_is_one_module_and_a_config_value(tmp_path, monkeypatch
     assert export(run_dir, "torchscript", tmp_path / "m.pt").max_difference <= 1e-4
     loaded = torch.jit.load(str(tmp_path / "m.pt"))
     assert loaded(torch.rand(2, 3, 16, 16)).shape == (2, 5)
-    with pytest.raises(UserError, match="for grey data sets so far; Tiny colour has 3 channels"):
-        predict(run_dir, [tmp_path / "maps.png"])
+    [picture] = predict(run_dir, [tmp_path / "maps.png"], top=5)  # a colour picture, for a colour model
+    assert sorted(name for name, _ in picture.top) == list(COLOUR.classes)
 
 
 def test_summary_and_models_say_the_default_data_sets_shape():
