@@ -7,6 +7,8 @@ The data sets cnnlab knows, by the name ``data.name`` gives them. Each is one mo
 - ``read_splits(cfg) -> (folder, train Split, test Split)``, which finds, reads and validates its files
   for a ``DataConfig``;
 - ``check(root, download, verify)``, the lines ``cnnlab data`` prints (its files found and checked);
+- optionally ``cache_state() -> str``, for a data set kept in a cache: where, and what it holds
+  (``cnnlab data NAME`` prints it);
 - and, for a data set whose description is fixed whatever the files (Fashion-MNIST's classes are), ``SPEC``:
   ``described(name)`` gives it without any config, for runs of older cnnlab versions that recorded none.
 Adding a data set is adding its module here.
@@ -17,12 +19,12 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from cnnlab.data import fashion_mnist
+from cnnlab.data import fashion_mnist, kmnist, mnist
 from cnnlab.data.spec import DataSpec
 from cnnlab.errors import UserError
 
 DEFAULT = "fashion-mnist"
-DATA_SETS: dict[str, ModuleType] = {module.NAME: module for module in (fashion_mnist,)}
+DATA_SETS: dict[str, ModuleType] = {module.NAME: module for module in (fashion_mnist, mnist, kmnist)}
 
 
 def data_set(name: str) -> ModuleType:
