@@ -70,11 +70,14 @@ class IdxSet:
         return (CACHE_ROOT / self.name).expanduser()
 
     @property
-    def how_to_get(self) -> str:
+    def by_hand(self) -> str:
         files = ", ".join(f"{stem}[.gz]" for stem in STEMS)
         env = f" or set ${self.env_var}" if self.env_var else ""
-        return (f"To get the data: {self.install_hint}put the four IDX files ({files}) in a folder and pass "
-                f"--data-dir (data.root){env}; or, with internet access, add --download")
+        return f"put the four IDX files ({files}) in a folder and pass --data-dir (data.root){env}"
+
+    @property
+    def how_to_get(self) -> str:
+        return f"To get the data: {self.install_hint}{self.by_hand}; or, with internet access, add --download"
 
     # -----------------------------------------------------------------------------------------
     # Finding the files
@@ -130,7 +133,7 @@ class IdxSet:
         except Exception as err:  # network errors come in many types and lines; all mean the same to the user
             reason = " ".join(str(err).split()) or type(err).__name__
             raise UserError(f"{self.title}: download into {folder} failed ({reason}). Without internet access, "
-                            f"put the files there yourself: {self.how_to_get}") from None
+                            f"{self.by_hand}") from None
         return folder
 
     # -----------------------------------------------------------------------------------------
