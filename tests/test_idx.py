@@ -94,3 +94,35 @@ def test_verify_says_when_only_decompressed_files_are_there(tmp_path, monkeypatc
     folder = write_dataset(tmp_path / "plain", n_train=40, n_test=20, compress=False)
     lines = list(DATA_SETS["mnist"].check(folder, verify=True))
     assert sum("not checked (MNIST's published md5 is of " in line for line in lines) == 4
+
+
+def test_cnnlab_data_name_describes_the_set(tmp_path, monkeypatch):
+    monkeypatch.setattr("cnnlab.data.idx.CACHE_ROOT", tmp_path / "cache")
+    folder = write_dataset(tmp_path / "data" / "KMNIST" / "raw", n_train=300, n_test=100)
+    result = runner.invoke(app, ["data", "kmnist", "--root", str(tmp_path / "data"), "--set", "data.check_counts=false"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "KMNIST (kmnist): 10 classes, 1x28x28 (channels x height x width)"
+    assert lines[1] == f"files: {tmp_path / 'data'}"
+    assert lines[2] == f"cache: {tmp_path / 'cache' / 'kmnist'} (not made yet; --download fills it)"
+    mean, std = (float(v) for v in lines[3].rsplit(":", 1)[1].split("/"))
+    pixels = DATA_SETS["kmnist"].SET.read_split(folder, "train", check_counts=False).images.double() / 255
+    assert mean == pytest.approx(pixels.mean().item(), abs=1e-4) and std == pytest.approx(pixels.std().item(), abs=1e-3)
+    rows = [line.split() for line in lines[5:16]]
+    assert [row[1] for row in rows[:10]] == KMNIST_CLASSES and all(row[2:] == ["30", "10"] for row in rows[:10])
+    assert rows[10] == ["all", "300", "100"]
+
+
+def test_cnnlab_data_without_a_name_still_checks_fashion_mnist(tmp_path):
+    result = runner.invoke(app, ["data", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "Fashion-MNIST not found" in result.output and "Traceback" not in result.output
+
+
+def test_cnnlab_data_name_verify_names_a_changed_file(tmp_path, monkeypatch):
+    folder = write_dataset(tmp_path, n_train=40, n_test=20)
+    published(folder, monkeypatch)
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(gzip.decompress((folder / "train-images-idx3-ubyte.gz")
+                                                                                      .read_bytes()), mtime=1))
+    result = runner.invoke(app, ["data", "mnist", "--root", str(folder), "--verify"])
+    assert result.exit_code == 2 and "MNIST (mnist): 10 classes" in result.output
+    assert "train-images-idx3-ubyte.gz: md5 MISMATCH" in result.output and "checksum differs from MNIST's" in result.output
