@@ -126,3 +126,18 @@ def test_cnnlab_data_name_verify_names_a_changed_file(tmp_path, monkeypatch):
     result = runner.invoke(app, ["data", "mnist", "--root", str(folder), "--verify"])
     assert result.exit_code == 2 and "MNIST (mnist): 10 classes" in result.output
     assert "train-images-idx3-ubyte.gz: md5 MISMATCH" in result.output and "checksum differs from MNIST's" in result.output
+
+
+def test_a_sweep_over_idx_data_sets_shows_each_rows_data_set(tmp_path, tiny_data):
+    sweep_file = tmp_path / "sets.yaml"
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    sweep_file.write_text(f"base: {configs / 'lenet.yaml'}\ngrid: {{data.name: [fashion-mnist, mnist]}}\n")
+    sets = [f"data.root={tiny_data}", "data.check_counts=false", "data.val_size=100", "train.epochs=1",
+            "train.batch_size=64", "train.device=cpu"]
+    result = runner.invoke(app, ["sweep", str(sweep_file), "--results", str(tmp_path / "r"),
+                                 *(arg for s in sets for arg in ("--set", s))])
+    assert result.exit_code == 0, result.output
+    [sweep_dir] = (tmp_path / "r" / "sweeps" / "sets").glob("2*")
+    table = (sweep_dir / "summary.md").read_text()
+    assert "| variant | data | seeds |" in table
+    assert "| name=fashion-mnist | fashion-mnist | 0 |" in table and "| name=mnist | mnist | 0 |" in table

@@ -385,15 +385,15 @@ def say_skipped(skipped: list[str]) -> None:
 
 
 def print_table(table: list[dict]) -> None:
-    from cnnlab.compare import HEADERS, table_cells
+    from cnnlab.compare import table_headers, table_rows
 
     grid = Table(box=None, header_style="bold")
-    for i, header in enumerate(HEADERS):
+    for i, header in enumerate(table_headers(table)):
         # Numbers are never cut or wrapped; a variant name too long for the terminal folds onto
         # more lines. (Piped output has no width limit at all: see `out`.)
         grid.add_column(header, no_wrap=i > 0, overflow="fold", min_width=len(header) if i > 0 else 8)
-    for entry in table:
-        grid.add_row(*map(literal, table_cells(entry)))
+    for cells in table_rows(table):
+        grid.add_row(*map(literal, cells))
     out.print(grid)
 
 
