@@ -20,6 +20,7 @@ from cnnlab.engine import fit
 from cnnlab.errors import UserError
 
 runner = CliRunner()
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 KMNIST_CLASSES = ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]
 
 
@@ -27,9 +28,9 @@ KMNIST_CLASSES = ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]
     ("mnist", "MNIST/raw", [str(d) for d in range(10)]),
     ("kmnist", "KMNIST/raw", KMNIST_CLASSES),
 ])
-def test_mnist_and_kmnist_train_an_epoch_and_eval_names_their_classes(tmp_path, name, layout, classes):
+def test_the_shipped_mnist_and_kmnist_configs_train_an_epoch_and_eval_names_their_classes(tmp_path, name, layout, classes):
     write_dataset(tmp_path / "data" / layout, n_train=300, n_test=100)  # torchvision's layout, as --download leaves it
-    cfg = load_config(None, [f"data.name={name}", f"data.root={tmp_path / 'data'}", "data.check_counts=false",
+    cfg = load_config(CONFIGS / "datasets" / f"{name}_lenet.yaml", [f"data.root={tmp_path / 'data'}", "data.check_counts=false",
                              "data.val_size=50", "train.epochs=1", "train.batch_size=32", "train.device=cpu",
                              f"output.dir={tmp_path / 'results'}"])
     summary = fit(cfg, quiet=True)
@@ -130,8 +131,7 @@ def test_cnnlab_data_name_verify_names_a_changed_file(tmp_path, monkeypatch):
 
 def test_a_sweep_over_idx_data_sets_shows_each_rows_data_set(tmp_path, tiny_data):
     sweep_file = tmp_path / "sets.yaml"
-    configs = Path(__file__).resolve().parent.parent / "configs"
-    sweep_file.write_text(f"base: {configs / 'lenet.yaml'}\ngrid: {{data.name: [fashion-mnist, mnist]}}\n")
+    sweep_file.write_text(f"base: {CONFIGS / 'lenet.yaml'}\ngrid: {{data.name: [fashion-mnist, mnist]}}\n")
     sets = [f"data.root={tiny_data}", "data.check_counts=false", "data.val_size=100", "train.epochs=1",
             "train.batch_size=64", "train.device=cpu"]
     result = runner.invoke(app, ["sweep", str(sweep_file), "--results", str(tmp_path / "r"),
