@@ -213,3 +213,11 @@ def test_a_data_set_column_appears_only_where_the_runs_differ_in_it(trained, tmp
     assert rows["experiment[data.name=mnist]"].split()[1:3] == ["mnist", "0"]
     written = markdown_table(aggregate(collect_rows([tmp_path / "mixed"]).rows))
     assert written.startswith("| variant | data | seeds |") and "| experiment[data.name=mnist] | mnist | 0 |" in written
+
+
+def test_a_trials_json_from_before_data_sets_reads_as_fashion_mnist(tmp_path):
+    trial = {"name": "lenet", "status": "completed", "seed": 0, "test_acc": 0.9, "run_dir": ""}
+    (tmp_path / "trials.json").write_text(json.dumps([trial, {**trial, "name": "digits", "data": "mnist"}]))
+    table = aggregate(collect_rows([tmp_path]).rows)
+    assert [(entry["name"], entry["data"]) for entry in table] == [("lenet", "fashion-mnist"), ("digits", "mnist")]
+    assert markdown_table(table).startswith("| variant | data | seeds |")
