@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from cnnlab.compare import aggregate, collect_rows, mean_std, table_cells
+from cnnlab.compare import aggregate, collect_rows, markdown_table, mean_std, table_cells
 from cnnlab.errors import warn
 from cnnlab.identity import experiment_key, variant_labels
 
@@ -184,3 +184,40 @@ def test_an_error_and_a_folder_name_from_files_never_reach_the_terminal_raw(trai
                    invoke("report", tmp_path / "results", "-o", tmp_path / "rep" / "r.md")):
         assert "\x1b" not in result.output and "\x07" not in result.output, result.output
         assert "\\x1b" in result.output  # shown, as an escape
+
+
+# ---------------------------------------------------------------------------------------------
+# The data set, shown where the runs differ in it
+
+
+def test_a_data_set_column_appears_only_where_the_runs_differ_in_it(trained, tmp_path):
+    run, summary = trained
+    mnist = {**summary["data"], "name": "mnist", "title": "MNIST", "classes": list("0123456789")}
+    copy_run(run, tmp_path / "same" / "a")
+    copy_run(run, tmp_path / "same" / "b", {"seed": 1}, seed=1)
+    same = invoke("compare", tmp_path / "same")
+    assert same.exit_code == 0, same.output
+    assert same.output.splitlines()[0].split()[:2] == ["variant", "seeds"]
+
+    copy_run(run, tmp_path / "mixed" / "fashion")
+    copy_run(run, tmp_path / "mixed" / "mnist", {"data.name": "mnist"}, data=mnist)
+    older = copy_run(run, tmp_path / "mixed" / "older", {"seed": 2}, seed=2)  # as cnnlab wrote runs before data sets
+    recorded = json.loads((older / "summary.json").read_text())
+    del recorded["data"]
+    (older / "summary.json").write_text(json.dumps(recorded))
+    mixed = invoke("compare", tmp_path / "mixed")
+    assert mixed.exit_code == 0, mixed.output
+    assert mixed.output.splitlines()[0].split()[:3] == ["variant", "data", "seeds"]
+    rows = rows_of(mixed.output)
+    assert rows["experiment"].split()[1:3] == ["fashion-mnist", "0,2"]  # the older run: Fashion-MNIST's, averaged with it
+    assert rows["experiment[data.name=mnist]"].split()[1:3] == ["mnist", "0"]
+    written = markdown_table(aggregate(collect_rows([tmp_path / "mixed"]).rows))
+    assert written.startswith("| variant | data | seeds |") and "| experiment[data.name=mnist] | mnist | 0 |" in written
+
+
+def test_a_trials_json_from_before_data_sets_reads_as_fashion_mnist(tmp_path):
+    trial = {"name": "lenet", "status": "completed", "seed": 0, "test_acc": 0.9, "run_dir": ""}
+    (tmp_path / "trials.json").write_text(json.dumps([trial, {**trial, "name": "digits", "data": "mnist"}]))
+    table = aggregate(collect_rows([tmp_path]).rows)
+    assert [(entry["name"], entry["data"]) for entry in table] == [("lenet", "fashion-mnist"), ("digits", "mnist")]
+    assert markdown_table(table).startswith("| variant | data | seeds |")

@@ -6,7 +6,7 @@ import torch
 from conftest import idx_bytes, write_dataset
 
 from cnnlab.config import DataConfig
-from cnnlab.data import Augment, load_data, stratified_split
+from cnnlab.data import Augment, fashion_mnist, load_data, stratified_split
 from cnnlab.data.fashion_mnist import find_data_dir, read_idx, read_split
 from cnnlab.errors import UserError
 
@@ -28,13 +28,13 @@ def test_torchvision_layout_is_found(tmp_path):
 
 def test_missing_data_lists_every_place_searched(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNLAB_DATA", str(tmp_path / "env"))
-    monkeypatch.setattr("cnnlab.data.fashion_mnist.CACHE_DIR", tmp_path / "cache")
-    monkeypatch.setattr("cnnlab.data.fashion_mnist.SYSTEM_DIR", tmp_path / "system")
-    (tmp_path / "cache").mkdir()
+    monkeypatch.setattr("cnnlab.data.idx.CACHE_ROOT", tmp_path / "cache")
+    monkeypatch.setattr(fashion_mnist.SET, "system_dir", tmp_path / "system")
+    (tmp_path / "cache" / "fashion-mnist").mkdir(parents=True)
     with pytest.raises(UserError) as info:
         find_data_dir(None)
     message = str(info.value)
-    for place in ("env", "cache", "system"):
+    for place in ("env", "cache/fashion-mnist", "system"):
         assert str(tmp_path / place) in message
     assert "apt-get install dataset-fashion-mnist" in message and "--download" in message
 

@@ -42,7 +42,7 @@ SetOption = Annotated[
 ]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 DataDirOption = Annotated[
-    Optional[Path], typer.Option("--data-dir", help="Folder with the Fashion-MNIST IDX files (.gz or not); sets data.root.")
+    Optional[Path], typer.Option("--data-dir", help="Folder with the data set's files (IDX: .gz or not); sets data.root.")
 ]
 TrustCodeOption = Annotated[
     bool, typer.Option("--trust-code", help="Allow a run whose config names a Python model (module:function) to "
@@ -57,7 +57,7 @@ GpusOption = Annotated[Optional[float], typer.Option(
 CpusOption = Annotated[Optional[float], typer.Option(
     "--cpus-per-trial", min=0.01, help="CPUs each trial gets on Ray (default: the CPUs divided among the trials).")]
 DownloadOption = Annotated[
-    bool, typer.Option("--download", help="Fetch Fashion-MNIST through torchvision if no local copy is found.")
+    bool, typer.Option("--download", help="Fetch the data set through torchvision if no local copy is found.")
 ]
 
 
@@ -385,15 +385,15 @@ def say_skipped(skipped: list[str]) -> None:
 
 
 def print_table(table: list[dict]) -> None:
-    from cnnlab.compare import HEADERS, table_cells
+    from cnnlab.compare import table_headers, table_rows
 
     grid = Table(box=None, header_style="bold")
-    for i, header in enumerate(HEADERS):
+    for i, header in enumerate(table_headers(table)):
         # Numbers are never cut or wrapped; a variant name too long for the terminal folds onto
         # more lines. (Piped output has no width limit at all: see `out`.)
         grid.add_column(header, no_wrap=i > 0, overflow="fold", min_width=len(header) if i > 0 else 8)
-    for entry in table:
-        grid.add_row(*map(literal, table_cells(entry)))
+    for cells in table_rows(table):
+        grid.add_row(*map(literal, cells))
     out.print(grid)
 
 
@@ -543,17 +543,47 @@ def summary(
 
 @app.command()
 def data(
-    data_dir: DataDirOption = None,
+    name: Annotated[Optional[str], typer.Argument(
+        help="A data set (fashion-mnist, mnist, kmnist, ...): describe it (counts per split and class, size, channels, "
+             "mean/std, where its files are). Without it: find and check Fashion-MNIST.", show_default=False)] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", "--root", help="Folder with the data set's files.")] = None,
     download: DownloadOption = False,
-    verify: Annotated[bool, typer.Option("--verify", help="Also compare SHA-256 checksums with the known files.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Also compare the files' checksums with the known ones.")] = False,
+    set_: SetOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Find the Fashion-MNIST files, check them, and say where they are (exit 2 if missing)."""
+    """Describe a data set, or find the Fashion-MNIST files and check them (exit 2 if missing)."""
     with cli_errors(debug):
         from cnnlab.data import DEFAULT, data_set
 
-        for line in data_set(DEFAULT).check(data_dir, download, verify):
-            out.print(line)
+        if name is not None:
+            describe_data(name, data_dir, download, set_)
+        if name is None or verify:  # the files found and checked: all the command said before it took a name
+            for line in data_set(name or DEFAULT).check(data_dir, download, verify):
+                out.print(line)
+
+
+def describe_data(name: str, root: Path | None, download: bool, set_: list[str] | None) -> None:
+    """What ``cnnlab data NAME`` prints: the description, the folder and cache, images per split and class."""
+    from cnnlab.config import load_config
+    from cnnlab.data.overview import overview
+
+    options = {"data.name": name, "data.root": root, "data.download": download or None}
+    cfg = load_config(None, set_, {key: value for key, value in options.items() if value is not None})
+    view = overview(cfg.data)
+    spec = view.spec
+    out.print(Text.assemble(literal(spec.title), f" ({spec.name}): {spec.num_classes} classes, {spec.shape_text} "
+                            "(channels x height x width)"))
+    out.print(Text.assemble("files: ", literal(spec.source or "?")))
+    if view.cache is not None:
+        out.print(Text.assemble("cache: ", literal(view.cache)))
+    channels = ", ".join(f"{m:.4f} / {s:.4f}" for m, s in zip(spec.mean, spec.std))
+    out.print(f"mean / std per channel (training split, pixels in [0, 1]): {channels}")
+    table = Table("label", "class", "train", "test", box=None, header_style="bold")
+    for label, class_name in enumerate(spec.classes):
+        table.add_row(str(label), literal(class_name), f"{view.counts['train'][label]:,}", f"{view.counts['test'][label]:,}")
+    table.add_row("", "all", f"{view.total('train'):,}", f"{view.total('test'):,}")
+    out.print(table)
 
 
 def main() -> None:

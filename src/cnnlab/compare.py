@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
+from cnnlab.data import DEFAULT
 from cnnlab.errors import UserError, warn
 from cnnlab.identity import ExperimentKey, experiment_key, fingerprint, variant_labels
 from cnnlab.numtext import MISSING, finite, number_text
@@ -56,9 +57,19 @@ def row_from_summary(summary: RunSummary, run_dir: Path | None, swept: str = "",
         "status": status or summary.status,
         "error": summary.error or "",
         "run_dir": str(run_dir) if run_dir else "",
+        "data": data_name(summary, config),
         "experiment": experiment,
         "fingerprint": fingerprint(experiment),
     }
+
+
+def data_name(summary: RunSummary, config: dict[str, Any] | None) -> str:
+    """The data set a run trained on: as its summary records it, else as its config names it (a trial that
+    failed before recording any); Fashion-MNIST for runs of cnnlab versions that knew no other."""
+    if summary.data is not None:
+        return summary.data.name
+    named = config.get("data") if config is not None else None
+    return named["name"] if isinstance(named, dict) and isinstance(named.get("name"), str) else DEFAULT
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
@@ -171,8 +182,9 @@ def read_trials(path: Path) -> list[dict[str, Any]]:
         swept = row.get("swept") if isinstance(row.get("swept"), dict) else {}
         run_path = str(path.parent / run_dir) if run_dir else ""
         experiment = _trial_experiment(row.get("experiment"), run_path)
+        data = row.get("data") if isinstance(row.get("data"), str) else DEFAULT  # trials.json before data sets: Fashion-MNIST
         clean.append({**{c: row.get(c) for c in ROW_COLUMNS}, "params_swept": str(row.get("params_swept") or ""),
-                      "error": str(row.get("error") or ""), "swept": swept, "run_dir": run_path,
+                      "error": str(row.get("error") or ""), "swept": swept, "run_dir": run_path, "data": data,
                       "experiment": experiment, "fingerprint": fingerprint(experiment)})
     return clean
 
@@ -243,6 +255,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "failed": len(members) - len(done),
             "unfinished": unfinished,  # status -> count: failed, interrupted, running, stale
             "params": next((r["params"] for r in members if r.get("params")), None),
+            "data": next((r["data"] for r in members if r.get("data")), DEFAULT),
             "run_dirs": [r["run_dir"] for r in members if r.get("run_dir")],
         }
         for metric in METRICS:
@@ -282,13 +295,30 @@ def stat_text(value: Stat, kind: str) -> str:
 HEADERS = ("variant", "seeds", "train loss", "train acc", "val acc", "test acc", "examples/s", "wall s", "params", "status")
 
 
-def table_cells(entry: dict[str, Any]) -> list[str]:
+def shows_data(table: list[dict[str, Any]]) -> bool:
+    """Whether the table needs a data-set column: only where the experiments in it differ in their data set."""
+    return len({entry.get("data") or DEFAULT for entry in table}) > 1
+
+
+def table_headers(table: list[dict[str, Any]]) -> tuple[str, ...]:
+    """``HEADERS``, with ``data`` after the variant where the experiments shown differ in it."""
+    return (HEADERS[0], "data", *HEADERS[1:]) if shows_data(table) else HEADERS
+
+
+def table_rows(table: list[dict[str, Any]]) -> list[list[str]]:
+    """Each experiment's cells, under ``table_headers(table)``."""
+    with_data = shows_data(table)
+    return [table_cells(entry, with_data) for entry in table]
+
+
+def table_cells(entry: dict[str, Any], with_data: bool = False) -> list[str]:
     label = entry["name"]
     unfinished = entry.get("unfinished") or ({"failed": entry["failed"]} if entry["failed"] else {})
     status = "ok" if not unfinished else \
         ", ".join(f"{n} {state}" for state, n in sorted(unfinished.items())) + f" of {entry['runs']}"
     return [
         label,
+        *([entry.get("data") or DEFAULT] if with_data else []),
         ",".join(map(str, entry["seeds"])) or MISSING,
         *(stat_text(entry[m], m) for m in METRICS),
         number_text(entry["params"], grouped=True) if entry["params"] else MISSING,
@@ -297,8 +327,9 @@ def table_cells(entry: dict[str, Any]) -> list[str]:
 
 
 def markdown_table(table: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(table_cells(entry)) + " |" for entry in table]
+    headers = table_headers(table)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(table)]
     return "\n".join(lines) + "\n"
 
 

@@ -143,8 +143,8 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
         for r in runs)))
     if len(table) > 1:
         blocks.append(Block("p", "Across runs (mean ± std over seeds where there are several):"))
-        from cnnlab.compare import HEADERS, table_cells
-        blocks.append(Block("table", headers=HEADERS, rows=tuple(tuple(table_cells(e)) for e in table)))
+        from cnnlab.compare import table_headers, table_rows
+        blocks.append(Block("table", headers=table_headers(table), rows=tuple(map(tuple, table_rows(table)))))
     blocks.append(Block("image", "Validation accuracy per epoch, every run",
                         path=plot_sweep_curves(rows, assets / "compare-curves.png", title="validation accuracy")))
     blocks.append(Block("image", "Final test accuracy per variant (error bars: std over seeds)",

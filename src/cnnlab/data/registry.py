@@ -8,6 +8,8 @@ The data sets cnnlab knows, by the name ``data.name`` gives them. Each is one mo
   for a ``DataConfig``; a data set whose files hold a validation split adds it as a fourth (``data.val_size``
   then draws none from the training split);
 - ``check(root, download, verify)``, the lines ``cnnlab data`` prints (its files found and checked);
+- optionally ``cache_state() -> str``, for a data set kept in a cache: where, and what it holds
+  (``cnnlab data NAME`` prints it);
 - and, for a data set whose description is fixed whatever the files (Fashion-MNIST's classes are), ``SPEC``:
   ``described(name)`` gives it without any config, for runs of older cnnlab versions that recorded none.
 Adding a data set is adding its module here.
@@ -18,13 +20,14 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from cnnlab.data import cifar10, cifar100, fashion_mnist, folder, npz
+from cnnlab.data import cifar10, cifar100, fashion_mnist, folder, kmnist, mnist, npz
 from cnnlab.data.convert import shaped
 from cnnlab.data.spec import DataSpec
 from cnnlab.errors import UserError
 
 DEFAULT = "fashion-mnist"
-DATA_SETS: dict[str, ModuleType] = {module.NAME: module for module in (fashion_mnist, cifar10, cifar100, folder, npz)}
+DATA_SETS: dict[str, ModuleType] = {module.NAME: module for module in (fashion_mnist, mnist, kmnist, cifar10, cifar100, folder,
+                                                                       npz)}
 
 
 def data_set(name: str) -> ModuleType:

@@ -1,0 +1,143 @@
+"""The IDX family: Fashion-MNIST, MNIST and KMNIST through one reader. Tiny sets in their files' names
+and layouts train for an epoch by data.name, eval names their own classes, each set searches its own
+places, and `cnnlab data NAME --verify` checks the published checksums it has."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import pytest
+from conftest import write_dataset
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+from cnnlab.config import load_config
+from cnnlab.data import DATA_SETS, described
+from cnnlab.data.idx import STEMS, Checksum
+from cnnlab.engine import fit
+from cnnlab.errors import UserError
+
+runner = CliRunner()
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+KMNIST_CLASSES = ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]
+
+
+@pytest.mark.parametrize(("name", "layout", "classes"), [
+    ("mnist", "MNIST/raw", [str(d) for d in range(10)]),
+    ("kmnist", "KMNIST/raw", KMNIST_CLASSES),
+])
+def test_the_shipped_mnist_and_kmnist_configs_train_an_epoch_and_eval_names_their_classes(tmp_path, name, layout, classes):
+    write_dataset(tmp_path / "data" / layout, n_train=300, n_test=100)  # torchvision's layout, as --download leaves it
+    cfg = load_config(CONFIGS / "datasets" / f"{name}_lenet.yaml", [f"data.root={tmp_path / 'data'}", "data.check_counts=false",
+                             "data.val_size=50", "train.epochs=1", "train.batch_size=32", "train.device=cpu",
+                             f"output.dir={tmp_path / 'results'}"])
+    summary = fit(cfg, quiet=True)
+    assert summary["data"]["name"] == name and summary["data"]["classes"] == classes
+    result = runner.invoke(app, ["eval", summary["run_dir"]])
+    assert result.exit_code == 0, result.output
+    shown = {line.split()[0] for line in result.output.splitlines()[2:12]}
+    assert shown == set(classes) and "Trouser" not in result.output
+
+
+def test_each_idx_set_has_its_own_classes_and_the_same_reader():
+    assert described("mnist").classes == tuple("0123456789")
+    assert list(described("kmnist").classes) == KMNIST_CLASSES
+    assert described("fashion-mnist").classes[1] == "Trouser"
+    assert {DATA_SETS[n].SET.read_split.__func__ for n in ("fashion-mnist", "mnist", "kmnist")} == \
+        {DATA_SETS["mnist"].SET.read_split.__func__}
+
+
+def test_mnist_counts_are_enforced_by_default(tmp_path):
+    write_dataset(tmp_path, n_train=50, n_test=30)
+    with pytest.raises(UserError, match="50 images, MNIST's train set has 60,000"):
+        fit(load_config(None, ["data.name=mnist", f"data.root={tmp_path}", "train.device=cpu"]), quiet=True)
+
+
+def test_cnnlab_data_is_fashion_mnists_folder_only(tmp_path, monkeypatch):
+    # $CNNLAB_DATA has always named Fashion-MNIST's files, which have MNIST's names and counts: an MNIST
+    # run must never read them. It searches its own cache, where --download puts it.
+    monkeypatch.setenv("CNNLAB_DATA", str(write_dataset(tmp_path / "fashion", n_train=20, n_test=20)))
+    monkeypatch.setattr("cnnlab.data.idx.CACHE_ROOT", tmp_path / "cache")
+    with pytest.raises(UserError) as info:
+        DATA_SETS["kmnist"].SET.find_data_dir(None)
+    message = str(info.value)
+    assert message.startswith("KMNIST not found") and str(tmp_path / "cache" / "kmnist") in message
+    assert str(tmp_path / "fashion") not in message and "apt-get" not in message and "--download" in message
+    write_dataset(tmp_path / "cache" / "kmnist", n_train=20, n_test=20)
+    assert DATA_SETS["kmnist"].SET.find_data_dir(None) == tmp_path / "cache" / "kmnist"
+    assert DATA_SETS["fashion-mnist"].SET.find_data_dir(None) == tmp_path / "fashion"
+
+
+def published(folder: Path, monkeypatch) -> None:
+    """Make the tiny files in ``folder`` MNIST's "published" ones: their MD5s become the known digests."""
+    checksums = {stem: Checksum("md5", hashlib.md5((folder / f"{stem}.gz").read_bytes()).hexdigest(), archive=True)
+                 for stem in STEMS}
+    monkeypatch.setattr(DATA_SETS["mnist"].SET, "checksums", checksums)
+    monkeypatch.setattr(DATA_SETS["mnist"].SET, "counts", {"train": 40, "test": 20})
+
+
+def test_verify_checks_the_archives_md5_and_names_a_changed_one(tmp_path, monkeypatch):
+    folder = write_dataset(tmp_path, n_train=40, n_test=20)
+    published(folder, monkeypatch)
+    assert sum("md5 ok" in line for line in DATA_SETS["mnist"].check(folder, verify=True)) == 4
+    labels = folder / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(gzip.decompress(labels.read_bytes()), mtime=1))  # same labels, another archive
+    lines = []
+    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.gz: checksum differs from MNIST's"):
+        lines.extend(DATA_SETS["mnist"].check(folder, verify=True))
+    assert lines[-1] == "  t10k-labels-idx1-ubyte.gz: md5 MISMATCH"
+
+
+def test_verify_says_when_only_decompressed_files_are_there(tmp_path, monkeypatch):
+    published(write_dataset(tmp_path / "gz", n_train=40, n_test=20), monkeypatch)
+    folder = write_dataset(tmp_path / "plain", n_train=40, n_test=20, compress=False)
+    lines = list(DATA_SETS["mnist"].check(folder, verify=True))
+    assert sum("not checked (MNIST's published md5 is of " in line for line in lines) == 4
+
+
+def test_cnnlab_data_name_describes_the_set(tmp_path, monkeypatch):
+    monkeypatch.setattr("cnnlab.data.idx.CACHE_ROOT", tmp_path / "cache")
+    folder = write_dataset(tmp_path / "data" / "KMNIST" / "raw", n_train=300, n_test=100)
+    result = runner.invoke(app, ["data", "kmnist", "--root", str(tmp_path / "data"), "--set", "data.check_counts=false"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "KMNIST (kmnist): 10 classes, 1x28x28 (channels x height x width)"
+    assert lines[1] == f"files: {tmp_path / 'data'}"
+    assert lines[2] == f"cache: {tmp_path / 'cache' / 'kmnist'} (not made yet; --download fills it)"
+    mean, std = (float(v) for v in lines[3].rsplit(":", 1)[1].split("/"))
+    pixels = DATA_SETS["kmnist"].SET.read_split(folder, "train", check_counts=False).images.double() / 255
+    assert mean == pytest.approx(pixels.mean().item(), abs=1e-4) and std == pytest.approx(pixels.std().item(), abs=1e-3)
+    rows = [line.split() for line in lines[5:16]]
+    assert [row[1] for row in rows[:10]] == KMNIST_CLASSES and all(row[2:] == ["30", "10"] for row in rows[:10])
+    assert rows[10] == ["all", "300", "100"]
+
+
+def test_cnnlab_data_without_a_name_still_checks_fashion_mnist(tmp_path):
+    result = runner.invoke(app, ["data", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "Fashion-MNIST not found" in result.output and "Traceback" not in result.output
+
+
+def test_cnnlab_data_name_verify_names_a_changed_file(tmp_path, monkeypatch):
+    folder = write_dataset(tmp_path, n_train=40, n_test=20)
+    published(folder, monkeypatch)
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(gzip.decompress((folder / "train-images-idx3-ubyte.gz")
+                                                                                      .read_bytes()), mtime=1))
+    result = runner.invoke(app, ["data", "mnist", "--root", str(folder), "--verify"])
+    assert result.exit_code == 2 and "MNIST (mnist): 10 classes" in result.output
+    assert "train-images-idx3-ubyte.gz: md5 MISMATCH" in result.output and "checksum differs from MNIST's" in result.output
+
+
+def test_a_sweep_over_idx_data_sets_shows_each_rows_data_set(tmp_path, tiny_data):
+    sweep_file = tmp_path / "sets.yaml"
+    sweep_file.write_text(f"base: {CONFIGS / 'lenet.yaml'}\ngrid: {{data.name: [fashion-mnist, mnist]}}\n")
+    sets = [f"data.root={tiny_data}", "data.check_counts=false", "data.val_size=100", "train.epochs=1",
+            "train.batch_size=64", "train.device=cpu"]
+    result = runner.invoke(app, ["sweep", str(sweep_file), "--results", str(tmp_path / "r"),
+                                 *(arg for s in sets for arg in ("--set", s))])
+    assert result.exit_code == 0, result.output
+    [sweep_dir] = (tmp_path / "r" / "sweeps" / "sets").glob("2*")
+    table = (sweep_dir / "summary.md").read_text()
+    assert "| variant | data | seeds |" in table
+    assert "| name=fashion-mnist | fashion-mnist | 0 |" in table and "| name=mnist | mnist | 0 |" in table
