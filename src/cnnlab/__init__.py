@@ -1,4 +1,4 @@
-"""cnnlab: run, compare and look inside CNN experiments on Fashion-MNIST.
+"""cnnlab: run, compare and look inside CNN experiments on image classification data.
 
 Usage: ``cnnlab run configs/lenet.yaml`` (see ``cnnlab --help``).
 """

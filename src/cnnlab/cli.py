@@ -24,7 +24,7 @@ from cnnlab.errors import TrainingError, UserError
 
 app = typer.Typer(
     name="cnnlab",
-    help="Run, compare and look inside CNN experiments on Fashion-MNIST.",
+    help="Run, compare and look inside CNN experiments on image classification data.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
