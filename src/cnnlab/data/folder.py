@@ -389,7 +389,8 @@ def splits(cfg, layout: Layout, decoded: Decoded) -> tuple:
     return (layout.root, train, test, *((parts["val"],) if "val" in parts else ()))
 
 
-def check(root: Path | None = None, download: bool = False, verify: bool = False) -> Iterator[str]:
+def check(root: Path | None = None, download: bool = False, verify: bool = False,
+          check_counts: bool = True) -> Iterator[str]:
     """What ``cnnlab data`` says of a data folder: its classes and the pictures each split holds."""
     layout = scan(root)
     classes = printable(", ".join(layout.classes))

@@ -11,7 +11,8 @@ The data sets cnnlab knows, by the name ``data.name`` gives them. Each is one mo
   and ``read_splits`` at once, for a data set whose two would each go over the same files (a folder of
   pictures lists and stats every file); ``load_data`` uses it when there is one. Nothing is kept between
   calls: each answers from the files as they are;
-- ``check(root, download, verify)``, the lines ``cnnlab data`` prints (its files found and checked);
+- ``check(root, download, verify, check_counts)``, the lines ``cnnlab data`` prints (its files found and checked;
+  ``check_counts`` is ``data.check_counts``: whether a set with known image counts holds them);
 - optionally ``cache_state() -> str``, for a data set kept in a cache: where, and what it holds
   (``cnnlab data NAME`` prints it);
 - and, for a data set whose description is fixed whatever the files (Fashion-MNIST's classes are), ``SPEC``:
