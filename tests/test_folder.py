@@ -281,3 +281,21 @@ def test_describe_reads_headers_only_and_agrees_with_the_load(tmp_path):
     assert (before.classes, before.channels, before.image_size) == (CLASSES, 3, (16, 16))
     data = load_data(cfg, 0, torch.device("cpu"))
     assert describe(cfg) == before and data.spec.input_shape == before.input_shape
+
+
+def test_a_load_lists_the_folder_once_decoded_or_cached(tmp_path, monkeypatch, capsys):
+    # Listing and stat-ing every file was most of a cached load of 70,000 pictures; describe and
+    # read_splits each did it, so a load did it twice. The real scan still runs: this only counts it.
+    from cnnlab.data import folder
+
+    scans = []
+    real_scan = folder.scan
+    monkeypatch.setattr(folder, "scan", lambda root: scans.append(root) or real_scan(root))
+    root = make_folder(tmp_path / "pictures", per_class=6)
+    cfg = load_config(None, overrides(root, tmp_path)).data
+    first = load_data(cfg, 0, torch.device("cpu"))
+    assert len(scans) == 1 and "decoded 36 images" in capsys.readouterr().err
+    second = load_data(cfg, 0, torch.device("cpu"))
+    assert len(scans) == 2 and "from cache" in capsys.readouterr().err
+    assert first.spec == second.spec == describe(cfg).model_copy(update={"mean": first.spec.mean, "std": first.spec.std,
+                                                                          "source": first.spec.source})

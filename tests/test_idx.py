@@ -141,3 +141,15 @@ def test_a_sweep_over_idx_data_sets_shows_each_rows_data_set(tmp_path, tiny_data
     table = (sweep_dir / "summary.md").read_text()
     assert "| variant | data | seeds |" in table
     assert "| name=fashion-mnist | fashion-mnist | 0 |" in table and "| name=mnist | mnist | 0 |" in table
+
+
+def test_cnnlab_data_name_verify_honours_check_counts(tmp_path, monkeypatch):
+    # The description honoured data.check_counts, then the check of the files demanded MNIST's counts anyway.
+    folder = write_dataset(tmp_path, n_train=40, n_test=20)
+    published(folder, monkeypatch)
+    monkeypatch.setattr(DATA_SETS["mnist"].SET, "counts", {"train": 60_000, "test": 10_000})
+    result = runner.invoke(app, ["data", "mnist", "--root", str(folder), "--verify", "--set", "data.check_counts=false"])
+    assert result.exit_code == 0, result.output
+    assert "  train: 40 images, 28x28" in result.output and sum("md5 ok" in line for line in result.output.splitlines()) == 4
+    result = runner.invoke(app, ["data", "mnist", "--root", str(folder), "--verify"])
+    assert result.exit_code == 2 and "40 images, MNIST's train set has 60,000" in result.output

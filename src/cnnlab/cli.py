@@ -554,23 +554,23 @@ def data(
 ) -> None:
     """Describe a data set, or find the Fashion-MNIST files and check them (exit 2 if missing)."""
     with cli_errors(debug):
-        from cnnlab.data import DEFAULT, data_set
+        from cnnlab.config import load_config
+        from cnnlab.data import data_set
 
+        options = {"data.name": name, "data.root": data_dir, "data.download": download or None}
+        cfg = load_config(None, set_, {key: value for key, value in options.items() if value is not None}).data
         if name is not None:
-            describe_data(name, data_dir, download, set_)
+            describe_data(cfg)
         if name is None or verify:  # the files found and checked: all the command said before it took a name
-            for line in data_set(name or DEFAULT).check(data_dir, download, verify):
+            for line in data_set(cfg.name).check(data_dir, download, verify, check_counts=cfg.check_counts):
                 out.print(line)
 
 
-def describe_data(name: str, root: Path | None, download: bool, set_: list[str] | None) -> None:
-    """What ``cnnlab data NAME`` prints: the description, the folder and cache, images per split and class."""
-    from cnnlab.config import load_config
+def describe_data(cfg) -> None:
+    """What ``cnnlab data NAME`` prints of a ``DataConfig``: the description, folder and cache, images per split and class."""
     from cnnlab.data.overview import overview
 
-    options = {"data.name": name, "data.root": root, "data.download": download or None}
-    cfg = load_config(None, set_, {key: value for key, value in options.items() if value is not None})
-    view = overview(cfg.data)
+    view = overview(cfg)
     spec = view.spec
     out.print(Text.assemble(literal(spec.title), f" ({spec.name}): {spec.num_classes} classes, {spec.shape_text} "
                             "(channels x height x width)"))

@@ -283,12 +283,12 @@ def read_splits(dist: Distribution, cfg: Any) -> tuple[Path, Split, Split]:
     return folder, *(read_split(dist, folder, layout, split, kind, cfg.check_counts) for split in ("train", "test"))
 
 
-def check(dist: Distribution, root: Path | None, download: bool, verify: bool) -> Iterator[str]:
+def check(dist: Distribution, root: Path | None, download: bool, verify: bool, check_counts: bool = True) -> Iterator[str]:
     """What ``cnnlab data`` says, line by line: where the files are and what each split holds."""
     folder, layout = find(dist, root, download)
     yield f"{dist.title} found in {folder} ({layout} distribution)"
     for split in dist.counts:
-        loaded = read_split(dist, folder, layout, split, "fine", check_counts=True)
+        loaded = read_split(dist, folder, layout, split, "fine", check_counts)
         yield f"  {split}: {len(loaded):,} images, {IMAGE_SIZE}x{IMAGE_SIZE} RGB"
     if verify:
         yield "  (no checksums are known for the extracted files: --download checks the archive's MD5)"

@@ -60,5 +60,6 @@ def read_splits(cfg) -> tuple[Path, Split, Split]:
     return cifar.read_splits(DISTRIBUTION, cfg)
 
 
-def check(root: Path | None = None, download: bool = False, verify: bool = False) -> Iterator[str]:
-    return cifar.check(DISTRIBUTION, root, download, verify)
+def check(root: Path | None = None, download: bool = False, verify: bool = False,
+          check_counts: bool = True) -> Iterator[str]:
+    return cifar.check(DISTRIBUTION, root, download, verify, check_counts)

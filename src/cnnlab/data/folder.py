@@ -341,6 +341,10 @@ def describe(cfg) -> DataSpec:
         size, channels, _ = read_meta(arrays["meta"])
     else:
         size, channels = settings(cfg, layout, {})
+    return spec_of(layout, size, channels)
+
+
+def spec_of(layout: Layout, size: tuple[int, int], channels: int) -> DataSpec:
     return DataSpec(name=NAME, title=title(layout), classes=layout.classes, channels=channels, image_size=size,
                     dark_background=False)  # pictures of anything: never inverted by predict
 
@@ -357,10 +361,22 @@ def held_out_test(cfg, train: Split, names: list[str]) -> tuple[Split, Split]:
     return Split(train.images[keep], train.labels[keep]), Split(train.images[test], train.labels[test])
 
 
+def read(cfg) -> tuple:
+    """(the description, the folder, the training split, the test split[, the validation split when there is
+    a val/ folder]) from one listing of the folder: a load lists (and stats) its files once, not once for
+    ``describe`` and again for ``read_splits``."""
+    layout = scan(cfg.root)
+    decoded, size, channels = load(cfg, layout)
+    return (spec_of(layout, size, channels), *splits(cfg, layout, decoded))
+
+
 def read_splits(cfg) -> tuple:
     """(the folder, the training split, the test split[, the validation split when there is a val/ folder])."""
-    layout = scan(cfg.root)
-    decoded, _, _ = load(cfg, layout)
+    return read(cfg)[1:]
+
+
+def splits(cfg, layout: Layout, decoded: Decoded) -> tuple:
+    """``read_splits``' answer from the folder's decoded pixels."""
     images, labels = torch.from_numpy(decoded.images), torch.from_numpy(decoded.labels)
     parts = {split: Split(images[mask], labels[mask]) for split, mask in
              ((split, torch.from_numpy(decoded.splits == SPLITS.index(split))) for split in layout.splits)}
@@ -373,7 +389,8 @@ def read_splits(cfg) -> tuple:
     return (layout.root, train, test, *((parts["val"],) if "val" in parts else ()))
 
 
-def check(root: Path | None = None, download: bool = False, verify: bool = False) -> Iterator[str]:
+def check(root: Path | None = None, download: bool = False, verify: bool = False,
+          check_counts: bool = True) -> Iterator[str]:
     """What ``cnnlab data`` says of a data folder: its classes and the pictures each split holds."""
     layout = scan(root)
     classes = printable(", ".join(layout.classes))

@@ -216,13 +216,14 @@ class IdxSet:
         root = self.find_data_dir(cfg.root, cfg.download)
         return root, self.read_split(root, "train", cfg.check_counts), self.read_split(root, "test", cfg.check_counts)
 
-    def check(self, root: Path | None = None, download: bool = False, verify: bool = False) -> Iterator[str]:
+    def check(self, root: Path | None = None, download: bool = False, verify: bool = False,
+              check_counts: bool = True) -> Iterator[str]:
         """What ``cnnlab data`` says, line by line: where the files are, what each split holds and, with
-        ``verify``, whether each file's checksum is the known one."""
+        ``verify``, whether each file's checksum is the known one; ``check_counts`` as ``data.check_counts``."""
         folder = self.find_data_dir(root, download)
         yield f"{self.title} found in {folder}"
         for split in FILES:
-            loaded = self.read_split(folder, split)
+            loaded = self.read_split(folder, split, check_counts)
             yield f"  {split}: {len(loaded):,} images, {IMAGE_SIZE}x{IMAGE_SIZE}, labels 0-{len(self.classes) - 1}"
         if verify:
             yield from self.verify(folder)

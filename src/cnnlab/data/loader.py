@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -183,13 +184,19 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(m for m, _ in stats), tuple(s for _, s in stats)
 
 
+def read(source: ModuleType, cfg) -> tuple:
+    """(description, folder, train, test[, val]) of a data set module: through its ``read`` when it has one
+    (one pass over its files), else its ``describe`` and ``read_splits``."""
+    both = getattr(source, "read", None)
+    return both(cfg) if both is not None else (source.describe(cfg), *source.read_splits(cfg))
+
+
 def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False) -> Data:
     """Read, validate and split the data set described by a ``DataConfig``, onto ``device``."""
     source = data_set(getattr(cfg, "name", DEFAULT))
-    described = source.describe(cfg)
+    # A data set whose files hold a validation split (a folder's val/) gives it last.
+    described, root, train, test, *given_val = read(source, cfg)
     wanted = shaped(described, cfg)  # as data.image_size and data.channels ask
-    # A data set whose files hold a validation split (a folder's val/) gives it as a fourth.
-    root, train, test, *given_val = source.read_splits(cfg)
     for split in (train, test, *given_val):
         if tuple(split.images.shape[1:]) != described.input_shape:
             raise UserError(f"{root}: images of {'x'.join(map(str, split.images.shape[1:]))}, but {described.title}'s are "

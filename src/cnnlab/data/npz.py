@@ -180,7 +180,8 @@ def read_splits(cfg) -> tuple[Path, Split, Split]:
     return path, train, read["test"]
 
 
-def check(root: Path | None = None, download: bool = False, verify: bool = False) -> Iterator[str]:
+def check(root: Path | None = None, download: bool = False, verify: bool = False,
+          check_counts: bool = True) -> Iterator[str]:
     """What ``cnnlab data`` says of an archive: each split's images, size and labels."""
     if download:
         raise UserError("data.name: npz: an archive is yours to give; there is nothing to download")

@@ -7,7 +7,12 @@ The data sets cnnlab knows, by the name ``data.name`` gives them. Each is one mo
 - ``read_splits(cfg) -> (folder, train Split, test Split)``, which finds, reads and validates its files
   for a ``DataConfig``; a data set whose files hold a validation split adds it as a fourth (``data.val_size``
   then draws none from the training split);
-- ``check(root, download, verify)``, the lines ``cnnlab data`` prints (its files found and checked);
+- optionally ``read(cfg) -> (DataSpec, folder, train Split, test Split[, validation Split])``: ``describe``
+  and ``read_splits`` at once, for a data set whose two would each go over the same files (a folder of
+  pictures lists and stats every file); ``load_data`` uses it when there is one. Nothing is kept between
+  calls: each answers from the files as they are;
+- ``check(root, download, verify, check_counts)``, the lines ``cnnlab data`` prints (its files found and checked;
+  ``check_counts`` is ``data.check_counts``: whether a set with known image counts holds them);
 - optionally ``cache_state() -> str``, for a data set kept in a cache: where, and what it holds
   (``cnnlab data NAME`` prints it);
 - and, for a data set whose description is fixed whatever the files (Fashion-MNIST's classes are), ``SPEC``:
