@@ -8,12 +8,9 @@ Python one ``cifar-100-python/`` (read without running any pickled code).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from functools import partial
 
 from cnnlab.data import cifar
-from cnnlab.data.spec import DataSpec
-from cnnlab.data.splits import Split
 
 NAME = "cifar100"
 FINE = (
@@ -52,14 +49,7 @@ DISTRIBUTION = cifar.Distribution(
 )
 
 
-def describe(cfg) -> DataSpec:
-    return cifar.describe(DISTRIBUTION, cfg)
-
-
-def read_splits(cfg) -> tuple[Path, Split, Split]:
-    return cifar.read_splits(DISTRIBUTION, cfg)
-
-
-def check(root: Path | None = None, download: bool = False, verify: bool = False,
-          check_counts: bool = True) -> Iterator[str]:
-    return cifar.check(DISTRIBUTION, root, download, verify, check_counts)
+# The module interface (data/registry.py), each CIFAR function bound to this distribution.
+describe = partial(cifar.describe, DISTRIBUTION)
+read_splits = partial(cifar.read_splits, DISTRIBUTION)
+check = partial(cifar.check, DISTRIBUTION)

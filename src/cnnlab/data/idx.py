@@ -46,6 +46,11 @@ class Checksum:
     archive: bool = False
 
 
+def archive_md5s(digests: dict[str, str]) -> dict[str, Checksum]:
+    """The published MD5s of a set's ``.gz`` archives, by file stem, as ``Checksum``s."""
+    return {stem: Checksum("md5", digest, archive=True) for stem, digest in digests.items()}
+
+
 @dataclass(eq=False)
 class IdxSet:
     """One data set of the IDX family. Its module exposes ``NAME``, ``SPEC`` and the methods below."""

@@ -8,7 +8,7 @@ hiragana characters, as four IDX files in a folder the user names, in cnnlab's c
 
 from __future__ import annotations
 
-from cnnlab.data.idx import Checksum, IdxSet
+from cnnlab.data.idx import IdxSet, archive_md5s
 
 # The published MD5s of the .gz archives, as torchvision lists them (torchvision/datasets/mnist.py,
 # KMNIST.resources, torchvision 0.29): `cnnlab data kmnist --verify` checks the .gz files it finds.
@@ -17,12 +17,12 @@ SET = IdxSet(
     name="kmnist",
     title="KMNIST",
     classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
-    checksums={stem: Checksum("md5", digest, archive=True) for stem, digest in {
+    checksums=archive_md5s({
         "train-images-idx3-ubyte": "bdb82020997e1d708af4cf47b453dcf7",
         "train-labels-idx1-ubyte": "e144d726b3acfaa3e44228e80efcd344",
         "t10k-images-idx3-ubyte": "5c965bf0a639b31b8f53240b1b52f4d7",
         "t10k-labels-idx1-ubyte": "7320c461ea6c1c855c0b718fb2a4b134",
-    }.items()},
+    }),
     torchvision="KMNIST",
 )
 

@@ -8,7 +8,7 @@ reader (``idx.py``) does the rest.
 
 from __future__ import annotations
 
-from cnnlab.data.idx import Checksum, IdxSet
+from cnnlab.data.idx import IdxSet, archive_md5s
 
 # The published MD5s of the .gz archives, as torchvision lists them (torchvision/datasets/mnist.py,
 # MNIST.resources, torchvision 0.29): `cnnlab data mnist --verify` checks the .gz files it finds.
@@ -16,12 +16,12 @@ SET = IdxSet(
     name="mnist",
     title="MNIST",
     classes=tuple(str(digit) for digit in range(10)),
-    checksums={stem: Checksum("md5", digest, archive=True) for stem, digest in {
+    checksums=archive_md5s({
         "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
         "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
         "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
         "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
-    }.items()},
+    }),
     torchvision="MNIST",
 )
 
