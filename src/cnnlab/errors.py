@@ -10,13 +10,19 @@ import sys
 from cnnlab.safetext import printable
 
 
-def warn(text: str) -> None:
-    """One warning line on stderr, printed literally: control characters from files are shown as escapes."""
+def say(text: str) -> None:
+    """One line on stderr, printed literally (control characters from files are shown as escapes); a line
+    nobody can read never stops the command."""
     try:
-        sys.stderr.write(f"warning: {printable(text)}\n")
+        sys.stderr.write(f"{printable(text)}\n")
         sys.stderr.flush()
     except (OSError, ValueError):
-        pass  # nobody is reading: the warning cannot be shown, and must not stop the command
+        pass
+
+
+def warn(text: str) -> None:
+    """One warning line on stderr, printed literally."""
+    say(f"warning: {text}")
 
 
 class UserError(Exception):

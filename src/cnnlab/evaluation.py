@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from cnnlab.data.splits import Split
 from cnnlab.errors import UserError
 from cnnlab.results import atomic_write_text, check_output_dir
 from cnnlab.runs import open_run
@@ -59,11 +60,11 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", t
              for i in order if off.flatten()[i] > 0]
     report = EvalReport(split, checkpoint, len(labels), result.acc, result.loss, per_class, pairs, result.confusion,
                         str(folder))
-    write_outputs(report, folder, data.split(split).images, labels, preds, classes)
+    write_outputs(report, folder, data.split(split), labels, preds, classes)
     return report
 
 
-def write_outputs(report: EvalReport, folder: Path, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
+def write_outputs(report: EvalReport, folder: Path, split: Split, labels: torch.Tensor, preds: torch.Tensor,
                   classes: tuple[str, ...]) -> None:
     from cnnlab.plots import confusion_figure, picture, plt, save_figure
 
@@ -87,7 +88,7 @@ def write_outputs(report: EvalReport, folder: Path, images: torch.Tensor, labels
         axis.axis("off")
         if k < len(wrong):
             i = int(wrong[k])
-            axis.imshow(picture(images[i]), cmap="gray")
+            axis.imshow(picture(split.window(i, i + 1)[0]), cmap="gray")
             axis.set_title(f"#{i}\n{classes[int(labels[i])]}\n-> {classes[int(preds[i])]}", fontsize=7)
     fig.suptitle(f"first {len(wrong)} misclassified {report.split} images (true -> predicted)", fontsize=9)
     save_figure(fig, folder / "errors.png")

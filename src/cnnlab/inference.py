@@ -231,7 +231,7 @@ def predict(run_dir: Path, images: list[Path], *, split: str | None = None, inde
         chosen = data.split(split or "test")
         if not 0 <= index < len(chosen):
             raise UserError(f"--image {index}: the {split or 'test'} split has images 0 to {len(chosen) - 1}")
-        batch.append(chosen.images[index])
+        batch.append(chosen.window(index, index + 1)[0])
         sources.append(f"{split or 'test'} image {index}")
         labels.append(classes[int(chosen.labels[index])])
     else:
@@ -282,7 +282,7 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool
     try:
         model = Normalized(opened.model, *normalization(opened)).eval()
         data = opened.load_data()
-        pixels = data.test.images[:CHECK_IMAGES].float() / 255
+        pixels = data.test.window(0, CHECK_IMAGES).float() / 255
         with torch.no_grad():
             expected = model(pixels)
         got = _export_onnx(model, pixels, temporary, onnx_metadata(opened.spec)) if fmt == "onnx" \

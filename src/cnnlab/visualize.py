@@ -181,7 +181,7 @@ def visualize(
         raise UserError(f"--split {split!r}: choose test or val")
     index = pick_image(data, split, image, class_name)
     chosen = data.split(split)
-    x = data.prepare(chosen.images[index : index + 1])
+    x = data.prepare(chosen.window(index, index + 1))
     truth = int(chosen.labels[index])
     if layer is None:
         layer = cam_layer(model, x) if mode == "cam" else "0"
@@ -189,7 +189,7 @@ def visualize(
     described = f"layer {layer}" + (f" ({name})" if name != layer else "") + f": {short_repr(module)}"
     logits, activation = capture(model, module, x)
     predicted = int(logits.argmax(1))
-    raw = picture(chosen.images[index].float() / 255)
+    raw = picture(chosen.window(index, index + 1)[0].float() / 255)
     classes = opened.spec.classes
 
     if mode == "filters":

@@ -13,15 +13,42 @@ import torch
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 [N, channels, height, width]
+    """A split's pixels and labels. A memory-mapped split (``mapped``) is never copied to make smaller ones:
+    its ``images`` stay the mapped set's, and ``rows`` says which of them are the split's."""
+
+    images: torch.Tensor  # uint8 [N, channels, height, width] (with ``rows``: a larger set, of which these are some)
     labels: torch.Tensor  # int64 [N]
     skipped: tuple[str, ...] = ()  # pictures passed over as undecodable (data.skip_bad), "file: problem" each
+    mapped: bool = False  # ``images`` is a view of a memory-mapped file
+    rows: torch.Tensor | None = None  # int64 [N]: the rows of ``images`` that are this split's, in order
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """[N, channels, height, width] of the split's pixels."""
+        return (len(self), *self.images.shape[1:])
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """The pixels of the images at positions ``index`` (on the pixels' device), gathered."""
+        return self.images[index if self.rows is None else self.rows[index]]
+
+    def window(self, start: int, stop: int) -> torch.Tensor:
+        """The pixels of the images ``start`` to ``stop``: a view when they are stored in order."""
+        return self.images[start:stop] if self.rows is None else self.images[self.rows[start:stop]]
+
+    def subset(self, index: torch.Tensor) -> Split:
+        """The images at positions ``index``: copied out, or for a mapped split, their rows noted."""
+        if not self.mapped:
+            return Split(self.images[index], self.labels[index])
+        rows = index if self.rows is None else self.rows[index]
+        return Split(self.images, self.labels[index], mapped=True, rows=rows)
+
     def to(self, device: torch.device) -> Split:
-        return Split(self.images.to(device), self.labels.to(device))
+        """The split whole on ``device`` (a mapped one read into memory)."""
+        images = self.images if self.rows is None else self.take(torch.arange(len(self)))
+        return Split(images.to(device), self.labels.to(device))
 
 
 def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
