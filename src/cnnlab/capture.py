@@ -83,6 +83,8 @@ def why_not(session: Trainables) -> str | None:
         return "train.compile: compiled kernels bypass the PyTorch operators that the emulation records"
     if session.world.distributed:
         return "torchrun: DistributedDataParallel's gradient hooks are not captured here"
+    if session.data.placement != "device":
+        return f"data.placement: the data is not whole on the device ({session.data.placement}), and a graph cannot copy it there"
     return None
 
 

@@ -61,6 +61,9 @@ class DataConfig(Section):
     channels: Literal["auto", 1, 3] = "auto"  # 3 repeats a grey set's channel, 1 makes colour grey (BT.601 luma)
     # class names (index = label) for data whose files do not name them (npz); null = "0" to "K-1"
     classes: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(None, min_length=1)
+    # where the pixels stay while training: auto (on the device when they fit, else host memory, else the cache file
+    # memory-mapped), device, host (pinned on CUDA, batches copied ahead), mapped (data.name: folder's cache file)
+    placement: Literal["auto", "device", "host", "mapped"] = "auto"
     augment: AugmentConfig = AugmentConfig()
 
     @field_validator("test_size")

@@ -23,7 +23,7 @@ import torch
 
 from cnnlab.config import Config, dump_config, parse_override, set_value, validate
 from cnnlab.data import Data
-from cnnlab.errors import TrainingError, UserError, warn
+from cnnlab.errors import TrainingError, UserError, say, warn
 from cnnlab.listeners import Listener
 from cnnlab.modelinfo import count_params
 from cnnlab.progress import make_reporter
@@ -99,6 +99,8 @@ def start(cfg: Config, opening: Opening, reporter: Listener | None, quiet: bool,
     """
     with StopSignals() as stop:
         session = prepare(cfg)
+        if session.world.is_main:
+            say(session.data.placement_line)
         state = opening.restore(session)
         stop.check()  # asked to stop while setting up: leave before anything is written
         reporter = reporter or make_reporter(quiet=quiet)

@@ -24,23 +24,24 @@ import hashlib
 import json
 import os
 import stat
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cnnlab.data import cache, pictures
+from cnnlab.data.placement import keep_mapped
 from cnnlab.data.spec import DataSpec
 from cnnlab.data.splits import Split, stratified_split
-from cnnlab.errors import UserError
+from cnnlab.errors import UserError, say
 from cnnlab.safetext import printable
 
 NAME = "folder"
+MAPPABLE = True  # its cache file can be memory-mapped (data.placement: mapped)
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1  # bump when what a cache file holds, or how pictures are decoded, changes
 ARRAYS = ("images", "labels", "splits", "meta")
@@ -73,6 +74,7 @@ class Decoded:
     labels: np.ndarray  # int64 [N]
     splits: np.ndarray  # uint8 [N]: the position in SPLITS of each picture's split
     skipped: tuple[str, ...]  # "train/cat/7.png: cannot be decoded (...)", for each picture passed over
+    mapped: bool = False  # ``images`` is memory-mapped from the cache file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +273,7 @@ def cached(layout: Layout, key: str, only_meta: bool = False) -> dict[str, np.nd
     or it is corrupt (which is said, and it is rebuilt)."""
     path = cache.cache_file(NAME, key)
     try:
-        arrays = cache.read(path, ARRAYS, only=("meta",) if only_meta else None)
+        arrays = cache.read(path, ARRAYS, only=("meta",) if only_meta else None, mapped=("images",))
         if arrays is None:
             return None
         read_meta(arrays["meta"], None if only_meta else arrays["images"])
@@ -280,7 +282,7 @@ def cached(layout: Layout, key: str, only_meta: bool = False) -> dict[str, np.nd
             if not (images.dtype == np.uint8 and images.ndim == 4 and labels.dtype == np.int64 and splits.dtype == np.uint8
                     and len(images) == len(labels) == len(splits)
                     and (len(labels) == 0 or (labels.min() >= 0 and labels.max() < len(layout.classes)
-                                              and splits.max() < len(SPLITS)))):
+                                              and splits.max() < len(SPLITS) and (np.diff(splits) >= 0).all()))):
                 raise ValueError("its arrays do not agree")
         return arrays
     except (cache.CorruptCache, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
@@ -288,30 +290,24 @@ def cached(layout: Layout, key: str, only_meta: bool = False) -> dict[str, np.nd
         return None
 
 
-def say(line: str) -> None:
-    """One line on stderr about the data (which path was taken); never stops the command."""
-    try:
-        sys.stderr.write(printable(line) + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
-
-
 def load(cfg, layout: Layout) -> tuple[Decoded, tuple[int, int], int]:
-    """``layout``'s pixels: read from the cache, or decoded and cached."""
+    """``layout``'s pixels: read from the cache, or decoded and cached; left memory-mapped in the cache file
+    when ``data.placement`` asks for it or (auto) they would take more than half the memory available."""
     size_asked, channels_asked = asked_size(cfg), asked_channels(cfg)
     key = cache_key(layout, size_asked, channels_asked)
     path = cache.cache_file(NAME, key)
     started = time.perf_counter()
     arrays = cached(layout, key)
+    asked = getattr(cfg, "placement", "auto")
     if arrays is not None:
         size, channels, skipped = read_meta(arrays["meta"], arrays["images"])
         if skipped and not getattr(cfg, "skip_bad", False):
             raise UserError(f"{printable(str(layout.root))}/{printable(skipped[0])}; remove or replace it, or set "
                             "data.skip_bad: true to train without the pictures that cannot be decoded")
+        mapped = keep_mapped(arrays["images"].nbytes, asked)
+        images = arrays["images"] if mapped else np.array(arrays["images"])
         say(f"read {len(arrays['labels']):,} images from cache {path} in {time.perf_counter() - started:.1f} s")
-        decoded = Decoded(arrays["images"], arrays["labels"], arrays["splits"], skipped)
-        return decoded, size, channels
+        return Decoded(images, arrays["labels"], arrays["splits"], skipped, mapped), size, channels
     decoded, size, channels = decode(cfg, layout)
     try:
         cache.write(path, {"images": decoded.images, "labels": decoded.labels, "splits": decoded.splits,
@@ -320,6 +316,10 @@ def load(cfg, layout: Layout) -> tuple[Decoded, tuple[int, int], int]:
     except OSError as err:  # a full disk or a read-only home: the data is decoded, the next run decodes again
         where = f"no cache ({path}: {err.strerror or err})"
     say(f"decoded {len(decoded.labels):,} images in {time.perf_counter() - started:.1f} s -> {where}")
+    if where.startswith("cache") and keep_mapped(decoded.images.nbytes, asked):
+        arrays = cached(layout, key)  # the file just written, mapped: the decoded copy in memory is let go
+        if arrays is not None:
+            decoded = Decoded(arrays["images"], arrays["labels"], arrays["splits"], decoded.skipped, mapped=True)
     return decoded, size, channels
 
 
@@ -358,7 +358,7 @@ def held_out_test(cfg, train: Split, names: list[str]) -> tuple[Split, Split]:
                         f"needs at least one and must leave some to train on (or make a test/ folder)")
     seed = int.from_bytes(hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).digest()[:8], "big") % 2**63
     keep, test = stratified_split(train.labels, count, seed)
-    return Split(train.images[keep], train.labels[keep]), Split(train.images[test], train.labels[test])
+    return train.subset(keep), train.subset(test)
 
 
 def read(cfg) -> tuple:
@@ -376,16 +376,18 @@ def read_splits(cfg) -> tuple:
 
 
 def splits(cfg, layout: Layout, decoded: Decoded) -> tuple:
-    """``read_splits``' answer from the folder's decoded pixels."""
+    """``read_splits``' answer from the folder's decoded pixels, whose splits are stored one after another:
+    each is a view of them, never a copy (a mapped set stays mapped)."""
     images, labels = torch.from_numpy(decoded.images), torch.from_numpy(decoded.labels)
-    parts = {split: Split(images[mask], labels[mask]) for split, mask in
-             ((split, torch.from_numpy(decoded.splits == SPLITS.index(split))) for split in layout.splits)}
+    ends = np.searchsorted(decoded.splits, np.arange(len(SPLITS) + 1), side="left")
+    parts = {split: Split(images[ends[i]:ends[i + 1]], labels[ends[i]:ends[i + 1]], mapped=decoded.mapped)
+             for i, split in enumerate(SPLITS) if split in layout.splits}
     train = parts["train"]
     if "test" in parts:
         test = parts["test"]
     else:
         train, test = held_out_test(cfg, train, [picture.name for picture in layout.splits["train"]])
-    train = Split(train.images, train.labels, skipped=decoded.skipped)
+    train = replace(train, skipped=decoded.skipped)
     return (layout.root, train, test, *((parts["val"],) if "val" in parts else ()))
 
 

@@ -19,6 +19,7 @@ from types import ModuleType
 import torch
 
 from cnnlab.data.convert import converted, shaped
+from cnnlab.data.placement import ahead, choose, line
 from cnnlab.data.registry import DEFAULT, data_set
 from cnnlab.data.spec import DataSpec
 from cnnlab.data.splits import Split, stratified_split
@@ -81,12 +82,15 @@ class Data:
     channels_last: bool = False
     augment_generator: torch.Generator | None = None
     skipped: tuple[str, ...] = ()  # pictures the data set passed over as undecodable (data.skip_bad), "file: problem"
+    device: torch.device | None = None  # the training device (None: where the pixels are)
+    placement: str = "device"  # where the pixels stay (placement.py): device, host or mapped
+    placement_line: str = ""  # the one line that says so
 
     def __post_init__(self) -> None:
         # One channel: plain numbers, subtracted as they always were. Several: (1, C, 1, 1) tensors made
         # once on the device, never per batch (a captured CUDA-graph step cannot copy from the host).
         mean, std = self.spec.mean or (0.0,), self.spec.std or (1.0,)
-        device = self.train.images.device
+        device = self.device = self.device or self.train.images.device
         self._shift, self._scale = (mean[0], std[0]) if len(mean) == 1 else \
             (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
 
@@ -141,15 +145,21 @@ class Data:
         """
         split = self.split(name)
         n = len(split)
+        order = None
         if shuffle:
             order = torch.randperm(n, generator=generator).to(split.images.device)
             n = _without_short_last(n, batch_size, min_last)
-        for start in range(skip * batch_size, n, batch_size):
-            if shuffle:
-                idx = order[start : min(start + batch_size, n)]
-                images, labels = split.images[idx], split.labels[idx]
-            else:
-                images, labels = split.images[start : start + batch_size], split.labels[start : start + batch_size]
+
+        def gather(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+            stop = min(start + batch_size, n)
+            if order is None:
+                return split.window(start, stop), split.labels[start:stop]
+            idx = order[start:stop]
+            return split.take(idx), split.labels[idx]
+
+        starts = range(skip * batch_size, n, batch_size)
+        raw = map(gather, starts) if self.placement == "device" else ahead(gather, starts, self.device)
+        for images, labels in raw:
             x = self.prepare(images)
             if shuffle and self.augment is not None and self.augment.active:
                 x = self.augment(x, self.augment_generator)
@@ -168,20 +178,24 @@ def _without_short_last(n: int, batch_size: int, min_last: int) -> int:
     return n - short if 0 < short < min_last and n > short else n
 
 
-def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
-    """Mean and std of uint8 pixels, scaled to [0, 1], from a histogram (no float copy of the set)."""
-    counts = torch.bincount(images.flatten(), minlength=256).double()
+def channel_stats(split: Split, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean per channel, std per channel) of a split's uint8 pixels, scaled to [0, 1]: from histograms counted
+    ``chunk`` images at a time (no float copy of the set; a memory-mapped one is read once, in order)."""
+    channels = split.shape[1]
+    counts = torch.zeros(channels, 256, dtype=torch.long)
+    for start in range(0, len(split), chunk):
+        images = split.window(start, start + chunk)
+        for c in range(channels):
+            counts[c] += torch.bincount(images[:, c].flatten(), minlength=256).cpu()
     values = torch.arange(256, dtype=torch.float64) / 255
-    total = counts.sum()
-    mean = (counts * values).sum() / total
-    var = (counts * (values - mean) ** 2).sum() / total
-    return mean.item(), var.sqrt().item()
-
-
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean per channel, std per channel) of uint8 images [N, C, H, W]."""
-    stats = [pixel_stats(images[:, c]) for c in range(images.shape[1])]
-    return tuple(m for m, _ in stats), tuple(s for _, s in stats)
+    means, stds = [], []
+    for histogram in counts.double():
+        total = histogram.sum()
+        mean = (histogram * values).sum() / total
+        var = (histogram * (values - mean) ** 2).sum() / total
+        means.append(mean.item())
+        stds.append(var.sqrt().item())
+    return tuple(means), tuple(stds)
 
 
 def read(source: ModuleType, cfg) -> tuple:
@@ -194,6 +208,10 @@ def read(source: ModuleType, cfg) -> tuple:
 def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False) -> Data:
     """Read, validate and split the data set described by a ``DataConfig``, onto ``device``."""
     source = data_set(getattr(cfg, "name", DEFAULT))
+    asked = getattr(cfg, "placement", "auto")
+    if asked == "mapped" and not getattr(source, "MAPPABLE", False):
+        raise UserError(f"data.placement: mapped maps a data set's cache file, and data.name: {source.NAME} has none "
+                        "(data.name: folder has one); use auto, device or host")
     # A data set whose files hold a validation split (a folder's val/) gives it last.
     described, root, train, test, *given_val = read(source, cfg)
     wanted = shaped(described, cfg)  # as data.image_size and data.channels ask
@@ -201,30 +219,40 @@ def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False)
         if tuple(split.images.shape[1:]) != described.input_shape:
             raise UserError(f"{root}: images of {'x'.join(map(str, split.images.shape[1:]))}, but {described.title}'s are "
                             f"{described.shape_text} (channels x height x width)")
-    train, test, *given_val = (Split(converted(split.images, wanted), split.labels, split.skipped)
-                               for split in (train, test, *given_val))
+    if wanted.input_shape != described.input_shape:  # (a mapped set is cached as asked, so never converted here)
+        train, test, *given_val = (Split(converted(split.images, wanted), split.labels, split.skipped)
+                                   for split in (train, test, *given_val))
     if cfg.val_size >= len(train) and not given_val:
         raise UserError(
             f"data.val_size: {cfg.val_size:,} leaves no training images (the training set has {len(train):,}); "
-            f"choose a value below {len(train):,}, e.g. 5000, or 0 to evaluate on the test set"
+            f"choose a value below {len(train):,}, e.g. {max(1, len(train) // 10):,}, or 0 to evaluate on the test set"
         )
     val, skipped = None, train.skipped
     if cfg.val_size and given_val:
         val = given_val[0]
     elif cfg.val_size:
         train_idx, val_idx = stratified_split(train.labels, cfg.val_size, seed)
-        train, val = Split(train.images[train_idx], train.labels[train_idx]), Split(train.images[val_idx], train.labels[val_idx])
-    mean, std = channel_stats(train.images)
+        train, val = train.subset(train_idx), train.subset(val_idx)
+    mean, std = channel_stats(train)
     spec = DataSpec(**{**wanted.model_dump(), "mean": mean, "std": std, "source": str(root)})
+    splits = [s for s in (train, val, test) if s is not None]
+    nbytes = sum(len(s) * s.images[:1].nbytes for s in splits)
+    where = choose(nbytes, device, asked, mapped=train.mapped)
+    if where == "device":
+        train, test = train.to(device), test.to(device)
+        val = val.to(device) if val is not None else None
     augment = Augment(cfg.augment.crop_padding, cfg.augment.flip, cfg.augment.erasing)
     return Data(
-        train=train.to(device),
-        val=val.to(device) if val is not None else None,
-        test=test.to(device),
+        train=train,
+        val=val,
+        test=test,
         spec=spec,
         normalize=cfg.normalize,
         augment=augment if augment.active else None,
         channels_last=channels_last,
         augment_generator=torch.Generator(device=device).manual_seed((seed + 1) % 2**63) if augment.active else None,
         skipped=skipped,
+        device=device,
+        placement=where,
+        placement_line=line(where, nbytes, sum(len(s) for s in splits), device, str(root)),
     )

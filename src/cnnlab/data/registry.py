@@ -15,6 +15,8 @@ The data sets cnnlab knows, by the name ``data.name`` gives them. Each is one mo
   ``check_counts`` is ``data.check_counts``: whether a set with known image counts holds them);
 - optionally ``cache_state() -> str``, for a data set kept in a cache: where, and what it holds
   (``cnnlab data NAME`` prints it);
+- optionally ``MAPPABLE = True``, for a data set kept in a cache file that ``read`` can leave memory-mapped
+  (``Split.mapped``) when ``data.placement`` asks for it or the set is larger than memory;
 - and, for a data set whose description is fixed whatever the files (Fashion-MNIST's classes are), ``SPEC``:
   ``described(name)`` gives it without any config, for runs of older cnnlab versions that recorded none.
 Adding a data set is adding its module here.
