@@ -1,10 +1,12 @@
 """CIFAR-10 and CIFAR-100 on tiny sets the tests write in the published layouts (binary, and pickled Python
 as Python 2 wrote it): read exactly, trained for an epoch, evaluated, drawn in colour and reported;
-a malicious pickle refused without running, a file of the wrong length named; a sweep over two sets."""
+a colour picture predicted alike by PyTorch and the ONNX export; a malicious pickle refused without
+running, a file of the wrong length named; a sweep over two sets; scripts/fashion_to_cifar.py's layout."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import os
 import pickle
@@ -26,11 +28,14 @@ from cnnlab.data.cifar100 import COARSE, FINE
 from cnnlab.engine import fit
 from cnnlab.errors import UserError
 from cnnlab.evaluation import evaluate_run
+from cnnlab.inference import load_image, predict
 from cnnlab.report import write_report
+from cnnlab.runs import open_run
 from cnnlab.visualize import visualize
 
 runner = CliRunner()
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 def cifar_images(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -252,3 +257,62 @@ def test_a_sweep_over_two_data_sets(tmp_path):
     with open(sweep_dir / "summary.csv") as handle:
         rows = {row["data.name"]: row for row in csv.DictReader(handle)}
     assert set(rows) == {"cifar10", "cifar100"} and {row["status"] for row in rows.values()} == {"completed"}
+
+
+def test_a_colour_picture_is_predicted_alike_by_the_run_and_its_onnx_export(tmp_path):
+    """LeNet trained on a CIFAR binary set: a test image as an RGB PNG, at its size and at 64x48, gets the
+    same class and probabilities from ``predict`` as from the exported ONNX file run by onnxruntime."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    write_cifar(tmp_path / "data", "cifar10", "binary")
+    cfg = load_config(CONFIGS / "datasets" / "cifar10_lenet.yaml", overrides(tmp_path / "data", "cifar10", tmp_path))
+    run_dir = Path(fit(cfg, quiet=True)["run_dir"])
+    opened = open_run(run_dir)
+    image = opened.load_data().test.images[3]
+    as_is, resized = tmp_path / "test3.png", tmp_path / "test3-64x48.png"
+    Image.fromarray(image.permute(1, 2, 0).numpy(), mode="RGB").save(as_is)
+    Image.open(as_is).resize((64, 48), Image.Resampling.BILINEAR).save(resized)
+    assert torch.equal(load_image(as_is, opened.spec), image)  # the very colour pixels the run was tested on
+
+    result = runner.invoke(app, ["export", str(run_dir), "--format", "onnx", "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for picture, predicted in zip((as_is, resized), predict(run_dir, [as_is, resized], top=len(CLASSES))):
+        [logits] = session.run(None, {"pixels": (load_image(picture, opened.spec)[None].float() / 255).numpy()})
+        from_onnx = torch.from_numpy(logits[0]).softmax(0)
+        assert predicted.top[0][0] == CLASSES[int(from_onnx.argmax())]
+        assert max(abs(p - float(from_onnx[CLASSES.index(c)])) for c, p in predicted.top) < 1e-5
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fashion_to_cifar_writes_tinted_images_in_the_binary_layout(tmp_path):
+    """Grey 28x28 images come back from cnnlab's CIFAR-10 reader padded to 32x32, tinted per image (the brightest
+    channel the grey itself, the others scaled down), with their labels and Fashion-MNIST's class names; the tints
+    come from the seed alone, not the labels."""
+    script = load_script("fashion_to_cifar")
+    rng = np.random.default_rng(1)
+    splits = {split: (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 10)
+              for split, n in (("train", 50), ("test", 10))}
+    script.write_cifar(tmp_path / "a", splits)
+    cfg = load_config(None, overrides(tmp_path / "a", "cifar10", tmp_path))
+    _, train, test = data_set("cifar10").read_splits(cfg.data)
+    assert describe(cfg.data).classes == script.CLASSES
+    for (grey, labels), read in zip(splits.values(), (train, test)):
+        assert torch.equal(read.labels, torch.from_numpy(labels).long()) and read.images.shape[1:] == (3, 32, 32)
+        inner = read.images[:, :, 2:30, 2:30]
+        assert read.images.sum() == inner.sum()  # the 2-pixel border is black
+        assert torch.equal(inner.max(1).values, torch.from_numpy(grey))  # the brightest channel is the grey image
+        assert (inner.float() >= script.DARKEST * torch.from_numpy(grey)[:, None].float() - 0.5).all()
+        assert all(not torch.equal(image[0], image[1]) or not torch.equal(image[1], image[2]) for image in read.images)
+
+    shuffled = {split: (grey, np.random.default_rng(2).permutation(labels)) for split, (grey, labels) in splits.items()}
+    script.write_cifar(tmp_path / "b", shuffled)
+    for name in ("data_batch_1.bin", "test_batch.bin"):
+        a, b = ((tmp_path / root / "cifar-10-batches-bin" / name).read_bytes() for root in ("a", "b"))
+        records = [np.frombuffer(raw, np.uint8).reshape(-1, 3073) for raw in (a, b)]
+        assert np.array_equal(records[0][:, 1:], records[1][:, 1:])  # other labels, the same colours
