@@ -78,7 +78,8 @@ def line(where: str, nbytes: int, images: int, device: torch.device, source: str
     if where == "host":
         pinned = "pinned host memory" if device.type == "cuda" else "host memory"
         return f"data: {size}, in {pinned}; batches gathered and copied ahead to {device} (data.placement: host)"
-    return f"data: {size}, memory-mapped from {source}; batches read and copied ahead to {device} (data.placement: mapped)"
+    return (f"data: {size}, memory-mapped from the cache file of {source}; batches read and copied ahead to {device} "
+            "(data.placement: mapped)")
 
 
 def ahead(gather: Callable[[Span], Batch], spans: Sequence[Span] | Iterator[Span], device: torch.device) -> Iterator[Batch]:
