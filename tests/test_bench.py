@@ -40,6 +40,29 @@ def test_bench_refuses_bad_options(tmp_path):
     assert result.exit_code == 2 and "is a folder" in result.output
 
 
+def test_bench_and_the_d2l_replica_refuse_data_other_than_the_reports(tmp_path, tiny_data):
+    # The replica reads Fashion-MNIST as the report did: bench timed cnnlab on the configured set against it on
+    # whatever files bore Fashion-MNIST's names (MNIST's do), and a resized set built a model the replica cannot feed.
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    base = ["bench", str(CONFIGS / "lenet.yaml"), "--data-dir", str(tiny_data), "--batches", "2", "--no-commands",
+            "--out", str(out), "--set", "data.check_counts=false", "--set", "data.val_size=100"]
+    for asked, says in (("data.name=mnist", "data.name is mnist, but the d2l replica"),
+                        ("data.image_size=32", "data.image_size/data.channels ask for 1x32x32, but the d2l replica"),
+                        ("data.channels=3", "ask for 3x28x28")):
+        result = runner.invoke(app, [*base, "--set", asked])
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert "Fashion-MNIST as torchvision serves it, 1x28x28" in result.output and not out.exists()
+    config = tmp_path / "mnist.yaml"
+    config.write_text(f"extends: {CONFIGS / 'lenet.yaml'}\ndata: {{name: mnist, check_counts: false}}\n")
+    replica = subprocess.run([sys.executable, "-m", "cnnlab.d2l_replica", str(config), "--data-dir", str(tiny_data),
+                              "--epochs", "1"], capture_output=True, text=True, timeout=HANG_SECONDS)
+    assert replica.returncode == 2 and replica.stdout == "", replica.stdout + replica.stderr
+    assert replica.stderr.startswith("error: data.name is mnist, but the d2l replica") and len(replica.stderr.splitlines()) == 1
+
+
 def test_the_gpu_check_script_collects_every_figure_into_one_json(tmp_path, tiny_data):
     """scripts/gpu_check.sh, run on the CPU with tiny data: its steps run and its JSON gathers them."""
     import os

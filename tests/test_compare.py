@@ -4,6 +4,7 @@ is named and left out while the rest is shown, and text from files never reaches
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from cnnlab.compare import aggregate, collect_rows, markdown_table, mean_std, table_cells
+from cnnlab.compare import aggregate, collect_rows, markdown_table, mean_std, table_cells, write_trials
 from cnnlab.errors import warn
 from cnnlab.identity import experiment_key, variant_labels
 
@@ -213,6 +214,28 @@ def test_a_data_set_column_appears_only_where_the_runs_differ_in_it(trained, tmp
     assert rows["experiment[data.name=mnist]"].split()[1:3] == ["mnist", "0"]
     written = markdown_table(aggregate(collect_rows([tmp_path / "mixed"]).rows))
     assert written.startswith("| variant | data | seeds |") and "| experiment[data.name=mnist] | mnist | 0 |" in written
+
+
+def test_summary_csv_always_names_each_rows_data_set(trained, tmp_path):
+    # A CSV is read by programs: the column is there whether or not the runs differ, last so that the
+    # columns of CSVs written before it keep their places.
+    run, summary = trained
+    mnist = {**summary["data"], "name": "mnist", "title": "MNIST", "classes": list("0123456789")}
+    copy_run(run, tmp_path / "runs" / "fashion")
+    copy_run(run, tmp_path / "runs" / "mnist", {"data.name": "mnist"}, data=mnist)
+    older = copy_run(run, tmp_path / "runs" / "older", {"seed": 2}, seed=2)  # as cnnlab wrote runs before data sets
+    recorded = json.loads((older / "summary.json").read_text())
+    del recorded["data"]
+    (older / "summary.json").write_text(json.dumps(recorded))
+    for folders in (["fashion"], ["fashion", "mnist", "older"]):
+        rows = collect_rows([tmp_path / "runs" / name for name in folders]).rows
+        write_trials(tmp_path, rows, ["optim.lr"])
+        with open(tmp_path / "summary.csv", newline="") as handle:
+            reader = csv.DictReader(handle)
+            written = {Path(row["run_dir"]).name: row["data"] for row in reader}
+        assert reader.fieldnames == ["name", "optim.lr", "seed", "train_loss", "train_acc", "val_acc", "test_acc",
+                                     "examples_per_sec", "wall_seconds", "params", "status", "error", "run_dir", "data"]
+        assert written == {name: {"mnist": "mnist"}.get(name, "fashion-mnist") for name in folders}
 
 
 def test_a_trials_json_from_before_data_sets_reads_as_fashion_mnist(tmp_path):

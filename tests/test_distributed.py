@@ -39,8 +39,8 @@ def write_config(tmp_path: Path, data: Path, name: str, epochs: int, batch_size:
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def torchrun(*args: str, **popen: object) -> subprocess.Popen:
-    return subprocess.Popen([TORCHRUN, "--standalone", "--nproc-per-node", "2", *args], env=ONE_THREAD, text=True,
+def torchrun(*args: str, env: dict[str, str] | None = None, **popen: object) -> subprocess.Popen:
+    return subprocess.Popen([TORCHRUN, "--standalone", "--nproc-per-node", "2", *args], env=env or ONE_THREAD, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
@@ -156,3 +156,56 @@ def test_a_short_last_batch_that_would_leave_a_process_one_image_is_dropped(tmp_
     assert process.returncode == 0, output
     summary = json.loads((only_run(tmp_path / "results", "short") / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["train_size"] == 703
+
+
+# Loaded by every Python process started with its folder first on PYTHONPATH: it notes, per rank, whether the
+# process ran its exit handlers and whether the interpreter was torn down (its objects freed).
+EXIT_NOTES = '''
+import atexit, os
+
+notes = os.open(os.environ["CNNLAB_EXIT_NOTES"] + "." + os.environ.get("RANK", "plain"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+atexit.register(os.write, notes, b"exit handlers\\n")
+
+
+class TornDown:
+    def __init__(self, fd, write=os.write):
+        self.fd, self.write = fd, write  # held here: the module's names may be gone when the teardown frees it
+
+    def __del__(self):
+        self.write(self.fd, b"teardown\\n")
+
+
+torn_down = TornDown(notes)
+'''
+
+
+def test_a_torchrun_process_ends_after_its_exit_handlers_without_tearing_down(tmp_path):
+    # The gloo threads of the group live to the process's end; a teardown beside them aborted now and then
+    # (SIGABRT, "terminate called without an active exception") after a completed run, and torchrun failed it.
+    data = write_dataset(tmp_path / "data", n_train=300, n_test=100)
+    config = write_config(tmp_path, data, "ends", epochs=1)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(EXIT_NOTES)
+    notes = tmp_path / "notes"
+    path = os.pathsep.join(p for p in (str(tmp_path / "site"), os.environ.get("PYTHONPATH")) if p)
+    process = torchrun("-m", "cnnlab", "run", str(config), "--quiet",
+                       env={**ONE_THREAD, "PYTHONPATH": path, "CNNLAB_EXIT_NOTES": str(notes)})
+    output, _ = process.communicate(timeout=HANG_SECONDS)
+    assert process.returncode == 0, output
+    assert output.count("done: test acc") == 1  # rank 0's last line, flushed before the end
+    for rank in ("0", "1"):
+        assert Path(f"{notes}.{rank}").read_text() == "exit handlers\n"
+    assert Path(f"{notes}.plain").read_text() == "exit handlers\nteardown\n"  # torchrun itself: an ordinary exit
+
+
+@pytest.mark.parametrize(("joined", "code", "status", "says"), [
+    (True, "0", 0, ""), (True, "3", 3, ""), (True, "None", 0, ""), (True, "'no data'", 1, "no data\n"),
+    (False, "3", 0, "went on\n"),  # never in a group: the process goes on to Python's ordinary exit
+])
+def test_a_group_member_ends_with_the_status_it_was_given(joined, code, status, says):
+    # As Python's own exit would: a number is the status, None 0, a message is said and 1.
+    script = ("import sys\nfrom cnnlab.distributed import current_world\nfrom cnnlab.entry import end_group_member\n"
+              f"current_world().joined = {joined}\nend_group_member({code})\nsys.stderr.write('went on\\n')\n")
+    env = {**ONE_THREAD, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    ended = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=HANG_SECONDS)
+    assert (ended.returncode, ended.stdout, ended.stderr) == (status, "", says)

@@ -153,3 +153,36 @@ def test_cnnlab_data_name_verify_honours_check_counts(tmp_path, monkeypatch):
     assert "  train: 40 images, 28x28" in result.output and sum("md5 ok" in line for line in result.output.splitlines()) == 4
     result = runner.invoke(app, ["data", "mnist", "--root", str(folder), "--verify"])
     assert result.exit_code == 2 and "40 images, MNIST's train set has 60,000" in result.output
+
+
+def test_cnnlab_data_takes_the_folder_and_download_from_set_as_from_its_options(tmp_path, monkeypatch):
+    # The files' check used the --root option only: --set data.root=DIR described DIR and then checked elsewhere.
+    folder = write_dataset(tmp_path / "mnist", n_train=40, n_test=20)
+    published(folder, monkeypatch)
+    for where in (["--root", str(folder)], ["--set", f"data.root={folder}"]):
+        result = runner.invoke(app, ["data", "mnist", "--verify", *where])
+        assert result.exit_code == 0, result.output
+        assert f"MNIST found in {folder}" in result.output and sum("md5 ok" in line for line in result.output.splitlines()) == 4
+    fashion = write_dataset(tmp_path / "fashion", n_train=40, n_test=20)
+    for where in (["--data-dir", str(fashion)], ["--set", f"data.root={fashion}"]):
+        result = runner.invoke(app, ["data", *where, "--set", "data.check_counts=false"])
+        assert result.exit_code == 0, result.output
+        assert f"Fashion-MNIST found in {fashion}" in result.output
+
+
+def test_cnnlab_data_downloads_when_the_config_says_so(tmp_path, monkeypatch):
+    # Nothing can download here: the download itself is replaced by writing the files where it would put them.
+    fetched = []
+
+    def download(folder: Path) -> Path:
+        fetched.append(folder)
+        return write_dataset(folder, n_train=40, n_test=20)
+
+    monkeypatch.setattr(DATA_SETS["fashion-mnist"].SET, "download", download)
+    empty = tmp_path / "empty"
+    result = runner.invoke(app, ["data", "--data-dir", str(empty), "--set", "data.check_counts=false"])
+    assert result.exit_code == 2 and "Fashion-MNIST not found" in result.output and fetched == []
+    for into, asked in (("option", ["--download"]), ("config", ["--set", "data.download=true"])):
+        result = runner.invoke(app, ["data", "--data-dir", str(tmp_path / into), *asked, "--set", "data.check_counts=false"])
+        assert result.exit_code == 0, result.output
+        assert fetched[-1] == tmp_path / into and f"Fashion-MNIST found in {tmp_path / into}" in result.output

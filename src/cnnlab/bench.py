@@ -224,6 +224,7 @@ def run_bench(config_path: Path | None, overrides: list[str], *, device: str = "
               batches: int = 150, commands: bool = True, epochs: int = 3, out: Path | None = None,
               quiet: bool = False) -> tuple[dict, Path]:
     from cnnlab.config import load_config
+    from cnnlab.d2l_replica import require_report_data
     from cnnlab.runtime import resolve_device
 
     if batches < 1 or epochs < 1:
@@ -231,6 +232,7 @@ def run_bench(config_path: Path | None, overrides: list[str], *, device: str = "
     if out is not None:
         check_output_file(Path(out), "--out")
     cfg = load_config(config_path, overrides, {"train.device": device, **({"data.root": data_dir} if data_dir else {})})
+    require_report_data(cfg)  # before cnnlab's half is timed: the d2l half could not run on it
     resolved = resolve_device(device)
     console = SafeConsole()
     say = (lambda text: None) if quiet else (lambda text: console.print(text, soft_wrap=True))

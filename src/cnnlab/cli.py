@@ -562,7 +562,7 @@ def data(
         if name is not None:
             describe_data(cfg)
         if name is None or verify:  # the files found and checked: all the command said before it took a name
-            for line in data_set(cfg.name).check(data_dir, download, verify, check_counts=cfg.check_counts):
+            for line in data_set(cfg.name).check(cfg.root, cfg.download, verify, check_counts=cfg.check_counts):
                 out.print(line)
 
 

@@ -28,9 +28,11 @@ from cnnlab.identity import ExperimentKey, experiment_key, fingerprint, variant_
 from cnnlab.numtext import MISSING, finite, number_text
 from cnnlab.results import RunSummary, read_regular_text, read_summary, run_state
 
+# summary.csv's columns after the swept keys. ``data`` (the run's data set) came last, so that the columns of
+# CSVs written before it keep their places for programs that read them by position.
 ROW_COLUMNS = (
     "name", "params_swept", "seed", "train_loss", "train_acc", "val_acc", "test_acc",
-    "examples_per_sec", "wall_seconds", "params", "status", "error", "run_dir",
+    "examples_per_sec", "wall_seconds", "params", "status", "error", "run_dir", "data",
 )
 METRICS = ("train_loss", "train_acc", "val_acc", "test_acc", "examples_per_sec", "wall_seconds")
 
@@ -344,7 +346,8 @@ def write_trials(folder: Path, rows: list[dict[str, Any]], keys: list[str], extr
 
 
 def rows_csv(rows: list[dict[str, Any]], swept_keys: list[str], extra: tuple[str, ...] = ()) -> str:
-    """summary.csv: a row per trial with each swept key as its own column (and ``extra`` columns after them)."""
+    """summary.csv: a row per trial with each swept key as its own column (and ``extra`` columns after them),
+    then ``ROW_COLUMNS``' own: ``data`` among them whether or not the runs differ in it, unlike the tables."""
     buffer = io.StringIO()
     columns = ["name", *swept_keys, *extra, *(c for c in ROW_COLUMNS if c not in ("name", "params_swept"))]
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")

@@ -6,13 +6,16 @@ without d2l itself: torchvision's ``FashionMNIST`` with ``ToTensor``, a shuffled
 ``Accumulator``, which reads the loss and accuracy back to the host after every batch; after each
 epoch the test accuracy is evaluated the same way. ``cnnlab bench`` times it against cnnlab.
 The data is read from the local IDX files (copied into a temporary torchvision layout): nothing
-is downloaded.
+is downloaded. It is the report's data only: a config naming another data set, or another shape of
+Fashion-MNIST (``data.image_size``, ``data.channels``), is refused (exit 2) rather than trained on
+data other than it names; ``cnnlab run`` takes any.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import tempfile
 import time
 import warnings
@@ -23,14 +26,33 @@ import torch
 from torch import nn
 
 from cnnlab.config import Config, load_config
+from cnnlab.data import DEFAULT, describe, described
 from cnnlab.data.fashion_mnist import FILES, find_data_dir, find_file, read_bytes
+from cnnlab.errors import UserError
+from cnnlab.safetext import printable
 
 WORKERS = 4  # d2l's get_dataloader_workers()
+
+
+def require_report_data(cfg: Config) -> None:
+    """Refuse a config whose data is not the report's: the replica reads Fashion-MNIST through torchvision's
+    ``FashionMNIST`` as d2l did, so another set (whose IDX files may even bear the same names) or another shape
+    would train on data, or build a model for inputs, other than the config names."""
+    report = described(DEFAULT)
+    if cfg.data.name != DEFAULT:
+        asked = f"data.name is {cfg.data.name}"
+    elif (shape := describe(cfg.data).shape_text) != report.shape_text:
+        asked = f"data.image_size/data.channels ask for {shape}"
+    else:
+        return
+    raise UserError(f"{asked}, but the d2l replica (what cnnlab bench times against) is the lab report's pipeline: "
+                    f"{report.title} as torchvision serves it, {report.shape_text}. Use cnnlab run for other data")
 
 
 @contextlib.contextmanager
 def torchvision_layout(cfg: Config) -> Iterator[str]:
     """A temporary folder laid out as torchvision's FashionMNIST expects, holding the local files."""
+    require_report_data(cfg)
     with tempfile.TemporaryDirectory(prefix="cnnlab-d2l-") as tmp:
         raw = Path(tmp) / "FashionMNIST" / "raw"
         raw.mkdir(parents=True)
@@ -108,8 +130,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
-    cfg = load_config(args.config, values={"data.root": args.data_dir} if args.data_dir else None)
-    result = train_ch6(cfg, args.epochs or cfg.train.epochs, torch.device(args.device))
+    try:
+        cfg = load_config(args.config, values={"data.root": args.data_dir} if args.data_dir else None)
+        result = train_ch6(cfg, args.epochs or cfg.train.epochs, torch.device(args.device))
+    except UserError as err:  # bad input: one line and exit 2, as cnnlab's commands say it
+        sys.stderr.write(f"error: {printable(str(err))}\n")
+        sys.exit(err.exit_code)
     print(f"loss {result['train_loss']:.3f}, train acc {result['train_acc']:.3f}, test acc {result['test_acc']:.3f}")
     print(f"{result['examples_per_sec']:.1f} examples/sec on {args.device}")
 

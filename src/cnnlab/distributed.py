@@ -42,6 +42,9 @@ class World:
     size: int = 1
     local_rank: int = 0
     backend: str | None = None  # set once the process group exists
+    # Once a member, always: the group's backend threads (gloo's) outlive destroy_process_group while DDP's
+    # reducer holds the backend, to the process's end; entry.py ends such a process without teardown.
+    joined: bool = False
 
     @property
     def distributed(self) -> bool:
@@ -72,6 +75,7 @@ class World:
             raise UserError(f"could not join torchrun's process group ({err}); check --rdzv-endpoint / "
                             "MASTER_ADDR and that every node runs the same command") from None
         self.backend = "nccl" if device_type == "cuda" else "gloo"
+        self.joined = True
 
     def leave(self) -> None:
         if self.backend is not None:
@@ -165,6 +169,11 @@ def current_world() -> World:
         else:
             _world = World(rank=rank, size=size, local_rank=local_rank or 0)
     return _world
+
+
+def joined_a_group() -> bool:
+    """Whether this process has been a member of torchrun's process group (left or not)."""
+    return _world is not None and _world.joined
 
 
 def use_sync_batchnorm(model: nn.Module, wanted: bool, world: World, device: torch.device) -> tuple[nn.Module, bool]:
