@@ -234,6 +234,19 @@ def break_file_loop(root: Path) -> str:
     return "train/dog/self.png: a symlink loop"
 
 
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+       b"newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n")
+
+
+def test_only_raster_formats_that_pillow_decodes_itself_are_pictures(tmp_path):
+    """An .eps (which Pillow would hand to Ghostscript) in a class folder is passed over like a text file."""
+    root = make_folder(tmp_path / "pictures", per_class=4, mixed=False)
+    bad_file(root, "vector.eps", EPS)
+    assert ".eps" not in pics.extensions() and {".png", ".jpg", ".webp", ".tif", ".bmp", ".gif"} <= pics.extensions()
+    data = load_data(load_config(None, overrides(root, tmp_path, "data.val_size=0")).data, 0, torch.device("cpu"))
+    assert len(data.train) == 3 * 4
+
+
 def breaking(name: str, content: bytes, problem: str):
     """A case that adds the bad picture train/dog/``name``, and the message expected."""
     return lambda root: (bad_file(root, name, content), f"train/dog/{name}: {problem}")[1]
@@ -241,7 +254,9 @@ def breaking(name: str, content: bytes, problem: str):
 
 BAD_DATA = {
     "truncated": breaking("cut.png", truncated_png(), "cannot be decoded"),
-    "not a picture": breaking("text.jpg", b"hello", "not a picture Pillow can read"),
+    "not a picture": breaking("text.jpg", b"hello", "not a picture in a format cnnlab reads"),
+    # Pillow knows a file by its content: an EPS named .png must not reach the EPS reader (and Ghostscript).
+    "eps named png": breaking("vector.png", EPS, "not a picture in a format cnnlab reads"),
     "bomb": breaking("bomb.png", png_header_only(20000, 20000), "a decompression bomb"),
     "bomb (warning size)": breaking("big.png", png_header_only(10000, 10000), "a decompression bomb"),
     "empty class": break_empty_class,

@@ -2,8 +2,8 @@
 
 The layout (torchvision's ImageFolder): ``DIR/train/<class>/<pictures>``, and optionally
 ``DIR/val/<class>/...`` and ``DIR/test/<class>/...``; pictures may sit in sub-folders of a class
-folder. Class names are train/'s sub-folder names, sorted (label = position). Any file whose ending
-Pillow reads is a picture (``pictures.extensions()``); other files and hidden ones (``.DS_Store``)
+folder. Class names are train/'s sub-folder names, sorted (label = position). A file whose ending belongs to
+one of ``pictures.FORMATS`` is a picture (``pictures.extensions()``); other files and hidden ones (``.DS_Store``)
 are passed over. Without test/, ``data.test_size`` of train/'s pictures are held out as the test
 split, stratified and fixed by the file list (never by the run's seed: runs with different seeds are
 tested on the same pictures). With val/, it is the validation split and ``data.val_size`` draws none

@@ -31,19 +31,24 @@ GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 SIXTEEN_BIT = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 ORIENTATION = 0x0112
+# The formats a picture may be in: raster formats Pillow decodes itself. Not EPS (Pillow runs Ghostscript on it,
+# a program with a history of exploits, on whatever a data set holds), nor the stub formats (FITS, GRIB, HDF5,
+# BUFR, WMF) that hand the file to other code. Pillow identifies a file by its content, not its name: opening
+# with ``formats=`` is what keeps an EPS named cat.png from reaching Ghostscript.
+FORMATS = ("PNG", "JPEG", "JPEG2000", "WEBP", "AVIF", "TIFF", "BMP", "DIB", "GIF", "PPM", "TGA", "PCX", "ICO", "QOI")
 
 
 @functools.cache
 def extensions() -> frozenset[str]:
-    """The file endings Pillow can read (``.png``, ``.jpg``, ``.tif``, ``.webp``...), lower case."""
+    """The file endings of the ``FORMATS`` this Pillow reads (``.png``, ``.jpg``, ``.tif``, ``.webp``...), lower case."""
     Image.init()
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN and fmt in FORMATS)
 
 
 def open_checked(path: str | Path) -> Image.Image:
     """The picture at ``path``, opened (header read, pixels not yet): a decompression bomb raises here.
     (Pillow only warns below twice its limit: ``each_file`` makes that warning an error too.)"""
-    image = Image.open(path)
+    image = Image.open(path, formats=[fmt for fmt in FORMATS if fmt in Image.OPEN])
     width, height = image.size
     if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
         image.close()
@@ -104,7 +109,7 @@ def problem(err: Exception) -> str:
     if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"a decompression bomb ({err})"
     if isinstance(err, Image.UnidentifiedImageError):
-        return "not a picture Pillow can read"
+        return f"not a picture in a format cnnlab reads ({', '.join(FORMATS)})"
     text = str(err) or type(err).__name__
     return f"cannot be decoded ({text})"
 
