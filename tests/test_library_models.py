@@ -164,3 +164,13 @@ def test_googlenet_trains_on_its_main_output():
     model = build_model(load_config(None, ["model.name=torchvision.googlenet"]), spec=spec).train()
     assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 3)  # no auxiliary outputs
 
+
+def test_models_lists_a_librarys_models_with_their_parameters_here():
+    result = runner.invoke(app, ["models", "--source", "torchvision", "resnet1*"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split()[1] for line in result.output.splitlines()[1:]}
+    # ResNet-18 with a 1-channel first convolution (3x fewer of its 9,408 weights) and a 10-class head
+    assert rows == {"torchvision.resnet101": "42,514,378", "torchvision.resnet152": "58,158,026",
+                    "torchvision.resnet18": "11,175,370"}
+    assert runner.invoke(app, ["models", "--source", "keras"]).exit_code == 2
+    assert runner.invoke(app, ["models", "resnet"]).exit_code == 2

@@ -8,6 +8,7 @@ libraries' own registries, nothing is imported from the string, so a run naming 
 (so configs are validated before anything is built). timm takes the channel count (``in_chans``);
 torchvision's models are built for 3 channels, so their first convolution is rebuilt for the data's,
 said in one line. Both build their head for the data's classes. No weights are ever loaded here.
+``library_names`` and ``library_params`` list them for ``cnnlab models --source``.
 """
 
 from __future__ import annotations
@@ -169,3 +170,19 @@ def _timm() -> Any:
         raise LibraryModelError("model.name: timm models need timm: pip install 'cnnlab[timm]'") from None
     return timm
 
+
+
+COUNT_AT_MOST = 100  # parameter counts for this many models at most (timm's ~1,300 would take minutes)
+
+
+def library_params(name: str, num_classes: int, in_channels: int, **options: Any) -> int | None:
+    """The parameter count of library model ``name`` built for the data, without allocating its weights (built
+    on the meta device); None for a model whose builder needs real numbers while building (torchvision's regnets)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model, _ = construct(name, num_classes, in_channels, options)
+    except Exception:  # a builder that computes with tensors cannot build on meta; the count is unknown
+        return None
+    return sum(p.numel() for p in model.parameters())
