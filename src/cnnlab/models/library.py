@@ -94,7 +94,8 @@ def construct(name: str, num_classes: int, in_channels: int, options: dict[str, 
     if in_channels == 3:
         return model, ""
     where = rebuild_first_conv(model, in_channels)
-    return model, f"{name}: first convolution {where} rebuilt for {in_channels} input channel(s) (torchvision builds 3)"
+    channels = f"{in_channels} input channel{'' if in_channels == 1 else 's'}"
+    return model, f"{name}: first convolution {where} rebuilt for {channels} (torchvision builds 3)"
 
 
 def rebuild_first_conv(model: nn.Module, in_channels: int) -> str:
