@@ -24,7 +24,7 @@ FLOORS: list[tuple[str, list[str]]] = [
     ("basics: errors, text, signals, the world of processes",
      ["errors", "safetext", "numtext", "console", "state", "stopping", "distributed"]),
     ("what to train on: the typed config, the model registry and families, the data layer",
-     ["models.registry", "models.layers", "models.lenet", "models.vgg", "models.nin", "models.googlenet",
+     ["models.library", "models.registry", "models.layers", "models.lenet", "models.vgg", "models.nin", "models.googlenet",
       "models.resnet", "models.sequential", "config", "data", "data.*"]),
     ("building and describing: models, run-folder files, run identity, finished runs, figures",
      ["models", "models.build", "modelinfo", "results", "identity", "runs", "plots"]),

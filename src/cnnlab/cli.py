@@ -495,20 +495,50 @@ def report(
 
 
 @app.command()
-def models() -> None:
+def models(
+    pattern: Annotated[Optional[str], typer.Argument(help="With --source: a glob (resnet*) or a part of the names.",
+                                                     show_default=False)] = None,
+    source: Annotated[Optional[str], typer.Option(
+        "--source", help="List a library's models instead: torchvision or timm (named torchvision.NAME, timm.NAME).")] = None,
+    debug: DebugOption = False,
+) -> None:
     """List the registered models: name, parameters (for the default data set's images), description."""
-    from cnnlab.data import described
-    from cnnlab.modelinfo import count_params
-    from cnnlab.models import get_entry, get_model, list_models
-    from cnnlab.models.build import model_arguments
+    with cli_errors(debug):
+        from cnnlab.data import described
+        from cnnlab.modelinfo import count_params
+        from cnnlab.models import get_entry, get_model, list_models
+        from cnnlab.models.build import model_arguments
+        from cnnlab.models.library import COUNT_AT_MOST, SOURCES, library_names, library_params
 
-    table = Table("model", "params", "description", box=None, header_style="bold")
-    for name in list_models():
-        entry = get_entry(name)
-        needs_options = any(f.is_required() for f in entry.options.model_fields.values())
-        params = "(yours)" if needs_options else f"{count_params(get_model(name, **model_arguments(name, {}, described()))):,}"
-        table.add_row(literal(name), params, literal(entry.description))
-    out.print(table)
+        if source is None and pattern:
+            raise UserError(f"a PATTERN ({pattern!r}) lists a library's models: add --source torchvision or --source timm")
+        if source is not None and source not in SOURCES:
+            raise UserError(f"--source: {source!r} is not a library cnnlab knows; use {' or '.join(SOURCES)}")
+        spec = described()
+        names = library_names(source, pattern) if source else list_models()
+        if source and len(names) > COUNT_AT_MOST:
+            err.print(f"{len(names)} models: parameter counts are shown for at most {COUNT_AT_MOST}; "
+                      "give a PATTERN that matches fewer")
+        table = Table("model", "params", "description", box=None, header_style="bold")
+        unknown = 0
+        for name in names:
+            entry = get_entry(name)
+            arguments = model_arguments(name, {}, spec)
+            if source and len(names) > COUNT_AT_MOST:
+                shown = ""
+            elif source:
+                params = library_params(name, **arguments)
+                unknown += params is None
+                shown = "?" if params is None else f"{params:,}"
+            elif any(f.is_required() for f in entry.options.model_fields.values()):
+                shown = "(yours)"
+            else:
+                shown = f"{count_params(get_model(name, **arguments)):,}"
+            table.add_row(literal(name), shown, literal(entry.description))
+        out.print(table)
+        if unknown:
+            err.print(f"?: {unknown} model(s) could not be built for {spec.shape_text} images, or not without allocating "
+                      "their weights (torchvision's regnets); `cnnlab summary NAME` says why")
 
 
 @app.command()

@@ -10,6 +10,7 @@ and ``in_channels`` come from the data (``build.py``), never from a config; so d
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 import os
@@ -25,6 +26,7 @@ from torch import nn
 
 from cnnlab.errors import UserError
 from cnnlab.models.layers import MapVanishes
+from cnnlab.models.library import LibraryModelError, library_builder, library_names, source_of
 
 Builder = Callable[..., nn.Module]
 RESERVED = ("num_classes", "in_channels")  # supplied by cnnlab from the data, not by configs
@@ -117,14 +119,26 @@ def _describe(err: BaseException) -> str:
 def get_entry(name: str) -> ModelEntry:
     if ":" in name:
         return import_builder(name)
+    if source_of(name):  # torchvision.NAME, timm.NAME: looked up in the library's registry, nothing imported
+        return _library_entry(name)
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        if f"torchvision.{name}" in library_names("torchvision"):
+            hint = f" (torchvision's is model.name: torchvision.{name})"
         raise ModelArgumentError(
             f"model.name: unknown model {name!r}{hint}. Registered models: {', '.join(list_models())} "
             "(`cnnlab models` describes them)"
         )
     return _REGISTRY[name]
+
+
+@functools.lru_cache(maxsize=64)  # a config is validated, then built: its options are read from signatures once
+def _library_entry(name: str) -> ModelEntry:
+    try:
+        return ModelEntry(name, library_builder(name))
+    except LibraryModelError as err:
+        raise ModelArgumentError(str(err)) from None
 
 
 def validate_model_args(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -157,7 +171,7 @@ def validate_model_args(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 def get_model(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs: Any) -> nn.Module:
     """Build a registered model; ``kwargs`` are validated as a config's would be."""
     options = validate_model_args(name, kwargs)
-    user_code = ":" in name
+    user_code = ":" in name or source_of(name) is not None  # code cnnlab does not own: its failures are bad options
     try:
         model = get_entry(name).builder(num_classes=num_classes, in_channels=in_channels, **options)
     except MapVanishes as err:
