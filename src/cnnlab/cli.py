@@ -499,14 +499,18 @@ def models() -> None:
     """List the registered models: name, parameters (for the default data set's images), description."""
     from cnnlab.data import described
     from cnnlab.modelinfo import count_params
-    from cnnlab.models import get_entry, get_model, list_models
+    from cnnlab.models import ModelArgumentError, get_entry, get_model, list_models
     from cnnlab.models.build import model_arguments
 
     table = Table("model", "params", "description", box=None, header_style="bold")
     for name in list_models():
         entry = get_entry(name)
         needs_options = any(f.is_required() for f in entry.options.model_fields.values())
-        params = "(yours)" if needs_options else f"{count_params(get_model(name, **model_arguments(name, {}, described()))):,}"
+        spec = described()
+        try:
+            params = "(yours)" if needs_options else f"{count_params(get_model(name, **model_arguments(name, {}, spec))):,}"
+        except ModelArgumentError:  # built for larger images (the textbook's alexnet: 224 pixels)
+            params = f"(not for {spec.shape_text})"
         table.add_row(literal(name), params, literal(entry.description))
     out.print(table)
 
