@@ -56,7 +56,7 @@ def test_registry_rejects_duplicates_and_suggests_names():
 
 
 # Options a model needs to take 1x28x28 images (the textbook's AlexNet and DenseNet default to its 224 and 96 pixels)
-REQUIRED_OPTIONS = {"sequential": {"layers": ["flatten", {"linear": 10}]}, "alexnet": {"stem": "small", "image_size": 28},
+REQUIRED_OPTIONS = {"sequential": {"layers": ["flatten", {"linear": 10}]}, "alexnet": {"stem": "small"},
                     "densenet": {"stem": "small"}}
 
 

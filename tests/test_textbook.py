@@ -77,7 +77,8 @@ def test_they_build_for_the_datas_channels_classes_and_size(name, options, shape
 
 
 def test_alexnets_flatten_size_follows_the_image_size():
-    assert get_model("alexnet", stem="small", image_size=28)[14].in_features == 256 * 2 * 2
+    assert get_model("alexnet", stem="small")[14].in_features == 256 * 2 * 2  # unset: the small stem's 28x28
+    assert get_model("alexnet")[14].in_features == 256 * 5 * 5  # the chapter's 224x224
     assert get_model("alexnet", stem="small", image_size=32)[14].in_features == 256 * 3 * 3
     assert get_model("alexnet", image_size=96)[14].in_features == 256 * 1 * 1
 
