@@ -25,7 +25,7 @@ FLOORS: list[tuple[str, list[str]]] = [
      ["errors", "safetext", "numtext", "console", "state", "stopping", "distributed"]),
     ("what to train on: the typed config, the model registry and families, the data layer",
      ["models.library", "models.registry", "models.layers", "models.lenet", "models.vgg", "models.nin", "models.googlenet",
-      "models.resnet", "models.sequential", "config", "data", "data.*"]),
+      "models.resnet", "models.alexnet", "models.densenet", "models.sequential", "config", "data", "data.*"]),
     ("building and describing: models, run-folder files, run identity, finished runs, figures",
      ["models", "models.build", "modelinfo", "results", "identity", "runs", "plots"]),
     ("training: runtime, optimiser, steps, set-up, listeners",

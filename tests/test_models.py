@@ -55,7 +55,9 @@ def test_registry_rejects_duplicates_and_suggests_names():
         get_model("lenet", depth=3)
 
 
-REQUIRED_OPTIONS = {"sequential": {"layers": ["flatten", {"linear": 10}]}}
+# Options a model needs to take 1x28x28 images (the textbook's AlexNet and DenseNet default to its 224 and 96 pixels)
+REQUIRED_OPTIONS = {"sequential": {"layers": ["flatten", {"linear": 10}]}, "alexnet": {"stem": "small"},
+                    "densenet": {"stem": "small"}}
 
 
 @pytest.mark.parametrize("name", list_models())

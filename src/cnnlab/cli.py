@@ -506,7 +506,7 @@ def models(
     with cli_errors(debug):
         from cnnlab.data import described
         from cnnlab.modelinfo import count_params
-        from cnnlab.models import get_entry, get_model, list_models
+        from cnnlab.models import ModelArgumentError, get_entry, get_model, list_models
         from cnnlab.models.build import model_arguments
         from cnnlab.models.library import COUNT_AT_MOST, SOURCES, library_names, library_params
 
@@ -533,7 +533,10 @@ def models(
             elif any(f.is_required() for f in entry.options.model_fields.values()):
                 shown = "(yours)"
             else:
-                shown = f"{count_params(get_model(name, **arguments)):,}"
+                try:
+                    shown = f"{count_params(get_model(name, **arguments)):,}"
+                except ModelArgumentError:  # built for larger images (the textbook's alexnet: 224 pixels)
+                    shown = f"(not for {spec.shape_text})"
             table.add_row(literal(name), shown, literal(entry.description))
         out.print(table)
         if unknown:
