@@ -47,8 +47,7 @@ class Split:
 
     def to(self, device: torch.device) -> Split:
         """The split whole on ``device`` (a mapped one read into memory)."""
-        images = self.images if self.rows is None else self.take(torch.arange(len(self)))
-        return Split(images.to(device), self.labels.to(device))
+        return Split(self.window(0, len(self)).to(device), self.labels.to(device))
 
 
 def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

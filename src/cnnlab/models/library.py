@@ -172,7 +172,6 @@ def _timm() -> Any:
     return timm
 
 
-
 COUNT_AT_MOST = 100  # parameter counts for this many models at most (timm's ~1,300 would take minutes)
 
 
