@@ -71,6 +71,8 @@ def why_not(session: Trainables) -> str | None:
     cfg = session.cfg
     if cfg.optim.name != "sgd":
         return f"optim.name {cfg.optim.name}: only SGD's step is captured so far"
+    if len(session.optimizer.param_groups) > 1:
+        return "optim.backbone_lr: the captured SGD step updates with one learning rate so far"
     if session.runtime.scaler is not None:
         return "precision fp16: its gradient scaler decides on the host whether to step"
     if cfg.train.compile and cfg.train.cuda_graphs == "auto":

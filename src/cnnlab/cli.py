@@ -57,7 +57,7 @@ GpusOption = Annotated[Optional[float], typer.Option(
 CpusOption = Annotated[Optional[float], typer.Option(
     "--cpus-per-trial", min=0.01, help="CPUs each trial gets on Ray (default: the CPUs divided among the trials).")]
 DownloadOption = Annotated[
-    bool, typer.Option("--download", help="Fetch the data set through torchvision if no local copy is found.")
+    bool, typer.Option("--download", help="Fetch the data set, and the model's named weights, if no local copy is found.")
 ]
 
 
@@ -150,7 +150,7 @@ def run(
             resume = "auto"  # torchrun restarted its workers (--max-restarts): continue the run they were training
 
         options = {"train.epochs": epochs, "train.device": device, "data.root": data_dir, "output.dir": results,
-                   "seed": seed, "data.download": download or None}
+                   "seed": seed, "data.download": download or None, "model.download": download or None}
         values = {key: value for key, value in options.items() if value is not None}  # they win over --set
         cfg = load_config(config, set_, values, trust_code=trust_code or None)
         if resume == "auto":

@@ -24,6 +24,7 @@ from cnnlab.data import registry as data_registry
 from cnnlab.data.spec import MAX_SIDE
 from cnnlab.errors import UserError
 from cnnlab.models import registry
+from cnnlab.models.weights import check_reference, is_file
 
 
 class Section(BaseModel):
@@ -46,8 +47,9 @@ class DataConfig(Section):
     download: bool = False  # fetch through torchvision's mirrors if no local copy is found (never otherwise)
     # training images held out for validation (stratified, fixed by seed); 0 = the report's mode: test set every epoch
     val_size: int = Field(5000, ge=0)
-    # subtract the training split's pixel mean, divide by its std (per channel); false = the report's raw [0, 1] pixels
-    normalize: bool = True
+    # subtract the training split's pixel mean, divide by its std (per channel); false = the report's raw [0, 1] pixels;
+    # weights = the mean and std of the data model.weights (a library's named weights) were trained on
+    normalize: bool | Literal["weights"] = True
     check_counts: bool = True  # require the data set's own image counts; turn off for other files in its format
     # which labels, for a data set with two kinds (cifar100: 100 fine classes, or 20 coarse superclasses); others have fine only
     labels: Literal["fine", "coarse"] = "fine"
@@ -87,9 +89,14 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=False)
 
     name: str = "lenet"
+    # pretrained weights: a file (.pt/.pth state dict, .safetensors), or a library model's named weights (DEFAULT,
+    # IMAGENET1K_V1, a timm tag) from the local cache; null = the initialisation of `init`
+    weights: str | None = Field(None, min_length=1)
+    download: bool = False  # fetch named weights that are not in the local cache (--download); never otherwise
 
     @property
     def kwargs(self) -> dict[str, Any]:
+        """The builder's own options: every key but those above."""
         return dict(self.model_extra or {})
 
     @model_validator(mode="after")
@@ -102,7 +109,9 @@ class ModelConfig(BaseModel):
                 "--trust-code")})
         try:
             checked = registry.validate_model_args(self.name, self.kwargs)
-        except registry.ModelArgumentError as err:
+            if self.weights is not None:
+                check_reference(self.name, self.weights)
+        except UserError as err:
             raise PydanticCustomError("model_args", "{detail}", {"detail": str(err)}) from None
         self.__pydantic_extra__ = checked
         return self
@@ -117,6 +126,8 @@ class OptimConfig(Section):
     momentum: float = Field(0.0, ge=0, lt=1)  # SGD only; the report used none
     nesterov: bool = False  # SGD only; needs momentum > 0
     weight_decay: float = Field(0.0, ge=0, le=FLOAT32_MAX)  # L2 penalty (decoupled for adamw)
+    # the backbone's learning rate as a fraction of lr (the head, the model's last layer, trains at lr); null = all at lr
+    backbone_lr: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> OptimConfig:
@@ -159,6 +170,9 @@ class TrainConfig(Section):
     patience: int | None = Field(None, ge=1)  # early stopping: epochs without a better val accuracy; null = off
     threads: int | None = Field(None, ge=1)  # CPU threads for torch; null = torch's default
     sync_bn: bool = True  # under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
+    # parameters kept as they are: module-name prefixes (layer1, features.0), or backbone = all but the head (the model's
+    # last layer); BatchNorm running statistics still follow the data
+    freeze: list[Annotated[str, Field(min_length=1)]] = []
 
     @field_validator("device")
     @classmethod
@@ -203,6 +217,15 @@ class Config(Section):
         if any(unicodedata.category(c) == "Cc" for c in value):
             raise ValueError("must not contain control characters (newlines, tabs, terminal escapes)")
         return value
+
+    @model_validator(mode="after")
+    def _normalize_by_named_weights(self) -> Config:
+        weights = self.model.weights
+        if self.data.normalize == "weights" and (weights is None or is_file(weights)):
+            given = "sets no model.weights" if weights is None else f"has model.weights: {weights}, a file, which records none"
+            raise ValueError(f"data.normalize: weights takes the mean and std a library records for its named weights "
+                             f"(model.weights: DEFAULT, say), and this config {given}; use data.normalize: true")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-safe values (paths as strings, tuples as lists)."""
@@ -410,16 +433,18 @@ def is_run_folder_config(path: Path) -> bool:
 
 
 def absolute_paths(cfg: Config, cwd: Path) -> Config:
-    """``cfg`` with ``data.root`` and ``output.dir`` made absolute against ``cwd``.
+    """``cfg`` with ``data.root``, ``output.dir`` and a ``model.weights`` file made absolute against ``cwd``.
 
-    In a config, as on the command line, these two are relative to the folder the command was run
+    In a config, as on the command line, these are relative to the folder the command was run
     in (``output.dir: results`` is the project's results/ folder when run from the project root), not
     to the YAML file. A command that hands configs to other processes (a sweep's trials, Ray Tune's,
     which run in folders of their own) fixes that meaning once, here, before any of them starts."""
-    root = cfg.data.root
+    root, weights = cfg.data.root, cfg.model.weights
     data = cfg.data if root is None else cfg.data.model_copy(update={"root": Path(cwd, Path(root).expanduser())})
     output = cfg.output.model_copy(update={"dir": Path(cwd, cfg.output.dir)})
-    return cfg.model_copy(update={"data": data, "output": output})
+    model = cfg.model if weights is None or not is_file(weights) else \
+        cfg.model.model_copy(update={"weights": str(Path(cwd, Path(weights).expanduser()))})
+    return cfg.model_copy(update={"data": data, "output": output, "model": model})
 
 
 def dump_config(cfg: Config) -> str:

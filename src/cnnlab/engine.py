@@ -52,6 +52,8 @@ def describe_run(session: Session, run: RunDir) -> RunSummary:
         seed=cfg.seed,
         params=count_params(session.model),
         flops_per_image=session.flops,
+        weights=session.weights.to_dict() if session.weights is not None else None,
+        frozen_params=session.frozen_params or None,
         epochs=cfg.train.epochs,
         eval_split=data.eval_split_name,
         data_root=str(data.root),
@@ -86,6 +88,8 @@ class Opening(Protocol):
     """What differs between starting a new run and continuing one: the state it trains on from, and
     its folder (made, or locked and rewritten) with the summary it starts with."""
 
+    fresh: bool  # whether the model starts from its initial (and pretrained) weights, not from a checkpoint
+
     def restore(self, session: Session) -> TrainState: ...
 
     def open(self, session: Session, state: TrainState, reporter: Listener) -> tuple[RunDir, RunSummary]: ...
@@ -98,9 +102,11 @@ def start(cfg: Config, opening: Opening, reporter: Listener | None, quiet: bool,
     moment (``StopSignals``), so that no moment of a run's life is left to an unrecorded death by signal.
     """
     with StopSignals() as stop:
-        session = prepare(cfg)
+        session = prepare(cfg, pretrained=opening.fresh)
         if session.world.is_main:
             say(session.data.placement_line)
+            if session.weights is not None:
+                say(session.weights.line())
         state = opening.restore(session)
         stop.check()  # asked to stop while setting up: leave before anything is written
         reporter = reporter or make_reporter(quiet=quiet)
@@ -119,6 +125,8 @@ def fit(cfg: Config, *, quiet: bool = False, reporter: Listener | None = None) -
 
 class NewRun:
     """A new run: a fresh state, and a new folder with its config and opening summary."""
+
+    fresh = True
 
     def restore(self, session: Session) -> TrainState:
         return TrainState()
@@ -255,6 +263,7 @@ class Continuation:
     path: Path
     done: int
     changes: list[dict[str, Any]]
+    fresh = False  # the checkpoint's weights, not model.weights
 
     def restore(self, session: Session) -> TrainState:
         check_same_data(session.data, self.opened.summary, self.opened.path)

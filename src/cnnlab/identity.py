@@ -26,7 +26,7 @@ PLACEMENT_KEYS = frozenset({
     "name", "seed",
     "train.device", "train.threads", "train.eval_batch_size", "train.compile", "train.channels_last",
     "train.cuda_graphs", "train.tf32",
-    "data.download",  # how the files got there, not which files
+    "data.download", "model.download",  # how the files got there, not which files
     "output.dir", "output.checkpoints", "output.loggers", "output.mlflow_uri",
 })
 # What the summary says of the data a run saw, besides where it was (data.root).

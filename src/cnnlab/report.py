@@ -64,6 +64,8 @@ def _open_runs(runs: list[Path], trust_code: bool) -> dict[Path, Any]:
     return opened
 
 
+NORMALIZED = {True: "normalised by the training mean and std", False: "scaled to [0, 1]",
+              "weights": "normalised by the mean and std of the pretrained weights' data"}  # data.normalize
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_BYTES = 50 * 2**20
 
@@ -121,10 +123,11 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
     blocks.append(Block("p", (
         f"Data: {spec.title}, {(s0.train_size or 0):,} training / {(s0.test_size or 0):,} test images of {spec.shape_text}, "
         f"{spec.num_classes} classes, from {s0.data_root}. Validation: {split}. Pixels "
-        f"{'normalised by the training mean and std' if first.data.normalize else 'scaled to [0, 1]'}; augmentation "
+        f"{NORMALIZED[first.data.normalize]}; augmentation "
         f"{'on' if first.data.augment.crop_padding or first.data.augment.flip or first.data.augment.erasing else 'none'}. "
         f"Loss: cross-entropy{f' with label smoothing {first.train.label_smoothing}' if first.train.label_smoothing else ''}. "
-        f"Initial weights: {first.init}. Hardware: {s0.device_name} ({s0.device}), torch {s0.torch_version}."
+        f"Initial weights: {first.model.weights or first.init}. "
+        f"Hardware: {s0.device_name} ({s0.device}), torch {s0.torch_version}."
     )))
     blocks.append(Block("table", headers=("run", "model", "optimizer", "lr", "schedule", "batch", "epochs", "seed"), rows=tuple(
         (label[r], configs[r].model.name + "".join(f", {k}={v}" for k, v in configs[r].model.kwargs.items()),

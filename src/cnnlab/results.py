@@ -282,6 +282,18 @@ def _reason(err: BaseException) -> str:
 RunStatus = Literal["running", "completed", "failed", "interrupted", "pruned"]  # pruned: stopped early by a tuner
 
 
+class WeightsRecord(BaseModel):
+    """summary.json's ``weights``: where a run's starting weights came from and what became of the model's tensors."""
+
+    model_config = ConfigDict(extra="allow")
+
+    source: str
+    loaded: int = Field(ge=0)
+    adapted: list[str] = []
+    new: list[str] = []
+    unused: list[str] = []
+
+
 class RunSummary(BaseModel):
     """summary.json. Unknown keys are kept (newer cnnlab versions may add some)."""
 
@@ -294,6 +306,8 @@ class RunSummary(BaseModel):
     seed: int | None = None
     params: int | None = None
     flops_per_image: int | None = None
+    weights: WeightsRecord | None = None  # what model.weights gave the model
+    frozen_params: int | None = Field(None, ge=0)  # parameters train.freeze kept as they were
     epochs: int | None = None
     eval_split: str | None = None
     data_root: str | None = None

@@ -9,7 +9,7 @@ as a checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,9 @@ from cnnlab.data import Data, load_data
 from cnnlab.distributed import World, current_world, use_sync_batchnorm
 from cnnlab.errors import UserError, warn
 from cnnlab.modelinfo import flops_per_image
+from cnnlab.models.anatomy import select
 from cnnlab.models.build import build_model
+from cnnlab.models.weights import WeightsReport, load_weights, stats_for_channels, weights_stats
 from cnnlab.optim import follow_config, make_optimizer, make_scheduler
 from cnnlab.results import Checkpoint
 from cnnlab.runtime import make_runtime, resolve_device, resolve_threads, warm_imports
@@ -70,6 +72,8 @@ class Session(Trainables):
     static_step: StaticStep | None = None  # when the step runs over static buffers (train.cuda_graphs)
     static_eval: StaticEval | None = None  # the per-epoch evaluation over static buffers, alongside it
     step_note: str | None = None  # why it does not, when it was asked for
+    weights: WeightsReport | None = None  # what model.weights gave the model
+    frozen_params: int = 0  # parameters kept as they are (train.freeze)
 
     @property
     def generators(self) -> dict[str, torch.Generator | None]:
@@ -110,8 +114,11 @@ class Session(Trainables):
             state.current.to(self.runtime.device)
 
 
-def prepare(cfg: Config) -> Session:
+def prepare(cfg: Config, *, pretrained: bool = True) -> Session:
     """Runtime, data, model, loss, optimiser and schedule for ``cfg``. Bad input raises ``UserError``.
+
+    The model gets ``model.weights`` when ``pretrained``; a resumed run's come from its checkpoint instead, so
+    it is not asked to read them (the file may be gone).
 
     Under torchrun this process joins the group here and its model is wrapped in
     DistributedDataParallel (``forward``); ``model`` stays the plain module that checkpoints hold.
@@ -126,7 +133,12 @@ def prepare(cfg: Config) -> Session:
     runtime = make_runtime(world.device_name(cfg.train.device), cfg.train.precision, cfg.train.channels_last,
                            cfg.train.tf32)
     data = load_data(cfg.data, cfg.seed, runtime.device, channels_last=runtime.channels_last)
+    if cfg.data.normalize == "weights":
+        data = normalized_for_weights(data, cfg)
     model = build_model(cfg, runtime.device, spec=data.spec, channels_last=runtime.channels_last)
+    weights = load_weights(model, cfg.model.name, cfg.model.weights, download=cfg.model.download) \
+        if cfg.model.weights is not None and pretrained else None
+    frozen = freeze(model, cfg.train.freeze)
     check_model(model, cfg, data)
     if warming is not None:
         warming.join()
@@ -146,10 +158,31 @@ def prepare(cfg: Config) -> Session:
         cfg=cfg, runtime=runtime, data=data, model=model, forward=forward,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), optimizer=optimizer, scheduler=scheduler,
         steps_per_epoch=steps_per_epoch, order=torch.Generator().manual_seed(cfg.seed), world=world, flops=flops,
-        threads=threads, sync_bn=sync_bn,
+        threads=threads, sync_bn=sync_bn, weights=weights, frozen_params=frozen,
     )
     choose_step(session)
     return session
+
+
+def normalized_for_weights(data: Data, cfg: Config) -> Data:
+    """``data`` normalised by the mean and std of the data ``model.weights`` were trained on (``data.normalize:
+    weights``), for its channel count; the description records them, as it records a training split's own."""
+    mean, std = stats_for_channels(*weights_stats(cfg.model.name, cfg.model.weights), data.spec.channels)
+    return replace(data, spec=data.spec.model_copy(update={"mean": mean, "std": std}))
+
+
+def freeze(model: nn.Module, prefixes: list[str]) -> int:
+    """Keep the parameters ``train.freeze`` names as they are; how many numbers that keeps. Freezing all is bad input."""
+    if not prefixes:
+        return 0
+    names = set(select(model, prefixes))
+    params = dict(model.named_parameters())
+    if len(names) == len(params):
+        raise UserError(f"train.freeze: {', '.join(prefixes)} covers every parameter of the model, which leaves nothing "
+                        "to train; name fewer parts")
+    for name in names:
+        params[name].requires_grad_(False)
+    return sum(params[name].numel() for name in names)
 
 
 def choose_step(session: Session) -> None:
