@@ -233,3 +233,14 @@ def test_the_captured_step_says_why_it_cannot_take_a_backbone_rate(small, capsys
     assert session.step_note == "train.cuda_graphs: off: optim.backbone_lr: the captured SGD step updates with one " \
                                 "learning rate so far"
     assert session.step_note in " ".join(capsys.readouterr().err.split())
+
+
+def test_the_shipped_fine_tuning_config_asks_for_its_weights_instead_of_downloading(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    root = write_dataset(tmp_path / "small", n_train=120, n_test=40)
+    result = runner.invoke(app, ["run", "configs/finetune_resnet18.yaml", "--data-dir", str(root), "--results",
+                                 str(tmp_path / "results"), "--set", "data.check_counts=false", "--set", "data.val_size=20"])
+    assert result.exit_code == 2, result.output
+    assert ("model.weights: torchvision's resnet18 weights IMAGENET1K_V1 are not in the local cache "
+            f"({tmp_path}/torch/hub/checkpoints/resnet18-f37072fd.pth)") in " ".join(result.output.split())
+    assert not (tmp_path / "results").exists()
