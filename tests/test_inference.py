@@ -186,3 +186,15 @@ def test_export_to_a_place_it_cannot_write_is_exit_2_and_files_it_writes_are_rea
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(done.path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_an_exports_tolerance_follows_the_size_of_the_logits():
+    """float32 rounds relative to a number's size: logits in the thousands may differ by more than 1e-4 and be as
+    exact; logits near 1 may not; NaN never agrees."""
+    big = torch.tensor([[3000.0, -2500.0]])
+    assert inference.export_difference(big + 0.01, big) == pytest.approx((0.01, 0.3), rel=0.01)
+    small = torch.tensor([[0.5, -0.2]])
+    difference, allowed = inference.export_difference(small + 0.001, small)
+    assert difference > allowed == 1e-4
+    difference, allowed = inference.export_difference(torch.full((1, 2), float("nan")), small)
+    assert not difference <= allowed

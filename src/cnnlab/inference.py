@@ -37,7 +37,10 @@ MAX_IMAGE_PIXELS = 40_000_000  # 40 megapixels: checked from the header, before 
 # Decoding and reducing stop at 3x the pixels the result needs: from there Pillow's two-step resize is
 # "indistinguishable from fair resampling in most cases" (Image.resize, reducing_gap).
 REDUCING_GAP = 3
-EXPORT_TOLERANCE = 1e-4  # max abs difference of logits an export may show against PyTorch
+# The largest difference of logits an export may show against PyTorch: 1e-4, times the largest logit's size
+# where that is above 1 (float32 rounds relative to a number's size, so a model with logits in the thousands
+# differs by more in absolute terms and is no less exact)
+EXPORT_TOLERANCE = 1e-4
 CHECK_IMAGES = 256
 
 
@@ -261,7 +264,7 @@ class Export:
 
 def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool = False) -> Export:
     """The run's model (best checkpoint, normalisation folded in) as ONNX or TorchScript, checked on
-    256 test images against PyTorch; nothing is written unless it agrees to 1e-4."""
+    256 test images against PyTorch; nothing is written unless it agrees to 1e-4 (relative to logits above 1)."""
     from cnnlab.runs import open_run
 
     if fmt not in ("onnx", "torchscript"):
@@ -287,10 +290,10 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool
             expected = model(pixels)
         got = _export_onnx(model, pixels, temporary, onnx_metadata(opened.spec)) if fmt == "onnx" \
             else _export_torchscript(model, pixels, temporary)
-        difference = float((got - expected).abs().max())
-        if not difference <= EXPORT_TOLERANCE:
+        difference, allowed = export_difference(got, expected)
+        if not difference <= allowed:
             raise UserError(f"the {fmt} export differs from the PyTorch model by {difference:.3g} on {len(pixels)} test "
-                            f"images (more than {EXPORT_TOLERANCE}); not writing {out}")
+                            f"images (more than {allowed:.3g}); not writing {out}")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # as any file the user writes, not mkstemp's owner-only mode
@@ -299,6 +302,13 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool
         if os.path.exists(temporary):
             os.unlink(temporary)
     return Export(out, difference, len(pixels))
+
+
+def export_difference(got: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(the largest difference of an export's logits from PyTorch's, the largest allowed: ``EXPORT_TOLERANCE``
+    scaled by the largest logit's size where that is above 1). NaN anywhere differs by NaN, never allowed."""
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    return float((got - expected).abs().max()), EXPORT_TOLERANCE * max(1.0, scale)
 
 
 def onnx_metadata(spec: DataSpec) -> dict[str, str]:
