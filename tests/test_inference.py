@@ -41,6 +41,11 @@ def test_a_picture_of_a_data_set_image_gets_the_class_eval_gives_it(trained, tmp
         big = Image.fromarray(255 - test.images[index, 0].numpy()).resize((112, 112), Image.Resampling.NEAREST)
         big.convert("RGB").save(photo, quality=95)
         assert predict(run_dir, [photo])[0].top[0][0] == as_data.top[0][0]
+        for fmt in ("WEBP", "TIFF", "BMP", "GIF"):  # any format a data folder takes; lossless, so the very same answer
+            other = tmp_path / f"test{index}.{fmt.lower()}"
+            lossless = {"lossless": True} if fmt == "WEBP" else {}
+            Image.fromarray(test.images[index, 0].numpy()).save(other, format=fmt, **lossless)
+            assert predict(run_dir, [other])[0].top[0][1] == pytest.approx(as_data.top[0][1], abs=1e-6), fmt
     with torch.no_grad():  # and that class is the model's own answer on the data set (what `eval` reports)
         x = opened.load_data().prepare(test.images[:8])
         assert [FASHION.classes[int(c)] for c in opened.model(x).argmax(1)][7] == predict(run_dir, [], index=7)[0].top[0][0]
@@ -68,7 +73,7 @@ def png_header_claiming(width: int, height: int) -> bytes:
     ("notes.png", b"these are not pixels", "not an image cnnlab can read"),
     ("empty.png", b"", "the file is empty"),
     ("bomb.png", png_header_claiming(100_000, 100_000), "100,000 x 100,000 pixels is too large a picture"),
-    ("anim.gif", None, "give a PNG or JPEG"),
+    ("drawing.png", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "not an image cnnlab can read"),  # EPS
     ("missing.png", "skip", "no such image file"),
 ])
 def test_a_bad_picture_is_exit_2_naming_it(trained, tmp_path, name, content, message):

@@ -308,7 +308,7 @@ def bench(
 @app.command()
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="A trained run's folder.", show_default=False)],
-    images: Annotated[Optional[list[Path]], typer.Argument(help="PNG or JPEG files: any size or colour.",
+    images: Annotated[Optional[list[Path]], typer.Argument(help="Picture files (PNG, JPEG, WEBP, TIFF, ...): any size or colour.",
                                                            show_default=False)] = None,
     split: Annotated[str, typer.Option(help="With --image: test or val.")] = "test",
     image: Annotated[Optional[int], typer.Option(help="Classify image N of --split instead of files.")] = None,

@@ -1,11 +1,12 @@
 """Usage: ``cnnlab predict RUN shoe.jpg``; ``cnnlab export RUN --format onnx``: using a trained model.
 
-``predict`` classifies the user's own pictures: any PNG or JPEG, any size or colour, is made into an
-image of the run's data set (its ``DataSpec``: channels, size), grey or RGB. For a data set of light
-things on black (``dark_background``; a grey set whose description does not say) it is made as such
-a set is (the longer side fitted to the image size and centred on black, inverted first when its
-background is light); for others it is scaled to cover the image size and centre-cropped, as
-torchvision's evaluation transforms do. It is then normalised as the run was trained (per channel).
+``predict`` classifies the user's own pictures: PNG, JPEG, WEBP, TIFF and the other formats a data folder
+takes (``picture_formats``), of any size or colour, each made into an image of the run's data set (its
+``DataSpec``: channels, size), grey or RGB. For a data set of light things on black (``dark_background``;
+a grey set whose description does not say) it is made as such a set is (the longer side fitted to the
+image size and centred on black, inverted first when its background is light); for others it is scaled to
+cover the image size and centre-cropped, as torchvision's evaluation transforms do. It is then normalised
+as the run was trained (per channel).
 ``export`` writes the model with that normalisation folded in as its first layer, so the file takes
 raw [0, 1] pixels (N x channels x height x width), and refuses to write a file whose outputs differ
 from PyTorch's; an ONNX file carries the class names and input shape in its metadata
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from cnnlab.data import DataSpec
+from cnnlab.data.pictures import FORMATS
 from cnnlab.errors import UserError
 from cnnlab.results import check_output_file, file_kind
 
@@ -96,10 +98,10 @@ def load_image(path: Path, spec: DataSpec) -> torch.Tensor:
     path = Path(path)
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the size is checked below, with its own message
     try:
-        with _open_picture(path) as handle, Image.open(handle) as opened:
-            # A phone's JPEG is often an MPO: the photo, then more frames (another lens, a depth map); the first is read.
-            if opened.format not in ("PNG", "JPEG", "MPO"):
-                raise UserError(f"{path}: a {opened.format} image; give a PNG or JPEG")
+        # The formats a data folder may hold (pictures.FORMATS: never EPS, whose reader runs Ghostscript), and MPO:
+        # a phone's JPEG is often one, the photo then more frames (another lens, a depth map); the first is read,
+        # as of an animated GIF or a multi-page TIFF.
+        with _open_picture(path) as handle, Image.open(handle, formats=picture_formats()) as opened:
             width, height = opened.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise UserError(f"{path}: {width:,} x {height:,} pixels is too large a picture to classify (at most "
@@ -108,7 +110,8 @@ def load_image(path: Path, spec: DataSpec) -> torch.Tensor:
             ImageOps.exif_transpose(opened, in_place=True)
             image = _reduced(_grey(opened) if spec.channels == 1 else _rgb(opened), box, cover=not on_black)
     except UnidentifiedImageError as err:
-        raise UserError(f"{path}: not an image cnnlab can read ({type(err).__name__}); give a PNG or JPEG") from None
+        raise UserError(f"{path}: not an image cnnlab can read ({type(err).__name__}); give a picture in one of "
+                        f"{', '.join(picture_formats())}") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise UserError(f"{path}: a damaged image ({err})") from None
     finally:
@@ -123,6 +126,14 @@ def load_image(path: Path, spec: DataSpec) -> torch.Tensor:
         canvas.paste(fitted, ((box[0] - fitted.width) // 2, (box[1] - fitted.height) // 2))
     pixels = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8)
     return pixels.reshape(*spec.image_size, spec.channels).permute(2, 0, 1).contiguous()
+
+
+def picture_formats() -> list[str]:
+    """The picture formats ``predict`` reads: those of a data folder, and MPO (a JPEG with more frames)."""
+    from PIL import Image
+
+    Image.init()
+    return [fmt for fmt in (*FORMATS, "MPO") if fmt in Image.OPEN]
 
 
 def _open_picture(path: Path) -> BinaryIO:
@@ -142,7 +153,7 @@ def _open_picture(path: Path) -> BinaryIO:
         if stat.S_ISDIR(info.st_mode):
             raise UserError(f"{path}: is a folder; give the image files in it")
         if not stat.S_ISREG(info.st_mode):
-            raise UserError(f"{path}: is {file_kind(info.st_mode)}, not a regular file; give a PNG or JPEG file")
+            raise UserError(f"{path}: is {file_kind(info.st_mode)}, not a regular file; give a picture file")
         if info.st_size == 0:
             raise UserError(f"{path}: the file is empty")
         if info.st_size > MAX_IMAGE_BYTES:
