@@ -1,7 +1,10 @@
 """The command line as a user meets it: exit codes, messages, and nothing written on bad input."""
 
 import gzip
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +154,34 @@ def test_summary_of_a_model_name_keeps_the_options_set_for_it():
     narrow = invoke("summary", "resnet9", "--set", "model.width=8")
     assert narrow.exit_code == 0 and "resnet9(width=8)" in narrow.output, narrow.output
     assert "103,800 parameters" in narrow.output
+
+
+COMMANDS = ["run", "resume", "sweep", "tune", "bench", "predict", "export", "compare", "visualize", "eval", "report", "models",
+            "summary", "data"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_commands_help_is_literal_shows_flags_as_typed_and_ends_with_an_example(command):
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[-1].strip().startswith(f"Example: cnnlab {command} "), lines[-3:]
+    assert "-h, --help" in result.output and "<bool>" not in result.output
+    if command == "sweep":  # rich markup once ate "[ray]"
+        assert "pip install 'cnnlab[ray]'" in " ".join(result.output.split())
+        assert "-q, --quiet" in result.output and "-s, --set KEY=VALUE" in result.output
+
+
+def test_shell_completion_completes_commands_and_options():
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "_CNNLAB_COMPLETE": "complete_bash", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - 1)}
+        done = subprocess.run([sys.executable, "-m", "cnnlab"], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert complete("cnnlab sw") == ["sweep"]
+    assert complete("cnnlab run --ep") == ["--epochs"]
+    shown = subprocess.run([sys.executable, "-m", "cnnlab", "--show-completion", "bash"], capture_output=True, text=True,
+                           timeout=120)
+    assert shown.returncode == 0 and "_CNNLAB_COMPLETE=complete_bash" in shown.stdout

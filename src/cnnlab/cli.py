@@ -25,12 +25,14 @@ from cnnlab.errors import TrainingError, UserError
 app = typer.Typer(
     name="cnnlab",
     help="Run, compare and look inside CNN experiments on image classification data.",
-    add_completion=False,
+    # Help is printed as written: no rich markup (which ate "[ray]" in "pip install 'cnnlab[ray]'"), flags shown as
+    # they are typed ("-q, --quiet"), each command's example line kept whole.
+    rich_markup_mode=None,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-# Tables stay readable when piped or logged: rich would otherwise squeeze them into 80 columns.
 # Piped or logged output is never squeezed: rich would otherwise fit tables into 80 columns.
 out = SafeConsole(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
 err = SafeConsole(stderr=True, soft_wrap=True)
@@ -38,7 +40,8 @@ RED = "bold red"
 
 SetOption = Annotated[
     Optional[list[str]],
-    typer.Option("--set", "-s", help="Override a config key: --set train.epochs=5 (repeatable; values are YAML)."),
+    typer.Option("--set", "-s", metavar="KEY=VALUE",
+                 help="Override a config key: --set train.epochs=5 (repeatable; values are YAML)."),
 ]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 DataDirOption = Annotated[
@@ -53,12 +56,17 @@ AddressOption = Annotated[
                                      "instance started on this machine for the command.")
 ]
 GpusOption = Annotated[Optional[float], typer.Option(
-    "--gpus-per-trial", min=0, help="GPUs each trial gets on Ray (default: 1 where the cluster has GPUs, else 0).")]
+    "--gpus-per-trial", min=0, metavar="N", help="GPUs each trial gets on Ray (default: 1 where the cluster has GPUs, else 0).")]
 CpusOption = Annotated[Optional[float], typer.Option(
-    "--cpus-per-trial", min=0.01, help="CPUs each trial gets on Ray (default: the CPUs divided among the trials).")]
+    "--cpus-per-trial", min=0.01, metavar="N", help="CPUs each trial gets on Ray (default: the CPUs divided among the trials).")]
 DownloadOption = Annotated[
     bool, typer.Option("--download", help="Fetch the data set, and the model's named weights, if no local copy is found.")
 ]
+
+
+def example(line: str) -> str:
+    """A command's example line, as its help shows it (kept whole: click rewraps paragraphs, not one after \\b)."""
+    return f"\b\nExample: {line}"
 
 
 @contextlib.contextmanager
@@ -121,9 +129,10 @@ def run_reporter(quiet: bool):
     return console if channel is None else FanOut(console, channel)
 
 
-@app.command()
+@app.command(epilog=example("cnnlab run configs/lenet_relu.yaml --epochs 5 --set optim.lr=0.05"))
 def run(
-    config: Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. configs/lenet.yaml.", show_default=False)],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG",
+                                           help="Experiment config (YAML), e.g. configs/lenet.yaml.", show_default=False)],
     set_: SetOption = None,
     epochs: Annotated[Optional[int], typer.Option(help="Train for N epochs (sets train.epochs).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps (sets train.device).")] = None,
@@ -161,9 +170,9 @@ def run(
             fit(cfg, reporter=run_reporter(quiet))
 
 
-@app.command("resume")
+@app.command("resume", epilog=example("cnnlab resume results/lenet_relu/RUN_ID --epochs 30"))
 def resume_(
-    run_dir: Annotated[Path, typer.Argument(help="The run folder to continue.", show_default=False)],
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="The run folder to continue.", show_default=False)],
     epochs: Annotated[Optional[int], typer.Option(help="Train to N epochs in all (extends a completed run).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", "-s", help="Change a setting from here on: optim.lr, optim.momentum, optim.weight_decay, schedule.*, "
@@ -193,19 +202,20 @@ def parse_seeds(text: str | None) -> list[int] | None:
         raise UserError(f"--seeds {text!r}: give integers separated by commas, e.g. --seeds 0,1,2") from None
 
 
-@app.command()
+@app.command(epilog=example("cnnlab sweep configs/kernels/ --seeds 0,1,2 --jobs 2"))
 def sweep(
-    target: Annotated[Path, typer.Argument(help="A folder of configs (every *.yaml) or a sweep file (base/grid/seeds).",
+    target: Annotated[Path, typer.Argument(metavar="TARGET",
+                                           help="A folder of configs (every *.yaml) or a sweep file (base/grid/seeds).",
                                            show_default=False)],
     set_: SetOption = None,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Trials run at once (default: 1 locally; on Ray "
-                                                                 "as many as the cluster holds).")] = None,
-    seeds: Annotated[Optional[str], typer.Option(help="Run every trial with each seed: --seeds 0,1,2.")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", metavar="N", help="Trials run at once (default: 1 locally; "
+                                                                              "on Ray as many as the cluster holds).")] = None,
+    seeds: Annotated[Optional[str], typer.Option(metavar="0,1,2", help="Run every trial with each seed: --seeds 0,1,2.")] = None,
     results: Annotated[Optional[Path], typer.Option(help="Results folder (default: the configs' output.dir).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun trials that already completed.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="A line per trial instead of live progress.")] = False,
-    launcher: Annotated[str, typer.Option(help="local: trials as processes on this machine; ray: as Ray tasks "
-                                                "(pip install 'cnnlab[ray]').")] = "local",
+    launcher: Annotated[str, typer.Option(metavar="local|ray", help="local: trials as processes on this machine; ray: as "
+                                                                    "Ray tasks (pip install 'cnnlab[ray]').")] = "local",
     address: AddressOption = None,
     gpus_per_trial: GpusOption = None,
     cpus_per_trial: CpusOption = None,
@@ -238,17 +248,18 @@ def sweep(
             raise typer.Exit(1)
 
 
-@app.command()
+@app.command(epilog=example("cnnlab tune configs/tune/lenet_relu.yaml --trials 20"))
 def tune(
-    space: Annotated[Path, typer.Argument(help="A search space file: base config, metric, trials and a distribution per "
+    space: Annotated[Path, typer.Argument(metavar="SPACE",
+                                          help="A search space file: base config, metric, trials and a distribution per "
                                                "key, e.g. configs/tune/lenet_relu.yaml.", show_default=False)],
     set_: SetOption = None,
     trials: Annotated[Optional[int], typer.Option(min=1, help="Number of trials (overrides the file's).")] = None,
     results: Annotated[Optional[Path], typer.Option(help="Results folder (default: the base config's output.dir).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the newest interrupted tune of this space.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line per finished trial.")] = False,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Trials run at once (default: as many as "
-                                                                           "the Ray cluster holds).")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, metavar="N", help="Trials run at once (default: as "
+                                                                                    "many as the Ray cluster holds).")] = None,
     address: AddressOption = None,
     gpus_per_trial: GpusOption = None,
     cpus_per_trial: CpusOption = None,
@@ -279,9 +290,10 @@ def tune(
             raise typer.Exit(1)
 
 
-@app.command()
+@app.command(epilog=example("cnnlab bench configs/lenet.yaml --no-commands"))
 def bench(
-    config: Annotated[Optional[Path], typer.Argument(help="Experiment config (default: configs/lenet.yaml when it "
+    config: Annotated[Optional[Path], typer.Argument(metavar="CONFIG",
+                                                     help="Experiment config (default: configs/lenet.yaml when it "
                                                           "exists here, else the built-in defaults: LeNet).",
                                                      show_default=False)] = None,
     set_: SetOption = None,
@@ -305,10 +317,11 @@ def bench(
                   epochs=epochs, out=out, quiet=quiet)
 
 
-@app.command()
+@app.command(epilog=example("cnnlab predict results/lenet_relu/RUN_ID shoe.jpg --top 3"))
 def predict(
-    run_dir: Annotated[Path, typer.Argument(help="A trained run's folder.", show_default=False)],
-    images: Annotated[Optional[list[Path]], typer.Argument(help="Picture files (PNG, JPEG, WEBP, TIFF, ...): any size or colour.",
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A trained run's folder.", show_default=False)],
+    images: Annotated[Optional[list[Path]], typer.Argument(metavar="PICTURE...",
+                                                           help="Picture files (PNG, JPEG, WEBP, TIFF, ...): any size or colour.",
                                                            show_default=False)] = None,
     split: Annotated[str, typer.Option(help="With --image: test or val.")] = "test",
     image: Annotated[Optional[int], typer.Option(help="Classify image N of --split instead of files.")] = None,
@@ -338,9 +351,9 @@ def predict(
                 out.print(f"  {probability:7.2%}  {name}")
 
 
-@app.command()
+@app.command(epilog=example("cnnlab export results/lenet_relu/RUN_ID --format onnx"))
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="A trained run's folder.", show_default=False)],
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A trained run's folder.", show_default=False)],
     format_: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write (default: "
                                                    "<run>/model.onnx or <run>/model.pt).")] = None,
@@ -356,9 +369,10 @@ def export(
                   f"{done.images} test images: {done.max_difference:.2e})")
 
 
-@app.command()
+@app.command(epilog=example("cnnlab compare results/lenet_relu results/sweeps"))
 def compare(
-    targets: Annotated[list[Path], typer.Argument(help="Run folders, sweep folders, or folders holding runs.",
+    targets: Annotated[list[Path], typer.Argument(metavar="FOLDER...",
+                                                  help="Run folders, sweep folders, or folders holding runs.",
                                                   show_default=False)],
     debug: DebugOption = False,
 ) -> None:
@@ -399,11 +413,12 @@ def print_table(table: list[dict]) -> None:
 
 RunArgument = Annotated[
     Optional[Path],
-    typer.Argument(help="A run folder (default: the most recently finished run under --results).", show_default=False),
+    typer.Argument(metavar="RUN", help="A run folder (default: the most recently finished run under --results).",
+                   show_default=False),
 ]
 
 
-@app.command()
+@app.command(epilog=example("cnnlab visualize --layer 3 --class 'Ankle boot'"))
 def visualize(
     run_dir: RunArgument = None,
     layer: Annotated[Optional[str], typer.Option(
@@ -448,7 +463,7 @@ def visualize(
         out.print(str(picture.path))
 
 
-@app.command("eval")
+@app.command("eval", epilog=example("cnnlab eval --checkpoint last"))
 def eval_(
     run_dir: RunArgument = None,
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
@@ -474,9 +489,10 @@ def eval_(
         out.print(f"confusion.csv, confusion.png, errors.png, eval.json in {report.folder}")
 
 
-@app.command()
+@app.command(epilog=example("cnnlab report results/ --html"))
 def report(
-    targets: Annotated[list[Path], typer.Argument(help="Runs, sweeps, or folders holding runs.", show_default=False)],
+    targets: Annotated[list[Path], typer.Argument(metavar="FOLDER...",
+                                                  help="Runs, sweeps, or folders holding runs.", show_default=False)],
     output: Annotated[Path, typer.Option(
         "--output", "-o", help="Markdown file to write; images go to <name>_files/ beside it.",
     )] = Path("results/report/report.md"),
@@ -494,9 +510,10 @@ def report(
         say_skipped(written.skipped)
 
 
-@app.command()
+@app.command(epilog=example("cnnlab models --source torchvision 'resnet*'"))
 def models(
-    pattern: Annotated[Optional[str], typer.Argument(help="With --source: a glob (resnet*) or a part of the names.",
+    pattern: Annotated[Optional[str], typer.Argument(metavar="PATTERN",
+                                                     help="With --source: a glob (resnet*) or a part of the names.",
                                                      show_default=False)] = None,
     source: Annotated[Optional[str], typer.Option(
         "--source", help="List a library's models instead: torchvision or timm (named torchvision.NAME, timm.NAME).")] = None,
@@ -544,9 +561,10 @@ def models(
                       "their weights (torchvision's regnets); `cnnlab summary NAME` says why")
 
 
-@app.command()
+@app.command(epilog=example("cnnlab summary configs/resnet9.yaml"))
 def summary(
-    target: Annotated[str, typer.Argument(help="A model name (see `cnnlab models`) or a config file.", show_default=False)],
+    target: Annotated[str, typer.Argument(metavar="TARGET",
+                                          help="A model name (see `cnnlab models`) or a config file.", show_default=False)],
     set_: SetOption = None,
     trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
@@ -574,9 +592,9 @@ def summary(
         out.print(f"total: {count_params(model):,} parameters, {total_flops:,} FLOPs per image")
 
 
-@app.command()
+@app.command(epilog=example("cnnlab data cifar10 --verify"))
 def data(
-    name: Annotated[Optional[str], typer.Argument(
+    name: Annotated[Optional[str], typer.Argument(metavar="NAME", 
         help="A data set (fashion-mnist, mnist, kmnist, ...): describe it (counts per split and class, size, channels, "
              "mean/std, where its files are). Without it: find and check Fashion-MNIST.", show_default=False)] = None,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", "--root", help="Folder with the data set's files.")] = None,
