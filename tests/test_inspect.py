@@ -149,3 +149,39 @@ def test_eval_confusion_matrix_agrees_with_the_run(trained):
     assert json.loads((folder / "eval.json").read_text())["accuracy"] == pytest.approx(report.accuracy)
     val = runner.invoke(app, ["eval", str(run), "--split", "val", "--checkpoint", "last"])
     assert val.exit_code == 0 and "val (100 images, last checkpoint)" in val.output
+
+
+def test_commands_take_the_newest_run_of_a_folder_of_runs_or_of_results(trained, tmp_path, monkeypatch):
+    """eval, visualize, predict and export: a folder of runs (an experiment's) means its newest finished run, and no
+    run at all the newest under --results; resume: the newest unfinished one."""
+    run, _ = trained
+    results = tmp_path / "results"
+    runs = {}
+    for name, finished in (("older", "2026-01-01T00:00:00Z"), ("newer", "2026-01-02T00:00:00Z"), ("stopped", None)):
+        runs[name] = results / ("other" if name == "stopped" else "lenet") / f"20260101T00000{len(runs)}Z-{name}"
+        shutil.copytree(run, runs[name])
+        summary = json.loads((runs[name] / "summary.json").read_text())
+        if finished is None:  # stopped after its last checkpoint, the latest run to start
+            summary = {**summary, "status": "interrupted", "started": "2026-01-03T00:00:00Z"}
+            del summary["finished"]
+        else:
+            summary["finished"] = finished
+        (runs[name] / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.chdir(tmp_path)  # --results defaults to ./results
+
+    evaluated = runner.invoke(app, ["eval", str(results / "lenet")])
+    assert evaluated.exit_code == 0 and str(runs["newer"] / "eval") in " ".join(evaluated.output.split()), evaluated.output
+    Image.new("L", (28, 28), 0).save(tmp_path / "dark.png")
+    for args in (["predict", "dark.png", "--json"], ["predict", "results/lenet", "dark.png", "--json"]):
+        predicted = runner.invoke(app, args)
+        assert predicted.exit_code == 0 and json.loads(predicted.output)[0]["image"] == "dark.png", predicted.output
+    exported = runner.invoke(app, ["export", "--format", "torchscript"])
+    assert exported.exit_code == 0 and (runs["newer"] / "model.pt").is_file(), exported.output
+
+    resumed = runner.invoke(app, ["resume", "--epochs", "4", "--quiet"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((runs["stopped"] / "summary.json").read_text())["status"] == "completed"
+    nothing = runner.invoke(app, ["resume"])
+    assert nothing.exit_code == 2 and "no unfinished run (interrupted, failed or killed) in results/" in nothing.output
+    typo = runner.invoke(app, ["predict", "results/lenet/2026-typo", "dark.png"])
+    assert typo.exit_code == 2 and "results/lenet/2026-typo: no such run folder" in typo.output

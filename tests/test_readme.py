@@ -156,9 +156,9 @@ def test_the_readme_commands_run_as_written(tmp_path, monkeypatch):
             if not real_data.is_dir():
                 continue  # checksums are Fashion-MNIST's own: only the real files pass them
             del run_env["CNNLAB_DATA"]
+        if command.startswith("cnnlab resume"):  # with or without a run folder: one that stopped before its end
+            interrupted_lenet_run(root, env)
         if PLACEHOLDER in command:
-            if command.startswith("cnnlab resume"):
-                interrupted_lenet_run(root, env)
             run = newest_run(root, "interrupted" if command.startswith("cnnlab resume") else "completed")
             command = command.replace(PLACEHOLDER, str(run.relative_to(root)))
         started = time.monotonic()

@@ -59,6 +59,10 @@ GpusOption = Annotated[Optional[float], typer.Option(
     "--gpus-per-trial", min=0, metavar="N", help="GPUs each trial gets on Ray (default: 1 where the cluster has GPUs, else 0).")]
 CpusOption = Annotated[Optional[float], typer.Option(
     "--cpus-per-trial", min=0.01, metavar="N", help="CPUs each trial gets on Ray (default: the CPUs divided among the trials).")]
+RunArgument = Annotated[Optional[Path], typer.Argument(
+    metavar="RUN", show_default=False, help="A run folder, or a folder of runs (an experiment's, a sweep's) for its newest "
+                                            "finished run (default: the newest under --results).")]
+ResultsOption = Annotated[Path, typer.Option(metavar="DIR", help="Where to look for the newest run.")]
 DownloadOption = Annotated[
     bool, typer.Option("--download", help="Fetch the data set, and the model's named weights, if no local copy is found.")
 ]
@@ -172,13 +176,16 @@ def run(
 
 @app.command("resume", epilog=example("cnnlab resume results/lenet_relu/RUN_ID --epochs 30"))
 def resume_(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="The run folder to continue.", show_default=False)],
+    run_dir: Annotated[Optional[Path], typer.Argument(
+        metavar="RUN", show_default=False, help="The run folder to continue, or a folder of runs for its newest unfinished "
+                                                "one (default: the newest unfinished run under --results).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Train to N epochs in all (extends a completed run).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", "-s", help="Change a setting from here on: optim.lr, optim.momentum, optim.weight_decay, schedule.*, "
                             "train.grad_clip, train.epochs or train.patience, e.g. --set optim.lr=0.1 (repeatable).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps (the run may move).")] = None,
     data_dir: DataDirOption = None,
+    results: Annotated[Path, typer.Option(metavar="DIR", help="Where to look for the newest unfinished run.")] = Path("results"),
     trust_code: TrustCodeOption = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="One line per epoch instead of a progress bar.")] = False,
     debug: DebugOption = False,
@@ -186,11 +193,12 @@ def resume_(
     """Continue an interrupted, failed or killed run in its own folder, from its last checkpoint."""
     with cli_errors(debug, trains=True):
         from cnnlab.engine import resume
+        from cnnlab.results import pick_run
 
         if epochs is not None and epochs < 1:
             raise UserError(f"--epochs {epochs}: give a positive number of epochs")
-        resume(run_dir, epochs=epochs, settings=set_, device=device, data_root=data_dir, reporter=run_reporter(quiet),
-               trust_code=trust_code)
+        resume(pick_run(run_dir, results, unfinished=True), epochs=epochs, settings=set_, device=device, data_root=data_dir,
+               reporter=run_reporter(quiet), trust_code=trust_code)
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
@@ -319,14 +327,15 @@ def bench(
 
 @app.command(epilog=example("cnnlab predict results/lenet_relu/RUN_ID shoe.jpg --top 3"))
 def predict(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A trained run's folder.", show_default=False)],
-    images: Annotated[Optional[list[Path]], typer.Argument(metavar="PICTURE...",
-                                                           help="Picture files (PNG, JPEG, WEBP, TIFF, ...): any size or colour.",
-                                                           show_default=False)] = None,
+    paths: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="[RUN] PICTURE...", show_default=False,
+        help="A run folder or a folder of runs (default: the newest finished run under --results), then picture files "
+             "(PNG, JPEG, WEBP, TIFF, ...): any size or colour.")] = None,
     split: Annotated[str, typer.Option(help="With --image: test or val.")] = "test",
     image: Annotated[Optional[int], typer.Option(help="Classify image N of --split instead of files.")] = None,
     top: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    results: ResultsOption = Path("results"),
     trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -334,17 +343,24 @@ def predict(
     with cli_errors(debug):
         import json
 
+        from cnnlab.data.pictures import extensions
         from cnnlab.inference import predict as classify
 
         if split not in ("test", "val"):
             raise UserError(f"--split {split!r}: choose test or val")
-        results = classify(run_dir, list(images or []), split=split, index=image, top=top, trust_code=trust_code)
+        from cnnlab.results import pick_run
+
+        # A folder first names the run (pictures are files, with a picture's ending); without one, the newest finished run.
+        paths = list(paths or [])
+        names_run = paths and (paths[0].is_dir() or not (paths[0].exists() or paths[0].suffix.lower() in extensions()))
+        run_dir = pick_run(paths.pop(0) if names_run else None, results)
+        answers = classify(run_dir, paths, split=split, index=image, top=top, trust_code=trust_code)
         if as_json:
             out.print(json.dumps([{"image": r.source, "label": r.label,
-                                   "top": [{"class": c, "probability": p} for c, p in r.top]} for r in results],
+                                   "top": [{"class": c, "probability": p} for c, p in r.top]} for r in answers],
                                  indent=2), soft_wrap=True)
             return
-        for result in results:
+        for result in answers:
             label = f"  (true: {result.label})" if result.label else ""
             out.print(Text.assemble((result.source, "bold"), label))
             for name, probability in result.top:
@@ -353,18 +369,20 @@ def predict(
 
 @app.command(epilog=example("cnnlab export results/lenet_relu/RUN_ID --format onnx"))
 def export(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A trained run's folder.", show_default=False)],
+    run_dir: RunArgument = None,
     format_: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write (default: "
                                                    "<run>/model.onnx or <run>/model.pt).")] = None,
+    results: ResultsOption = Path("results"),
     trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Export the trained model (normalisation folded in: it takes raw [0, 1] pixels), checked against PyTorch."""
     with cli_errors(debug):
         from cnnlab.inference import export as write_export
+        from cnnlab.results import pick_run
 
-        done = write_export(run_dir, format_, output, trust_code=trust_code)
+        done = write_export(pick_run(run_dir, results), format_, output, trust_code=trust_code)
         out.print(f"{format_} model -> {done.path}  (max abs difference of logits against PyTorch on "
                   f"{done.images} test images: {done.max_difference:.2e})")
 
@@ -411,13 +429,6 @@ def print_table(table: list[dict]) -> None:
     out.print(grid)
 
 
-RunArgument = Annotated[
-    Optional[Path],
-    typer.Argument(metavar="RUN", help="A run folder (default: the most recently finished run under --results).",
-                   show_default=False),
-]
-
-
 @app.command(epilog=example("cnnlab visualize --layer 3 --class 'Ankle boot'"))
 def visualize(
     run_dir: RunArgument = None,
@@ -432,15 +443,15 @@ def visualize(
     filters: Annotated[bool, typer.Option("--filters", help="Draw the layer's learned kernels instead of its output.")] = False,
     cam: Annotated[bool, typer.Option("--cam", help="Draw a Grad-CAM heat map of the predicted class.")] = False,
     list_layers: Annotated[bool, typer.Option("--list-layers", help="List the model's layers with their output shapes.")] = False,
-    results: Annotated[Path, typer.Option(help="Where to look for the most recent run.")] = Path("results"),
+    results: ResultsOption = Path("results"),
     trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Feature maps of a trained model's layer for one image (or its kernels, or a Grad-CAM map)."""
     with cli_errors(debug):
-        from cnnlab.results import latest_run
+        from cnnlab.results import pick_run
 
-        run_dir = run_dir or latest_run(results)
+        run_dir = pick_run(run_dir, results)
         if list_layers:
             from cnnlab.runs import open_run
             from cnnlab.visualize import layer_rows
@@ -468,16 +479,16 @@ def eval_(
     run_dir: RunArgument = None,
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
-    results: Annotated[Path, typer.Option(help="Where to look for the most recent run.")] = Path("results"),
+    results: ResultsOption = Path("results"),
     trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Accuracy, per-class accuracy, confusion matrix and misclassified examples of a trained run."""
     with cli_errors(debug):
         from cnnlab.evaluation import evaluate_run
-        from cnnlab.results import latest_run
+        from cnnlab.results import pick_run
 
-        report = evaluate_run(run_dir or latest_run(results), split, checkpoint, trust_code=trust_code)
+        report = evaluate_run(pick_run(run_dir, results), split, checkpoint, trust_code=trust_code)
         out.print(f"{report.split} ({report.images:,} images, {report.checkpoint} checkpoint): "
                   f"accuracy {report.accuracy:.4f}, loss {report.loss:.4f}")
         grid = Table("class", "accuracy", box=None, header_style="bold")

@@ -28,7 +28,7 @@ from cnnlab.listeners import Listener
 from cnnlab.modelinfo import count_params
 from cnnlab.progress import make_reporter
 from cnnlab.record import RunRecord, for_rank, recording_ending, run_listeners
-from cnnlab.results import Checkpoint, CheckpointWriter, RunDir, RunSummary, git_commit, read_summary, utc_now
+from cnnlab.results import RESUMABLE, Checkpoint, CheckpointWriter, RunDir, RunSummary, git_commit, read_summary, utc_now
 from cnnlab.runs import OpenedRun, comparable, config_differences, describe_state, open_run, runs_of
 from cnnlab.runtime import process_age
 from cnnlab.session import Session, join_world, prepare, step_fields
@@ -160,7 +160,6 @@ def open_new_run(run: RunDir, config_text: str, summary: RunSummary) -> None:
 # ---------------------------------------------------------------------------------------------
 # Resuming: a run continued in its own folder
 
-RESUMABLE = ("interrupted", "failed", "stale")
 # What a resumed run may change (`cnnlab resume RUN --set KEY=VALUE`): how the optimiser steps from the
 # checkpoint on and how long and how patiently it trains. The checkpoint's state stays right under each:
 # the weights, the optimiser's buffers (SGD's momentum is kept, and optim.name, whose state Adam's moments

@@ -716,21 +716,41 @@ def run_state(run_dir: Path, summary: RunSummary) -> str:
     return "stale"
 
 
-def latest_run(results_root: Path = Path("results")) -> Path:
-    """The most recently finished completed run under ``results_root`` (sweeps included)."""
-    finished = []
-    for path in Path(results_root).rglob("summary.json"):
+RESUMABLE = ("interrupted", "failed", "stale")  # the states a run can be continued from (`cnnlab resume`)
+
+
+def pick_run(target: Path | None, results_root: Path = Path("results"), *, unfinished: bool = False) -> Path:
+    """The run a command takes: ``target`` when it is a run folder; else the newest finished run (with
+    ``unfinished``: the newest one that stopped before the end, to resume) in the folder ``target`` names (an
+    experiment's, a sweep's), or under ``results_root`` without one."""
+    if target is not None and ((Path(target) / "summary.json").is_file() or (Path(target) / "config.yaml").is_file()):
+        return Path(target)
+    folder = Path(target) if target is not None else Path(results_root)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such run folder" if target is not None else
+                        f"no {folder}/ folder here: run this where your results are, pass --results DIR, or name a run folder")
+    found = newest_run(folder, RESUMABLE if unfinished else ("completed",), "last.pt" if unfinished else "best.pt")
+    if found is not None:
+        return found
+    if unfinished:
+        raise UserError(f"no unfinished run (interrupted, failed or killed) in {folder}/ to resume; name a run folder "
+                        "(a completed run trains on with --epochs N)")
+    raise UserError(f"no finished run in {folder}/ to look at. Train one first, e.g. `cnnlab run configs/lenet.yaml` "
+                    "(or `make run`), or name a run folder")
+
+
+def newest_run(folder: Path, states: tuple[str, ...], checkpoint: str) -> Path | None:
+    """The run under ``folder`` in one of ``states`` (``run_state``'s) with ``checkpoints/<checkpoint>`` that
+    finished (or else started) last; runs whose summary cannot be read are passed over, as someone else's
+    broken run must not hide the good ones."""
+    found = []
+    for path in Path(folder).rglob("summary.json"):
         if any(part.startswith(".incoming-") for part in path.parts):  # a shipped folder being unpacked
             continue
         try:
             summary = read_summary(path)
         except UserError:
-            continue  # someone else's broken run must not hide the good ones
-        if summary.status == "completed" and (path.parent / "checkpoints" / "best.pt").is_file():
-            finished.append((summary.finished or "", str(path.parent)))
-    if not finished:
-        raise UserError(
-            f"no finished run in {results_root}/ to look at. Train one first, e.g. `cnnlab run configs/lenet.yaml` "
-            "(or `make run`), or name a run folder"
-        )
-    return Path(max(finished)[1])
+            continue
+        if run_state(path.parent, summary) in states and (path.parent / "checkpoints" / checkpoint).is_file():
+            found.append((summary.finished or summary.started or "", str(path.parent)))
+    return Path(max(found)[1]) if found else None
