@@ -171,3 +171,45 @@ def test_a_results_path_with_an_arrow_in_it(tmp_path, sweep_overrides):
     rows = read_csv(sweep_dir / "summary.csv")
     assert len(rows) == 3 and all(float(r["test_acc"]) > 0 for r in rows)
     assert all((sweep_dir / r["run_dir"] / "summary.json").is_file() for r in rows)
+
+
+def test_a_multirun_sweeps_the_grid_of_comma_lists_over_one_config_quoting_and_lists_included():
+    name, trials = expand(CONFIGS / "lenet_relu.yaml", ["optim.lr=0.05,0.1", "model.channels=[4, 8],[6, 16]",
+                                                        "train.epochs=3", "name=not the trial's"], seeds=[0, 1])
+    assert name == "lenet_relu" and len(trials) == 8 and all(t.config is not None for t in trials)
+    assert [(t.name, t.seed) for t in trials[:2]] == [("lr=0.05-channels=4x8", 0), ("lr=0.05-channels=4x8", 1)]
+    assert {(t.config.optim.lr, t.config.model.kwargs["channels"]) for t in trials} == \
+        {(lr, ch) for lr in (0.05, 0.1) for ch in ((4, 8), (6, 16))}
+    assert all(t.config.train.epochs == 3 and t.config.model.kwargs["activation"] == "relu" for t in trials)
+    # A quoted comma is one value; a folder's configs are each crossed with the grid; a sweep file's grid grows.
+    _, [one] = expand(CONFIGS / "lenet_relu.yaml", ["output.dir='results,old'"])
+    assert str(one.config.output.dir) == "results,old" and one.swept == {}
+    _, family = expand(CONFIGS / "kernels", ["optim.lr=0.05,0.1"])
+    assert [t.name for t in family] == [f"lenet_k{k}-lr={lr}" for k in (3, 5, 7) for lr in (0.05, 0.1)]
+    _, grown = expand(CONFIGS / "sweeps" / "kernels_lr.yaml", ["train.epochs=1,2"])
+    assert len(grown) == 36 and grown[0].swept == {"model.kernel_size": 3, "optim.lr": 0.05, "train.epochs": 1}
+
+
+def test_a_multirun_of_one_config_runs_skips_what_is_done_and_refuses_a_bad_config(tmp_path, sweep_overrides):
+    config, results = tmp_path / "small.yaml", tmp_path / "results"
+    config.write_text(f"extends: {CONFIGS / 'lenet.yaml'}\nmodel: {{channels: [4, 8]}}\n")
+    args = ["sweep", str(config), "--results", str(results), *sweep_overrides, "--set", "train.epochs=1,2", "--seeds", "0,1"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    [sweep_dir] = (results / "sweeps" / "small").glob("2*")
+    rows = read_csv(sweep_dir / "summary.csv")
+    assert sorted((r["name"], r["seed"], r["status"]) for r in rows) == \
+        [(f"epochs={e}", str(s), "completed") for e in (1, 2) for s in (0, 1)]
+    again = runner.invoke(app, args)  # the same multirun again: every trial was done
+    assert again.exit_code == 0 and "4 trials (4 done before" in " ".join(again.output.split()), again.output
+    config.write_text("model: {name: lenet, kernal_size: 3}\n")
+    bad = runner.invoke(app, ["sweep", str(config), "--set", "optim.lr=0.1,0.2", "--results", str(tmp_path / "other")])
+    assert bad.exit_code == 2 and "model.kernal_size" in bad.output and not (tmp_path / "other").exists()
+    empty = runner.invoke(app, ["sweep", str(CONFIGS / "lenet.yaml"), "--set", "optim.lr=0.1,"])
+    assert empty.exit_code == 2 and "an empty value between commas" in empty.output
+
+
+def test_run_given_a_comma_list_points_to_the_multirun():
+    result = runner.invoke(app, ["run", str(CONFIGS / "lenet_relu.yaml"), "--set", "optim.lr=0.05,0.1"])
+    assert result.exit_code == 2
+    assert f"sweep them: cnnlab sweep {CONFIGS / 'lenet_relu.yaml'} --set optim.lr=0.05,0.1" in " ".join(result.output.split())

@@ -165,7 +165,16 @@ def run(
         options = {"train.epochs": epochs, "train.device": device, "data.root": data_dir, "output.dir": results,
                    "seed": seed, "data.download": download or None, "model.download": download or None}
         values = {key: value for key, value in options.items() if value is not None}  # they win over --set
-        cfg = load_config(config, set_, values, trust_code=trust_code or None)
+        try:
+            cfg = load_config(config, set_, values, trust_code=trust_code or None)
+        except UserError as error:
+            from cnnlab.sweep import split_values
+
+            several = next((text for text in set_ or [] if len(split_values(text.partition("=")[2])) > 1), None)
+            if several is None:
+                raise
+            raise UserError(f"{error}\n  (to run once with each value of --set {several}, sweep them: "
+                            f"cnnlab sweep {config} --set {several})") from None
         if resume == "auto":
             from cnnlab.engine import run_or_resume
 
@@ -210,12 +219,14 @@ def parse_seeds(text: str | None) -> list[int] | None:
         raise UserError(f"--seeds {text!r}: give integers separated by commas, e.g. --seeds 0,1,2") from None
 
 
-@app.command(epilog=example("cnnlab sweep configs/kernels/ --seeds 0,1,2 --jobs 2"))
+@app.command(epilog=example("cnnlab sweep configs/lenet_relu.yaml --set optim.lr=0.05,0.1 --seeds 0,1,2 --jobs 2"))
 def sweep(
-    target: Annotated[Path, typer.Argument(metavar="TARGET",
-                                           help="A folder of configs (every *.yaml) or a sweep file (base/grid/seeds).",
-                                           show_default=False)],
-    set_: SetOption = None,
+    target: Annotated[Path, typer.Argument(
+        metavar="TARGET", show_default=False,
+        help="A folder of configs (every *.yaml), a sweep file (base/grid/seeds), or one config.")],
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", "-s", metavar="KEY=VALUE", help="Override a config key in every trial (repeatable; values are YAML); "
+                                                 "KEY=A,B,C sweeps the values (a grid axis).")] = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", metavar="N", help="Trials run at once (default: 1 locally; "
                                                                               "on Ray as many as the cluster holds).")] = None,
     seeds: Annotated[Optional[str], typer.Option(metavar="0,1,2", help="Run every trial with each seed: --seeds 0,1,2.")] = None,

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cnnlab.compare import aggregate, markdown_table, row_from_summary, write_trials
-from cnnlab.config import absolute_paths, dump_config, load_config, read_yaml, with_values
+from cnnlab.config import Config, absolute_paths, dump_config, load_config, parse_override, read_yaml, with_values
 from cnnlab.console import SafeConsole
 from cnnlab.errors import UserError
 from cnnlab.events import EVENTS_FD_ENV, read_events
@@ -70,26 +70,88 @@ def _value_label(value: Any) -> str:
     return "x".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
+def split_values(raw: str) -> list[str]:
+    """``"0.05,0.1"`` -> ``["0.05", "0.1"]``: a --set value split at its commas, except those inside brackets,
+    braces or quotes (``[3, 5]`` and ``"a,b"`` are one value each)."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(raw):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(raw[start:i])
+            start = i + 1
+    return [*parts, raw[start:]]
+
+
+def multirun(overrides: list[str]) -> tuple[list[str], dict[str, list[Any]]]:
+    """(plain overrides, grid): each ``--set KEY=A,B,C`` becomes a grid axis of the values A, B and C (each read as
+    YAML), as Hydra's multirun does; the others stay overrides of every trial."""
+    plain, grid = [], {}
+    for text in overrides:
+        parts, _ = parse_override(text)
+        values = split_values(text.partition("=")[2])
+        if len(values) == 1:
+            plain.append(text)
+            continue
+        if any(not v.strip() for v in values):
+            raise UserError(f"--set {text!r}: an empty value between commas; give KEY=A,B (quote a value that holds a comma: "
+                            f"KEY='\"a,b\"')")
+        grid[".".join(parts)] = [parse_override(f"x={v.strip()}")[1] for v in values]
+    return plain, grid
+
+
+def is_sweep_file(path: Path) -> bool:
+    """Whether a YAML file is a sweep file (base/grid/seeds) rather than one experiment's config: it has a base or
+    a grid, or none of a config's sections (so that a misspelt sweep key is named as such)."""
+    keys = set(read_yaml(path))
+    return bool(keys & {"base", "grid"}) or not keys & (set(Config.model_fields) | {"extends"})
+
+
 def expand(target: Path, overrides: list[str], seeds: list[int] | None = None) -> tuple[str, list[Trial]]:
-    """(sweep name, trials). A config that fails to load becomes a failed trial, not an error."""
+    """(sweep name, trials) of a folder of configs, a sweep file or one config, each crossed with the grid of the
+    ``--set KEY=A,B`` overrides (``multirun``). A config that fails to load becomes a failed trial, not an error."""
     target = Path(target)
+    overrides, grid = multirun(overrides)
     if target.is_dir():
         files = sorted(p for p in target.glob("*.yaml") if not p.name.startswith("_"))
         if not files:
             raise UserError(f"{target}: no *.yaml configs in this folder")
         trials = []
         for path, name in zip(files, unique_names([p.stem for p in files], [p.name for p in files])):
-            for seed in seeds or [None]:
-                try:
-                    cfg = load_config(path, overrides, {"name": name, **({"seed": seed} if seed is not None else {})})
-                    trials.append(Trial(name, cfg.seed, config=cfg))
-                except UserError as err:
-                    trials.append(Trial(name, seed or 0, error=one_line(err), status="failed"))
+            trials += grid_trials(path, name, grid, overrides, seeds or [None], prefix=bool(grid))
         return target.name or "sweep", trials
-    return expand_sweep_file(target, overrides, seeds)
+    if is_sweep_file(target):
+        return expand_sweep_file(target, overrides, seeds, grid)
+    load_config(target, overrides)  # the config itself must be valid: bad input, not a trial that failed
+    name = sanitize_name(target.stem)
+    return name, grid_trials(target, name, grid, overrides, seeds or [None])
 
 
-def expand_sweep_file(path: Path, overrides: list[str], seeds: list[int] | None) -> tuple[str, list[Trial]]:
+def grid_trials(base: Path | None, name: str, grid: dict[str, list[Any]], overrides: list[str], seeds: list[int | None],
+                prefix: bool = False) -> list[Trial]:
+    """A trial per point of ``grid`` and seed, of the config ``base`` (None: the defaults) with ``overrides``; each
+    variant named after its point (``kernel_size=3-lr=0.1``), after ``name`` first with ``prefix``."""
+    points = [dict(zip(grid, point)) for point in itertools.product(*grid.values())]
+    trials = []
+    for swept, variant in zip(points, variant_names(points, name, prefix)):
+        for seed in seeds:
+            values = {**swept, "name": variant, **({"seed": seed} if seed is not None else {})}
+            try:
+                cfg = load_config(base, overrides, values)
+                trials.append(Trial(variant, cfg.seed, swept, config=cfg))
+            except UserError as err:
+                trials.append(Trial(variant, seed or 0, swept, error=one_line(err), status="failed"))
+    return trials
+
+
+def expand_sweep_file(path: Path, overrides: list[str], seeds: list[int] | None,
+                      more_grid: dict[str, list[Any]] | None = None) -> tuple[str, list[Trial]]:
     spec = read_yaml(path)
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
@@ -105,23 +167,15 @@ def expand_sweep_file(path: Path, overrides: list[str], seeds: list[int] | None)
         raise UserError(f"{path}: seeds must be a list of integers, e.g. seeds: [0, 1, 2]")
     base = (path.parent / spec["base"]) if spec.get("base") else None
     name = sanitize_name(str(spec.get("name") or path.stem))
-    trials = []
-    points = [dict(zip(grid, point)) for point in itertools.product(*grid.values())]
-    for swept, variant in zip(points, variant_names(points, name)):
-        for seed in seed_list:
-            values = {**swept, "name": variant, **({"seed": seed} if seed is not None else {})}
-            try:
-                cfg = load_config(base, overrides, values)
-                trials.append(Trial(variant, cfg.seed, swept, config=cfg))
-            except UserError as err:
-                trials.append(Trial(variant, seed or 0, swept, error=one_line(err), status="failed"))
-    return name, trials
+    return name, grid_trials(base, name, {**grid, **(more_grid or {})}, overrides, seed_list)
 
 
-def variant_names(points: list[dict[str, Any]], default: str) -> list[str]:
-    """A folder name per grid point, from its values (``kernel_size=3-lr=0.1``), unique (see unique_names)."""
-    names = ["-".join(f"{k.split('.')[-1]}={_value_label(v)}" for k, v in p.items()) or default for p in points]
-    return unique_names(names, [json.dumps(p, sort_keys=True, default=str) for p in points])
+def variant_names(points: list[dict[str, Any]], default: str, prefix: bool = False) -> list[str]:
+    """A folder name per grid point, from its values (``kernel_size=3-lr=0.1``; ``default`` for a point of no
+    values, and before the values with ``prefix``), unique (see unique_names)."""
+    names = ["-".join([default] * prefix + [f"{k.split('.')[-1]}={_value_label(v)}" for k, v in p.items()]) or default
+             for p in points]
+    return unique_names(names, [json.dumps([default, p] if prefix else p, sort_keys=True, default=str) for p in points])
 
 
 def unique_names(names: list[str], identities: list[str]) -> list[str]:
