@@ -32,7 +32,7 @@ FLOORS: list[tuple[str, list[str]]] = [
     ("training: runtime, optimiser, steps, set-up, listeners",
      ["runtime", "optim", "steps", "capture", "session", "listeners", "progress", "events", "loggers", "record"]),
     ("a run's life: fit, resume", ["engine"]),
-    ("looking inside and comparing runs", ["evaluation", "visualize", "inference", "compare", "report", "d2l_replica"]),
+    ("looking inside and comparing runs", ["dryrun", "evaluation", "visualize", "inference", "compare", "report", "d2l_replica"]),
     ("launching runs: a trial, sweeps, Ray, tuning, the bench", ["trial", "launch", "sweep", "cluster", "tune", "bench"]),
     ("the command line", ["cli", "entry", "__main__", ""]),
 ]

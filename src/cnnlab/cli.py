@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -63,6 +63,11 @@ RunArgument = Annotated[Optional[Path], typer.Argument(
     metavar="RUN", show_default=False, help="A run folder, or a folder of runs (an experiment's, a sweep's) for its newest "
                                             "finished run (default: the newest under --results).")]
 ResultsOption = Annotated[Path, typer.Option(metavar="DIR", help="Where to look for the newest run.")]
+PrintConfigOption = Annotated[bool, typer.Option(
+    "--print-config", help="Print the resolved config as YAML (what would run, every default filled in) and exit.")]
+DryRunOption = Annotated[bool, typer.Option(
+    "--dry-run", help="Check everything a run needs (config, data, model) and time a few steps, then exit: "
+                      "nothing is written.")]
 DownloadOption = Annotated[
     bool, typer.Option("--download", help="Fetch the data set, and the model's named weights, if no local copy is found.")
 ]
@@ -148,6 +153,8 @@ def run(
         "--resume", help="auto: continue the newest unfinished run of exactly this config, or start a new one "
                          "(a command a cluster job can repeat blindly).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="One line per epoch instead of a progress bar.")] = False,
+    print_config: PrintConfigOption = False,
+    dry_run: DryRunOption = False,
     trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -175,6 +182,9 @@ def run(
                 raise
             raise UserError(f"{error}\n  (to run once with each value of --set {several}, sweep them: "
                             f"cnnlab sweep {config} --set {several})") from None
+        if print_config or dry_run:
+            show_plan([("", cfg)], print_config)
+            return
         if resume == "auto":
             from cnnlab.engine import run_or_resume
 
@@ -210,6 +220,56 @@ def resume_(
                reporter=run_reporter(quiet), trust_code=trust_code)
 
 
+def show_plan(configs: list[tuple[str, Any]], print_config: bool, jobs: int = 1) -> None:
+    """``--print-config``: each config as YAML (a trial's headed by a comment naming it); ``--dry-run``: each one
+    prepared as its run would be, described and timed (a sweep's total at the end). Nothing is written."""
+    from cnnlab.config import dump_config
+
+    if print_config:
+        for label, cfg in configs:
+            sys.stdout.write((f"---\n# {label}\n" if label else "") + dump_config(cfg))
+        return
+    from cnnlab.dryrun import measure, total_text
+    from cnnlab.session import prepare
+
+    estimates = []
+    for label, cfg in configs:
+        if label:
+            out.print(Text(f"{label}:", style="bold"))
+        session = prepare(cfg)
+        data, spec = session.data, session.data.spec
+        splits = f"{len(data.train):,} training / {len(data.val) if data.val is not None else 0:,} validation / " \
+                 f"{len(data.test):,} test"
+        out.print(f"data: {spec.title}, {splits} images of {spec.shape_text}, {spec.num_classes} classes, from {data.root}")
+        out.print(literal(data.placement_line))
+        if session.weights is not None:
+            out.print(literal(session.weights.line()))
+        print_model(cfg, session.model, spec, rows=not label)
+        estimates.append(measure(cfg, session))
+        out.print(estimates[-1].line())
+    if len(configs) > 1:
+        out.print(f"{len(configs)} runs: {total_text(estimates, jobs)}")
+    out.print("dry run: nothing written")
+
+
+def print_model(cfg: Any, model: Any, spec: Any, rows: bool = True) -> None:
+    """A model's per-layer shapes, parameters and FLOPs for one image of ``spec`` (its totals only without ``rows``)."""
+    from cnnlab.modelinfo import count_params, profile
+
+    layers, total_flops = profile(model, spec.input_shape)
+    args = ", ".join(f"{k}={v}" for k, v in cfg.model.kwargs.items())
+    out.print(literal(f"{cfg.model.name}({args})  input {spec.shape_text}"))
+    if rows:
+        table = Table("#", "layer", "output shape", "params", "FLOPs", box=None, header_style="bold")
+        for row in layers:
+            shape = "x".join(map(str, row.output_shape))
+            table.add_row(literal(row.name), literal(row.layer), shape, f"{row.params:,}", f"{row.flops:,}")
+        out.print(table)
+    trainable = count_params(model, trainable_only=True)
+    frozen = f" ({count_params(model) - trainable:,} frozen)" if trainable != count_params(model) else ""
+    out.print(f"total: {count_params(model):,} parameters{frozen}, {total_flops:,} FLOPs per image")
+
+
 def parse_seeds(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -238,6 +298,10 @@ def sweep(
     address: AddressOption = None,
     gpus_per_trial: GpusOption = None,
     cpus_per_trial: CpusOption = None,
+    print_config: PrintConfigOption = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Check every trial (config, data, model), time a few steps of each that would run, and say "
+                          "how long the sweep would take; nothing is written.")] = False,
     debug: DebugOption = False,
 ) -> None:
     """Run a family of experiments and compare them: summary.csv, summary.md, curves.png, bars.png.
@@ -254,6 +318,9 @@ def sweep(
         if launcher == "local" and (address or gpus_per_trial is not None or cpus_per_trial is not None):
             raise UserError("--address, --gpus-per-trial and --cpus-per-trial are for --launcher ray")
         ray = RayOptions(address, gpus_per_trial, cpus_per_trial) if launcher == "ray" else None
+        if print_config or dry_run:
+            show_sweep_plan(target, set_, parse_seeds(seeds), results, force, print_config, jobs or 1)
+            return
         outcome = run_sweep(
             target, set_, jobs=jobs, seeds=parse_seeds(seeds), results=results, force=force, quiet=quiet, ray=ray
         )
@@ -265,6 +332,22 @@ def sweep(
         if failed:
             err.print(f"{len(failed)} of {len(outcome.rows)} trials failed; see {outcome.folder / 'summary.csv'}")
             raise typer.Exit(1)
+
+
+def show_sweep_plan(target: Path, overrides: list[str] | None, seeds: list[int] | None, results: Path | None,
+                    force: bool, print_config: bool, jobs: int) -> None:
+    """A sweep's ``--print-config`` or ``--dry-run``: its trials, those done before and the invalid ones named."""
+    from cnnlab.sweep import plan_sweep
+
+    name, trials, _ = plan_sweep(target, overrides, seeds=seeds, results=results, force=force)
+    say = (lambda text: sys.stdout.write(f"# {text}\n")) if print_config else (lambda text: out.print(literal(text)))
+    say(f"sweep {name}: {len(trials)} trials")
+    for trial in trials:
+        if trial.status == "failed":
+            say(f"{trial.label}: invalid: {trial.error}")
+        elif trial.status == "skipped":
+            say(f"{trial.label}: done before ({trial.run_dir}); --force runs it again")
+    show_plan([(trial.label, trial.config) for trial in trials if trial.status == "pending"], print_config, jobs)
 
 
 @app.command(epilog=example("cnnlab tune configs/tune/lenet_relu.yaml --trials 20"))
@@ -282,6 +365,11 @@ def tune(
     address: AddressOption = None,
     gpus_per_trial: GpusOption = None,
     cpus_per_trial: CpusOption = None,
+    print_config: Annotated[bool, typer.Option(
+        "--print-config", help="Print the base config (YAML) and the search space, and exit.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Check the space and the base config, time a few steps of it, and exit; nothing is "
+                          "written.")] = False,
     debug: DebugOption = False,
 ) -> None:
     """Search hyperparameters with Ray Tune (Optuna's TPE, ASHA early stopping); writes best.yaml.
@@ -291,7 +379,19 @@ def tune(
     """
     with cli_errors(debug, trains=True):
         from cnnlab.compare import aggregate
-        from cnnlab.tune import run_tune
+        from cnnlab.tune import read_space, run_tune
+
+        if print_config or dry_run:
+            space = read_space(space, list(set_ or []), trials)
+            if print_config:
+                sys.stdout.write(f"# tune {space.name}: {space.trials} trials, {space.metric} ({space.mode}), over\n" +
+                                 "".join(f"#   {d.key}: {d.kind} {d.values}\n" for d in space.dimensions))
+            else:
+                out.print(literal(f"tune {space.name}: {space.trials} trials of the base config, each with a point of "
+                                  f"{', '.join(d.key for d in space.dimensions)} (ASHA stops the poor ones early: "
+                                  "the time below is the most a trial takes)"))
+            show_plan([("", space.config({}))], print_config)
+            return
 
         outcome = run_tune(space, set_, trials=trials, results=results, resume=resume, quiet=quiet, address=address,
                            jobs=jobs, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial)
@@ -595,23 +695,13 @@ def summary(
     with cli_errors(debug):
         from cnnlab.config import load_config
         from cnnlab.data import describe
-        from cnnlab.modelinfo import count_params, profile
         from cnnlab.models.build import build_model
 
         is_file = Path(target).suffix in (".yaml", ".yml") or Path(target).is_file()
         cfg = load_config(target, set_, trust_code=trust_code or None) if is_file else \
             load_config(None, set_, start={"model.name": target})
         spec = describe(cfg.data)
-        model = build_model(cfg, spec=spec)
-        rows, total_flops = profile(model, spec.input_shape)
-        table = Table("#", "layer", "output shape", "params", "FLOPs", box=None, header_style="bold")
-        for row in rows:
-            shape = "x".join(map(str, row.output_shape))
-            table.add_row(literal(row.name), literal(row.layer), shape, f"{row.params:,}", f"{row.flops:,}")
-        args = ", ".join(f"{k}={v}" for k, v in cfg.model.kwargs.items())
-        out.print(f"{cfg.model.name}({args})  input {spec.shape_text}")
-        out.print(table)
-        out.print(f"total: {count_params(model):,} parameters, {total_flops:,} FLOPs per image")
+        print_model(cfg, build_model(cfg, spec=spec), spec)
 
 
 @app.command(epilog=example("cnnlab data cifar10 --verify"))

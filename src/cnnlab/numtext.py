@@ -41,3 +41,14 @@ def number_text(value: Any, decimals: int = 3, *, grouped: bool = False, signifi
 def finite(value: Any) -> bool:
     """A real number one can plot or average (not None, NaN or infinite)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def duration_text(seconds: float) -> str:
+    """A duration as a person reads it: ``"45 s"``, ``"3.5 min"``, ``"2.1 h"``; ``"?"`` for none that is finite."""
+    if not finite(seconds) or seconds < 0:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

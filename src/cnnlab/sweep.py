@@ -409,23 +409,13 @@ class RayOptions:
     ship_runs: bool | None = None  # None: ship run folders back only when the driver's storage is not shared
 
 
-def run_sweep(
-    target: Path,
-    overrides: list[str] | None = None,
-    *,
-    jobs: int | None = None,
-    seeds: list[int] | None = None,
-    results: Path | None = None,
-    force: bool = False,
-    quiet: bool = False,
-    ray: RayOptions | None = None,
-) -> SweepOutcome:
-    """Run every trial of ``target`` (on Ray when ``ray`` is given, else as local processes);
-    returns the sweep folder, one row per trial, and the signal that stopped the sweep, if one did."""
+def plan_sweep(target: Path, overrides: list[str] | None = None, *, seeds: list[int] | None = None,
+               results: Path | None = None, force: bool = False) -> tuple[str, list[Trial], Path]:
+    """(sweep name, trials, the sweep's results folder): ``target`` expanded, each trial's config as it will run
+    (its paths absolute, its runs under the sweep's folder), and those done before marked skipped unless
+    ``force``. Nothing is written."""
     if not Path(target).exists():
-        raise UserError(f"sweep target not found: {target}; give a folder of configs or a sweep file")
-    if jobs is not None and jobs < 1:
-        raise UserError("--jobs must be at least 1")
+        raise UserError(f"sweep target not found: {target}; give a folder of configs, a sweep file or a config")
     if results is not None:
         check_output_dir(Path(results).expanduser(), "--results")
     name, trials = expand(Path(target), list(overrides or []), seeds)
@@ -442,6 +432,25 @@ def run_sweep(
             previous = None if force else finished_run(trial)
             if previous is not None:
                 trial.status, trial.run_dir = "skipped", previous
+    return name, trials, sweep_root
+
+
+def run_sweep(
+    target: Path,
+    overrides: list[str] | None = None,
+    *,
+    jobs: int | None = None,
+    seeds: list[int] | None = None,
+    results: Path | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    ray: RayOptions | None = None,
+) -> SweepOutcome:
+    """Run every trial of ``target`` (on Ray when ``ray`` is given, else as local processes);
+    returns the sweep folder, one row per trial, and the signal that stopped the sweep, if one did."""
+    if jobs is not None and jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    name, trials, sweep_root = plan_sweep(target, overrides, seeds=seeds, results=results, force=force)
     pending = sum(t.status == "pending" for t in trials)
     with contextlib.ExitStack() as stack:
         if ray is not None:

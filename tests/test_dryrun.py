@@ -1,0 +1,77 @@
+"""--print-config and --dry-run on run, sweep and tune: what would run, checked and timed, with nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+from cnnlab.config import load_config
+from cnnlab.dryrun import Estimate, total_text
+from cnnlab.numtext import duration_text
+
+runner = CliRunner()
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture
+def tiny(tiny_overrides, tmp_path) -> list[str]:
+    return [arg for o in [*tiny_overrides, f"output.dir={tmp_path / 'results'}"] for arg in ("--set", o)]
+
+
+def test_print_config_prints_the_resolved_config_which_reloads_to_the_same(tmp_path, tiny):
+    result = runner.invoke(app, ["run", str(CONFIGS / "lenet_relu.yaml"), "--print-config", "--epochs", "7", *tiny])
+    assert result.exit_code == 0, result.output
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(result.output)
+    expected = load_config(CONFIGS / "lenet_relu.yaml", [a for a in tiny if a != "--set"], {"train.epochs": 7})
+    assert load_config(printed) == expected and yaml.safe_load(result.output)["train"]["epochs"] == 7
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_dry_run_checks_describes_and_times_a_run_and_writes_nothing(tmp_path, tiny):
+    result = runner.invoke(app, ["run", str(CONFIGS / "lenet_relu.yaml"), "--dry-run", *tiny])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "data: Fashion-MNIST, 300 training / 100 validation / 200 test images of 1x28x28, 10 classes" in said
+    assert "Linear(84, 10)" in said and "total: 61,706 parameters" in said
+    assert "ms a training batch of 32" in said and "for 2 epochs and the test" in said
+    assert said.endswith("dry run: nothing written") and not (tmp_path / "results").exists()
+    bad = runner.invoke(app, ["run", str(CONFIGS / "lenet_relu.yaml"), "--dry-run", *tiny, "--set", "model.channels=[0, 1]"])
+    assert bad.exit_code == 2 and "model.channels" in bad.output
+
+
+def test_a_sweeps_dry_run_and_printed_configs_cover_every_trial(tmp_path, tiny):
+    args = ["sweep", str(CONFIGS / "lenet_relu.yaml"), "--set", "optim.lr=0.05,0.1,-1", "--jobs", "2", *tiny]
+    printed = runner.invoke(app, [*args, "--print-config"])
+    assert printed.exit_code == 0, printed.output
+    documents = [d for d in yaml.safe_load_all(printed.output) if d]
+    assert [d["optim"]["lr"] for d in documents] == [0.05, 0.1] and documents[0]["name"] == "lr=0.05"
+    assert "# lr=-1 seed 0: invalid: " in printed.output
+    dry = runner.invoke(app, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    said = " ".join(dry.output.split())
+    assert said.count("ms a training batch of 32") == 2 and "2 runs: about" in said and "with 2 at a time" in said
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_tunes_dry_run_times_its_base_config(tmp_path, tiny):
+    dry = runner.invoke(app, ["tune", str(CONFIGS / "tune" / "lenet_relu.yaml"), "--dry-run", *tiny])
+    assert dry.exit_code == 0, dry.output
+    assert "trials of the base config" in dry.output and "ms a training batch of 32" in dry.output
+    printed = runner.invoke(app, ["tune", str(CONFIGS / "tune" / "lenet_relu.yaml"), "--print-config", *tiny])
+    assert printed.exit_code == 0 and "#   optim.lr: loguniform" in printed.output
+    assert yaml.safe_load(printed.output)["train"]["epochs"] == 2 and not (tmp_path / "results").exists()
+
+
+def test_estimates_add_up_and_read_as_durations():
+    one = Estimate(step_seconds=0.1, batch_size=256, steps_per_epoch=200, eval_seconds=5, test_seconds=10, epochs=3,
+                   train_step="ordinary")
+    assert one.epoch_seconds == pytest.approx(25) and one.total_seconds == pytest.approx(85)
+    assert one.images_per_second == pytest.approx(2560)
+    assert total_text([one, one], 2) == "about 2.8 min of training in all; with 2 at a time at least 85 s (trials at " \
+                                        "once share the machine, each slower)"
+    assert [duration_text(s) for s in (4.04, 45, 600, 7200, float("nan"))] == ["4.0 s", "45 s", "10.0 min", "2.0 h", "?"]
