@@ -1,11 +1,14 @@
 # make run   - set everything up, then train the default experiment (configs/lenet.yaml)
 # make test  - set everything up, then run the test suite
 # Set-up: a virtual environment in .venv with pinned torch/torchvision and cnnlab installed
-# editable, and Fashion-MNIST (Debian's package, installed when missing and we are root).
+# editable (`make run`: what running needs; `make test`: the test extras too, Ray, MLflow,
+# TensorBoard, onnxruntime, timm, pytest), and Fashion-MNIST (Debian's package, installed when
+# missing and we are root).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 CONFIG ?= configs/lenet.yaml
 
 .PHONY: run test data browser install bench clean help
@@ -13,7 +16,7 @@ CONFIG ?= configs/lenet.yaml
 run: data
 	$(BIN)/cnnlab run $(CONFIG)
 
-test: data browser
+test: $(TEST_STAMP) data browser
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -22,6 +25,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
