@@ -182,6 +182,7 @@ def test_shell_completion_completes_commands_and_options():
 
     assert complete("cnnlab sw") == ["sweep"]
     assert complete("cnnlab run --ep") == ["--epochs"]
-    shown = subprocess.run([sys.executable, "-m", "cnnlab", "--show-completion", "bash"], capture_output=True, text=True,
+    # typer finds the shell from the process that started the command: a user's bash
+    shown = subprocess.run(["bash", "-c", f"{sys.executable} -m cnnlab --show-completion"], capture_output=True, text=True,
                            timeout=120)
     assert shown.returncode == 0 and "_CNNLAB_COMPLETE=complete_bash" in shown.stdout

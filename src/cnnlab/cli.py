@@ -79,14 +79,17 @@ def example(line: str) -> str:
 
 
 @contextlib.contextmanager
-def cli_errors(debug: bool, trains: bool = False) -> Iterator[None]:
+def cli_errors(debug: bool, trains: bool = False, starting: str | None = None) -> Iterator[None]:
     """Map failures to one message and an exit code; ``--debug`` re-raises with the traceback.
 
     Commands that train (``trains``) keep signals recorded until the training loop takes them over;
-    the others get the usual signal behaviour back once torch is imported.
+    the others get the usual signal behaviour back once torch is imported. ``starting`` is said at once
+    on a terminal, before PyTorch's seconds of importing: the command has been heard.
     """
     from cnnlab.stopping import Interrupted, settle_signals
 
+    if starting is not None and err.is_terminal:
+        err.print(f"{starting}: starting (loading PyTorch)", style="dim")
     try:
         import torch  # noqa: F401  (the slow import, done while signals are only recorded)
 
@@ -159,7 +162,7 @@ def run(
     debug: DebugOption = False,
 ) -> None:
     """Train and test one experiment; results go to <output.dir>/<name>/<run id>/."""
-    with cli_errors(debug, trains=True):
+    with cli_errors(debug, trains=True, starting=f"cnnlab run {config}"):
         from cnnlab.config import load_config
         from cnnlab.engine import fit
 
@@ -210,7 +213,7 @@ def resume_(
     debug: DebugOption = False,
 ) -> None:
     """Continue an interrupted, failed or killed run in its own folder, from its last checkpoint."""
-    with cli_errors(debug, trains=True):
+    with cli_errors(debug, trains=True, starting="cnnlab resume"):
         from cnnlab.engine import resume
         from cnnlab.results import pick_run
 
@@ -309,7 +312,7 @@ def sweep(
     A failed trial is recorded and the others go on; the exit code is 1 if any failed. Rerunning
     skips trials whose exact config already completed (--force reruns them).
     """
-    with cli_errors(debug, trains=True):
+    with cli_errors(debug, trains=True, starting=f"cnnlab sweep {target}"):
         from cnnlab.compare import aggregate
         from cnnlab.sweep import RayOptions, run_sweep
 
@@ -377,7 +380,7 @@ def tune(
     Every trial is an ordinary run folder under <results>/tune/<name>/runs/; the tune folder gets
     summary.csv, summary.md, progress.png and best.yaml, which `cnnlab run` reproduces.
     """
-    with cli_errors(debug, trains=True):
+    with cli_errors(debug, trains=True, starting=f"cnnlab tune {space}"):
         from cnnlab.compare import aggregate
         from cnnlab.tune import read_space, run_tune
 

@@ -421,7 +421,7 @@ def train(
                 state.current.to(runtime.device)
             progress = state.current
             session.order.set_state(progress.order_state)  # the epoch's permutation, drawn again on resume
-            reporter.start_epoch(epoch, session.steps_per_epoch, done=progress.batches)
+            reporter.start_epoch(epoch, session.steps_per_epoch, done=progress.batches, lr=optimizer.param_groups[0]["lr"])
             epoch_start = time.perf_counter() - progress.seconds
             if session.static_step is not None:
                 train_metrics = session.static_step.train_epoch(progress, reporter, stop)

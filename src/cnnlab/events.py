@@ -5,6 +5,7 @@ Ray task, Ray Tune) follows it without reading console text. ``EventWriter`` is 
 run (``listeners.py``) that turns its calls into JSON lines::
 
     {"event": "run_start", "name": "lenet", "run_dir": "/abs/results/lenet/2026...", "epochs": 10, "resumed": false}
+    {"event": "batches", "epoch": 1, "done": 120}          (the epoch's batches so far, at most once a second)
     {"event": "epoch_end", "epoch": 1, "epochs": 10, "best": true, "row": {"train_loss": ..., "val_acc": ...}}
     {"event": "run_end", "run_dir": "...", "summary": {...summary.json...}}
     {"event": "error", "kind": "error", "message": "...", "exit_code": 2}
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -29,7 +31,8 @@ if TYPE_CHECKING:
     from cnnlab.results import RunSummary
 
 EVENTS_FD_ENV = "CNNLAB_EVENTS_FD"
-EVENTS = ("run_start", "epoch_start", "epoch_end", "message", "run_end", "error")
+EVENTS = ("run_start", "epoch_start", "batches", "epoch_end", "message", "run_end", "error")
+BATCH_EVENT_SECONDS = 1.0  # a "batches" event at most this often: a launcher's bar moves, the pipe stays quiet
 MAX_EVENT_BYTES = 1 << 20  # a summary is a few kB; a longer line is not ours
 
 
@@ -39,7 +42,8 @@ class EventWriter(Listener):
     def __init__(self, stream: IO[str] | None = None, sink: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.stream = stream
         self.sink = sink
-        self.epochs = 0
+        self.epochs = self.epoch = self.done = 0
+        self.last_batches = 0.0
 
     def emit(self, event: str, **fields: Any) -> None:
         record = {"event": event, **fields}
@@ -57,8 +61,16 @@ class EventWriter(Listener):
         self.epochs = epochs
         self.emit("run_start", name=name, run_dir=str(Path(run_dir).resolve()), epochs=epochs, resumed=resumed)
 
-    def start_epoch(self, epoch: int, batches: int, done: int = 0) -> None:
-        self.emit("epoch_start", epoch=epoch, epochs=self.epochs, batches=batches, done=done)
+    def start_epoch(self, epoch: int, batches: int, done: int = 0, lr: float | None = None) -> None:
+        self.epoch, self.done, self.last_batches = epoch, done, time.monotonic()
+        self.emit("epoch_start", epoch=epoch, epochs=self.epochs, batches=batches, done=done, lr=lr)
+
+    def advance(self, loss_sum: Any, correct: Any, seen: int) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last_batches >= BATCH_EVENT_SECONDS:
+            self.last_batches = now
+            self.emit("batches", epoch=self.epoch, done=self.done)
 
     def end_epoch(self, row: dict[str, Any], is_best: bool) -> None:
         self.emit("epoch_end", epoch=row["epoch"], epochs=self.epochs, best=is_best, row=row)

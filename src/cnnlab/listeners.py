@@ -22,15 +22,15 @@ if TYPE_CHECKING:
 
 
 class Listener:
-    """A run's listener: start_run (with the resolved config), start_epoch, advance (after every batch,
-    with the epoch's running sums on the device), end_epoch (with the metrics row), message, finish
-    (with the summary, however the run ended). Every hook does nothing here."""
+    """A run's listener: start_run (with the resolved config), start_epoch (with the learning rate it starts
+    at), advance (after every batch, with the epoch's running sums on the device), end_epoch (with the
+    metrics row), message, finish (with the summary, however the run ended). Every hook does nothing here."""
 
     def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False,
                   config: dict[str, Any] | None = None) -> None:
         pass
 
-    def start_epoch(self, epoch: int, batches: int, done: int = 0) -> None:
+    def start_epoch(self, epoch: int, batches: int, done: int = 0, lr: float | None = None) -> None:
         pass
 
     def advance(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> None:
@@ -57,9 +57,9 @@ class FanOut(Listener):
         for listener in self.listeners:
             listener.start_run(name, run_dir, epochs, resumed, config)
 
-    def start_epoch(self, epoch: int, batches: int, done: int = 0) -> None:
+    def start_epoch(self, epoch: int, batches: int, done: int = 0, lr: float | None = None) -> None:
         for listener in self.listeners:
-            listener.start_epoch(epoch, batches, done)
+            listener.start_epoch(epoch, batches, done, lr)
 
     def advance(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> None:
         for listener in self.listeners:

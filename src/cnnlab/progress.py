@@ -1,8 +1,11 @@
 """Usage: ``reporter = make_reporter(quiet=False)``: what a run prints while it trains.
 
 On a terminal: a rich progress bar per epoch with the running loss and accuracy (read from the
-device at most four times a second, never per batch). Otherwise, or with ``--quiet``: one line per
-epoch, fit for logs.
+device at most four times a second, never per batch), images per second, the learning rate the
+epoch started at, and the time left in the epoch and in the whole run. Otherwise, or with
+``--quiet``: one line per epoch, fit for logs, ending with the time the run has left. Times left
+come from what this process measured (``Pace``): its batches, and its whole epochs with their
+evaluation.
 """
 
 from __future__ import annotations
@@ -19,30 +22,73 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cnnlab.console import SafeConsole
 from cnnlab.listeners import Listener
-from cnnlab.numtext import number_text
+from cnnlab.numtext import duration_text, number_text
 
 if TYPE_CHECKING:
     from cnnlab.results import RunSummary
 
 REFRESH_SECONDS = 0.25
+PACE_EPOCHS = 3  # the time of an epoch to come: the mean of the last few measured (a busy machine changes speed)
+
+
+class Pace:
+    """How fast a run goes, as this process measures it: seconds a batch in the epoch at hand, and seconds
+    a whole epoch (training and evaluation) over the last ``PACE_EPOCHS``; from them, the time the run has
+    left. ``clock`` is time.monotonic, or a test's."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self.clock = clock
+        self.epochs = self.epoch = self.batches = self.first_batch = 0
+        self.started = 0.0
+        self.whole: list[float] = []  # seconds of each epoch this process trained from its first batch
+
+    def start_epoch(self, epochs: int, epoch: int, batches: int, done: int) -> None:
+        self.epochs, self.epoch, self.batches, self.first_batch, self.started = epochs, epoch, batches, done, self.clock()
+
+    def end_epoch(self) -> None:
+        if self.first_batch == 0:  # a resumed epoch's time is only its rest
+            self.whole.append(self.clock() - self.started)
+
+    def epoch_seconds(self) -> float | None:
+        recent = self.whole[-PACE_EPOCHS:]
+        return sum(recent) / len(recent) if recent else None
+
+    def left(self, done: int | None = None) -> float | None:
+        """Seconds the run has left, ``done`` batches into the epoch at hand (None: at its end); None until a
+        batch of this process has been timed."""
+        per_epoch = self.epoch_seconds()
+        if done is None:
+            return (self.epochs - self.epoch) * per_epoch if per_epoch is not None else None
+        if per_epoch is None:  # the first epoch: from its batches (its evaluation is not timed yet)
+            if done <= self.first_batch:
+                return None
+            per_batch = (self.clock() - self.started) / (done - self.first_batch)
+            return per_batch * ((self.batches - done) + (self.epochs - self.epoch) * self.batches)
+        return per_epoch * (self.batches - done) / max(self.batches, 1) + (self.epochs - self.epoch) * per_epoch
 
 
 class ConsoleReporter(Listener):
     """The console as a run's listener: one line when the run starts, one per epoch, one at the end
     (with the command that continues a run that ended early)."""
 
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(self, console: Console | None = None, clock: Any = time.monotonic) -> None:
         self.console = console or SafeConsole()
         self.epochs = 0
         self.config: dict[str, Any] = {}  # the run's resolved config, from start_run
+        self.pace = Pace(clock)
 
     def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False,
                   config: dict[str, Any] | None = None) -> None:
         self.epochs, self.config = epochs, config or {}
         self.message(f"{'resume' if resumed else 'run'} {name}: {epochs} epochs -> {run_dir}")
 
+    def start_epoch(self, epoch: int, batches: int, done: int = 0, lr: float | None = None) -> None:
+        self.pace.start_epoch(self.epochs, epoch, batches, done)
+
     def end_epoch(self, row: dict[str, Any], is_best: bool) -> None:
-        best = "  *best" if is_best else ""
+        self.pace.end_epoch()
+        left = self.pace.left()
+        best = ("  *best" if is_best else "") + (f"  run left {duration_text(left)}" if left is not None and left > 0 else "")
         self.message(
             f"epoch {row['epoch']:>3}/{self.epochs}  train loss {number_text(row['train_loss'], 4)}  "
             f"train acc {number_text(row['train_acc'], 4)}  val loss {number_text(row['val_loss'], 4)}  "
@@ -77,37 +123,52 @@ def continue_advice(run_dir: Path, summary: RunSummary, config: dict[str, Any]) 
 
 
 class LiveReporter(ConsoleReporter):
-    """A live bar per epoch: batches done, running loss and accuracy, time left."""
+    """A live bar per epoch: batches done, running loss and accuracy, images per second, the epoch's learning
+    rate, time elapsed, time left in the epoch and in the run."""
 
-    def __init__(self, console: Console | None = None) -> None:
-        super().__init__(console)
+    def __init__(self, console: Console | None = None, clock: Any = time.monotonic) -> None:
+        super().__init__(console, clock)
         self.progress = Progress(
             TextColumn("epoch {task.fields[epoch]}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}", markup=False),
+            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[speed]} img/s  lr {task.fields[lr]}",
+                       markup=False),
             TimeElapsedColumn(),
+            TextColumn("epoch left", markup=False),
             TimeRemainingColumn(),
+            TextColumn("run left {task.fields[run_left]}", markup=False),
             console=self.console,
             transient=True,
         )
         self.task = None
         self.last_refresh = 0.0
+        self.done = 0  # batches of the epoch done
+        self.first: tuple[int, float] | None = None  # (images seen, when) at this process's first batch of the epoch
 
-    def start_epoch(self, epoch: int, batches: int, done: int = 0) -> None:
+    def start_epoch(self, epoch: int, batches: int, done: int = 0, lr: float | None = None) -> None:
+        super().start_epoch(epoch, batches, done, lr)
+        self.done, self.first = done, None
         self.progress.start()
-        self.task = self.progress.add_task("", total=batches, completed=done, epoch=f"{epoch}/{self.epochs}",
-                                           loss="-", acc="-")
-        self.last_refresh = time.monotonic()
+        self.task = self.progress.add_task("", total=batches, completed=done, epoch=f"{epoch}/{self.epochs}", loss="-",
+                                           acc="-", speed="-", lr=number_text(lr, significant=3),
+                                           run_left=duration_text(self.pace.left(done)))
+        self.last_refresh = self.pace.clock()
 
     def advance(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> None:
-        now = time.monotonic()
+        now = self.pace.clock()
+        self.done += 1
+        if self.first is None:
+            self.first = (seen, now)
         if now - self.last_refresh < REFRESH_SECONDS:
             self.progress.advance(self.task)
             return
         self.last_refresh = now
+        images, since = seen - self.first[0], now - self.first[1]
         self.progress.update(
-            self.task, advance=1, loss=number_text(loss_sum.item() / seen, 4), acc=number_text(correct.item() / seen, 4)
+            self.task, advance=1, loss=number_text(loss_sum.item() / seen, 4), acc=number_text(correct.item() / seen, 4),
+            speed=number_text(images / since, 0, grouped=True) if images and since > 0 else "-",
+            run_left=duration_text(self.pace.left(self.done)),
         )
 
     def end_epoch(self, row: dict[str, Any], is_best: bool) -> None:

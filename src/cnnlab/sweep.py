@@ -23,10 +23,12 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,7 @@ from cnnlab.console import SafeConsole
 from cnnlab.errors import UserError
 from cnnlab.events import EVENTS_FD_ENV, read_events
 from cnnlab.launch import EventSink, Launcher, Trial
+from cnnlab.numtext import duration_text, number_text
 from cnnlab.results import (
     MAX_NAME_CHARS,
     RunSummary,
@@ -209,16 +212,24 @@ def placement(index: int, jobs: int) -> tuple[str | None, int]:
 
 
 class SweepDisplay:
-    """What a sweep shows while it runs: an overall bar and a bar per running trial on a terminal
-    (``live``), otherwise a line per trial start and end. Fed with the trials' events."""
+    """What a sweep shows while it runs: an overall bar (trials ended, with the time left from those finished so
+    far) and a bar per running trial counting its batches on a terminal (``live``), otherwise a line per trial
+    start and end; each end says the trial's accuracy and time. Fed with the trials' events."""
 
-    def __init__(self, console: Console, live: bool) -> None:
+    def __init__(self, console: Console, live: bool, jobs: int = 1, clock: Any = time.monotonic) -> None:
         self.console = console
         self.progress = Progress(
-            TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}", markup=False), TimeElapsedColumn(),
             console=console, disable=not live,
         )
         self.overall: Any = None
+        self.jobs, self.clock = jobs, clock
+        self.left = 0  # trials still to run
+        self.seconds: list[float] = []  # wall seconds of each trial this sweep ran to its end
+        self.started: dict[int, float] = {}
+        self.epoch_batches: dict[int, int] = {}  # a running trial's batches an epoch
+        self.summaries: dict[int, dict[str, Any]] = {}  # a trial's summary, from its run_end event
 
     def __enter__(self) -> SweepDisplay:
         self.progress.__enter__()
@@ -228,31 +239,68 @@ class SweepDisplay:
         self.progress.__exit__(*exc)
 
     def begin(self, total: int, done: int) -> None:
-        self.overall = self.progress.add_task("sweep", total=total, completed=done)
+        self.left = total - done
+        self.overall = self.progress.add_task("sweep", total=total, completed=done, note="")
 
     def trial_started(self, trial: Trial) -> Any:
         self.say(f"start {trial.label}")
-        return self.progress.add_task(f"  {trial.label}", total=trial.config.train.epochs)
+        self.started[id(trial)] = self.clock()
+        return self.progress.add_task(f"  {trial.label}", total=trial.config.train.epochs, note="epochs")
 
     def on_event(self, task: Any, trial: Trial, event: dict[str, Any]) -> None:
-        kind = event["event"]
+        kind, epoch = event["event"], event.get("epoch")
         if kind == "run_start" and event.get("resumed"):
             self.say(f"resume {trial.label} in {event.get('run_dir')}")
-        elif kind in ("epoch_start", "epoch_end") and isinstance(event.get("epoch"), int):
-            self.progress.update(task, completed=event["epoch"] - (kind == "epoch_start"))
+        elif kind == "run_end" and isinstance(event.get("summary"), dict):
+            self.summaries[id(trial)] = event["summary"]
+        elif kind == "epoch_start" and isinstance(epoch, int) and _count(event.get("batches")):
+            batches = self.epoch_batches[id(trial)] = event["batches"]  # from here on the bar counts batches
+            done = event.get("done") if _count(event.get("done")) else 0
+            self.progress.update(task, total=trial.config.train.epochs * batches, completed=(epoch - 1) * batches + done,
+                                 note=f"epoch {epoch}/{trial.config.train.epochs}")
+        elif kind == "batches" and isinstance(epoch, int) and _count(event.get("done")) and id(trial) in self.epoch_batches:
+            self.progress.update(task, completed=(epoch - 1) * self.epoch_batches[id(trial)] + event["done"])
+        elif kind == "epoch_end" and isinstance(epoch, int):
+            batches = self.epoch_batches.get(id(trial), 1)
+            self.progress.update(task, completed=epoch * batches)
 
     def trial_finished(self, task: Any, trial: Trial) -> None:
         if task is not None:
             self.progress.remove_task(task)
-        self.progress.advance(self.overall)
+        summary = self.summaries.pop(id(trial), {})
+        started = self.started.pop(id(trial), None)
+        if trial.status in ("completed", "failed"):  # ended: counted; a stopped or unstarted trial is still to run
+            self.progress.advance(self.overall)
+            self.left -= 1
+        if trial.status == "completed" and started is not None:
+            self.seconds.append(self.clock() - started)
         word = {"completed": "done ", "interrupted": "STOPPED", "not started": "SKIPPED"}.get(trial.status, "FAILED")
-        self.say(f"{word} {trial.label}" + (f": {trial.error}" if trial.error else ""))
+        self.say(f"{word} {trial.label}" + (f": {trial.error}" if trial.error else _metrics(summary, started, self.clock())))
+        if self.seconds and self.left > 0:
+            per_trial = sum(self.seconds) / len(self.seconds)
+            left = per_trial * math.ceil(self.left / max(self.jobs, 1))
+            self.progress.update(self.overall, note=f"about {duration_text(left)} left")
 
     def say(self, text: str) -> None:
         if self.progress.disable:
             self.console.print(text, soft_wrap=True)
         else:
             self.progress.console.print(text, soft_wrap=True)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _metrics(summary: dict[str, Any], started: float | None, now: float) -> str:
+    """``": test acc 0.8812, val acc 0.8790 (best epoch 7), 3.2 min"``: what a finished trial's summary says."""
+    parts = [f"test acc {number_text(summary['test_acc'], 4)}"] if "test_acc" in summary else []
+    if "best_val_acc" in summary:
+        parts.append(f"{summary.get('eval_split', 'val')} acc {number_text(summary['best_val_acc'], 4)}"
+                     + (f" (best epoch {summary['best_epoch']})" if _count(summary.get("best_epoch")) else ""))
+    if started is not None:
+        parts.append(duration_text(now - started))
+    return ": " + ", ".join(parts) if parts else ""
 
 
 class LocalLauncher(Launcher):
@@ -475,14 +523,16 @@ def run_sweep(
                 console.print(f"FAILED {trial.label}: {trial.error}", soft_wrap=True)
         launcher = RayLauncher(sweep_dir, sweep_root / "runs", cpus, gpus, ray.ship_runs) if ray is not None \
             else LocalLauncher(sweep_dir, jobs)
-        with SweepDisplay(console, live=not quiet and console.is_terminal) as display, launcher, \
+        with SweepDisplay(console, live=not quiet and console.is_terminal, jobs=jobs) as display, launcher, \
                 Runner(sweep_dir, launcher, jobs, display) as runner:
             runner.run_all(trials)
             rows = [trial_row(t) for t in trials]
             write_sweep_files(sweep_dir, rows, list(dict.fromkeys(k for t in trials for k in t.swept)))
     if runner.stop_signal is not None:
-        console.print(f"sweep stopped by {signal_name(runner.stop_signal)}; rerun the same command to resume it",
-                      soft_wrap=True)
+        counts = {status: sum(t.status == status for t in trials) for status in ("completed", "interrupted", "not started")}
+        console.print(f"sweep stopped by {signal_name(runner.stop_signal)}: {counts['completed']} of {pending} trials "
+                      f"completed, {counts['interrupted']} stopped (checkpointed), {counts['not started']} not started; "
+                      "rerun the same command to resume it", soft_wrap=True)
     return SweepOutcome(sweep_dir, rows, runner.stop_signal)
 
 
