@@ -99,6 +99,13 @@ def test_bars_start_at_zero_with_each_value_written(close_figures):
         assert top.x0 <= box.x0 and box.x1 <= top.x1
         assert box.y1 <= top.y1 or box.y0 >= top.y1
     assert not ax.title.get_window_extent(renderer).overlaps(ax.texts[1].get_window_extent(renderer))
+    assert len(ax.containers) == 2  # the bars and their error bars over seeds
+
+
+def test_bars_of_single_runs_draw_no_error_bars(close_figures):
+    table = [{"name": n, "test_acc": (m, 0.0), "val_acc": (None, None)} for n, m in (("a", 0.5), ("b", 0.6))]
+    [ax] = accuracy_bars_figure(table).axes
+    assert len(ax.containers) == 1  # a zero spread is one seed, not a measured spread: no caps
 
 
 def test_bars_say_when_they_fall_back_to_validation_accuracy(close_figures):
@@ -106,7 +113,7 @@ def test_bars_say_when_they_fall_back_to_validation_accuracy(close_figures):
     assert accuracy_bars_figure(table).axes[0].get_ylabel() == "test accuracy (validation where no test)"
 
 
-@pytest.mark.parametrize("tiles", [1, 7, 36])
+@pytest.mark.parametrize("tiles", [0, 1, 7, 36])
 def test_error_tile_captions_stay_clear_of_the_picture_above(tiles, close_figures):
     pictures = [(np.full((28, 28), 40 * (i % 6), dtype=np.uint8), f"#{i}\nAnkle boot\n-> T-shirt/top") for i in range(tiles)]
     fig = error_grid_figure(pictures, "first misclassified test images (true -> predicted)")

@@ -83,5 +83,7 @@ def write_outputs(report: EvalReport, folder: Path, split: Split, labels: torch.
     wrong = (preds != labels).nonzero().flatten()[:MAX_ERROR_TILES].tolist()
     tiles = [(picture(split.window(i, i + 1)[0]), f"#{i}\n{classes[int(labels[i])]}\n-> {classes[int(preds[i])]}")
              for i in wrong]
-    fig = error_grid_figure(tiles, f"first {len(wrong)} misclassified {report.split} images (true -> predicted)")
+    title = f"first {len(wrong)} misclassified {report.split} images (true -> predicted)" if wrong else \
+        f"no misclassified {report.split} images"
+    fig = error_grid_figure(tiles, title)
     save_figure(fig, folder / "errors.png")

@@ -126,7 +126,8 @@ def accuracy_bars_figure(table: list[dict], title: str = ""):
         means.append(mean)
         stds.append(std if finite(std) else 0.0)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 4.2), dpi=120, layout="constrained")
-    bars = ax.bar(range(len(labels)), means, yerr=stds, capsize=4, color="#4c72b0")
+    # error bars only where some variant ran several seeds: a cap at every bar's top is noise for single runs
+    bars = ax.bar(range(len(labels)), means, yerr=stds if any(stds) else None, capsize=4, color="#4c72b0")
     for bar, mean in zip(bars, means):
         # inside the bar, at its middle, clear of the error bar and the title; above a bar too short to hold it
         inside = mean >= 0.15
