@@ -66,7 +66,7 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", t
 
 def write_outputs(report: EvalReport, folder: Path, split: Split, labels: torch.Tensor, preds: torch.Tensor,
                   classes: tuple[str, ...]) -> None:
-    from cnnlab.plots import confusion_figure, picture, plt, save_figure
+    from cnnlab.plots import confusion_figure, error_grid_figure, picture, save_figure
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -80,15 +80,10 @@ def write_outputs(report: EvalReport, folder: Path, split: Split, labels: torch.
                            f"{report.split} set: accuracy {report.accuracy:.4f} ({report.checkpoint} checkpoint)", classes)
     save_figure(fig, folder / "confusion.png")
 
-    wrong = (preds != labels).nonzero().flatten()[:MAX_ERROR_TILES]
-    cols = 6
-    rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), dpi=110, squeeze=False)
-    for k, axis in enumerate(axes.flat):
-        axis.axis("off")
-        if k < len(wrong):
-            i = int(wrong[k])
-            axis.imshow(picture(split.window(i, i + 1)[0]), cmap="gray")
-            axis.set_title(f"#{i}\n{classes[int(labels[i])]}\n-> {classes[int(preds[i])]}", fontsize=7)
-    fig.suptitle(f"first {len(wrong)} misclassified {report.split} images (true -> predicted)", fontsize=9)
+    wrong = (preds != labels).nonzero().flatten()[:MAX_ERROR_TILES].tolist()
+    tiles = [(picture(split.window(i, i + 1)[0]), f"#{i}\n{classes[int(labels[i])]}\n-> {classes[int(preds[i])]}")
+             for i in wrong]
+    title = f"first {len(wrong)} misclassified {report.split} images (true -> predicted)" if wrong else \
+        f"no misclassified {report.split} images"
+    fig = error_grid_figure(tiles, title)
     save_figure(fig, folder / "errors.png")

@@ -21,11 +21,16 @@ from cnnlab.errors import UserError, warn
 from cnnlab.numtext import finite
 from cnnlab.results import atomic_write, read_metrics_csv
 
+# Up to this many points a line also marks each point: one epoch drawn as a bare line is invisible.
+FEW_POINTS = 30
+TRAIN, VAL = "tab:blue", "tab:orange"  # one colour per split in every panel, so a legend reads once
+
 
 def save_figure(fig, out: Path, tight: bool = True) -> Path:
-    """Write ``fig`` to ``out`` as PNG, atomically, and free it."""
+    """Write ``fig`` to ``out`` as PNG, atomically, and free it. A figure built with its own layout
+    engine (``layout="constrained"``) keeps it; ``tight`` lays out the others."""
     try:
-        if tight:
+        if tight and fig.get_layout_engine() is None:
             fig.tight_layout()
         atomic_write(out, lambda f: fig.savefig(f, format="png", bbox_inches="tight" if not tight else None))
     finally:
@@ -33,27 +38,46 @@ def save_figure(fig, out: Path, tight: bool = True) -> Path:
     return out
 
 
-def plot_curves(metrics_csv: Path, out: Path, title: str | None = None) -> Path:
-    """Train loss, train accuracy and validation accuracy against epoch, as the report's d2l plots."""
-    rows = read_metrics_csv(metrics_csv)
+def point_markers(points: int) -> dict:
+    """Line keyword arguments that mark every point of a line of ``points`` points, when they are few."""
+    return {"marker": "o", "markersize": 4} if points <= FEW_POINTS else {}
+
+
+def whole_number_axis(ax, last: int) -> None:
+    """An x axis of epochs or trial numbers 1..``last``: ticks at whole numbers only, even for one point
+    (matplotlib's default ticks a single epoch as 0.95, 0.975, 1.0...), half a step of margin either side."""
+    ax.set_xlim(0.5, max(last, 1) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
+def curves_figure(rows: list[dict[str, float]], title: str):
+    """Loss (train and validation) beside accuracy (train and validation) against epoch."""
     epochs = [r["epoch"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    ax.plot(epochs, [r["train_loss"] for r in rows], label="train loss")
-    ax.plot(epochs, [r["train_acc"] for r in rows], label="train acc", linestyle="--")
-    ax.plot(epochs, [r["val_acc"] for r in rows], label="val acc", linestyle="-.")
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlim(1, max(epochs[-1], 2))
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title(printable(title or Path(metrics_csv).parent.parent.name))
-    return save_figure(fig, out)
+    fig, (loss, acc) = plt.subplots(1, 2, figsize=(9, 3.8), dpi=120, layout="constrained")
+    for ax, metric, name in ((loss, "loss", "loss"), (acc, "acc", "accuracy")):
+        for split, colour, style in (("train", TRAIN, "-"), ("val", VAL, "--")):
+            values = [r[f"{split}_{metric}"] if finite(r[f"{split}_{metric}"]) else math.nan for r in rows]
+            ax.plot(epochs, values, color=colour, linestyle=style, label=f"{split} {name}", **point_markers(len(rows)))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        whole_number_axis(ax, int(max(epochs, default=1)))
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(printable(title))
+    return fig
 
 
-def plot_sweep_curves(rows: list[dict], out: Path, title: str = "") -> Path:
+def plot_curves(metrics_csv: Path, out: Path, title: str | None = None) -> Path:
+    """``curves_figure`` of a run's metrics.csv, written to ``out``."""
+    rows = read_metrics_csv(metrics_csv)
+    return save_figure(curves_figure(rows, title or Path(metrics_csv).parent.parent.name), out)
+
+
+def sweep_curves_figure(rows: list[dict], title: str = ""):
     """Every trial's validation accuracy per epoch, overlaid (one colour per variant)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120, layout="constrained")
     colours: dict[str, str] = {}
+    last = 1
     for row in rows:
         metrics = Path(row["run_dir"]) / "metrics.csv" if row.get("run_dir") else None
         if metrics is None or not metrics.is_file():
@@ -65,46 +89,66 @@ def plot_sweep_curves(rows: list[dict], out: Path, title: str = "") -> Path:
             continue
         label = printable(row["name"])
         first = label not in colours
-        line = ax.plot([r["epoch"] for r in data], [r["val_acc"] if finite(r["val_acc"]) else math.nan for r in data], marker=".",
-                       color=colours.get(label), label=label if first else None, alpha=0.85)[0]
+        epochs = [r["epoch"] for r in data]
+        last = max([last, *map(int, epochs)])
+        line = ax.plot(epochs, [r["val_acc"] if finite(r["val_acc"]) else math.nan for r in data],
+                       color=colours.get(label), label=label if first else None, alpha=0.85, **point_markers(len(data)))[0]
         colours.setdefault(label, line.get_color())
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    whole_number_axis(ax, last)
     ax.set_ylabel("validation accuracy")
     ax.grid(True, alpha=0.3)
     if colours:
         ax.legend(fontsize="small", loc="lower right")
     ax.set_title(printable(title))
-    return save_figure(fig, out)
+    return fig
 
 
-def plot_accuracy_bars(table: list[dict], out: Path, title: str = "") -> Path:
-    """Test accuracy per variant (validation accuracy where there is no test result), error bars over seeds."""
-    labels, means, stds = [], [], []
+def plot_sweep_curves(rows: list[dict], out: Path, title: str = "") -> Path:
+    """``sweep_curves_figure`` written to ``out``."""
+    return save_figure(sweep_curves_figure(rows, title), out)
+
+
+def accuracy_bars_figure(table: list[dict], title: str = ""):
+    """Test accuracy per variant (validation accuracy where there is no test result), error bars over seeds.
+
+    Bars start at 0: a bar's length is its value, so a cut axis would make 0.53 against 0.55 look like a
+    doubling. Each bar carries its value written in, which tells close accuracies apart."""
+    labels, means, stds, fell_back = [], [], [], False
     for entry in table:
         mean, std = entry["test_acc"]
         if mean is None:  # no test result; fall back to validation accuracy
             mean, std = entry["val_acc"]
+            fell_back = True
         if not finite(mean):  # no completed run of this variant, or a NaN/infinite one: the table says which
             continue
         labels.append(printable(entry["name"]))
         means.append(mean)
         stds.append(std if finite(std) else 0.0)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 4.2), dpi=120)
-    bars = ax.bar(range(len(labels)), means, yerr=stds, capsize=4, color="#4c72b0")
-    ax.bar_label(bars, labels=[f"{m:.3f}" for m in means], fontsize="small", padding=2)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 4.2), dpi=120, layout="constrained")
+    # error bars only where some variant ran several seeds: a cap at every bar's top is noise for single runs
+    bars = ax.bar(range(len(labels)), means, yerr=stds if any(stds) else None, capsize=4, color="#4c72b0")
+    for bar, mean in zip(bars, means):
+        # inside the bar, at its middle, clear of the error bar and the title; above a bar too short to hold it
+        inside = mean >= 0.15
+        ax.text(bar.get_x() + bar.get_width() / 2, mean / 2 if inside else mean + 0.02, f"{mean:.3f}", ha="center",
+                va="center" if inside else "bottom", fontsize="small", color="white" if inside else "black")
     ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
-    ax.set_ylabel("test accuracy")
-    low = min([m for m in means if m > 0] or [0.0])
-    ax.set_ylim(max(0.0, low - 0.1), 1.0)
+    ax.set_ylabel("test accuracy (validation where no test)" if fell_back else "test accuracy")
+    ax.set_ylim(0.0, 1.0)
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(printable(title))
-    return save_figure(fig, out)
+    return fig
 
 
-def plot_tune_progress(scores: list[float | None], metric: str, mode: str, out: Path, title: str = "") -> Path:
+def plot_accuracy_bars(table: list[dict], out: Path, title: str = "") -> Path:
+    """``accuracy_bars_figure`` written to ``out``."""
+    return save_figure(accuracy_bars_figure(table, title), out)
+
+
+def tune_progress_figure(scores: list[float | None], metric: str, mode: str, title: str = ""):
     """Each trial's metric (dots) and the best so far (a step line) against the trial number."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120, layout="constrained")
     points = [(i, s) for i, s in enumerate(scores, start=1) if finite(s)]
     if points:
         ax.scatter(*zip(*points), s=18, color="tab:gray", label="trial")
@@ -116,10 +160,15 @@ def plot_tune_progress(scores: list[float | None], metric: str, mode: str, out: 
         ax.legend()
     ax.set_xlabel("trial")
     ax.set_ylabel(metric)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    whole_number_axis(ax, len(scores))
     ax.grid(True, alpha=0.3)
     ax.set_title(printable(f"{title}: best {metric} against trials" if title else f"best {metric} against trials"))
-    return save_figure(fig, out)
+    return fig
+
+
+def plot_tune_progress(scores: list[float | None], metric: str, mode: str, out: Path, title: str = "") -> Path:
+    """``tune_progress_figure`` written to ``out``."""
+    return save_figure(tune_progress_figure(scores, metric, mode, title), out)
 
 
 def confusion_figure(confusion: list[list[int]], title: str, classes: Sequence[str]):
@@ -143,6 +192,25 @@ def confusion_figure(confusion: list[list[int]], title: str, classes: Sequence[s
     ax.set_ylabel("true")
     ax.set_title(printable(title))
     fig.colorbar(shown, ax=ax, fraction=0.046, label="fraction of the true class")
+    return fig
+
+
+def error_grid_figure(tiles: Sequence[tuple[object, str]], title: str, columns: int = 6):
+    """(image as ``picture`` gives it, caption) pairs as a grid of grey tiles, each captioned above.
+
+    Each row is an image plus its caption's height, and the layout engine spaces the rows by what the
+    captions take, so no caption reaches into the image above it."""
+    rows = max(1, -(-len(tiles) // columns))
+    lines = max((caption.count("\n") + 1 for _, caption in tiles), default=1)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * (1.5 + 0.14 * lines) + 0.4), dpi=110,
+                             squeeze=False, layout="constrained")
+    for k, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if k < len(tiles):
+            image, caption = tiles[k]
+            axis.imshow(image, cmap="gray")
+            axis.set_title(printable(caption), fontsize=7)
+    fig.suptitle(printable(title), fontsize=9)
     return fig
 
 
