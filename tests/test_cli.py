@@ -182,7 +182,9 @@ def test_shell_completion_completes_commands_and_options():
 
     assert complete("cnnlab sw") == ["sweep"]
     assert complete("cnnlab run --ep") == ["--epochs"]
-    # typer finds the shell from the process that started the command: a user's bash
-    shown = subprocess.run(["bash", "-c", f"{sys.executable} -m cnnlab --show-completion"], capture_output=True, text=True,
-                           timeout=120)
+    # typer finds the shell among the command's parent processes (a user's bash); a test's parents are no shell, so it
+    # names one, as typer's own tests do
+    env = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    shown = subprocess.run([sys.executable, "-m", "cnnlab", "--show-completion", "bash"], capture_output=True, text=True,
+                           timeout=120, env=env)
     assert shown.returncode == 0 and "_CNNLAB_COMPLETE=complete_bash" in shown.stdout

@@ -203,3 +203,21 @@ def test_an_exports_tolerance_follows_the_size_of_the_logits():
     assert difference > allowed == 1e-4
     difference, allowed = inference.export_difference(torch.full((1, 2), float("nan")), small)
     assert not difference <= allowed
+
+
+def test_predict_show_draws_what_the_network_received_beside_its_top_classes(trained, tmp_path):
+    from cnnlab.plots import prediction_figure
+
+    run_dir, _ = trained
+    Image.new("RGB", (120, 80), "white").save(tmp_path / "shoe.jpg")
+    result = runner.invoke(app, ["predict", str(run_dir), str(tmp_path / "shoe.jpg"), "--show", "--json"])
+    assert result.exit_code == 0, result.output
+    [answer] = json.loads(result.output)
+    assert answer["shown"] == str(run_dir / "predict" / "shoe.png")
+    with Image.open(answer["shown"]) as drawn:
+        assert drawn.format == "PNG"
+    [prediction] = predict(run_dir, [tmp_path / "shoe.jpg"], top=2)
+    figure = prediction_figure(prediction.image, prediction.top, "shoe.jpg")
+    seen, bars = figure.axes
+    assert (seen.images[0].get_array() == prediction.image[0].numpy()).all()  # the very pixels, 28x28, not the photo
+    assert [p.get_width() for p in bars.patches] == pytest.approx([p for _, p in prediction.top][::-1])

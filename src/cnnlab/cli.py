@@ -449,6 +449,8 @@ def predict(
     image: Annotated[Optional[int], typer.Option(help="Classify image N of --split instead of files.")] = None,
     top: Annotated[int, typer.Option(help="How many classes to show per image.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    show: Annotated[bool, typer.Option("--show", help="Also draw each picture as the network received it beside its "
+                                                      "top classes: <run>/predict/<picture>.png.")] = False,
     results: ResultsOption = Path("results"),
     trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
@@ -459,6 +461,7 @@ def predict(
 
         from cnnlab.data.pictures import extensions
         from cnnlab.inference import predict as classify
+        from cnnlab.inference import show_predictions
 
         if split not in ("test", "val"):
             raise UserError(f"--split {split!r}: choose test or val")
@@ -469,16 +472,20 @@ def predict(
         names_run = paths and (paths[0].is_dir() or not (paths[0].exists() or paths[0].suffix.lower() in extensions()))
         run_dir = pick_run(paths.pop(0) if names_run else None, results)
         answers = classify(run_dir, paths, split=split, index=image, top=top, trust_code=trust_code)
+        drawn = show_predictions(run_dir, answers) if show else [None] * len(answers)
         if as_json:
             out.print(json.dumps([{"image": r.source, "label": r.label,
-                                   "top": [{"class": c, "probability": p} for c, p in r.top]} for r in answers],
+                                   "top": [{"class": c, "probability": p} for c, p in r.top],
+                                   **({"shown": str(d)} if d is not None else {})} for r, d in zip(answers, drawn)],
                                  indent=2), soft_wrap=True)
             return
-        for result in answers:
+        for result, picture in zip(answers, drawn):
             label = f"  (true: {result.label})" if result.label else ""
             out.print(Text.assemble((result.source, "bold"), label))
             for name, probability in result.top:
                 out.print(f"  {probability:7.2%}  {name}")
+            if picture is not None:
+                out.print(f"  as the model saw it: {picture}")
 
 
 @app.command(epilog=example("cnnlab export results/lenet_relu/RUN_ID --format onnx"))

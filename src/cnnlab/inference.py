@@ -224,6 +224,7 @@ class Prediction:
     source: str
     top: list[tuple[str, float]]  # (class, probability), most likely first
     label: str | None = None  # the true class, for a data-set image
+    image: torch.Tensor | None = None  # what the network received: uint8 [channels, height, width], before normalising
 
 
 def predict(run_dir: Path, images: list[Path], *, split: str | None = None, index: int | None = None, top: int = 3,
@@ -256,10 +257,29 @@ def predict(run_dir: Path, images: list[Path], *, split: str | None = None, inde
     with torch.no_grad():
         probabilities = model(torch.stack(batch).float() / 255).softmax(1)
     results = []
-    for source, label, row in zip(sources, labels, probabilities):
+    for source, label, row, image in zip(sources, labels, probabilities, batch):
         values, indices = row.topk(top)
-        results.append(Prediction(source, [(classes[int(c)], float(v)) for v, c in zip(values, indices)], label))
+        results.append(Prediction(source, [(classes[int(c)], float(v)) for v, c in zip(values, indices)], label, image))
     return results
+
+
+def show_predictions(run_dir: Path, predictions: list[Prediction]) -> list[Path]:
+    """``predict --show``: for each prediction, ``<run>/predict/<picture>.png``, the picture as the network received
+    it beside its top classes. Two pictures of one name (``a/shoe.jpg``, ``b/shoe.jpg``) get files of their own."""
+    from cnnlab.plots import prediction_figure, save_figure
+    from cnnlab.results import sanitize_name
+
+    written: list[Path] = []
+    for prediction in predictions:
+        stem = sanitize_name(Path(prediction.source).stem if prediction.label is None else prediction.source)
+        out = Path(run_dir) / "predict" / f"{stem}.png"
+        n = 2
+        while out in written:
+            out, n = out.with_name(f"{stem}-{n}.png"), n + 1
+        check_output_file(out, "predict --show")
+        title = prediction.source + (f" (true: {prediction.label})" if prediction.label else "")
+        written.append(save_figure(prediction_figure(prediction.image, prediction.top, title), out))
+    return written
 
 
 # ---------------------------------------------------------------------------------------------

@@ -214,6 +214,25 @@ def error_grid_figure(tiles: Sequence[tuple[object, str]], title: str, columns: 
     return fig
 
 
+def prediction_figure(image, top: Sequence[tuple[str, float]], title: str):
+    """What the network received (``image``, uint8 [C, H, W], each pixel a square) beside the bar of its top
+    classes' probabilities: the model's-eye view of one prediction."""
+    fig, (seen, bars) = plt.subplots(1, 2, figsize=(8, 3.2), width_ratios=(1, 1.6), layout="constrained")
+    seen.imshow(picture(image), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    seen.set_title(f"what the model got ({image.shape[1]}x{image.shape[2]})", fontsize=9)
+    seen.set_xticks([])
+    seen.set_yticks([])
+    names = [printable(name) for name, _ in top][::-1]
+    values = [probability for _, probability in top][::-1]
+    bars.barh(names, values, color=["tab:blue"] * (len(values) - 1) + ["tab:orange"])
+    bars.set_xlim(0, 1)
+    bars.set_xlabel("probability")
+    for y, value in enumerate(values):
+        bars.text(min(value + 0.02, 0.85), y, f"{value:.1%}", va="center", fontsize=8)
+    fig.suptitle(printable(title), fontsize=9)
+    return fig
+
+
 def picture(image):
     """A uint8 or float image [C, H, W] as ``imshow`` draws it: [H, W] for one channel (give it a grey
     colour map), [H, W, C] for colour."""
