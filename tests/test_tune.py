@@ -209,3 +209,27 @@ def test_the_shipped_example_space_is_valid():
     space = read_space(CONFIGS / "tune" / "lenet_relu.yaml", [], None)
     assert {d.key for d in space.dimensions} == {"optim.lr", "train.batch_size", "model.channels", "model.dropout"}
     assert space.metric == "val_acc" and space.mode == "max" and space.trials == 20
+
+
+def test_the_live_table_shows_each_trials_values_epoch_accuracy_and_state(tmp_path):
+    import io
+
+    from ray import cloudpickle
+    from rich.console import Console
+
+    from cnnlab.tune import TrialTable, read_space, trial_lines
+
+    space = read_space(CONFIGS / "tune" / "lenet_relu.yaml", [], 5)
+    table = TrialTable(space)
+    sampled = {"optim.lr": 0.0123456, "train.batch_size": 2, "model.channels": 1, "model.dropout": 0.25}  # choices by index
+    table.update(1, sampled, None, "running")
+    table.update(1, sampled, {"epoch": 3, "val_acc": 0.81234, "status": "running"}, "running")
+    table.update(2, sampled, {"epoch": 1, "val_acc": 0.5}, "pruned")
+    buffer = io.StringIO()
+    Console(file=buffer, width=200).print(table.render())
+    lines = [" ".join(line.split()) for line in buffer.getvalue().splitlines()]
+    assert "tune lenet_relu: 2 of 5 trials started" in lines[0]
+    assert lines[1] == "trial optim.lr train.batch_size model.channels model.dropout epoch val acc state"
+    assert lines[2] == "1 0.01235 256 [12, 32] 0.25 3 0.8123 running" and lines[3].endswith("1 0.5000 pruned")
+    callback = trial_lines(tmp_path / "stop", space)  # Ray Tune pickles its callbacks with the tune's state
+    assert cloudpickle.loads(cloudpickle.dumps(callback)).table.space.name == "lenet_relu"

@@ -40,9 +40,10 @@ from typing import Any
 
 from cnnlab.compare import aggregate, markdown_table, row_from_summary, run_config_or_none, write_trials
 from cnnlab.config import Config, absolute_paths, dump_config, load_config, read_yaml, validate
-from cnnlab.console import SafeConsole
+from cnnlab.console import SafeConsole, printable
 from cnnlab.errors import UserError
 from cnnlab.listeners import Listener
+from cnnlab.numtext import number_text
 from cnnlab.results import (
     RunDir,
     RunSummary,
@@ -534,7 +535,7 @@ def _fit(space: Space, folder: Path, runs_dir: Path, shared: tuple[str, str], st
                                         reduction_factor=space.reduction_factor),
             ),
             run_config=tune.RunConfig(name=STATE_FOLDER, storage_path=str(folder), verbose=0,
-                                      callbacks=[stop_when_idle(stop_file), *([] if quiet else [trial_lines(stop_file)])],
+                                      callbacks=[stop_when_idle(stop_file), *([] if quiet else [trial_lines(stop_file, space)])],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     quiet_loggers = [logging.getLogger(name) for name in ("ray", "ray.tune", "ray.train")]
@@ -552,32 +553,94 @@ def _edge_points(space: Space) -> list[dict[str, Any]]:
     return [{}] + [{d.key: sample} for d in space.dimensions for sample in d.samples()]
 
 
-def trial_lines(stop_file: Path) -> Any:
-    """A Ray Tune callback that prints a line per trial as it ends (it is pickled with the tune's
-    state, so it holds nothing but the stop file's path, and makes its console when it prints)."""
+def trial_lines(stop_file: Path, space: Space) -> Any:
+    """A Ray Tune callback that shows the trials as Ray reports them: on a terminal a live table (trial, its
+    values, epoch, latest validation accuracy, state), otherwise a line per trial as it ends. It is pickled
+    with the tune's state, so it holds the stop file's path and the space, and makes its console when it shows."""
     from ray.tune import Callback
 
     class TrialLines(Callback):
         def __init__(self) -> None:
             self.stop_file = str(stop_file)
+            self.table = TrialTable(space)
+            self.live: Any = None
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {**self.__dict__, "live": None}  # a terminal display does not travel
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.show(trials.index(trial) + 1, trial.config, state="running")
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            self.show(trials.index(trial) + 1, trial.config, result=result, state="running")
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            result = trial.last_result or {}
-            number = trials.index(trial) + 1
+            result, number = trial.last_result or {}, trials.index(trial) + 1
             if result.get("status") == "failed":
-                SafeConsole().print(f"FAILED trial {number}: {result.get('error')}", soft_wrap=True)
+                self.show(number, trial.config, result=result, state="failed",
+                          line=f"FAILED trial {number}: {result.get('error')}")
                 return
             value = result.get("val_acc")
             word = "done  " if result.get("status") == "completed" else "PRUNED"
-            SafeConsole().print(f"{word} trial {number}: epoch {result.get('epoch', '?')}"
-                                + (f", val acc {value:.4f}" if isinstance(value, float) else ""), soft_wrap=True)
+            self.show(number, trial.config, result=result, state=word.strip().lower(),
+                      line=f"{word} trial {number}: epoch {result.get('epoch', '?')}"
+                           + (f", val acc {value:.4f}" if isinstance(value, float) else ""))
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             # While the tune stops, a trial that stops (or does not start) is an error in Ray Tune's eyes.
             word = "STOPPED" if os.path.exists(self.stop_file) else "FAILED"
-            SafeConsole().print(f"{word} trial {trials.index(trial) + 1}", soft_wrap=True)
+            number = trials.index(trial) + 1
+            self.show(number, trial.config, state=word.lower(), line=f"{word} trial {number}")
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            if self.live is not None:
+                self.live.stop()
+                self.live = None
+
+        def show(self, number: int, config: dict, *, result: dict | None = None, state: str, line: str = "") -> None:
+            self.table.update(number, config, result, state)
+            console = SafeConsole()
+            if not console.is_terminal:
+                if line:
+                    console.print(line, soft_wrap=True)
+                return
+            if self.live is None:
+                from rich.live import Live
+
+                self.live = Live(console=console, auto_refresh=False, transient=False)
+                self.live.start()
+            self.live.update(self.table.render(), refresh=True)
 
     return TrialLines()
+
+
+class TrialTable:
+    """The live table of a tune's trials: number, sampled values, epoch, latest validation accuracy, state."""
+
+    def __init__(self, space: Space) -> None:
+        self.space = space
+        self.rows: dict[int, dict[str, Any]] = {}
+
+    def update(self, number: int, config: dict[str, Any], result: dict[str, Any] | None, state: str) -> None:
+        row = self.rows.setdefault(number, {"epoch": None, "val_acc": None})
+        row["values"] = {d.key: d.decode(config[d.key]) for d in self.space.dimensions if d.key in (config or {})}
+        row["state"] = state
+        for key in ("epoch", "val_acc"):
+            if result and isinstance(result.get(key), (int, float)) and not isinstance(result.get(key), bool):
+                row[key] = result[key]
+
+    def render(self) -> Any:
+        from rich.table import Table
+
+        keys = [d.key for d in self.space.dimensions]
+        table = Table("trial", *keys, "epoch", "val acc", "state", box=None, header_style="bold",
+                      title=f"tune {self.space.name}: {len(self.rows)} of {self.space.trials} trials started")
+        for number in sorted(self.rows):
+            row = self.rows[number]
+            values = [number_text(row["values"].get(k), significant=4) for k in keys]
+            table.add_row(str(number), *map(printable, values), number_text(row["epoch"]),
+                          number_text(row["val_acc"], 4), row["state"])
+        return table
 
 
 def tune_rows(space: Space, grid: Any, runs_dir: Path) -> list[dict[str, Any]]:
