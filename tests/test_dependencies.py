@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Imported without being named in pyproject, and why that is sound.
 COVERED_BY = {
     "pydantic_core": "pydantic",  # pydantic v2 depends on the one matching pydantic_core; its errors are pydantic's API
+    # timm's pretrained weights live in the Hugging Face cache, which timm reaches through huggingface_hub (its
+    # dependency); cnnlab reads that cache only for timm's named weights (models/weights.py)
+    "huggingface_hub": "timm",
 }
 
 
