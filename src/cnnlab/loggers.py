@@ -57,6 +57,10 @@ OPEN_ATTEMPTS = 5
 # How long a tracking server may take to accept a connection. A refused one fails at once; this bounds
 # an address that never answers, which MLflow's client retries for about 250 s (7 retries, backoff 2).
 PROBE_SECONDS = 3.0
+# MLflow writes a batch of metrics in one transaction, about 25 ms on a busy 2-core machine's SQLite store:
+# per-step points are held and written together, at most this many seconds apart (and at each epoch's end).
+STEP_FLUSH_SECONDS = 10.0
+MAX_BATCH_METRICS = 1000  # MLflow's limit for one log_batch
 
 
 def check_loggers(names: list[str]) -> None:
@@ -276,6 +280,8 @@ class MLflowLogger(Logger):
     def __init__(self, uri: str) -> None:
         super().__init__()
         self.uri = uri
+        self.held: list[Any] = []  # step points not yet written (mlflow.entities.Metric)
+        self.written = time.monotonic()
 
     def open(self, name: str, resumed: bool) -> None:
         why = unreachable(self.uri)
@@ -285,6 +291,8 @@ class MLflowLogger(Logger):
         # A sweep's trials start together, and two processes creating one SQLite store (or one
         # experiment) at once collide ("table experiments already exists"): the loser tries again.
         attempts = OPEN_ATTEMPTS if self.uri.startswith("sqlite:") else 1  # a server has its own retries
+        import mlflow  # noqa: F401  (first: importing it sets its loggers' levels, which are quieted below)
+
         for attempt in range(attempts):
             try:
                 with quieted(("mlflow", "alembic")):  # its INFO lines ("Creating initial MLflow database tables")
@@ -325,24 +333,32 @@ class MLflowLogger(Logger):
             self.client.log_batch(self.run_id, params=params[start:start + 100], tags=[RunTag("cnnlab", "run")])
 
     def step(self, step: int, values: dict[str, float]) -> None:
-        self._log(values, step)
-
-    def epoch(self, row: dict[str, Any]) -> None:
-        self._log(_numbers(row), int(row["epoch"]))
-
-    def _log(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        self.held += [Metric(k, v, now, step) for k, v in values.items()]
+        if len(self.held) + len(values) > MAX_BATCH_METRICS or time.monotonic() - self.written >= STEP_FLUSH_SECONDS:
+            self._write()
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.held += [Metric(k, v, now, int(row["epoch"])) for k, v in _numbers(row).items()]
+        self._write()
+
+    def _write(self) -> None:
+        """Write the held metrics, a batch at a time."""
+        for start in range(0, len(self.held), MAX_BATCH_METRICS):
+            self.client.log_batch(self.run_id, metrics=self.held[start:start + MAX_BATCH_METRICS])
+        self.held, self.written = [], time.monotonic()
 
     def close(self, summary: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
         now, last = int(time.time() * 1000), int(summary.get("epochs_completed") or 0)
-        final = [Metric(k, float(summary[k]), now, last) for k in FINAL_METRICS if isinstance(summary.get(k), (int, float))]
-        if final:
-            self.client.log_batch(self.run_id, metrics=final)
+        self.held += [Metric(k, float(summary[k]), now, last) for k in FINAL_METRICS if isinstance(summary.get(k), (int, float))]
+        self._write()  # with the points of an epoch that was stopped
         for file in ("config.yaml", "metrics.csv", "summary.json", "curves.png"):
             if (self.run_dir / file).is_file():
                 self.client.log_artifact(self.run_id, str(self.run_dir / file))
