@@ -228,7 +228,9 @@ class TensorBoardLogger(Logger):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
-        if not resumed:  # once per run: TensorBoard keeps the first of each (a resumed run's are in its folder)
+        # Once per run: TensorBoard reads a tag's first layout or session start only, so a resumed session's
+        # would be ignored (the first session's are in the folder).
+        if not resumed:
             self.writer.add_custom_scalars({"epochs": {title: ["Multiline", [f"^{tag}$" for tag in tags]]
                                                        for title, tags in CHARTS.items()}})
             experiment, session_start, _ = self._hparams()
@@ -406,7 +408,7 @@ class WandbLogger(Logger):
 
         self.run.summary.update({k: float(summary[k]) for k in FINAL_METRICS if isinstance(summary.get(k), (int, float))})
         self.run.finish(exit_code=0 if summary.get("status") == "completed" else 1)
-        wandb.teardown()  # its service process ends with the run, not with the process (a sweep's runner, a test)
+        wandb.teardown()  # its service process ends with the run, not with the process (a test, a program calling fit)
 
 
 @contextlib.contextmanager
