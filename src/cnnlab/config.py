@@ -185,7 +185,10 @@ class TrainConfig(Section):
 class OutputConfig(Section):
     dir: Path = Path("results")  # runs go to <dir>/<name>/<run id>/ ('~' is the home folder)
     checkpoints: bool = True  # write checkpoints/best.pt and last.pt (full training state: resume needs them)
-    loggers: list[Literal["tensorboard", "mlflow"]] = []  # also log to TensorBoard (<run>/tb/) and/or MLflow
+    loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = []  # also log to TensorBoard (<run>/tb), MLflow, W&B (<run>/wandb)
+    # every N training steps, the loggers also record the training loss and accuracy of those steps and the
+    # learning rate, at the global step; null: once per epoch only
+    log_every_n_steps: int | None = Field(None, ge=1)
     mlflow_uri: str | None = None  # MLflow tracking URI; null: SQLite mlflow.db in output.dir (a sweep's: its results root)
 
     @field_validator("dir")

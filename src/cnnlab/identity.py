@@ -27,7 +27,7 @@ PLACEMENT_KEYS = frozenset({
     "train.device", "train.threads", "train.eval_batch_size", "train.compile", "train.channels_last",
     "train.cuda_graphs", "train.tf32",
     "data.download", "model.download",  # how the files got there, not which files
-    "output.dir", "output.checkpoints", "output.loggers", "output.mlflow_uri",
+    "output.dir", "output.checkpoints", "output.loggers", "output.mlflow_uri", "output.log_every_n_steps",
 })
 # What the summary says of the data a run saw, besides where it was (data.root).
 DATA_KEYS = ("train_size", "val_size", "test_size")
