@@ -20,8 +20,10 @@ from cnnlab.errors import UserError
 from cnnlab.models.build import build_model
 from cnnlab.models.library import rebuild_first_conv
 from cnnlab.models.registry import get_entry
+from cnnlab.sweep import expand
 
 runner = CliRunner()
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHAPES = {"1x28x28": [], "3x32x32": ["data.channels=3", "data.image_size=32"]}
 
 
@@ -195,3 +197,19 @@ def test_models_lists_a_librarys_models_with_their_parameters_here():
                     "torchvision.resnet18": "11,175,370"}
     assert runner.invoke(app, ["models", "--source", "keras"]).exit_code == 2
     assert runner.invoke(app, ["models", "resnet"]).exit_code == 2
+
+
+def test_the_shipped_ecosystem_sweep_gives_each_model_the_same_recipe_and_budget():
+    """configs/sweeps/ecosystem.yaml, which measured the README's table: its trials load (nothing trains)."""
+    name, trials = expand(CONFIGS / "sweeps" / "ecosystem.yaml", [])
+    assert name == "ecosystem"
+    assert [t.swept["model.name"] for t in trials] == ["torchvision.resnet18", "torchvision.mobilenet_v3_small",
+                                                       "timm.resnet10t", "resnet"]
+    for trial in trials:
+        if trial.swept["model.name"].startswith("timm.") and not timm_installed():
+            assert "pip install 'cnnlab[timm]'" in trial.error
+            continue
+        cfg = trial.config
+        assert trial.error == "" and cfg.model.name == trial.swept["model.name"] and not cfg.model.kwargs
+        assert (cfg.init, cfg.data.name, cfg.train.epochs, cfg.train.batch_size) == ("default", "fashion-mnist", 2, 128)
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.schedule.name) == ("sgd", 0.05, 0.9, "cosine")
