@@ -19,8 +19,11 @@ from cnnlab.data import DataSpec
 from cnnlab.errors import UserError
 from cnnlab.models.build import build_model
 from cnnlab.models.library import rebuild_first_conv
+from cnnlab.models.registry import get_entry
+from cnnlab.sweep import expand
 
 runner = CliRunner()
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SHAPES = {"1x28x28": [], "3x32x32": ["data.channels=3", "data.image_size=32"]}
 
 
@@ -109,8 +112,11 @@ def test_a_torchvision_run_is_evaluated_predicted_visualised_resumed_and_swept(s
 @pytest.mark.parametrize("override, message", [
     ("model.name=torchvision.resnt18", "model.name: torchvision has no classification model 'resnt18' (did you mean "
                                        "'torchvision.resnet18'"),
+    # ResNet's block and layers are the builder's own (no option): the list starts at the class's first default
     ("model.dropout=0.5", "model.dropout: model 'torchvision.resnet18' takes no argument 'dropout'; it takes: "
-                          "block, layers, zero_init_residual, groups, width_per_group"),
+                          "zero_init_residual, groups, width_per_group"),
+    ("model.layers=[1,1,1,1]", "model.layers: model 'torchvision.resnet18' takes no argument 'layers' (did you mean "
+                               "'model.norm_layer'?); it takes: zero_init_residual"),
     ("model.zero_init_residual=maybe", "model.zero_init_residual: Input should be a valid boolean"),
     ("model.name=resnet50", "model.name: unknown model 'resnet50' (torchvision's is model.name: torchvision.resnet50)"),
     ("model.name=torchvision.fasterrcnn_resnet50_fpn", "torchvision has no classification model 'fasterrcnn_resnet50_fpn'"),
@@ -129,10 +135,27 @@ def test_an_unknown_timm_name_gets_did_you_mean():
 
 
 def test_an_option_the_builder_sets_itself_is_exit_2_naming_the_collision():
-    cfg = load_config(None, ["model.name=torchvision.resnet18", "model.layers=[1, 1, 1, 1]"])
-    spec = DataSpec(name="made", title="Made", classes=tuple("abc"), channels=1, image_size=(28, 28))
-    with pytest.raises(UserError, match=r"torchvision.resnet18.*multiple values for .*'layers'"):
+    cfg = load_config(None, ["model.name=torchvision.efficientnet_b0", "model.last_channel=640"])
+    spec = DataSpec(name="made", title="Made", classes=tuple("abc"), channels=1, image_size=(32, 32))
+    with pytest.raises(UserError, match=r"torchvision.efficientnet_b0.*multiple values for .*'last_channel'"):
         build_model(cfg, spec=spec)
+
+
+@pytest.mark.parametrize("name, option", [("torchvision.vit_b_32", "image_size"), ("torchvision.efficientnet_b0", "dropout")])
+def test_a_class_parameter_the_builder_reads_from_its_keywords_stays_an_option(name, option):
+    """Required by the model class, yet torchvision's builder takes it from its keywords with a default."""
+    assert option in get_entry(name).options.model_fields
+
+
+def test_a_timm_model_with_img_size_is_built_for_the_datas_images():
+    if not timm_installed():
+        pytest.skip("pip install 'cnnlab[timm]'")
+    spec = DataSpec(name="made", title="Made", classes=tuple("abcde"), channels=1, image_size=(32, 32))
+    model = build_model(load_config(None, ["model.name=timm.vit_tiny_patch16_224", "init=default"]), spec=spec)
+    assert model.patch_embed.img_size == (32, 32)  # not the 224 of its name
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 5)
+    model = build_model(load_config(None, ["model.name=timm.vit_tiny_patch16_224", "model.img_size=48"]), spec=spec)
+    assert model.patch_embed.img_size == (48, 48)  # the config's own, when it sets one
 
 
 def test_the_options_given_reach_the_library_builder():
@@ -174,3 +197,19 @@ def test_models_lists_a_librarys_models_with_their_parameters_here():
                     "torchvision.resnet18": "11,175,370"}
     assert runner.invoke(app, ["models", "--source", "keras"]).exit_code == 2
     assert runner.invoke(app, ["models", "resnet"]).exit_code == 2
+
+
+def test_the_shipped_ecosystem_sweep_gives_each_model_the_same_recipe_and_budget():
+    """configs/sweeps/ecosystem.yaml, which measured the README's table: its trials load (nothing trains)."""
+    name, trials = expand(CONFIGS / "sweeps" / "ecosystem.yaml", [])
+    assert name == "ecosystem"
+    assert [t.swept["model.name"] for t in trials] == ["torchvision.resnet18", "torchvision.mobilenet_v3_small",
+                                                       "timm.resnet10t", "resnet"]
+    for trial in trials:
+        if trial.swept["model.name"].startswith("timm.") and not timm_installed():
+            assert "pip install 'cnnlab[timm]'" in trial.error
+            continue
+        cfg = trial.config
+        assert trial.error == "" and cfg.model.name == trial.swept["model.name"] and not cfg.model.kwargs
+        assert (cfg.init, cfg.data.name, cfg.train.epochs, cfg.train.batch_size) == ("default", "fashion-mnist", 2, 128)
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.schedule.name) == ("sgd", 0.05, 0.9, "cosine")

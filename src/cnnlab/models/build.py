@@ -41,12 +41,14 @@ def build_model(cfg: Config, device: torch.device | None = None, *, spec: DataSp
 
 def model_arguments(name: str, options: dict[str, Any], spec: DataSpec) -> dict[str, Any]:
     """The builder's arguments: the config's ``options``, and from the data its number of classes, its
-    channels and, for a builder with an ``image_size`` option the config does not set, the image size
-    (one side for square images, as builders of one side take it; (height, width) for others)."""
+    channels and, for a builder with an ``image_size`` option (``img_size`` in timm) the config does not set,
+    the image size (one side for square images, as builders of one side take it; (height, width) for others)."""
     arguments = {**options, "num_classes": spec.num_classes, "in_channels": spec.channels}
-    if "image_size" in get_entry(name).options.model_fields and "image_size" not in options:
-        height, width = spec.image_size
-        arguments["image_size"] = height if height == width else (height, width)
+    fields = get_entry(name).options.model_fields
+    for key in ("image_size", "img_size"):
+        if key in fields and key not in options:
+            height, width = spec.image_size
+            arguments[key] = height if height == width else (height, width)
     return arguments
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import re
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -116,15 +117,17 @@ def rebuild_first_conv(model: nn.Module, in_channels: int) -> str:
 def _signature(original: Callable[..., nn.Module]) -> inspect.Signature:
     """``(num_classes, in_channels, *, OPTION=...)``: the keyword options of the library's builder and of the
     model class it returns (named by its return annotation), each with its type hint where pydantic can
-    check it. Options the model class requires but the builder fills are offered too, defaulting to None:
-    a collision is reported when building."""
+    check it. The class's parameters that torchvision's builder fills itself are left out (see _filled)."""
     options: dict[str, inspect.Parameter] = {}
-    for function in (original, _model_class_init(original)):
+    model_init = _model_class_init(original)
+    filled = _filled(original, model_init)
+    for function in (original, model_init):
         if function is None:
             continue
         hints = _hints(function)
         for param in inspect.signature(function).parameters.values():
-            if param.name in _NOT_OPTIONS or param.name in options or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            if param.name in _NOT_OPTIONS or param.name in filled or param.name in options or \
+                    param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 continue
             default = None if param.default is param.empty else param.default
             options[param.name] = inspect.Parameter(param.name, param.KEYWORD_ONLY, default=default,
@@ -132,6 +135,22 @@ def _signature(original: Callable[..., nn.Module]) -> inspect.Signature:
     data = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=int)
             for n, d in (("num_classes", 10), ("in_channels", 1))]
     return inspect.Signature([*data, *options.values()])
+
+
+def _filled(original: Callable[..., nn.Module], model_init: Callable[..., Any] | None) -> set[str]:
+    """The model class's parameters without a default that a torchvision builder passes itself (ResNet's
+    ``block`` and ``layers``): giving one is a collision, so it is no option. The exceptions are those its
+    module reads from the builder's ``**kwargs`` with a default (ViT's ``image_size``, EfficientNet's
+    ``dropout``), found in that module's source. timm's builders let the caller's keywords win, so all are options."""
+    if model_init is None or not original.__module__.startswith("torchvision."):
+        return set()
+    required = {p.name for p in inspect.signature(model_init).parameters.values()
+                if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    try:
+        source = inspect.getsource(inspect.getmodule(original))
+    except (OSError, TypeError):  # no source installed: every required parameter counts as filled
+        source = ""
+    return required - set(re.findall(r"""kwargs\.pop\(["'](\w+)["'],""", source))
 
 
 def _model_class_init(original: Callable[..., nn.Module]) -> Callable[..., Any] | None:
