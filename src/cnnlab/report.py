@@ -23,7 +23,7 @@ from typing import Any
 
 from cnnlab.compare import aggregate, collect_rows, metric_text
 from cnnlab.console import printable
-from cnnlab.errors import UserError, warn
+from cnnlab.errors import UserError, hushed, warn
 from cnnlab.numtext import number_text
 from cnnlab.results import atomic_write_text, check_output_file
 
@@ -163,7 +163,8 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
         key = json.dumps([cfg.model.model_dump(), shape], sort_keys=True, default=str)
         if key not in seen_models:
             seen_models.add(key)
-            layers, flops = profile(build_model(cfg, spec=opened[run].spec), opened[run].spec.input_shape)
+            with hushed():
+                layers, flops = profile(build_model(cfg, spec=opened[run].spec), opened[run].spec.input_shape)
             blocks.append(Block("table", headers=("#", "layer", "output shape", "params", "FLOPs"), rows=tuple(
                 (r.name, r.layer, "x".join(map(str, r.output_shape)), f"{r.params:,}", f"{r.flops:,}") for r in layers)))
             blocks.append(Block("p", f"{summary.params or 0:,} parameters, {flops:,} FLOPs per image."))

@@ -20,7 +20,7 @@ from torch import nn
 
 from cnnlab.config import Config, read_yaml, validate
 from cnnlab.data import Data, DataSpec, described, load_data
-from cnnlab.errors import UserError, warn
+from cnnlab.errors import UserError, hushed, warn
 from cnnlab.results import (
     Checkpoint,
     RunSummary,
@@ -85,7 +85,8 @@ def open_run(
     if state != "completed":
         warn(f"{run_dir} is {describe_state(opened)}; using its {checkpoint} checkpoint anyway")
     weights = Checkpoint.load(path)
-    model = build_model(cfg, spec=opened.spec)
+    with hushed():  # what building the model says (a library model's rebuilt first layer) its training said already
+        model = build_model(cfg, spec=opened.spec)
     try:
         model.load_state_dict(weights.model)
     except RuntimeError:
