@@ -202,6 +202,14 @@ def test_a_multirun_of_one_config_runs_skips_what_is_done_and_refuses_a_bad_conf
         [(f"epochs={e}", str(s), "completed") for e in (1, 2) for s in (0, 1)]
     again = runner.invoke(app, args)  # the same multirun again: every trial was done
     assert again.exit_code == 0 and "4 trials (4 done before" in " ".join(again.output.split()), again.output
+    # A trial whose process was killed (its summary still says running, no process holds it) is continued, not redone.
+    killed = (sweep_dir / next(r["run_dir"] for r in rows if r["name"] == "epochs=2" and r["seed"] == "1")).resolve()
+    summary = json.loads((killed / "summary.json").read_text())
+    (killed / "summary.json").write_text(json.dumps({**summary, "status": "running", "pid": 2**31 - 1}))
+    third = runner.invoke(app, args)
+    said = " ".join(third.output.split())
+    assert third.exit_code == 0 and "4 trials (3 done before" in said and f"resume epochs=2 seed 1 in {killed}" in said, said
+    assert json.loads((killed / "summary.json").read_text())["status"] == "completed"
     config.write_text("model: {name: lenet, kernal_size: 3}\n")
     bad = runner.invoke(app, ["sweep", str(config), "--set", "optim.lr=0.1,0.2", "--results", str(tmp_path / "other")])
     assert bad.exit_code == 2 and "model.kernal_size" in bad.output and not (tmp_path / "other").exists()
