@@ -22,7 +22,7 @@ import stat
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -224,7 +224,8 @@ class Prediction:
     source: str
     top: list[tuple[str, float]]  # (class, probability), most likely first
     label: str | None = None  # the true class, for a data-set image
-    image: torch.Tensor | None = None  # what the network received: uint8 [channels, height, width], before normalising
+    # what the network received: uint8 [channels, height, width], before normalising (not part of what a prediction says)
+    image: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
 def predict(run_dir: Path, images: list[Path], *, split: str | None = None, index: int | None = None, top: int = 3,
