@@ -62,3 +62,25 @@ def test_an_early_ending_reaches_every_listener_when_one_fails(tiny_overrides, c
     assert heard.summary is not None and heard.summary.status == "failed" and heard.summary.epochs_completed == 2
     assert heard.on_disk == "failed"  # the record was told first
     assert f"could not record the ending in {run}: OSError: the server is gone" in capsys.readouterr().err
+
+
+def test_a_listener_written_before_start_epoch_took_the_learning_rate_still_hears_every_epoch(tiny_overrides):
+    class Older(Listener):
+        def __init__(self) -> None:
+            self.epochs: list[tuple[int, int, int]] = []
+
+        def start_epoch(self, epoch: int, batches: int, done: int = 0) -> None:
+            self.epochs.append((epoch, batches, done))
+
+    class Newer(Listener):
+        def __init__(self) -> None:
+            self.rates: list[float | None] = []
+
+        def start_epoch(self, epoch: int, batches: int, done: int = 0, lr: float | None = None) -> None:
+            self.rates.append(lr)
+
+    older, newer = Older(), Newer()
+    fit(load_config(None, [*tiny_overrides, "optim.lr=0.05"]), reporter=older, quiet=True)
+    assert [e[0] for e in older.epochs] == [1, 2] and all(done == 0 for _, _, done in older.epochs)
+    fit(load_config(None, [*tiny_overrides, "optim.lr=0.05"]), reporter=FanOut(Older(), newer), quiet=True)
+    assert newer.rates == [0.05, 0.05]

@@ -24,7 +24,7 @@ import torch
 from cnnlab.config import Config, dump_config, parse_override, set_value, validate
 from cnnlab.data import Data
 from cnnlab.errors import TrainingError, UserError, say, warn
-from cnnlab.listeners import Listener
+from cnnlab.listeners import Listener, start_epoch
 from cnnlab.modelinfo import count_params
 from cnnlab.progress import make_reporter
 from cnnlab.record import RunRecord, for_rank, recording_ending, run_listeners
@@ -421,7 +421,7 @@ def train(
                 state.current.to(runtime.device)
             progress = state.current
             session.order.set_state(progress.order_state)  # the epoch's permutation, drawn again on resume
-            reporter.start_epoch(epoch, session.steps_per_epoch, done=progress.batches, lr=optimizer.param_groups[0]["lr"])
+            start_epoch(reporter, epoch, session.steps_per_epoch, progress.batches, optimizer.param_groups[0]["lr"])
             epoch_start = time.perf_counter() - progress.seconds
             if session.static_step is not None:
                 train_metrics = session.static_step.train_epoch(progress, reporter, stop)

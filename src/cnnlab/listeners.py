@@ -9,6 +9,7 @@ Ray Tune's reporter (tune.py) are listeners; ``FanOut`` passes every call on to 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,19 @@ class Listener:
         pass
 
 
+def start_epoch(listener: Listener, epoch: int, batches: int, done: int, lr: float | None) -> None:
+    """``listener.start_epoch`` with the learning rate; a listener written before start_epoch took it
+    (``def start_epoch(self, epoch, batches, done=0)``) is called as it expects."""
+    try:
+        params = inspect.signature(listener.start_epoch).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature to read: the old call, which every listener takes
+        params = ()
+    if any(p.name == "lr" or p.kind == p.VAR_KEYWORD for p in params):
+        listener.start_epoch(epoch, batches, done, lr=lr)
+    else:
+        listener.start_epoch(epoch, batches, done)
+
+
 class FanOut(Listener):
     """Passes every call on to each of ``listeners``, in order."""
 
@@ -59,7 +73,7 @@ class FanOut(Listener):
 
     def start_epoch(self, epoch: int, batches: int, done: int = 0, lr: float | None = None) -> None:
         for listener in self.listeners:
-            listener.start_epoch(epoch, batches, done, lr)
+            start_epoch(listener, epoch, batches, done, lr)
 
     def advance(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> None:
         for listener in self.listeners:
