@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import signal
 import struct
 import subprocess
 import time
@@ -17,7 +18,9 @@ from cnnlab.config import load_config
 from cnnlab.data.fashion_mnist import FILES, find_data_dir
 from cnnlab.engine import fit
 from cnnlab.errors import UserError
+from cnnlab.listeners import Listener
 from cnnlab.results import Checkpoint
+from cnnlab.stopping import Interrupted
 
 # How long a test waits for a process or a condition before calling it a hang. Never a measure of
 # speed: a loaded machine (another suite, a CPU hog beside this one) may be many times slower.
@@ -126,3 +129,15 @@ def checkpoint_epoch(run_dir: Path) -> int:
         return Checkpoint.load(run_dir / "checkpoints" / "last.pt").epoch
     except UserError:
         return 0
+
+
+class StopAfter(Listener):
+    """Asks the run to stop (as SIGTERM would) after ``batches`` batches."""
+
+    def __init__(self, batches: int) -> None:
+        self.left = batches
+
+    def advance(self, loss_sum, correct, seen) -> None:
+        self.left -= 1
+        if self.left == 0:
+            raise Interrupted(signal.SIGTERM)

@@ -3,17 +3,15 @@
 rounding, a resumable mid-epoch stop, and the fallbacks. On CUDA the same steps are captured as CUDA
 graphs (scripts/gpu_check.sh checks that on a GPU)."""
 
-import signal
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_dataset
+from conftest import StopAfter, write_dataset
 
 from cnnlab.config import load_config
 from cnnlab.engine import fit, resume
-from cnnlab.listeners import Listener
 from cnnlab.results import read_metrics_csv
 from cnnlab.stopping import Interrupted
 
@@ -137,18 +135,6 @@ def test_a_step_a_graph_cannot_hold_runs_eagerly_said_once(tiny_overrides, tmp_p
     assert err.count("the evaluation step cannot be captured") == 1, err
     for a, b in zip(rows(eager), rows(emulated), strict=True):
         assert b["val_acc"] == pytest.approx(a["val_acc"], abs=1e-4)
-
-
-class StopAfter(Listener):
-    """Asks the run to stop (as SIGTERM would) after ``batches`` batches."""
-
-    def __init__(self, batches: int) -> None:
-        self.left = batches
-
-    def advance(self, loss_sum, correct, seen) -> None:
-        self.left -= 1
-        if self.left == 0:
-            raise Interrupted(signal.SIGTERM)
 
 
 def test_a_static_run_stopped_mid_epoch_resumes_to_the_same_metrics(hard_settings):

@@ -6,18 +6,16 @@ test_library_models.py covers a library model's summary, export, eval, visualize
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
-from conftest import write_dataset
+from conftest import StopAfter, write_dataset
 from PIL import Image
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
 from cnnlab.config import load_config
 from cnnlab.engine import fit
-from cnnlab.listeners import Listener
 from cnnlab.results import read_metrics_csv
 from cnnlab.runs import open_run
 from cnnlab.stopping import Interrupted
@@ -34,18 +32,6 @@ def data(tmp_path_factory) -> Path:
 def settings(data: Path, results: Path, *more: str) -> list[str]:
     return [f"data.root={data}", "data.check_counts=false", "data.val_size=20", "train.epochs=1", "train.batch_size=16",
             "train.device=cpu", "optim.lr=0.01", "init=default", f"output.dir={results}", *more]
-
-
-class StopAfter(Listener):
-    """Asks the run to stop (as SIGTERM would) after ``batches`` batches."""
-
-    def __init__(self, batches: int) -> None:
-        self.left = batches
-
-    def advance(self, loss_sum, correct, seen) -> None:
-        self.left -= 1
-        if self.left == 0:
-            raise Interrupted(signal.SIGTERM)
 
 
 def test_a_torchvision_run_is_reported_and_predicts_a_picture(data, tmp_path):
