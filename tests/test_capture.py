@@ -186,3 +186,26 @@ def test_compiled_models_train_as_the_plain_model_does(tiny_overrides):
         for a, b in zip(rows(plain), rows(compiled), strict=True):
             for key in COMPARED:
                 assert b[key] == pytest.approx(a[key], abs=1e-4), (key, a, b)
+
+
+def test_a_failed_cuda_capture_under_auto_runs_the_step_eagerly_and_says_why():
+    """train.cuda_graphs: auto may only help: a capture that fails (here for real: the device is no GPU) runs this
+    batch and every later one eagerly, with the reason; asked for by name (true), it ends the run with advice."""
+    from cnnlab.capture import WARMUP_STEPS, Captured
+    from cnnlab.errors import TrainingError
+
+    ran = []
+    step = Captured(lambda: ran.append(len(ran)), "cuda", torch.device("cpu"), "training step", strict=False)
+    step.calls = WARMUP_STEPS  # warmed up: the next call captures
+    step()
+    assert ran == [0] and step.kind is None and step.graph is None
+    assert step.fallback.startswith("the training step could not be captured as a CUDA graph (")
+    assert step.fallback.endswith("it runs eagerly")
+    step()
+    assert ran == [0, 1]
+
+    strict = Captured(lambda: ran.append(len(ran)), "cuda", torch.device("cpu"), "training step", strict=True)
+    strict.calls = WARMUP_STEPS
+    with pytest.raises(TrainingError, match="could not be captured as a CUDA graph .*train.cuda_graphs: false or auto"):
+        strict()
+    assert ran == [0, 1]

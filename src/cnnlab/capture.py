@@ -207,13 +207,16 @@ class Captured:
     ``WARMUP_STEPS`` times eagerly, then captured once and replayed on every call after (``cuda``,
     ``emulated``). The last warm-up step runs under the emulation's checks: an operator a graph
     cannot hold (a read-back to the host) is found there, said in one line (``fallback``), and the
-    body runs eagerly from then on. A CUDA capture that fails even so ends the run with advice: a
-    failed capture can leave CUDA's allocator unusable. ``generators``: the explicit random
-    generators the body draws from (a CUDA graph must be told)."""
+    body runs eagerly from then on. A CUDA capture that fails even so: under ``train.cuda_graphs: auto``
+    (``strict`` False) the body runs eagerly from then on too, said the same way, and only if that fails
+    as well (a failed capture can leave CUDA's state unusable) does the run end; asked for by name
+    (``strict``), the run ends with advice. ``generators``: the explicit random generators the body draws
+    from (a CUDA graph must be told)."""
 
     def __init__(self, body: Callable[[], None], graph: Graph, device: torch.device, what: str,
-                 generators: tuple[torch.Generator, ...] = ()) -> None:
+                 generators: tuple[torch.Generator, ...] = (), strict: bool = True) -> None:
         self.body, self.kind, self.device, self.what, self.generators = body, graph, device, what, generators
+        self.strict = strict
         self.graph: Any = None
         self.calls = 0
         self.fallback: str | None = None
@@ -237,12 +240,14 @@ class Captured:
             with _Recorder(record=False):
                 self.body()
         except HostRead as err:
-            from cnnlab.errors import warn
-
-            self.kind = None
-            self.fallback = f"the {self.what} cannot be captured ({err}); it runs eagerly"
-            warn(f"train.cuda_graphs: {self.fallback}")
+            self._eagerly_from_now(f"the {self.what} cannot be captured ({err}); it runs eagerly")
             self.body()  # (the operators before the refused one ran already: they run again)
+
+    def _eagerly_from_now(self, reason: str) -> None:
+        from cnnlab.errors import warn
+
+        self.kind, self.graph, self.fallback = None, None, reason
+        warn(f"train.cuda_graphs: {reason}")
 
     def _warm_up(self, body: Callable[[], None]) -> None:
         if self.kind != "cuda":
@@ -274,8 +279,19 @@ class Captured:
         except Exception as err:
             from cnnlab.errors import TrainingError
 
-            raise TrainingError(f"train.cuda_graphs: the {self.what} could not be captured as a CUDA graph "
-                                f"({type(err).__name__}: {err}); run it with train.cuda_graphs: false") from err
+            failure = f"{type(err).__name__}: {err}"
+            if self.strict:
+                raise TrainingError(f"train.cuda_graphs: the {self.what} could not be captured as a CUDA graph "
+                                    f"({failure}); run it with train.cuda_graphs: false or auto") from err
+            # Nothing of this call's batch ran (a capture records, it does not run): it runs now, eagerly.
+            self._eagerly_from_now(f"the {self.what} could not be captured as a CUDA graph ({failure}); it runs eagerly")
+            try:
+                self.body()
+            except Exception as again:
+                raise TrainingError(f"train.cuda_graphs: the {self.what} could not be captured as a CUDA graph "
+                                    f"({failure}), and failed eagerly after it ({type(again).__name__}: {again}); "
+                                    "run it with train.cuda_graphs: false") from again
+            return
         self.graph = graph
 
 
@@ -317,7 +333,8 @@ class StaticStep:
         generators = (data.augment_generator,) if data.augment_generator is not None else ()
         self.graph_kind = graph
         self.pinned: list[tuple[torch.Tensor, Any, Any]] | None = None
-        self.step = Captured(self._body, graph, device, "training step", generators)
+        self.step = Captured(self._body, graph, device, "training step", generators,
+                             strict=session.cfg.train.cuda_graphs is True)
 
     @property
     def kind(self) -> str:
@@ -453,7 +470,8 @@ class StaticEval:
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.graph_kind = graph
-        self.step = Captured(self._full_batch, graph, device, "evaluation step")
+        self.step = Captured(self._full_batch, graph, device, "evaluation step",
+                             strict=session.cfg.train.cuda_graphs is True)
 
     def _batch(self, idx: torch.Tensor) -> None:
         session = self.session
