@@ -22,15 +22,15 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 # Lowest first. Names are module paths below the package (``models.*`` matches every model family).
 FLOORS: list[tuple[str, list[str]]] = [
     ("basics: errors, text, signals, the world of processes",
-     ["errors", "safetext", "numtext", "console", "state", "stopping", "distributed"]),
+     ["errors", "safetext", "numtext", "console", "state", "stopping", "distributed", "cpus"]),
     ("what to train on: the typed config, the model registry and families, the data layer",
      ["models.library", "models.anatomy", "models.weights", "models.registry", "models.layers", "models.lenet", "models.vgg",
       "models.nin", "models.googlenet", "models.resnet", "models.alexnet", "models.densenet", "models.sequential", "config",
       "data", "data.*"]),
     ("building and describing: models, run-folder files, run identity, finished runs, figures",
      ["models", "models.build", "modelinfo", "results", "identity", "runs", "plots"]),
-    ("training: runtime, optimiser, steps, set-up, listeners",
-     ["runtime", "optim", "steps", "capture", "session", "listeners", "progress", "events", "loggers", "record"]),
+    ("training: runtime, threads, optimiser, steps, set-up, listeners",
+     ["runtime", "threads", "optim", "steps", "capture", "session", "listeners", "progress", "events", "loggers", "record"]),
     ("a run's life: fit, resume", ["engine"]),
     ("looking inside and comparing runs", ["dryrun", "evaluation", "visualize", "inference", "compare", "report", "d2l_replica"]),
     ("launching runs: a trial, sweeps, Ray, tuning, the bench", ["trial", "launch", "sweep", "cluster", "tune", "bench"]),

@@ -24,7 +24,7 @@ for stem, n in (("train-images-idx3-ubyte", 6000), ("train-labels-idx1-ubyte", 6
 PY
 run() {  # name, then cnnlab run arguments
     local name=$1; shift
-    "$python" -m cnnlab run "$@" --results "$out/runs-$name" --quiet --set train.threads=2 > "$out/$name.log"
+    "$python" -m cnnlab run "$@" --results "$out/runs-$name" --quiet --set train.threads=${THREADS:-2} > "$out/$name.log"
     local dir; dir=$(ls -d "$out/runs-$name"/*/*/)
     "$python" -c "import csv,sys; r=list(csv.DictReader(open(sys.argv[1]))); k=[c for c in r[0] if c not in ('epoch_seconds','train_examples_per_sec')]; w=csv.writer(sys.stdout, lineterminator='\n'); w.writerow(k); [w.writerow([x[c] for c in k]) for x in r]" "$dir/metrics.csv" > "$out/$name.csv"
 }

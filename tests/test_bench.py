@@ -17,7 +17,8 @@ def test_bench_times_both_pipelines_and_both_commands_into_one_json(tmp_path, ti
     config.write_text(f"extends: {CONFIGS / 'lenet.yaml'}\ndata: {{root: {tiny_data}, check_counts: false, val_size: 100}}\n"
                       "train: {batch_size: 32}\n")
     out = tmp_path / "bench.json"
-    result = runner.invoke(app, ["bench", str(config), "--batches", "4", "--epochs", "1", "--out", str(out)])
+    result = runner.invoke(app, ["bench", str(config), "--batches", "4", "--epochs", "1", "--pairs", "2", "--hog",
+                                 "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     for pipeline in ("cnnlab", "d2l"):
@@ -26,6 +27,13 @@ def test_bench_times_both_pipelines_and_both_commands_into_one_json(tmp_path, ti
     commands = report["commands"]
     assert commands["epochs"] == 1 and commands["d2l_seconds"] > 0 and commands["cnnlab_seconds"] > 0
     assert commands["ratio"] == commands["d2l_seconds"] / commands["cnnlab_seconds"]
+    assert commands["pairs"] == 2 and len(commands["runs"]) == 2  # the figures above are their medians
+    assert commands["cnnlab_seconds"] == sum(run["cnnlab_seconds"] for run in commands["runs"]) / 2
+    assert set(commands["runs"][0]["cnnlab_startup"]) >= {"imports", "data", "model", "setup", "first_step"}
+    hog = commands["hog"]  # the same again beside a process that keeps a CPU busy
+    assert len(hog["runs"]) == 2 and hog["ratio"] == hog["d2l_seconds"] / hog["cnnlab_seconds"]
+    assert commands["hog_slowdown"] == hog["cnnlab_seconds"] / commands["cnnlab_seconds"]
+    assert "with hog" in result.output and "cnnlab's own slowdown" in result.output
     assert 0 < commands["cnnlab_startup_seconds"] < commands["cnnlab_seconds"]
     assert 0 <= commands["cnnlab_test_acc"] <= 1 and 0 <= commands["d2l_test_acc"] <= 1
     assert commands["cnnlab_peak_pss_mb"] > 10 and commands["d2l_peak_pss_mb"] > 10  # torch alone is more
@@ -35,7 +43,7 @@ def test_bench_times_both_pipelines_and_both_commands_into_one_json(tmp_path, ti
 
 def test_bench_refuses_bad_options(tmp_path):
     result = runner.invoke(app, ["bench", str(CONFIGS / "lenet.yaml"), "--batches", "0"])
-    assert result.exit_code == 2 and "--batches and --epochs must be at least 1" in result.output
+    assert result.exit_code == 2 and "--batches, --epochs and --pairs must be at least 1" in result.output
     result = runner.invoke(app, ["bench", str(CONFIGS / "lenet.yaml"), "--out", str(tmp_path)])
     assert result.exit_code == 2 and "is a folder" in result.output
 

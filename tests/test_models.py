@@ -68,3 +68,37 @@ def test_every_model_trains_one_step(name):
     assert out.shape == (2, 10)
     out.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_flops_counted_layer_by_layer_agree_with_pytorchs_counter(name):
+    """Every model of cnnlab's own is counted without PyTorch's FLOP counter (whose import pulls in torch._dynamo
+    at a run's start); the count must be the counter's, top-level layer by layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cnnlab.modelinfo import countable
+
+    model = get_model(name, in_channels=3, **REQUIRED_OPTIONS.get(name, {}))
+    assert countable(model)
+    rows, total = profile(model, (3, 28, 28))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 28, 28))
+    assert total == counter.get_total_flops() > 0
+    per_layer = {k.removeprefix(f"{type(model).__name__}."): sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    assert {row.name: row.flops for row in rows} == {row.name: per_layer.get(row.name, 0) for row in rows}
+
+
+def test_a_model_with_layers_of_other_kinds_is_counted_by_pytorchs_counter():
+    from cnnlab.modelinfo import countable
+
+    class Attention(nn.Module):  # a user's layer: its forward multiplies matrices no child layer shows
+        def forward(self, x):
+            flat = x.flatten(2)
+            return (flat @ flat.transpose(1, 2)).sum(-1)[..., None, None] + x
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), Attention(), nn.Flatten(), nn.LazyLinear(5))
+    model(torch.zeros(1, 1, 8, 8))
+    assert not countable(model)
+    _, total = profile(model, (1, 8, 8))
+    conv, linear, matmul = 2 * 4 * 6 * 6 * 9, 2 * 5 * 4 * 6 * 6, 2 * 4 * 36 * 4
+    assert total == conv + linear + matmul

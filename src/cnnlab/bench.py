@@ -9,22 +9,27 @@ the same model, initial weights and data, in one run so the ratios mean somethin
   the static step (``train.cuda_graphs``: by default on CUDA), its end-to-end images/s as well;
 - with ``commands``: each whole command as its own process, ``cnnlab run CONFIG --epochs N`` against
   ``python -m cnnlab.d2l_replica CONFIG --epochs N`` (start-up, data, training, evaluation), with
-  wall seconds, cnnlab's start-up seconds (process start to first batch) and each one's peak memory.
+  wall seconds, cnnlab's start-up seconds (process start to first batch, and by stage) and each one's
+  peak memory: ``pairs`` pairs, one after the other, and their medians; with ``hog``, as many again
+  beside a process that keeps one CPU busy, and cnnlab's slowdown there against its own quiet time.
 
 Everything goes into a JSON file (``--out``, default ``results/bench/bench-<time>.json``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +118,7 @@ def cnnlab_in_process(cfg: Config, batches: int) -> dict[str, Any]:
     ready = [(x.clone(), y.clone()) for x, y in itertools.islice(source, min(batches, 50))]
     step = run(_repeat(ready, batches))
     result = {"end_to_end_img_s": end_to_end, "step_img_s": step, "peak_memory_mb": _peak_mb(device),
-              "device_name": session.runtime.device_name, "threads": session.threads,
+              "device_name": session.runtime.device_name, "threads": session.threads.count,
               "static_step": session.static_step.kind if session.static_step is not None else None}
     if session.static_step is not None:
         result["static_img_s"] = static_in_process(session, batches)
@@ -195,25 +200,63 @@ def _tree_pss_mb(root: int) -> float | None:
 
 
 def whole_commands(config_path: Path, overrides: list[str], device: str, epochs: int,
-                   data_root: Path | None) -> dict[str, Any]:
+                   data_root: Path | None, pairs: int = 5, hog: bool = False) -> dict[str, Any]:
     """Each pipeline as the command a user runs, from process start to exit, both on the data in
-    ``data_root`` (the benchmarked config's ``data.root``; None: where each finds Fashion-MNIST)."""
+    ``data_root`` (the benchmarked config's ``data.root``; None: where each finds Fashion-MNIST): ``pairs``
+    pairs of them, one after the other, and the medians. With ``hog``, as many pairs again with a process
+    beside them that keeps one CPU busy (``python -c "while True: pass"``, a busy machine's simplest form),
+    and cnnlab's slowdown there against its own quiet time."""
+    result = _command_pairs(config_path, overrides, device, epochs, data_root, pairs)
+    if hog:
+        with cpu_hog():
+            result["hog"] = _command_pairs(config_path, overrides, device, epochs, data_root, pairs)
+        result["hog_slowdown"] = result["hog"]["cnnlab_seconds"] / result["cnnlab_seconds"]
+    return result
+
+
+@contextlib.contextmanager
+def cpu_hog() -> Iterator[None]:
+    """A process that keeps one CPU busy for as long as the block runs."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)  # spinning before the first command starts
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def _command_pairs(config_path: Path, overrides: list[str], device: str, epochs: int, data_root: Path | None,
+                   pairs: int) -> dict[str, Any]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     data = ["--data-dir", str(data_root)] if data_root is not None else []
-    with tempfile.TemporaryDirectory(prefix="cnnlab-bench-") as tmp:
-        ours = [sys.executable, "-m", "cnnlab", "run", str(config_path), "--epochs", str(epochs), "--device", device,
-                "--results", tmp, "--quiet", *(a for o in overrides for a in ("--set", o)), *data]
-        d2l = [sys.executable, "-m", "cnnlab.d2l_replica", str(config_path), "--epochs", str(epochs), "--device", device,
-               *data]
-        d2l_seconds, d2l_mb, d2l_output = _timed_command(d2l, env)
-        our_seconds, our_mb, _ = _timed_command(ours, env)
-        [summary_path] = Path(tmp).glob("*/*/summary.json")
-        summary = read_summary(summary_path)
-    d2l_test = next((line.split("test acc ")[1] for line in d2l_output.splitlines() if "test acc " in line), None)
-    return {"epochs": epochs, "d2l_seconds": d2l_seconds, "cnnlab_seconds": our_seconds,
-            "ratio": d2l_seconds / our_seconds, "cnnlab_startup_seconds": summary.startup_seconds,
-            "cnnlab_test_acc": summary.test_acc, "d2l_test_acc": float(d2l_test) if d2l_test else None,
-            "d2l_peak_pss_mb": d2l_mb, "cnnlab_peak_pss_mb": our_mb}
+    runs = []
+    for _ in range(pairs):
+        with tempfile.TemporaryDirectory(prefix="cnnlab-bench-") as tmp:
+            ours = [sys.executable, "-m", "cnnlab", "run", str(config_path), "--epochs", str(epochs), "--device", device,
+                    "--results", tmp, "--quiet", *(a for o in overrides for a in ("--set", o)), *data]
+            d2l = [sys.executable, "-m", "cnnlab.d2l_replica", str(config_path), "--epochs", str(epochs), "--device",
+                   device, *data]
+            d2l_seconds, d2l_mb, d2l_output = _timed_command(d2l, env)
+            our_seconds, our_mb, _ = _timed_command(ours, env)
+            [summary_path] = Path(tmp).glob("*/*/summary.json")
+            summary = read_summary(summary_path)
+        d2l_test = next((line.split("test acc ")[1] for line in d2l_output.splitlines() if "test acc " in line), None)
+        runs.append({"d2l_seconds": d2l_seconds, "cnnlab_seconds": our_seconds,
+                     "cnnlab_startup_seconds": summary.startup_seconds,
+                     "cnnlab_startup": summary.startup.model_dump() if summary.startup else None,
+                     "cnnlab_threads": summary.threads, "cnnlab_test_acc": summary.test_acc,
+                     "d2l_test_acc": float(d2l_test) if d2l_test else None,
+                     "d2l_peak_pss_mb": d2l_mb, "cnnlab_peak_pss_mb": our_mb})
+    middle = {key: _median([run[key] for run in runs]) for key in
+              ("d2l_seconds", "cnnlab_seconds", "cnnlab_startup_seconds", "d2l_peak_pss_mb", "cnnlab_peak_pss_mb")}
+    return {"epochs": epochs, "pairs": pairs, **middle, "ratio": middle["d2l_seconds"] / middle["cnnlab_seconds"],
+            "cnnlab_test_acc": runs[-1]["cnnlab_test_acc"], "d2l_test_acc": runs[-1]["d2l_test_acc"], "runs": runs}
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
 
 
 def _mb(value: float | None) -> str:
@@ -222,13 +265,13 @@ def _mb(value: float | None) -> str:
 
 def run_bench(config_path: Path | None, overrides: list[str], *, device: str = "cpu", data_dir: Path | None = None,
               batches: int = 150, commands: bool = True, epochs: int = 3, out: Path | None = None,
-              quiet: bool = False) -> tuple[dict, Path]:
+              quiet: bool = False, pairs: int = 5, hog: bool = False) -> tuple[dict, Path]:
     from cnnlab.config import load_config
     from cnnlab.d2l_replica import require_report_data
     from cnnlab.runtime import resolve_device
 
-    if batches < 1 or epochs < 1:
-        raise UserError("--batches and --epochs must be at least 1")
+    if batches < 1 or epochs < 1 or pairs < 1:
+        raise UserError("--batches, --epochs and --pairs must be at least 1")
     if out is not None:
         check_output_file(Path(out), "--out")
     cfg = load_config(config_path, overrides, {"train.device": device, **({"data.root": data_dir} if data_dir else {})})
@@ -259,12 +302,16 @@ def run_bench(config_path: Path | None, overrides: list[str], *, device: str = "
     if commands:
         if config_path is None:
             raise UserError("--commands times `cnnlab run CONFIG`: give a config file (e.g. configs/lenet.yaml)")
-        say(f"whole commands, {epochs} epochs each ...")
-        result["commands"] = whole_commands(Path(config_path), overrides, device, epochs, cfg.data.root)
+        say(f"whole commands, {epochs} epochs each, median of {pairs} pair(s){', then beside a CPU hog' if hog else ''} ...")
+        result["commands"] = whole_commands(Path(config_path), overrides, device, epochs, cfg.data.root, pairs, hog)
         c = result["commands"]
         say(f"commands  d2l {c['d2l_seconds']:.1f} s, cnnlab {c['cnnlab_seconds']:.1f} s: {c['ratio']:.2f}x; "
             f"cnnlab start-up {c['cnnlab_startup_seconds']} s; peak memory d2l {_mb(c['d2l_peak_pss_mb'])}, "
             f"cnnlab {_mb(c['cnnlab_peak_pss_mb'])}")
+        if hog:
+            h = c["hog"]
+            say(f"with hog  d2l {h['d2l_seconds']:.1f} s, cnnlab {h['cnnlab_seconds']:.1f} s: {h['ratio']:.2f}x; "
+                f"cnnlab's own slowdown {c['hog_slowdown']:.2f}x of its quiet time")
     path = Path(out) if out is not None else \
         Path(cfg.output.dir) / "bench" / f"bench-{utc_stamp()}.json"
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")

@@ -148,6 +148,9 @@ def run(
     set_: SetOption = None,
     epochs: Annotated[Optional[int], typer.Option(help="Train for N epochs (sets train.epochs).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps (sets train.device).")] = None,
+    threads: Annotated[Optional[str], typer.Option(metavar="N|auto|fastest", help="CPU threads (sets train.threads): "
+                                                   "auto fits the machine; fastest also trades bit-identical reruns "
+                                                   "for speed on a busy one.")] = None,
     data_dir: DataDirOption = None,
     download: DownloadOption = False,
     results: Annotated[Optional[Path], typer.Option(help="Results folder (sets output.dir).")] = None,
@@ -172,8 +175,8 @@ def run(
         if resume is None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
             resume = "auto"  # torchrun restarted its workers (--max-restarts): continue the run they were training
 
-        options = {"train.epochs": epochs, "train.device": device, "data.root": data_dir, "output.dir": results,
-                   "seed": seed, "data.download": download or None, "model.download": download or None}
+        options = {"train.epochs": epochs, "train.device": device, "train.threads": threads, "data.root": data_dir,
+                   "output.dir": results, "seed": seed, "data.download": download or None, "model.download": download or None}
         values = {key: value for key, value in options.items() if value is not None}  # they win over --set
         try:
             cfg = load_config(config, set_, values, trust_code=trust_code or None)
@@ -425,6 +428,9 @@ def bench(
     commands: Annotated[bool, typer.Option("--commands/--no-commands", help="Also time the whole commands "
                                            "(cnnlab run against the d2l replica) as their own processes.")] = True,
     epochs: Annotated[int, typer.Option(help="Epochs of each whole command.")] = 3,
+    pairs: Annotated[int, typer.Option(metavar="N", help="Pairs of whole commands run; their medians are reported.")] = 5,
+    hog: Annotated[bool, typer.Option("--hog", help="Run the pairs again beside a process that keeps one CPU busy, "
+                                      "and report cnnlab's slowdown there.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="JSON file to write (default: results/bench/bench-<time>.json).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; just write the JSON.")] = False,
     debug: DebugOption = False,
@@ -436,7 +442,7 @@ def bench(
         if config is None and Path("configs/lenet.yaml").is_file():
             config = Path("configs/lenet.yaml")
         run_bench(config, list(set_ or []), device=device, data_dir=data_dir, batches=batches, commands=commands,
-                  epochs=epochs, out=out, quiet=quiet)
+                  epochs=epochs, out=out, quiet=quiet, pairs=pairs, hog=hog)
 
 
 @app.command(epilog=example("cnnlab predict results/lenet_relu/RUN_ID shoe.jpg --top 3"))

@@ -254,11 +254,11 @@ def unpack_run(payload: bytes, run_dir: Path) -> None:
 def ray_trial(cfg_values: dict[str, Any], key: str, queue: Any, marker: str, token: str, cpus: float,
               ship: bool | None) -> dict[str, Any]:
     """Runs on a Ray worker: the trial, then where its folder is (or the folder itself, as bytes)."""
-    import torch
+    from cnnlab.threads import take_share
 
     cfg = validate(cfg_values, "the sweep's trial config", trust_code=True)  # the sweep's own, already checked
-    if cfg.train.threads is None:
-        torch.set_num_threads(max(1, int(cpus)))
+    if not isinstance(cfg.train.threads, int):
+        take_share(int(cpus))
     marker_path = Path(marker)
     shared = marker_path.is_file() and marker_path.read_text(encoding="utf-8") == token
     ship = not shared if ship is None else ship

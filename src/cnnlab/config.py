@@ -168,11 +168,24 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
     grad_clip: float | None = Field(None, gt=0)  # clip the global gradient norm to this value; null = off
     patience: int | None = Field(None, ge=1)  # early stopping: epochs without a better val accuracy; null = off
-    threads: int | None = Field(None, ge=1)  # CPU threads for torch; null = torch's default
+    # CPU threads for torch. auto: torch's default capped at the CPUs this process may use (affinity, cgroup quota,
+    # physical cores), saying when a busy machine would run faster with fewer; fastest: take the faster count then
+    # (seeded results depend on the thread count); a number: exactly that many. null means auto.
+    threads: Annotated[int, Field(ge=1)] | Literal["auto", "fastest"] | None = "auto"
     sync_bn: bool = True  # under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     # parameters kept as they are: module-name prefixes (layer1, features.0), or backbone = all but the head (the model's
     # last layer); BatchNorm running statistics still follow the data
     freeze: list[Annotated[str, Field(min_length=1)]] = []
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _thread_count(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        if value is None or value in ("auto", "fastest") or (isinstance(value, int) and not isinstance(value, bool)
+                                                             and value >= 1):
+            return value
+        raise PydanticCustomError("threads", "expected a number of threads (1 or more), auto or fastest")
 
     @field_validator("device")
     @classmethod

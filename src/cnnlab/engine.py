@@ -27,7 +27,7 @@ from cnnlab.errors import TrainingError, UserError, say, warn
 from cnnlab.listeners import Listener, start_epoch
 from cnnlab.modelinfo import count_params
 from cnnlab.progress import make_reporter
-from cnnlab.record import RunRecord, for_rank, recording_ending, run_listeners
+from cnnlab.record import RunRecord, StartupClock, for_rank, recording_ending, run_listeners
 from cnnlab.results import RESUMABLE, Checkpoint, CheckpointWriter, RunDir, RunSummary, git_commit, read_summary, utc_now
 from cnnlab.runs import OpenedRun, comparable, config_differences, describe_state, open_run, runs_of
 from cnnlab.runtime import process_age
@@ -68,7 +68,8 @@ def describe_run(session: Session, run: RunDir) -> RunSummary:
         device=str(runtime.device),
         device_name=runtime.device_name,
         precision=runtime.precision,
-        threads=session.threads,
+        threads=session.threads.count,
+        cpus=session.threads.as_dict(),
         channels_last=runtime.channels_last,
         tf32=runtime.tf32,
         train_step=train_step,
@@ -107,6 +108,8 @@ def start(cfg: Config, opening: Opening, reporter: Listener | None, quiet: bool,
             say(session.data.placement_line)
             if session.weights is not None:
                 say(session.weights.line())
+            if session.threads.line:
+                say(session.threads.line)
         state = opening.restore(session)
         stop.check()  # asked to stop while setting up: leave before anything is written
         reporter = reporter or make_reporter(quiet=quiet)
@@ -302,7 +305,7 @@ class Continuation:
         run.write_metrics()  # rows past the checkpoint are redone
         fresh = describe_run(session, run)
         resumed = summary.model_copy(update={k: getattr(fresh, k) for k in (
-            "status", "epochs", "device", "device_name", "precision", "threads", "torch_version", "git_commit", "pid",
+            "status", "epochs", "device", "device_name", "precision", "threads", "cpus", "torch_version", "git_commit", "pid",
             "host", "data_root", "data")})
         for key in ("error", "stopped_at", "finished", "test_acc", "test_loss", "test_checkpoint", "final"):
             setattr(resumed, key, None)
@@ -405,7 +408,7 @@ def train(
     """
     cfg, data, runtime, model, optimizer = session.cfg, session.data, session.runtime, session.model, session.optimizer
     world = session.world
-    reporter = run_listeners(cfg, world, run, reporter)
+    reporter = run_listeners(cfg, world, run, reporter, StartupClock(summary, session.startup))
     reporter.start_run(cfg.name, run.path, cfg.train.epochs, resumed=state.epoch + (state.current is not None) > 0,
                        config=cfg.to_dict())
     wall_before = state.wall_seconds  # time spent in earlier sessions of a resumed run, as its checkpoint says

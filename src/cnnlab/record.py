@@ -1,6 +1,6 @@
 """Usage: ``listeners = run_listeners(cfg, world, run, reporter)``; ``with recording_ending(listeners, summary, run, stop): ...``.
 
-A run's own record, kept as a listener of the run, first among them: metrics.csv after every epoch,
+A run's own record, kept as a listener of the run (first after the start-up clock): metrics.csv after every epoch,
 summary.json and curves.png at the end, however the run ended (the folder and its opening summary
 are made before the run starts, by ``fit`` or ``resume``). Beside it, who hears a run (its record,
 the console or a launcher, the loggers; under torchrun, rank 0 alone) and how a run that ended early
@@ -10,15 +10,41 @@ is told so.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cnnlab.config import Config
 from cnnlab.distributed import World
 from cnnlab.listeners import FanOut, Listener, ending_guarded
-from cnnlab.results import RunDir, RunSummary
+from cnnlab.results import RunDir, RunSummary, StartupRecord
+from cnnlab.runtime import process_age
 from cnnlab.stopping import StopSignals
+
+
+class StartupClock(Listener):
+    """summary.json's ``startup``: the stages ``prepare`` timed (imports, data, model), the set-up after them up to
+    the run's start, and its first batch's step, from the start to the first ``advance``."""
+
+    def __init__(self, summary: RunSummary, stages: dict[str, float | None]) -> None:
+        self.summary, self.stages = summary, stages
+        self.started: float | None = None
+
+    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False,
+                  config: dict[str, Any] | None = None) -> None:
+        age, known = process_age(), [value for value in self.stages.values() if value is not None]
+        setup = age - sum(known) if age is not None and len(known) == len(self.stages) else None
+        figures = {**self.stages, "setup": setup}
+        self.summary.startup = StartupRecord(**{k: None if v is None else round(max(v, 0.0), 3) for k, v in figures.items()})
+        self.started = time.perf_counter()
+
+    def advance(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> None:
+        if self.started is not None and self.summary.startup is not None:
+            self.summary.startup.first_step = round(time.perf_counter() - self.started, 3)
+            self.started = None
 
 
 class RunRecord(Listener):
@@ -43,8 +69,8 @@ class RunRecord(Listener):
         return ending_guarded(run.path)
 
 
-def run_listeners(cfg: Config, world: World, run: RunDir, reporter: Listener) -> FanOut:
-    """Everything that hears this run: its record, the console (or a launcher), and the loggers of
+def run_listeners(cfg: Config, world: World, run: RunDir, reporter: Listener, *first: Listener) -> FanOut:
+    """Everything that hears this run: ``first``, its record, the console (or a launcher), and the loggers of
     ``output.loggers``; under torchrun, rank 0 alone."""
     if not world.is_main:
         return FanOut()
@@ -53,7 +79,7 @@ def run_listeners(cfg: Config, world: World, run: RunDir, reporter: Listener) ->
         from cnnlab.loggers import make_loggers
 
         loggers = make_loggers(cfg.to_dict(), run.path)
-    return FanOut(RunRecord(run), reporter, *loggers)
+    return FanOut(*first, RunRecord(run), reporter, *loggers)
 
 
 @contextlib.contextmanager

@@ -294,6 +294,32 @@ class WeightsRecord(BaseModel):
     unused: list[str] = []
 
 
+class CpusRecord(BaseModel):
+    """summary.json's ``cpus``: how the CPU thread count was chosen (threads.py), and how busy the machine was."""
+
+    model_config = ConfigDict(extra="allow")
+
+    setting: str  # train.threads as written: auto, fastest or a number
+    reason: str  # what set the count
+    usable: int = Field(ge=1)  # CPUs this process may use (affinity mask, cgroup quota, physical cores)
+    usable_reason: str | None = None  # which of those set it
+    logical: int = Field(ge=1)  # what os.cpu_count() said
+    busy_cpus: float | None = Field(None, ge=0)  # other processes' use while the run started, in CPUs
+    probe: dict[str, float] = {}  # a training step's images a second at each thread count tried (a busy machine)
+
+
+class StartupRecord(BaseModel):
+    """summary.json's ``startup``: where the seconds from the command to the first trained batch went."""
+
+    model_config = ConfigDict(extra="allow")
+
+    imports: float | None = Field(None, ge=0)  # the interpreter, cnnlab, torch and the config, to set-up's start
+    data: float | None = Field(None, ge=0)  # reading the data set (and its statistics) onto the training device
+    model: float | None = Field(None, ge=0)  # building it, its weights, the two-image check and its FLOP count
+    setup: float | None = Field(None, ge=0)  # threads, optimiser, schedule, step, run folder and listeners
+    first_step: float | None = Field(None, ge=0)  # the first batch's step (first calls are slow: kernels, allocations)
+
+
 class RunSummary(BaseModel):
     """summary.json. Unknown keys are kept (newer cnnlab versions may add some)."""
 
@@ -323,6 +349,7 @@ class RunSummary(BaseModel):
     device_name: str | None = None
     precision: str | None = None
     threads: int | None = None
+    cpus: CpusRecord | None = None  # why that many threads
     channels_last: bool | None = None  # the memory layout used (train.channels_last resolved for the device)
     tf32: bool | None = None  # TF32 matmuls and convolutions allowed (CUDA runs only)
     train_step: str | None = None  # ordinary, static (the static steps, eagerly), cuda-graph or emulated-graph (replayed)
@@ -350,6 +377,7 @@ class RunSummary(BaseModel):
     train_seconds: float | None = None
     wall_seconds: float | None = None
     startup_seconds: float | None = None  # from the command's start to the first batch (imports, data, model)
+    startup: StartupRecord | None = None  # those seconds by stage, and the first batch's step
     stopped_early: bool | None = None
     resumes: list[dict[str, Any]] = []  # one entry per `cnnlab resume`: when, from where, on what
 

@@ -9,7 +9,8 @@ as a checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,15 +21,16 @@ from cnnlab.config import Config
 from cnnlab.data import Data, load_data
 from cnnlab.distributed import World, current_world, use_sync_batchnorm
 from cnnlab.errors import UserError, warn
-from cnnlab.modelinfo import flops_per_image
+from cnnlab.modelinfo import countable, flops_per_image
 from cnnlab.models.anatomy import select
 from cnnlab.models.build import build_model
 from cnnlab.models.weights import WeightsReport, load_weights, stats_for_channels, weights_stats
 from cnnlab.optim import follow_config, make_optimizer, make_scheduler
 from cnnlab.results import Checkpoint
-from cnnlab.runtime import make_runtime, resolve_device, resolve_threads, warm_imports
+from cnnlab.runtime import make_runtime, process_age, resolve_device, warm_imports
 from cnnlab.state import TrainState
 from cnnlab.steps import Trainables
+from cnnlab.threads import ThreadChoice, choose_threads, probe_if_busy, scratch_step
 
 
 def check_model(model: nn.Module, cfg: Config, data: Data) -> None:
@@ -67,13 +69,14 @@ class Session(Trainables):
     exists."""
 
     flops: int
-    threads: int
+    threads: ThreadChoice
     sync_bn: bool = False
     static_step: StaticStep | None = None  # when the step runs over static buffers (train.cuda_graphs)
     static_eval: StaticEval | None = None  # the per-epoch evaluation over static buffers, alongside it
     step_note: str | None = None  # why it does not, when it was asked for
     weights: WeightsReport | None = None  # what model.weights gave the model
     frozen_params: int = 0  # parameters kept as they are (train.freeze)
+    startup: dict[str, float | None] = field(default_factory=dict)  # seconds of each stage of the start (StartupRecord)
 
     @property
     def generators(self) -> dict[str, torch.Generator | None]:
@@ -123,26 +126,31 @@ def prepare(cfg: Config, *, pretrained: bool = True) -> Session:
     Under torchrun this process joins the group here and its model is wrapped in
     DistributedDataParallel (``forward``); ``model`` stays the plain module that checkpoints hold.
     """
+    imports, clock = process_age(), time.perf_counter()
     world = join_world(cfg)
     if cfg.output.loggers:
         from cnnlab.loggers import check_loggers
 
         check_loggers(cfg.output.loggers)
     warming = warm_imports()
-    threads = resolve_threads(cfg.train.threads)
+    threads = choose_threads(cfg.train.threads)
     runtime = make_runtime(world.device_name(cfg.train.device), cfg.train.precision, cfg.train.channels_last,
                            cfg.train.tf32)
     data = load_data(cfg.data, cfg.seed, runtime.device, channels_last=runtime.channels_last)
     if cfg.data.normalize == "weights":
         data = normalized_for_weights(data, cfg)
+    data_seconds, clock = time.perf_counter() - clock, time.perf_counter()
     model = build_model(cfg, runtime.device, spec=data.spec, channels_last=runtime.channels_last)
     weights = load_weights(model, cfg.model.name, cfg.model.weights, download=cfg.model.download) \
         if cfg.model.weights is not None and pretrained else None
     frozen = freeze(model, cfg.train.freeze)
     check_model(model, cfg, data)
-    if warming is not None:
+    if warming is not None and not countable(model):  # PyTorch's FLOP counter would import torch._dynamo here too
         warming.join()
     flops = flops_per_image(model, data.spec.input_shape)
+    model_seconds = time.perf_counter() - clock
+    if warming is not None:  # the optimiser's first step imports torch._dynamo: in the background so far, done by now
+        warming.join()
     model, sync_bn = use_sync_batchnorm(model, cfg.train.sync_bn, world, runtime.device)
     parallel = model
     if world.distributed:
@@ -159,9 +167,19 @@ def prepare(cfg: Config, *, pretrained: bool = True) -> Session:
         loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), optimizer=optimizer, scheduler=scheduler,
         steps_per_epoch=steps_per_epoch, order=torch.Generator().manual_seed(cfg.seed), world=world, flops=flops,
         threads=threads, sync_bn=sync_bn, weights=weights, frozen_params=frozen,
+        startup={"imports": imports, "data": data_seconds, "model": model_seconds},
     )
+    work = 3 * flops * steps_per_epoch * cfg.train.batch_size * cfg.train.epochs  # forward and backward, all epochs
+    if runtime.device.type == "cpu" and world.is_main and (not flops or work >= PROBE_MIN_WORK):
+        session.threads = probe_if_busy(threads, lambda: scratch_step(model, next(data.batches("train", min(
+            cfg.train.batch_size, PROBE_BATCH))), session.loss_fn))
     choose_step(session)
     return session
+
+
+PROBE_BATCH = 64  # images a step of the busy-machine thread probe
+# The probe takes about a second; a run of less work than this (some ten seconds on a 2-core CPU) is not worth it.
+PROBE_MIN_WORK = 2e11
 
 
 def normalized_for_weights(data: Data, cfg: Config) -> Data:

@@ -41,6 +41,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cnnlab.compare import aggregate, markdown_table, row_from_summary, write_trials
 from cnnlab.config import Config, absolute_paths, dump_config, load_config, parse_override, read_yaml, with_values
 from cnnlab.console import SafeConsole
+from cnnlab.cpus import usable_cpus
 from cnnlab.errors import UserError
 from cnnlab.events import EVENTS_FD_ENV, read_events
 from cnnlab.launch import EventSink, Launcher, Trial
@@ -205,8 +206,9 @@ def finished_run(trial: Trial) -> Path | None:
 
 
 def placement(index: int, jobs: int) -> tuple[str | None, int]:
-    """(device, CPU threads) for the ``index``-th concurrent trial: one GPU each when there are several."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    """(device, CPU threads) for the ``index``-th concurrent trial: one GPU each when there are several, and a
+    share of the CPUs this process may use (the affinity mask and cgroup quota, not ``os.cpu_count()``)."""
+    threads = max(1, usable_cpus().count // jobs)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return (f"cuda:{index % gpus}" if gpus > 1 else None), threads
 
@@ -330,7 +332,8 @@ class LocalLauncher(Launcher):
         # A config's own train.threads is part of what it computes (results differ with the thread count)
         # and is kept; otherwise the trial gets its share of the CPUs through OMP_NUM_THREADS, which torch
         # reads at start-up, and summary.json records the count it used.
-        threads = trial.config.train.threads or threads
+        own = trial.config.train.threads
+        threads = own if isinstance(own, int) else threads
         log_path = self.sweep_dir / "logs" / config_path.with_suffix(".log").name
         command = [sys.executable, "-m", "cnnlab", "run", str(config_path), "--quiet", "--resume", "auto"]
         recorder = TrialRecorder()

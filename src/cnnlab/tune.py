@@ -287,10 +287,10 @@ def tune_trial(params: dict[str, Any], space: Space, runs_dir: str, shared: tupl
         result = TrialResult("failed", error=str(err), exit_code=2)
     else:
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": Path(runs_dir)})})
-        if cfg.train.threads is None:
-            import torch
+        if not isinstance(cfg.train.threads, int):
+            from cnnlab.threads import take_share
 
-            torch.set_num_threads(max(1, int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1))))
+            take_share(int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1)))
         result = run_trial(cfg, TuneReporter({}, Path(stop_file)))
     if result.status == "pruned":
         return
