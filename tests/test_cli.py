@@ -188,3 +188,35 @@ def test_shell_completion_completes_commands_and_options():
     shown = subprocess.run([sys.executable, "-m", "cnnlab", "--show-completion", "bash"], capture_output=True, text=True,
                            timeout=120, env=env)
     assert shown.returncode == 0 and "_CNNLAB_COMPLETE=complete_bash" in shown.stdout
+
+
+TORCH_PROBE = """
+import sys
+from cnnlab.entry import main
+sys.argv = ["cnnlab", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as stop:
+    code = stop.code
+print("exit", code, "torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args, config, code", [
+    (["--help"], None, 0),
+    (["run", "--help"], None, 0),
+    (["run", "CONFIG"], "model: {name: lenet\n", 2),  # YAML that does not parse
+    (["run", "CONFIG", "--seed", "3"], "train: {epochs: many}\n", 2),  # a value of the wrong type
+    (["run", "CONFIG"], "trian: {epochs: 3}\n", 2),  # an unknown key
+    (["run", "CONFIG", "--threads", "lots"], "name: x\n", 2),
+])
+def test_help_and_config_errors_never_import_torch(tmp_path, args, config, code):
+    """PyTorch takes a second or more to import: help and a mistake in a config are answered without it."""
+    if config is not None:
+        path = tmp_path / "bad.yaml"
+        path.write_text(config)
+        args = [str(path) if arg == "CONFIG" else arg for arg in args]
+    done = subprocess.run([sys.executable, "-c", TORCH_PROBE, *args], capture_output=True, text=True, timeout=120)
+    assert f"exit {code} torch not imported" in done.stderr, done.stderr
+    if code == 2:
+        assert "invalid config" in done.stderr or "YAML" in done.stderr

@@ -83,16 +83,16 @@ def cli_errors(debug: bool, trains: bool = False, starting: str | None = None) -
     """Map failures to one message and an exit code; ``--debug`` re-raises with the traceback.
 
     Commands that train (``trains``) keep signals recorded until the training loop takes them over;
-    the others get the usual signal behaviour back once torch is imported. ``starting`` is said at once
-    on a terminal, before PyTorch's seconds of importing: the command has been heard.
+    the others get the usual signal behaviour back at once (a Ctrl-C is then "interrupted", exit 130).
+    PyTorch is imported by what needs it, after the config is read: a config error is said without it.
+    ``starting`` is said at once on a terminal, before PyTorch's seconds of importing: the command has
+    been heard.
     """
     from cnnlab.stopping import Interrupted, settle_signals
 
     if starting is not None and err.is_terminal:
         err.print(f"{starting}: starting (loading PyTorch)", style="dim")
     try:
-        import torch  # noqa: F401  (the slow import, done while signals are only recorded)
-
         if not trains:
             settle_signals()
         yield
@@ -167,7 +167,6 @@ def run(
     """Train and test one experiment; results go to <output.dir>/<name>/<run id>/."""
     with cli_errors(debug, trains=True, starting=f"cnnlab run {config}"):
         from cnnlab.config import load_config
-        from cnnlab.engine import fit
 
         if resume not in (None, "auto"):
             raise UserError(f"--resume {resume!r}: the only choice is auto; to continue one run folder use "
@@ -181,9 +180,11 @@ def run(
         try:
             cfg = load_config(config, set_, values, trust_code=trust_code or None)
         except UserError as error:
+            if not set_:
+                raise
             from cnnlab.sweep import split_values
 
-            several = next((text for text in set_ or [] if len(split_values(text.partition("=")[2])) > 1), None)
+            several = next((text for text in set_ if len(split_values(text.partition("=")[2])) > 1), None)
             if several is None:
                 raise
             raise UserError(f"{error}\n  (to run once with each value of --set {several}, sweep them: "
@@ -196,6 +197,8 @@ def run(
 
             run_or_resume(cfg, reporter=run_reporter(quiet))
         else:
+            from cnnlab.engine import fit
+
             fit(cfg, reporter=run_reporter(quiet))
 
 

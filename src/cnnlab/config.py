@@ -17,14 +17,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from cnnlab.data import registry as data_registry
-from cnnlab.data.spec import MAX_SIDE
+from cnnlab.data.spec import DEFAULT, MAX_SIDE
 from cnnlab.errors import UserError
-from cnnlab.models import registry
-from cnnlab.models.weights import check_reference, is_file
 
 
 class Section(BaseModel):
@@ -41,7 +38,7 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    name: str = data_registry.DEFAULT  # the data set, by its name in cnnlab.data.registry
+    name: str = DEFAULT  # the data set, by its name in cnnlab.data.registry
     # folder with the data set's files; None searches the data set's usual places ($CNNLAB_DATA, cnnlab's cache...)
     root: Path | None = None
     download: bool = False  # fetch through torchvision's mirrors if no local copy is found (never otherwise)
@@ -75,12 +72,6 @@ class DataConfig(Section):
             raise ValueError("a fraction is below 1 (0.1 = a tenth of the images); a count is a whole number (1000)")
         return size
 
-    @field_validator("name")
-    @classmethod
-    def _known_data_set(cls, name: str) -> str:
-        if name not in data_registry.DATA_SETS:
-            raise ValueError(f"unknown data set {name!r}; cnnlab knows {', '.join(sorted(data_registry.DATA_SETS))}")
-        return name
 
 
 class ModelConfig(BaseModel):
@@ -98,23 +89,6 @@ class ModelConfig(BaseModel):
     def kwargs(self) -> dict[str, Any]:
         """The builder's own options: every key but those above."""
         return dict(self.model_extra or {})
-
-    @model_validator(mode="after")
-    def _check_builder_arguments(self, info: ValidationInfo) -> ModelConfig:
-        trusted = (info.context or {}).get("trust_code", True)
-        if ":" in self.name and not trusted:
-            raise PydanticCustomError("model_args", "{detail}", {"detail": (
-                f"model.name: {self.name!r} is Python code (module {self.name.partition(':')[0]!r}); cnnlab does not "
-                "import code named by a results folder it reads back. If you trust whoever wrote this run, pass "
-                "--trust-code")})
-        try:
-            checked = registry.validate_model_args(self.name, self.kwargs)
-            if self.weights is not None:
-                check_reference(self.name, self.weights)
-        except UserError as err:
-            raise PydanticCustomError("model_args", "{detail}", {"detail": str(err)}) from None
-        self.__pydantic_extra__ = checked
-        return self
 
 
 FLOAT32_MAX = 3.4e38  # larger numbers cannot enter a float32 optimiser step at all
@@ -234,14 +208,6 @@ class Config(Section):
             raise ValueError("must not contain control characters (newlines, tabs, terminal escapes)")
         return value
 
-    @model_validator(mode="after")
-    def _normalize_by_named_weights(self) -> Config:
-        weights = self.model.weights
-        if self.data.normalize == "weights" and (weights is None or is_file(weights)):
-            given = "sets no model.weights" if weights is None else f"has model.weights: {weights}, a file, which records none"
-            raise ValueError(f"data.normalize: weights takes the mean and std a library records for its named weights "
-                             f"(model.weights: DEFAULT, say), and this config {given}; use data.normalize: true")
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-safe values (paths as strings, tuples as lists)."""
@@ -383,10 +349,50 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def validate(data: dict[str, Any], source: str = "config", trust_code: bool = True) -> Config:
+    """``data`` as a ``Config``, in two passes: the values alone first (a mistake there is said without
+    importing PyTorch, which the model registry needs), then the names in it against what cnnlab knows
+    (``check_names``)."""
     try:
-        return Config.model_validate(data, context={"trust_code": trust_code})
+        cfg = Config.model_validate(data)
     except ValidationError as err:
         raise UserError(format_validation_error(err, source)) from None
+    problems = check_names(cfg, trust_code)
+    if problems:
+        raise UserError(f"{source}: invalid config:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def check_names(cfg: Config, trust_code: bool = True) -> list[str]:
+    """What is wrong with the names ``cfg`` gives (the data set, the model and its options, its weights), as
+    lines; the model's options are put in the types its builder takes. ``trust_code`` False refuses a Python
+    model (``module:function``) rather than importing it."""
+    from cnnlab.data.registry import DATA_SETS
+    from cnnlab.models import registry
+    from cnnlab.models.weights import check_reference, is_file
+
+    problems = []
+    if cfg.data.name not in DATA_SETS:
+        problems.append(f"data.name: unknown data set {cfg.data.name!r}; cnnlab knows {', '.join(sorted(DATA_SETS))}")
+    model = cfg.model
+    if ":" in model.name and not trust_code:
+        problems.append(f"model.name: {model.name!r} is Python code (module {model.name.partition(':')[0]!r}); cnnlab "
+                        "does not import code named by a results folder it reads back. If you trust whoever wrote this "
+                        "run, pass --trust-code")
+    else:
+        try:
+            checked = registry.validate_model_args(model.name, model.kwargs)
+            if model.weights is not None:
+                check_reference(model.name, model.weights)
+        except UserError as err:
+            problems.append(str(err))
+        else:
+            model.__pydantic_extra__ = checked
+    weights = model.weights
+    if cfg.data.normalize == "weights" and (weights is None or is_file(weights)):
+        given = "sets no model.weights" if weights is None else f"has model.weights: {weights}, a file, which records none"
+        problems.append(f"data.normalize: weights takes the mean and std a library records for its named weights "
+                        f"(model.weights: DEFAULT, say), and this config {given}; use data.normalize: true")
+    return problems
 
 
 def load_config(
@@ -455,6 +461,8 @@ def absolute_paths(cfg: Config, cwd: Path) -> Config:
     in (``output.dir: results`` is the project's results/ folder when run from the project root), not
     to the YAML file. A command that hands configs to other processes (a sweep's trials, Ray Tune's,
     which run in folders of their own) fixes that meaning once, here, before any of them starts."""
+    from cnnlab.models.weights import is_file
+
     root, weights = cfg.data.root, cfg.model.weights
     data = cfg.data if root is None else cfg.data.model_copy(update={"root": Path(cwd, Path(root).expanduser())})
     output = cfg.output.model_copy(update={"dir": Path(cwd, cfg.output.dir)})

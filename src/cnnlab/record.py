@@ -10,6 +10,7 @@ is told so.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,20 +49,45 @@ class StartupClock(Listener):
 
 
 class RunRecord(Listener):
-    """cnnlab's own record of a run as a listener, first among them: metrics.csv after every epoch,
-    summary.json and curves.png at the end, however the run ended (the folder and its opening
-    summary are made before the run starts, by ``fit`` or ``resume``)."""
+    """cnnlab's own record of a run as a listener: metrics.csv after every epoch, summary.json and
+    curves.png at the end, however the run ended (the folder and its opening summary are made before
+    the run starts, by ``fit`` or ``resume``).
+
+    The curves of a run that trains to its last epoch are drawn off the training path: on a thread
+    started when that epoch's metrics are written, while the best checkpoint is read back and the test
+    set evaluated; ``finish`` waits for the picture (and draws it again should the metrics have
+    changed since), so it is never lost and the run's end waits only for what is left of it."""
 
     def __init__(self, run: RunDir) -> None:
         self.run = run
+        self.epochs = 0
+        self.drawing: threading.Thread | None = None
+        self.drawn = 0  # the metrics rows in the curves the thread drew (0: none, or it failed)
+
+    def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False,
+                  config: dict[str, Any] | None = None) -> None:
+        self.epochs = epochs
 
     def end_epoch(self, row: dict[str, Any], is_best: bool) -> None:
         self.run.write_metrics()
+        if row.get("epoch") == self.epochs and self.run.writer and self.drawing is None:
+            self.drawing = threading.Thread(target=self._draw_ahead, args=(len(self.run.metrics),), name="cnnlab-curves",
+                                            daemon=True)
+            self.drawing.start()
+
+    def _draw_ahead(self, rows: int) -> None:
+        try:
+            _draw_curves(self.run)
+        except Exception:  # finish draws them again, where a failure is reported as every ending's is
+            return
+        self.drawn = rows
 
     def finish(self, summary: RunSummary, run_dir: Path) -> None:
         self.run.write_summary(summary)
-        if self.run.metrics and summary.status != "pruned":  # a pruned trial's process is about to be ended
-            _draw_curves(self.run)
+        if self.drawing is not None:
+            self.drawing.join()
+        if self.run.metrics and summary.status != "pruned" and self.drawn != len(self.run.metrics):
+            _draw_curves(self.run)  # a pruned trial's process is about to be ended; not drawn, or drawn too early
 
     @staticmethod
     def guarded(run: RunDir) -> contextlib.AbstractContextManager[None]:

@@ -1,7 +1,7 @@
 """Usage: ``runtime = make_runtime("auto", "bf16")``; ``with runtime.autocast(): logits = model(x)``.
 
 Where and how this process computes, resolved once: the device, the precision (autocast and fp16's
-gradient scaler), the device-aware layout and TF32 settings, and torch's thread count; with the
+gradient scaler), the device-aware layout and TF32 settings; with the
 process's start-up helpers (its age, the background import of torch._dynamo).
 """
 
@@ -82,17 +82,6 @@ def make_runtime(device_name: str, precision: str, channels_last: bool | str = "
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
     return Runtime(device, precision, lambda: torch.autocast(device.type, dtype=dtype), scaler, layout, allow_tf32)
-
-
-def resolve_threads(threads: int | None) -> int:
-    """Apply ``train.threads`` (validated against this machine) and return the count torch will use."""
-    if threads:
-        cpus = os.cpu_count() or 1
-        if threads > cpus:
-            raise UserError(f"train.threads: {threads} is more than this machine's {cpus} CPU(s), which only slows "
-                            f"training down; use at most {cpus}, or null for torch's default")
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
 
 
 def warm_imports() -> threading.Thread | None:

@@ -29,10 +29,10 @@ from typing import Any
 
 from cnnlab.data import cifar10, cifar100, fashion_mnist, folder, kmnist, mnist, npz
 from cnnlab.data.convert import shaped
-from cnnlab.data.spec import DataSpec
+from cnnlab.data.spec import DEFAULT, DataSpec
 from cnnlab.errors import UserError
 
-DEFAULT = "fashion-mnist"
+__all__ = ["DATA_SETS", "DEFAULT", "data_set", "describe", "described"]
 DATA_SETS: dict[str, ModuleType] = {module.NAME: module for module in (fashion_mnist, mnist, kmnist, cifar10, cifar100, folder,
                                                                        npz)}
 

@@ -27,6 +27,7 @@ from pydantic import (
 
 from cnnlab.errors import UserError
 
+DEFAULT = "fashion-mnist"  # the data set of a config that names none (data.name)
 MAX_SIDE = 8192  # pixels a side: larger is no image a run here trains on (and a model built for it would not fit)
 MAX_CLASSES = 100_000
 MAX_CHANNELS = 64
