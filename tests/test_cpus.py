@@ -12,7 +12,8 @@ from torch import nn
 
 from cnnlab.cpus import Cpus, Load, usable_cpus
 from cnnlab.errors import UserError
-from cnnlab.threads import BUSY_CPUS, choose_threads, probe_if_busy, scratch_step
+from cnnlab.cpus import BUSY_CPUS
+from cnnlab.threads import choose_threads, probe_if_busy, scratch_step
 
 
 def cpuinfo(cores: int, threads_per_core: int = 1) -> str:
@@ -142,7 +143,8 @@ def test_a_busy_machine_gets_one_line_naming_the_faster_count(tmp_path, torch_th
     probed = probe_if_busy(choice, paced_step(fast_count=1))
     assert probed.count == 2 and torch.get_num_threads() == 2  # auto keeps the reproducible count
     assert probed.probe[1] > probed.probe[2]
-    assert "other processes use 1.0 of its 2 CPU(s)" in probed.line and "--threads 1 would be faster" in probed.line
+    assert "other processes use 1.0 of its 2 CPUs" in probed.line and "--threads 1 would be faster" in probed.line
+    assert "measured 1 thread " in probed.line and "img/s, 2 threads " in probed.line  # the faster first
     assert probed.as_dict()["busy_cpus"] == 1.0 and set(probed.as_dict()["probe"]) == {"1", "2"}
 
 
@@ -159,7 +161,7 @@ def test_when_the_run_count_is_faster_it_is_kept_and_said(tmp_path, torch_thread
     torch.set_num_threads(2)
     choice = choose_threads("fastest", Cpus(2, 2, "x"), load=fake_load(tmp_path, others_cpus=1.0))
     probed = probe_if_busy(choice, paced_step(fast_count=2))
-    assert probed.count == 2 and probed.line.endswith("keeping 2")
+    assert probed.count == 2 and probed.line.endswith("training with 2 threads")
 
 
 def test_a_quiet_machine_is_not_probed(tmp_path, torch_threads, monkeypatch):
@@ -205,3 +207,60 @@ def test_a_run_records_its_thread_choice_and_takes_threads_from_the_command_line
     assert "Traceback" not in too_many.stderr
     bad = subprocess.run([*command[:7], "many", *command[8:]], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "train.threads" in bad.stderr and "Traceback" not in bad.stderr
+
+
+CALM = """
+import json, os, sys, time
+from pathlib import Path
+from cnnlab import cpus
+root, others = Path(sys.argv[1]), float(sys.argv[2])
+(root / "proc/self").mkdir(parents=True, exist_ok=True)
+(root / "proc/stat").write_text("cpu  100 0 100 1000 0 0 0 0 0 0\\n")
+(root / "proc/self/stat").write_text("1 (python) R " + " ".join(["0"] * 10) + " 10 10 0 0\\n")
+start = cpus.Load.start(root)
+(root / "proc/stat").write_text(f"cpu  {100 + int(others * 0.2 * 100)} 0 100 1000 0 0 0 0 0 0\\n")
+cpus.START = cpus.Load(time.monotonic() - 0.2, start.busy, start.own, root=root)
+measured = cpus.calm_openmp_if_busy()
+print(json.dumps({"measured": measured, "policy": os.environ.get("OMP_WAIT_POLICY")}))
+"""
+
+
+@pytest.mark.parametrize("others, policy", [(1.0, "PASSIVE"), (0.1, None)])
+def test_openmp_threads_sleep_instead_of_spinning_when_the_machine_is_busy_before_torch_loads(tmp_path, others, policy):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", CALM, str(tmp_path), str(others)], capture_output=True, text=True,
+                          env=env, timeout=60)
+    result = json.loads(done.stdout)
+    assert result["policy"] == policy and abs(result["measured"] - others) < 0.2
+    # The user's own policy, and a scheduler's share of the CPUs, are left alone
+    for given in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_NUM_THREADS": "1"}):
+        done = subprocess.run([sys.executable, "-c", CALM, str(tmp_path), "1.0"], capture_output=True, text=True,
+                              env={**env, **given}, timeout=60)
+        assert json.loads(done.stdout) == {"measured": None, "policy": given.get("OMP_WAIT_POLICY")}
+
+
+def test_a_run_beside_a_cpu_hog_lets_openmp_threads_sleep_and_says_so(tiny_overrides, tmp_path):
+    """A real hog: whatever else the machine runs, one CPU kept busy makes it busy."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        command = [sys.executable, "-m", "cnnlab", "run", "configs/lenet.yaml", "--quiet", "--epochs", "1",
+                   *[arg for item in tiny_overrides for arg in ("--set", item)]]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert done.returncode == 0, done.stderr
+    cpus = json.loads(next((tmp_path / "results").glob("*/*/summary.json")).read_text())["cpus"]
+    assert cpus["busy_cpus"] >= BUSY_CPUS and cpus["openmp_wait_policy"] == "PASSIVE"

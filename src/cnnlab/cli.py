@@ -92,6 +92,10 @@ def cli_errors(debug: bool, trains: bool = False, starting: str | None = None) -
 
     if starting is not None and err.is_terminal:
         err.print(f"{starting}: starting (loading PyTorch)", style="dim")
+    if trains:
+        from cnnlab.cpus import calm_openmp_if_busy
+
+        calm_openmp_if_busy()
     try:
         if not trains:
             settle_signals()

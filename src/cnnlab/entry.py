@@ -12,6 +12,9 @@ def main() -> None:
     from cnnlab.stopping import record_early_signals
 
     record_early_signals()
+    from cnnlab.cpus import mark_start
+
+    mark_start()
     from cnnlab.cli import main as cli_main
 
     try:

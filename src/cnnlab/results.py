@@ -305,6 +305,7 @@ class CpusRecord(BaseModel):
     usable_reason: str | None = None  # which of those set it
     logical: int = Field(ge=1)  # what os.cpu_count() said
     busy_cpus: float | None = Field(None, ge=0)  # other processes' use while the run started, in CPUs
+    openmp_wait_policy: str | None = None  # PASSIVE when cnnlab found the machine busy before loading torch (or the user's)
     probe: dict[str, float] = {}  # a training step's images a second at each thread count tried (a busy machine)
 
 

@@ -170,9 +170,9 @@ def prepare(cfg: Config, *, pretrained: bool = True) -> Session:
         startup={"imports": imports, "data": data_seconds, "model": model_seconds},
     )
     work = 3 * flops * steps_per_epoch * cfg.train.batch_size * cfg.train.epochs  # forward and backward, all epochs
-    if runtime.device.type == "cpu" and world.is_main and (not flops or work >= PROBE_MIN_WORK):
+    if runtime.device.type == "cpu" and world.is_main:
         session.threads = probe_if_busy(threads, lambda: scratch_step(model, next(data.batches("train", min(
-            cfg.train.batch_size, PROBE_BATCH))), session.loss_fn))
+            cfg.train.batch_size, PROBE_BATCH))), session.loss_fn), worth=not flops or work >= PROBE_MIN_WORK)
     choose_step(session)
     return session
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from cnnlab.cpus import Cpus, Load, usable_cpus
+from cnnlab import cpus as machine
+from cnnlab.cpus import BUSY_CPUS, Cpus, Load, usable_cpus
 from cnnlab.errors import UserError
 
-BUSY_CPUS = 0.5  # other processes' average use (in CPUs) from which the machine counts as busy at start
 PROBE_SECONDS = 0.2  # timed per thread count and round, after a warm-up step
 PROBE_ROUNDS = 2
 
@@ -49,6 +49,7 @@ class ThreadChoice:
         return {
             "setting": self.setting, "reason": self.reason, **self.cpus.as_dict(),  # reason: the count's; usable_reason
             "busy_cpus": None if self.load is None else round(self.load.others, 2),
+            "openmp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "probe": {str(count): round(rate, 1) for count, rate in self.probe.items()},
         }
 
@@ -68,39 +69,45 @@ def choose_threads(setting: int | str | None, cpus: Cpus | None = None, load: Lo
         reason = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS'].strip()}"
         load = None  # set from outside (a sweep gives each trial its share): its siblings are not "other load"
     else:
-        load = load or Load.start()
+        load = load or machine.START or Load.start()  # from the command's start, where there was one
     if count > cpus.count:
         count, reason = cpus.count, cpus.reason
         torch.set_num_threads(count)
     return ThreadChoice(count, setting, reason, cpus, load)
 
 
-def probe_if_busy(choice: ThreadChoice, make_step: Callable[[], Callable[[], int]]) -> ThreadChoice:
+def probe_if_busy(choice: ThreadChoice, make_step: Callable[[], Callable[[], int]], worth: bool = True) -> ThreadChoice:
     """When the machine was busy while the run started, time a step made by ``make_step`` (one training step on
     scratch copies, returning its image count) at the run's count and at the count that leaves the busy CPUs alone; say which
-    was faster, and take it under ``fastest``. Anything else returns ``choice`` unchanged."""
+    was faster, and take it under ``fastest``. A run too short to be ``worth`` the probe's second only has the
+    load recorded; a count given by number or from outside returns ``choice`` unchanged."""
     if not choice.probing:
         return choice
     others = choice.load.others_now()
     load = replace(choice.load, others=others)
     other = max(1, min(choice.count, round(choice.cpus.count - others)))
-    if others < BUSY_CPUS or other == choice.count:
+    if others < BUSY_CPUS or other == choice.count or not worth:
         return replace(choice, load=load)
     probe = time_counts(make_step(), [choice.count, other])
     torch.set_num_threads(choice.count)
     faster = max(probe, key=lambda count: probe[count])
     choice = replace(choice, load=load, probe=probe)
-    busy = f"this machine is busy: other processes use {others:.1f} of its {choice.cpus.logical} CPU(s)"
-    speeds = ", ".join(f"{count} thread(s) {rate:,.0f} img/s" for count, rate in probe.items())
+    busy = f"this machine is busy (other processes use {others:.1f} of its {choice.cpus.logical} CPUs)"
+    speeds = ", ".join(f"{threads_text(count)} {rate:,.0f} img/s" for count, rate in
+                       sorted(probe.items(), key=lambda item: -item[1]))
     if faster == choice.count:
-        return replace(choice, line=f"{busy}; measured {speeds}: keeping {choice.count}")
+        return replace(choice, line=f"{busy}; measured {speeds}: training with {threads_text(choice.count)}")
     if choice.setting == "fastest":
         torch.set_num_threads(faster)
-        line = f"{busy}; measured {speeds}: training with {faster} (train.threads: fastest)"
+        line = f"{busy}; measured {speeds}: training with {threads_text(faster)} (train.threads: fastest)"
         return replace(choice, count=faster, reason="fastest in the start-up probe", line=line)
     line = (f"{busy}; measured {speeds}: --threads {faster} would be faster, or train.threads: fastest "
-            f"(the thread count changes seeded results, so auto keeps {choice.count})")
+            f"(auto keeps {choice.count}: the thread count changes seeded results)")
     return replace(choice, line=line)
+
+
+def threads_text(count: int) -> str:
+    return f"{count} thread{'s' if count != 1 else ''}"
 
 
 def time_counts(step: Callable[[], int], counts: list[int]) -> dict[int, float]:
