@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.config import validate
+from cnnlab.cpus import usable_cpus
 from cnnlab.errors import UserError
 from cnnlab.events import EventWriter
 from cnnlab.launch import Launcher, Trial
@@ -107,7 +108,8 @@ def local_ray(feature: str) -> Iterator[str]:
     """
     log = tempfile.TemporaryFile()  # the helper's stderr: why Ray did not start, if it did not
     try:
-        head = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(os.cpu_count() or 1)], stdin=subprocess.PIPE,
+        # The CPUs this process may use (affinity mask, cgroup quota), not the host's: Ray would count those.
+        head = subprocess.Popen([sys.executable, "-c", HEAD_SCRIPT, str(usable_cpus().count)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=log, start_new_session=True)
     except OSError as err:
         log.close()

@@ -2,8 +2,9 @@
 ``choice = probe_if_busy(choice, step)``; summary.json's ``cpus`` is ``choice.as_dict()``.
 
 How many CPU threads torch trains with, and why. Seeded CPU results depend on the thread count (the
-reductions are ordered differently: LeNet's first epoch ends at test accuracy 0.7826 with 1 thread and
-0.7871 with 2), so the default never depends on how busy the machine is:
+reductions are ordered differently: configs/lenet_relu.yaml's first epoch ends at test accuracy 0.7826
+with 1 thread and 0.7871 with 2), so the default never depends on how busy the machine is (what does
+change on a busy machine, OpenMP's wait policy, changes no result: ``cpus.calm_openmp_if_busy``):
 
 - ``auto`` (the default): torch's own count (or ``OMP_NUM_THREADS``), capped at the CPUs this process
   may really use (cpus.py: affinity mask, cgroup quota, physical cores). When other processes keep the
