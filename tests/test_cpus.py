@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab.cpus import Cpus, Load, usable_cpus
+from cnnlab.cpus import BUSY_CPUS, Cpus, Load, usable_cpus
 from cnnlab.errors import UserError
-from cnnlab.cpus import BUSY_CPUS
 from cnnlab.threads import choose_threads, probe_if_busy, scratch_step
 
 
