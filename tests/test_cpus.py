@@ -115,8 +115,9 @@ def test_omp_num_threads_is_a_share_given_from_outside(torch_threads, monkeypatc
     assert choice.reason == "OMP_NUM_THREADS=1" and choice.load is None  # a sweep's siblings are not a reason to probe
 
 
-def fake_load(tmp_path: Path, others_cpus: float, seconds: float = 0.3) -> Load:
-    """A Load whose /proc/stat advances as if other processes had used ``others_cpus`` for ``seconds``."""
+def fake_load(tmp_path: Path, others_cpus: float, seconds: float = 100.0) -> Load:
+    """A Load whose /proc/stat advances as if other processes had used ``others_cpus`` for ``seconds`` (long, so that
+    the moments the test itself takes do not change the figure, however loaded the machine)."""
     (tmp_path / "proc/self").mkdir(parents=True, exist_ok=True)
     stat, own = tmp_path / "proc/stat", tmp_path / "proc/self/stat"
     stat.write_text("cpu  100 0 100 1000 0 0 0 0 0 0\n")
@@ -217,8 +218,8 @@ root, others = Path(sys.argv[1]), float(sys.argv[2])
 (root / "proc/stat").write_text("cpu  100 0 100 1000 0 0 0 0 0 0\\n")
 (root / "proc/self/stat").write_text("1 (python) R " + " ".join(["0"] * 10) + " 10 10 0 0\\n")
 start = cpus.Load.start(root)
-(root / "proc/stat").write_text(f"cpu  {100 + int(others * 0.2 * 100)} 0 100 1000 0 0 0 0 0 0\\n")
-cpus.START = cpus.Load(time.monotonic() - 0.2, start.busy, start.own, root=root)
+(root / "proc/stat").write_text(f"cpu  {100 + int(others * 100 * 100)} 0 100 1000 0 0 0 0 0 0\\n")
+cpus.START = cpus.Load(time.monotonic() - 100, start.busy, start.own, root=root)  # 100 s: the test's own moments do not count
 measured = cpus.calm_openmp_if_busy()
 print(json.dumps({"measured": measured, "policy": os.environ.get("OMP_WAIT_POLICY")}))
 """
