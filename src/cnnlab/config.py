@@ -73,7 +73,6 @@ class DataConfig(Section):
         return size
 
 
-
 class ModelConfig(BaseModel):
     """``name`` picks a builder from the registry; every other key is a keyword argument of it."""
 
@@ -208,7 +207,6 @@ class Config(Section):
             raise ValueError("must not contain control characters (newlines, tabs, terminal escapes)")
         return value
 
-
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-safe values (paths as strings, tuples as lists)."""
         return self.model_dump(mode="json")
@@ -333,9 +331,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     for error in err.errors():
         loc = tuple(error["loc"])
         path = ".".join(str(p) for p in loc)
-        if error["type"] == "model_args":
-            lines.append(str(error["ctx"]["detail"]))
-        elif error["type"] == "extra_forbidden":
+        if error["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1, cutoff=0.6)
             hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
             valid = ", ".join(_fields_at(loc[:-1]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +44,15 @@ def usable_cpus(root: str | os.PathLike = "/", affinity: set[int] | None = None)
         limits.append(quota)
     count, reason = min(limits, key=lambda limit: limit[0])
     return Cpus(max(1, math.floor(count)), logical, reason)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (where there is one)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def _affinity(logical: int) -> set[int]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import platform
 import sys
 import threading
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cnnlab.cpus import cpu_name
 from cnnlab.errors import UserError
 
 
@@ -37,14 +37,6 @@ class Runtime:
         if self.device.type == "cpu":
             return cpu_name()
         return self.device.type
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def resolve_device(name: str) -> torch.device:

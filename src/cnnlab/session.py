@@ -30,7 +30,7 @@ from cnnlab.results import Checkpoint
 from cnnlab.runtime import make_runtime, process_age, resolve_device, warm_imports
 from cnnlab.state import TrainState
 from cnnlab.steps import Trainables
-from cnnlab.threads import ThreadChoice, choose_threads, probe_if_busy, scratch_step
+from cnnlab.threads import PROBE_BATCH, PROBE_MIN_WORK, ThreadChoice, choose_threads, probe_if_busy, scratch_step
 
 
 def check_model(model: nn.Module, cfg: Config, data: Data) -> None:
@@ -175,11 +175,6 @@ def prepare(cfg: Config, *, pretrained: bool = True) -> Session:
             cfg.train.batch_size, PROBE_BATCH))), session.loss_fn), worth=not flops or work >= PROBE_MIN_WORK)
     choose_step(session)
     return session
-
-
-PROBE_BATCH = 64  # images a step of the busy-machine thread probe
-# The probe takes about a second; a run of less work than this (some ten seconds on a 2-core CPU) is not worth it.
-PROBE_MIN_WORK = 2e11
 
 
 def normalized_for_weights(data: Data, cfg: Config) -> Data:

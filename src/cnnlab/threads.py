@@ -17,6 +17,7 @@ change on a busy machine, OpenMP's wait policy, changes no result: ``cpus.calm_o
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable
@@ -30,6 +31,9 @@ from cnnlab.errors import UserError
 
 PROBE_SECONDS = 0.2  # timed per thread count and round, after a warm-up step
 PROBE_ROUNDS = 2
+PROBE_BATCH = 64  # images a step of the probe
+# The probe takes about a second; a run of less work than this (some ten seconds on a 2-core CPU) is not worth it.
+PROBE_MIN_WORK = 2e11
 
 
 @dataclass(frozen=True)
@@ -136,8 +140,6 @@ def scratch_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor
                  loss_fn: Callable[..., torch.Tensor]) -> Callable[[], int]:
     """One forward and backward pass of a copy of ``model`` on ``batch``: the run's model, optimiser, random
     streams and BatchNorm statistics are left exactly as they were."""
-    import copy
-
     scratch = copy.deepcopy(model).train()
     x, y = batch
 
