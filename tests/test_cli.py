@@ -209,6 +209,7 @@ print("exit", code, "torch imported" if "torch" in sys.modules else "torch not i
     (["run", "CONFIG", "--seed", "3"], "train: {epochs: many}\n", 2),  # a value of the wrong type
     (["run", "CONFIG"], "trian: {epochs: 3}\n", 2),  # an unknown key
     (["run", "CONFIG", "--threads", "lots"], "name: x\n", 2),
+    (["run", "CONFIG", "--set", "train.epochs=2,3"], "name: x\n", 2),  # a grid where one value goes
 ])
 def test_help_and_config_errors_never_import_torch(tmp_path, args, config, code):
     """PyTorch takes a second or more to import: help and a mistake in a config are answered without it."""

@@ -17,7 +17,7 @@ from cnnlab.data.convert import converted, grey, resized
 from cnnlab.errors import UserError
 from cnnlab.models import get_model
 from cnnlab.models.build import build_model, init_weights
-from cnnlab.models.layers import vanishing_point
+from cnnlab.models.layers import shape_trace, vanishing_point
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FAMILIES = ["lenet", "vgg", "vgg11", "nin", "googlenet", "resnet", "resnet18", "resnet9", "sequential"]
@@ -54,6 +54,26 @@ def test_a_size_that_does_not_fit_names_the_layer_where_the_map_vanishes():
     with pytest.raises(UserError, match=r"^model sequential does not fit 3x1x1 images: the feature map vanishes at 2 "
                                         r"\(MaxPool2d\)"):
         build_model(config("sequential"), spec=spec(3, 1))
+
+
+class Viewing(nn.Module):
+    """A forward written as many are (``x.view(x.size(0), -1)``): it cannot take an empty batch."""
+
+    def __init__(self, pool: int) -> None:
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(1, 4, 3), nn.MaxPool2d(pool)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.conv(x))
+        return x.view(x.size(0), -1).sum(1, keepdim=True)
+
+
+def test_the_shape_trace_takes_a_forward_that_refuses_an_empty_batch_and_leaves_the_modes():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 26 * 26, 7))
+    assert shape_trace(model, (1, 28, 28)) == (7,) and model.training
+    viewing = Viewing(pool=2)
+    assert shape_trace(viewing, (1, 10, 10)) == (1,) and viewing.training  # by way of the meta device
+    assert vanishing_point(Viewing(pool=5), (1, 6, 6)) == ("pool", "MaxPool2d", (4, 4), (0, 0))
 
 
 def test_the_shape_trace_draws_no_random_numbers():

@@ -170,7 +170,7 @@ def run(
 ) -> None:
     """Train and test one experiment; results go to <output.dir>/<name>/<run id>/."""
     with cli_errors(debug, trains=True, starting=f"cnnlab run {config}"):
-        from cnnlab.config import load_config
+        from cnnlab.config import load_config, split_values
 
         if resume not in (None, "auto"):
             raise UserError(f"--resume {resume!r}: the only choice is auto; to continue one run folder use "
@@ -186,8 +186,6 @@ def run(
         except UserError as error:
             if not set_:
                 raise
-            from cnnlab.sweep import split_values
-
             several = next((text for text in set_ if len(split_values(text.partition("=")[2])) > 1), None)
             if several is None:
                 raise

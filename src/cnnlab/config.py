@@ -297,6 +297,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def split_values(raw: str) -> list[str]:
+    """``"0.05,0.1"`` -> ``["0.05", "0.1"]``: a --set value split at its commas, except those inside brackets,
+    braces or quotes (``[3, 5]`` and ``"a,b"`` are one value each)."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(raw):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(raw[start:i])
+            start = i + 1
+    return [*parts, raw[start:]]
+
+
 def set_value(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     """``data`` with the dotted ``key`` (``"train.epochs"``) set to ``value``, nested mappings kept."""
     parts = key.split(".")

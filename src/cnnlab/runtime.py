@@ -77,9 +77,9 @@ def make_runtime(device_name: str, precision: str, channels_last: bool | str = "
 
 
 def warm_imports() -> threading.Thread | None:
-    """Import torch._dynamo in the background while the data is read and the model built: PyTorch's
-    optimisers import it on first use, in ``add_param_group`` and every ``step`` (0.7 s here quiet, 1.4 s
-    busy), as its FLOP counter does. The caller joins the thread before anything of its own could import it,
+    """Import torch._dynamo in the background while the data is read and the model built, for a run that
+    will need it: PyTorch's FLOP counter and ``torch.compile`` import it (0.7 s on a quiet 2-core machine,
+    1.4 s busy). The caller joins the thread before anything of its own could import it,
     so two threads never import torch's modules at once."""
     def load() -> None:
         with contextlib.suppress(Exception):

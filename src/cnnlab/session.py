@@ -24,6 +24,7 @@ from cnnlab.errors import UserError, warn
 from cnnlab.modelinfo import countable, flops_per_image
 from cnnlab.models.anatomy import select
 from cnnlab.models.build import build_model
+from cnnlab.models.registry import list_models
 from cnnlab.models.weights import WeightsReport, load_weights, stats_for_channels, weights_stats
 from cnnlab.optim import follow_config, make_optimizer, make_scheduler
 from cnnlab.results import Checkpoint
@@ -132,7 +133,9 @@ def prepare(cfg: Config, *, pretrained: bool = True) -> Session:
         from cnnlab.loggers import check_loggers
 
         check_loggers(cfg.output.loggers)
-    warming = warm_imports()
+    # PyTorch's FLOP counter and torch.compile import torch._dynamo: in the background while the data is read,
+    # for the runs that will need it (the optimisers do not: optim.without_compiler)
+    warming = warm_imports() if cfg.train.compile or cfg.model.name not in list_models() else None
     threads = choose_threads(cfg.train.threads)
     runtime = make_runtime(world.device_name(cfg.train.device), cfg.train.precision, cfg.train.channels_last,
                            cfg.train.tf32)
@@ -149,7 +152,7 @@ def prepare(cfg: Config, *, pretrained: bool = True) -> Session:
         warming.join()
     flops = flops_per_image(model, data.spec.input_shape)
     model_seconds = time.perf_counter() - clock
-    if warming is not None:  # the optimiser's first step imports torch._dynamo: in the background so far, done by now
+    if warming is not None:  # done before anything else of this thread could import torch's modules
         warming.join()
     model, sync_bn = use_sync_batchnorm(model, cfg.train.sync_bn, world, runtime.device)
     parallel = model

@@ -39,7 +39,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cnnlab.compare import aggregate, markdown_table, row_from_summary, write_trials
-from cnnlab.config import Config, absolute_paths, dump_config, load_config, parse_override, read_yaml, with_values
+from cnnlab.config import (
+    Config,
+    absolute_paths,
+    dump_config,
+    load_config,
+    parse_override,
+    read_yaml,
+    split_values,
+    with_values,
+)
 from cnnlab.console import SafeConsole
 from cnnlab.cpus import usable_cpus
 from cnnlab.errors import UserError
@@ -72,25 +81,6 @@ def one_line(error: Exception) -> str:
 
 def _value_label(value: Any) -> str:
     return "x".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
-def split_values(raw: str) -> list[str]:
-    """``"0.05,0.1"`` -> ``["0.05", "0.1"]``: a --set value split at its commas, except those inside brackets,
-    braces or quotes (``[3, 5]`` and ``"a,b"`` are one value each)."""
-    parts, depth, quote, start = [], 0, "", 0
-    for i, char in enumerate(raw):
-        if quote:
-            quote = "" if char == quote else quote
-        elif char in "\"'":
-            quote = char
-        elif char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-        elif char == "," and depth == 0:
-            parts.append(raw[start:i])
-            start = i + 1
-    return [*parts, raw[start:]]
 
 
 def multirun(overrides: list[str]) -> tuple[list[str], dict[str, list[Any]]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal, get_args
 
 import torch
@@ -133,7 +134,7 @@ def vanishing_point(model: nn.Module, input_shape: tuple[int, int, int]) -> Vani
     """(layer name, layer type, map size in, map size out) of the first layer of ``model`` that shrinks a
     (channels, height, width) input's feature map to nothing; None when none does.
 
-    A shape trace on the meta device (no arithmetic, no memory, no random numbers drawn): forward
+    A shape trace (``shape_trace``: no arithmetic, no memory, no random numbers drawn): forward
     pre-hooks compute each conv's and pool's output size before it runs, forward hooks catch any other
     layer that returns an empty map. A model that fails for any other reason is not this check's to
     report (``session.check_model`` runs it on real images).
@@ -155,7 +156,7 @@ def vanishing_point(model: nn.Module, input_shape: tuple[int, int, int]) -> Vani
 
     handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
     try:
-        meta_forward(model, input_shape)
+        shape_trace(model, input_shape)
     except _Vanished as vanished:
         return vanished.found
     except KeyboardInterrupt:
@@ -168,14 +169,25 @@ def vanishing_point(model: nn.Module, input_shape: tuple[int, int, int]) -> Vani
     return None
 
 
-def meta_forward(model: nn.Module, input_shape: tuple[int, int, int]) -> torch.Tensor:
-    """``model``'s output for one zero image of ``input_shape``, on the meta device: shapes only. The
-    model runs in eval mode (BatchNorm takes one image) and is left in the modes it was in."""
-    meta = {name: torch.empty_like(t, device="meta") for name, t in (*model.named_parameters(), *model.named_buffers())}
+def shape_trace(model: nn.Module, input_shape: tuple[int, int, int]) -> torch.Size:
+    """The shape of ``model``'s output for one image of ``input_shape``, without computing it: the model runs
+    an empty batch (PyTorch's layers take batches of 0 images, at no cost) on its own device; where that fails
+    (a forward that does ``x.view(x.size(0), -1)``), one image on the meta device. The empty batch comes
+    first because on the meta device most operations import ``torch._dynamo`` (0.7-1.5 s of a run's start).
+    The model runs in eval mode (BatchNorm takes one image) and is left in the modes it was in; hooks see
+    the empty batch first, and then maybe the meta one."""
     was_training = {m: m.training for m in model.modules()}
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device, dtype = (first.device, first.dtype) if first is not None else (torch.device("cpu"), torch.float32)
     try:
         with torch.no_grad():
-            return torch.func.functional_call(model.eval(), meta, (torch.zeros(1, *input_shape, device="meta"),))
+            try:
+                return model.eval()(torch.zeros(0, *input_shape, device=device, dtype=dtype)).shape[1:]
+            except (RuntimeError, ValueError, IndexError, TypeError):
+                meta = {name: torch.empty_like(t, device="meta")
+                        for name, t in (*model.named_parameters(), *model.named_buffers())}
+                out = torch.func.functional_call(model, meta, (torch.zeros(1, *input_shape, device="meta"),))
+                return out.shape[1:]
     finally:
         for module, mode in was_training.items():
             module.training = mode
@@ -207,4 +219,4 @@ def flat_features(layers: list[nn.Module], in_channels: int, image_size: Side) -
     body = nn.Sequential(*layers)
     shape = (in_channels, *sides(image_size))
     check_fits(body, shape)
-    return meta_forward(body, shape)[0].numel()
+    return shape_trace(body, shape).numel()
