@@ -32,7 +32,8 @@ FLOORS: list[tuple[str, list[str]]] = [
     ("training: runtime, threads, optimiser, steps, set-up, listeners",
      ["runtime", "threads", "optim", "steps", "capture", "session", "listeners", "progress", "events", "loggers", "record"]),
     ("a run's life: fit, resume", ["engine"]),
-    ("looking inside and comparing runs", ["dryrun", "evaluation", "visualize", "inference", "compare", "report", "d2l_replica"]),
+    ("looking inside and comparing runs, finding a learning rate",
+     ["dryrun", "lrfind", "evaluation", "visualize", "inference", "compare", "report", "d2l_replica"]),
     ("launching runs: a trial, sweeps, Ray, tuning, the bench", ["trial", "launch", "sweep", "cluster", "tune", "bench"]),
     ("the command line", ["cli", "entry", "__main__", ""]),
 ]

@@ -420,6 +420,41 @@ def tune(
             raise typer.Exit(1)
 
 
+@app.command("lr-find", epilog=example("cnnlab lr-find configs/lenet_relu.yaml"))
+def lr_find(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="Experiment config (YAML): its model, data, optimiser "
+                                                                  "and loss are used.", show_default=False)],
+    set_: SetOption = None,
+    steps: Annotated[int, typer.Option(metavar="N", help="Batches of the ramp (one learning rate each).")] = 100,
+    start: Annotated[float, typer.Option(help="The ramp's first learning rate.")] = 1e-6,
+    end: Annotated[float, typer.Option(help="The ramp's last learning rate (it stops early once the loss diverges).")] = 10.0,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps (sets train.device).")] = None,
+    data_dir: DataDirOption = None,
+    results: Annotated[Optional[Path], typer.Option(help="Results folder (sets output.dir); the curve goes to "
+                                                         "<DIR>/lr-find/<name>/<time>/.")] = None,
+    trust_code: TrustCodeOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Find a learning rate: train briefly while it grows exponentially, and suggest where the loss falls fastest."""
+    with cli_errors(debug, trains=True, starting=f"cnnlab lr-find {config}"):
+        from cnnlab.config import load_config
+        from cnnlab.lrfind import check_range
+
+        check_range(steps, start, end)
+        values = {key: value for key, value in {"train.device": device, "data.root": data_dir, "output.dir": results}.items()
+                  if value is not None}
+        cfg = load_config(config, set_, values, trust_code=trust_code or None)
+        from cnnlab.lrfind import describe, find_lr, write
+        from cnnlab.results import new_dated_dir, sanitize_name
+
+        out.print(f"lr-find {cfg.name}: {steps} batches of {cfg.train.batch_size}, lr {start:g} -> {end:g}, {cfg.optim.name}")
+        found = find_lr(cfg, steps, start, end)
+        folder = new_dated_dir(cfg.output.dir / "lr-find" / sanitize_name(cfg.name), "lr-find")
+        write(found, folder, cfg.name)
+        out.print(describe(found))
+        out.print(f"-> {folder} (lr_find.png, lr_find.csv, suggestion.yaml)")
+
+
 @app.command(epilog=example("cnnlab bench configs/lenet.yaml --no-commands"))
 def bench(
     config: Annotated[Optional[Path], typer.Argument(metavar="CONFIG",

@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 matplotlib.rcParams["text.parse_math"] = False  # run names are printed literally: '$x$' is not a formula
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from cnnlab.console import printable
 from cnnlab.errors import UserError, warn
@@ -237,3 +237,31 @@ def picture(image):
     """A uint8 or float image [C, H, W] as ``imshow`` draws it: [H, W] for one channel (give it a grey
     colour map), [H, W, C] for colour."""
     return image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
+
+
+def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggestion: float | None,
+                   title: str):
+    """The range test's loss against the learning rate (log scale): each batch's, the smoothed curve, the suggestion."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(lrs, losses, color="0.75", linewidth=0.8, label="loss of the batch")
+    ax.plot(lrs, smoothed, color="C0", linewidth=1.8, label="smoothed")
+    if suggestion is not None:
+        ax.axvline(suggestion, color="C3", linestyle="--", linewidth=1.2, label=f"suggested lr {suggestion:.3g}")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # no mathtext: parse_math is off
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    finite = [v for v in smoothed if math.isfinite(v)]
+    if finite:  # the divergence at the end would flatten the interesting part
+        low, first = min(finite), finite[0]
+        ax.set_ylim(low - 0.1 * max(first - low, 1e-3), max(first, low) + 0.5 * max(first - low, 1e-3))
+    ax.set_title(printable(title))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggestion: float | None,
+                 out: Path, title: str = "") -> Path:
+    return save_figure(lr_find_figure(lrs, losses, smoothed, suggestion, title), out)
