@@ -183,6 +183,20 @@ class OutputConfig(Section):
         return value.expanduser()
 
 
+class EvalConfig(Section):
+    # test-time augmentation of the final test pass, reported beside the plain figures (summary.json test_acc_tta):
+    # flip averages the logits of each image and its mirror image (left-right); only for data whose labels survive
+    # a mirror (clothes, objects; not digits or letters)
+    tta: list[Literal["flip"]] = []
+
+    @field_validator("tta")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("names an augmentation twice; give each once, e.g. [flip]")
+        return value
+
+
 MAX_SEED = 2**63 - 1  # torch's generators take 64-bit seeds
 
 
@@ -198,6 +212,7 @@ class Config(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
 
     @field_validator("name")

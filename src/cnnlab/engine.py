@@ -479,6 +479,10 @@ def train(
                         confusion=True, num_classes=data.spec.num_classes)
         summary.test_acc, summary.test_loss = test.acc, test.loss
         summary.test_confusion = test.confusion
+        if cfg.eval.tta:  # beside the plain figures, never instead of them
+            augmented = evaluate(model, world.shard(data.batches("test", cfg.train.eval_batch_size)), runtime, stop, world,
+                                 tta=cfg.eval.tta)
+            summary.test_tta, summary.test_acc_tta, summary.test_loss_tta = list(cfg.eval.tta), augmented.acc, augmented.loss
         summary.test_checkpoint = "best" if cfg.output.checkpoints else "last"
         final = run.metrics[-1]
         summary.status = "completed"

@@ -102,7 +102,7 @@ class ConsoleReporter(Listener):
     def finish(self, summary: RunSummary, run_dir: Path) -> None:
         if summary.status == "completed":
             self.message(
-                f"done: test acc {number_text(summary.test_acc, 4)} (best epoch {summary.best_epoch}, "
+                f"done: test acc {number_text(summary.test_acc, 4)}{tta_text(summary)} (best epoch {summary.best_epoch}, "
                 f"{summary.eval_split} acc {number_text(summary.best_val_acc, 4)}), "
                 f"{number_text(summary.wall_seconds, 1)}s -> {run_dir}"
             )
@@ -186,3 +186,10 @@ def make_reporter(quiet: bool = False) -> ConsoleReporter:
     if quiet or not sys.stdout.isatty():
         return ConsoleReporter()
     return LiveReporter()
+
+
+def tta_text(summary: RunSummary) -> str:
+    """", with flip TTA 0.9161" where the run's test pass also ran with test-time augmentation (``eval.tta``)."""
+    if not summary.test_tta or summary.test_acc_tta is None:
+        return ""
+    return f", with {'+'.join(summary.test_tta)} TTA {number_text(summary.test_acc_tta, 4)}"

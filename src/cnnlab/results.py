@@ -372,6 +372,9 @@ class RunSummary(BaseModel):
     final: dict[str, float] | None = None
     test_acc: float | None = None
     test_loss: float | None = None
+    test_tta: list[str] | None = None  # eval.tta: the test-time augmentation of the figures below, beside the plain ones
+    test_acc_tta: float | None = None
+    test_loss_tta: float | None = None
     test_checkpoint: str | None = None
     test_confusion: list[list[int]] | None = None  # test set counts: rows the true class, columns the predicted one
     train_examples_per_sec: float | None = None

@@ -12,7 +12,7 @@ serves the per-epoch validation, the test pass (with the confusion matrix) and `
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -169,9 +169,12 @@ def evaluate(
     confusion: bool = False,
     predictions: bool = False,
     num_classes: int | None = None,
+    tta: Sequence[str] = (),
 ) -> Evaluation:
     """Evaluate ``model`` over ``batches`` under the runtime's autocast, as it trained (summed over the
-    ranks' shards under torchrun). ``confusion`` needs ``num_classes``, the data's number of classes."""
+    ranks' shards under torchrun). ``confusion`` needs ``num_classes``, the data's number of classes.
+    ``tta`` (``eval.tta``): with ``"flip"``, each image's logits are the mean of its own and its mirror
+    image's (left-right), the loss and accuracy taken from those."""
     if confusion and num_classes is None:
         raise ValueError("evaluate(confusion=True) needs num_classes")
     model.eval()
@@ -183,6 +186,8 @@ def evaluate(
     for x, y in batches:
         with runtime.autocast():
             logits = model(x)
+            if "flip" in tta:
+                logits = (logits.float() + model(x.flip(-1)).float()) / 2
         predicted = add_eval_batch(loss_sum, correct, logits, y)
         if counts is not None:
             counts += torch.bincount(y * num_classes + predicted, minlength=num_classes ** 2)

@@ -1,0 +1,70 @@
+"""Test-time augmentation (``eval.tta``): the mean of each image's and its mirror image's logits, reported beside the
+plain test figures, never instead of them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+from cnnlab.config import load_config
+from cnnlab.errors import UserError
+from cnnlab.runtime import make_runtime
+from cnnlab.steps import evaluate
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 1, 8, 8, generator=generator), torch.randint(0, 3, (16,), generator=generator))
+            for _ in range(3)]
+
+
+def test_flip_tta_changes_nothing_for_a_model_that_cannot_tell_left_from_right():
+    """1x1 convolutions and a global average see an image and its mirror image alike."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    runtime = make_runtime("cpu", "fp32", channels_last=False)
+    plain, flipped = evaluate(model, batches(), runtime), evaluate(model, batches(), runtime, tta=["flip"])
+    assert flipped.acc == plain.acc and flipped.examples == plain.examples == 48
+    assert flipped.loss == pytest.approx(plain.loss, rel=1e-6)
+
+
+def test_flip_tta_averages_each_images_logits_with_its_mirror_images():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))  # sees left and right apart
+    runtime = make_runtime("cpu", "fp32", channels_last=False)
+    flipped = evaluate(model, batches(), runtime, tta=["flip"])
+    with torch.no_grad():
+        logits = [((model(x) + model(x.flip(-1))) / 2, y) for x, y in batches()]
+    loss = sum(nn.functional.cross_entropy(z, y, reduction="sum").item() for z, y in logits) / 48
+    acc = sum((z.argmax(1) == y).sum().item() for z, y in logits) / 48
+    assert flipped.loss == pytest.approx(loss, rel=1e-5) and flipped.acc == acc
+    assert flipped.loss != pytest.approx(evaluate(model, batches(), runtime).loss, rel=1e-3)  # it did flip
+
+
+def test_a_run_reports_tta_beside_the_plain_test_figures(tiny_overrides, tmp_path):
+    result = CliRunner().invoke(app, ["run", str(CONFIGS / "lenet.yaml"), "--quiet", "--set", "eval.tta=[flip]",
+                                      *(a for o in tiny_overrides for a in ("--set", o))])
+    assert result.exit_code == 0, result.output
+    (summary_file,) = (tmp_path / "results").glob("lenet/*/summary.json")
+    summary = json.loads(summary_file.read_text())
+    assert summary["test_tta"] == ["flip"] and 0 <= summary["test_acc_tta"] <= 1 and summary["test_loss_tta"] > 0
+    assert summary["test_acc"] is not None  # the plain figure stays
+    assert f"with flip TTA {summary['test_acc_tta']:.4f}" in result.output
+    # without it, the summary says nothing of TTA
+    plain = CliRunner().invoke(app, ["run", str(CONFIGS / "lenet.yaml"), "--quiet",
+                                     *(a for o in tiny_overrides for a in ("--set", o))])
+    assert plain.exit_code == 0 and "TTA" not in plain.output
+
+
+@pytest.mark.parametrize("value, message", [("[mirror]", "eval.tta"), ("[flip, flip]", "names an augmentation twice")])
+def test_an_unknown_or_repeated_augmentation_is_named(value, message):
+    with pytest.raises(UserError, match=message):
+        load_config(CONFIGS / "lenet.yaml", [f"eval.tta={value}"])
