@@ -58,6 +58,17 @@ def test_a_run_reports_tta_beside_the_plain_test_figures(tiny_overrides, tmp_pat
     assert summary["test_tta"] == ["flip"] and 0 <= summary["test_acc_tta"] <= 1 and summary["test_loss_tta"] > 0
     assert summary["test_acc"] is not None  # the plain figure stays
     assert f"with flip TTA {summary['test_acc_tta']:.4f}" in result.output
+    # cnnlab eval repeats the run's test pass, TTA included (the run's eval.tta by default), and refuses others
+    run_dir = summary_file.parent
+    evaluated = CliRunner().invoke(app, ["eval", str(run_dir)])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads((run_dir / "eval" / "test-best" / "eval.json").read_text())
+    assert report["tta"] == ["flip"] and report["accuracy_tta"] == summary["test_acc_tta"]
+    assert report["accuracy"] == summary["test_acc"] and f"with flip TTA: accuracy {report['accuracy_tta']:.4f}" in \
+        evaluated.output
+    refused = CliRunner().invoke(app, ["eval", str(run_dir), "--split", "val", "--tta", "mirror"])
+    assert refused.exit_code == 2 and "--tta mirror: the only test-time augmentation is flip" in refused.output
+    assert not (run_dir / "eval" / "val-best").exists()
     # without it, the summary says nothing of TTA
     plain = CliRunner().invoke(app, ["run", str(CONFIGS / "lenet.yaml"), "--quiet",
                                      *(a for o in tiny_overrides for a in ("--set", o))])

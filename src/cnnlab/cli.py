@@ -646,6 +646,9 @@ def eval_(
     run_dir: RunArgument = None,
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    tta: Annotated[Optional[list[str]], typer.Option(
+        metavar="flip", help="Also report accuracy with test-time augmentation: flip averages each image's logits with its "
+                             "mirror image's (default: the run's eval.tta).")] = None,
     results: ResultsOption = Path("results"),
     trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
@@ -655,9 +658,11 @@ def eval_(
         from cnnlab.evaluation import evaluate_run
         from cnnlab.results import pick_run
 
-        report = evaluate_run(pick_run(run_dir, results), split, checkpoint, trust_code=trust_code)
+        report = evaluate_run(pick_run(run_dir, results), split, checkpoint, trust_code=trust_code, tta=tta)
+        augmented = f"; with {'+'.join(report.tta)} TTA: accuracy {report.accuracy_tta:.4f}, loss {report.loss_tta:.4f}" \
+            if report.tta else ""
         out.print(f"{report.split} ({report.images:,} images, {report.checkpoint} checkpoint): "
-                  f"accuracy {report.accuracy:.4f}, loss {report.loss:.4f}")
+                  f"accuracy {report.accuracy:.4f}, loss {report.loss:.4f}{augmented}")
         grid = Table("class", "accuracy", box=None, header_style="bold")
         for name, acc in report.per_class.items():
             grid.add_row(literal(name), f"{acc:.3f}")

@@ -2,7 +2,9 @@
 
 Accuracy and loss on a split, per-class accuracy, the confusion matrix (``confusion.csv``,
 ``confusion.png``), the most-confused pairs of classes and a grid of misclassified images
-(``errors.png``), written to ``<run>/eval/<split>-<checkpoint>/`` with ``eval.json``.
+(``errors.png``), written to ``<run>/eval/<split>-<checkpoint>/`` with ``eval.json``. With test-time
+augmentation (the run's ``eval.tta``, or ``tta``), its accuracy and loss too, beside the plain ones
+(which the rest describes).
 """
 
 from __future__ import annotations
@@ -37,11 +39,19 @@ class EvalReport:
     confused_pairs: list[tuple[str, str, int]]  # (true, predicted, count), most frequent first
     confusion: list[list[int]]  # rows: true class, columns: predicted class
     folder: str
+    tta: list[str] | None = None  # the test-time augmentation of the two figures below (eval.tta), if any
+    accuracy_tta: float | None = None
+    loss_tta: float | None = None
 
 
-def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", trust_code: bool = False) -> EvalReport:
+def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", trust_code: bool = False,
+                 tta: list[str] | None = None) -> EvalReport:
+    """``tta``: test-time augmentation reported beside the plain figures (None: the run's own ``eval.tta``)."""
     if split not in ("test", "val"):
         raise UserError(f"--split {split!r}: choose test or val")
+    unknown = sorted(set(tta or ()) - {"flip"})
+    if unknown:
+        raise UserError(f"--tta {unknown[0]}: the only test-time augmentation is flip, e.g. --tta flip")
     folder = Path(run_dir) / "eval" / f"{split}-{checkpoint}"
     check_output_dir(folder, "eval output")
     opened = open_run(run_dir, checkpoint=checkpoint, trust_code=trust_code)
@@ -60,6 +70,10 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", t
              for i in order if off.flatten()[i] > 0]
     report = EvalReport(split, checkpoint, len(labels), result.acc, result.loss, per_class, pairs, result.confusion,
                         str(folder))
+    augment = list(dict.fromkeys(tta if tta is not None else opened.cfg.eval.tta))
+    if augment:
+        augmented = evaluate(opened.model, data.batches(split, BATCH_SIZE), runtime, tta=augment)
+        report.tta, report.accuracy_tta, report.loss_tta = augment, augmented.acc, augmented.loss
     write_outputs(report, folder, data.split(split), labels, preds, classes)
     return report
 
