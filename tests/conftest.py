@@ -6,6 +6,7 @@ import gzip
 import signal
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -141,3 +142,23 @@ class StopAfter(Listener):
         self.left -= 1
         if self.left == 0:
             raise Interrupted(signal.SIGTERM)
+
+
+_IMPORT_PROBE = """
+import sys
+from cnnlab.entry import main
+module, sys.argv = sys.argv[1], ["cnnlab", *sys.argv[2:]]
+try:
+    main()
+except SystemExit as stop:
+    code = stop.code
+print("exit", code, module, "imported" if module in sys.modules else "not imported", file=sys.stderr)
+"""
+
+
+def command_imports(module: str, args: list[str], cwd: Path | None = None) -> str:
+    """Run ``cnnlab ARGS`` in a fresh interpreter; "exit CODE MODULE imported" or "... not imported" (whether
+    ``module`` was in ``sys.modules`` when the command ended), with the command's stderr before it."""
+    done = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, module, *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+    return done.stderr

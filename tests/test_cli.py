@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_dataset
+from conftest import command_imports, write_dataset
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
@@ -190,18 +190,6 @@ def test_shell_completion_completes_commands_and_options():
     assert shown.returncode == 0 and "_CNNLAB_COMPLETE=complete_bash" in shown.stdout
 
 
-TORCH_PROBE = """
-import sys
-from cnnlab.entry import main
-sys.argv = ["cnnlab", *sys.argv[1:]]
-try:
-    main()
-except SystemExit as stop:
-    code = stop.code
-print("exit", code, "torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr)
-"""
-
-
 @pytest.mark.parametrize("args, config, code", [
     (["--help"], None, 0),
     (["run", "--help"], None, 0),
@@ -217,7 +205,7 @@ def test_help_and_config_errors_never_import_torch(tmp_path, args, config, code)
         path = tmp_path / "bad.yaml"
         path.write_text(config)
         args = [str(path) if arg == "CONFIG" else arg for arg in args]
-    done = subprocess.run([sys.executable, "-c", TORCH_PROBE, *args], capture_output=True, text=True, timeout=120)
-    assert f"exit {code} torch not imported" in done.stderr, done.stderr
+    stderr = command_imports("torch", args)
+    assert f"exit {code} torch not imported" in stderr, stderr
     if code == 2:
-        assert "invalid config" in done.stderr or "YAML" in done.stderr
+        assert "invalid config" in stderr or "YAML" in stderr

@@ -3,12 +3,11 @@ PyTorch's compiler (``torch._dynamo``, 0.7-1.5 s of a start on a 2-core machine)
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import command_imports
 from torch import nn
 
 from cnnlab.config import OptimConfig, ScheduleConfig
@@ -74,23 +73,11 @@ def test_the_optimisers_are_pytorchs_to_the_bit_and_their_state_loads_both_ways(
     assert same(ours_net, theirs_net)
 
 
-PROBE = """
-import sys
-from cnnlab.entry import main
-sys.argv = ["cnnlab", *sys.argv[1:]]
-try:
-    main()
-except SystemExit as stop:
-    code = stop.code
-print("exit", code, "compiler imported" if "torch._dynamo" in sys.modules else "compiler not imported", file=sys.stderr)
-"""
-
-
 @pytest.mark.parametrize("config", ["lenet.yaml", "resnet9.yaml"])
 def test_a_run_of_cnnlabs_own_models_never_imports_pytorchs_compiler(config, tiny_overrides):
     """Neither the optimiser (momentum and weight decay in resnet9's), the shape trace (residual adds), the FLOP
     count nor the rest of a run: PyTorch's compiler takes 0.7-1.5 s to import, half of a 2-core machine's start."""
     args = ["run", str(ROOT / "configs" / config), "--quiet", *(f"--set={o}" for o in tiny_overrides),
             "--set=train.epochs=1", "--set=model.width=4" if config == "resnet9.yaml" else "--set=seed=1"]
-    done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert "exit 0 compiler not imported" in done.stderr, done.stderr
+    stderr = command_imports("torch._dynamo", args, cwd=ROOT)
+    assert "exit 0 torch._dynamo not imported" in stderr, stderr

@@ -17,13 +17,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
-
 from cnnlab.config import Config
 from cnnlab.errors import UserError
 from cnnlab.optim import lr_scales
 from cnnlab.results import atomic_write_text
 from cnnlab.session import prepare
+from cnnlab.steps import train_step
 
 SMOOTHING = 0.98  # weight of the past in the moving average of the loss (fastai's and Lightning's)
 SKIP_START = 10  # batches left out of the suggestion at the start (the average has not settled)
@@ -98,28 +97,13 @@ def find_lr(cfg: Config, steps: int = 100, start: float = 1e-6, end: float = 10.
         for group, scale in zip(optimizer.param_groups, scales):
             group["lr"] = lr * scale
         x, y = next(batches)
-        with runtime.autocast():
-            loss = session.loss_fn(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        if runtime.scaler is not None:
-            runtime.scaler.scale(loss).backward()
-            runtime.scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if cfg.train.grad_clip is not None:
-            nn.utils.clip_grad_norm_(session.model.parameters(), cfg.train.grad_clip)
-        if runtime.scaler is not None:
-            runtime.scaler.step(optimizer)
-            runtime.scaler.update()
-        else:
-            optimizer.step()
+        loss, _ = train_step(model, x, y, optimizer, session.loss_fn, runtime, cfg.train.grad_clip)
         losses.append(float(loss.item()))
-        smoothed = smooth(losses)
+        smoothed = smooth(losses)  # again from the start: a few hundred values at most
         if not math.isfinite(smoothed[-1]) or smoothed[-1] > stop_factor * min(smoothed):
             break
-    kept = len(losses)
     smoothed = smooth(losses)
-    finite = [i for i in range(kept) if math.isfinite(smoothed[i])]
+    finite = [i for i in range(len(losses)) if math.isfinite(smoothed[i])]
     kept_lrs = [lrs[i] for i in finite]
     kept_smoothed = [smoothed[i] for i in finite]
     if not kept_smoothed:

@@ -91,6 +91,37 @@ def totals(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, world: Worl
 # One epoch of training
 
 
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    runtime: Runtime,
+    grad_clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch: the forward pass and loss under the runtime's autocast, the backward pass
+    (scaled under fp16's gradient scaler), optional clipping of the global gradient norm, the update.
+    Returns (loss, logits), still on the device. The learning-rate schedule is the caller's."""
+    with runtime.autocast():
+        logits = model(x)
+        loss = loss_fn(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    if runtime.scaler is not None:
+        runtime.scaler.scale(loss).backward()
+        runtime.scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if runtime.scaler is not None:
+        runtime.scaler.step(optimizer)
+        runtime.scaler.update()
+    else:
+        optimizer.step()
+    return loss, logits
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -116,22 +147,7 @@ def train_one_epoch(
     start = time.perf_counter()
     try:
         for x, y in batches:
-            with runtime.autocast():
-                logits = model(x)
-                loss = loss_fn(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            if runtime.scaler is not None:
-                runtime.scaler.scale(loss).backward()
-                runtime.scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            if runtime.scaler is not None:
-                runtime.scaler.step(optimizer)
-                runtime.scaler.update()
-            else:
-                optimizer.step()
+            loss, logits = train_step(model, x, y, optimizer, loss_fn, runtime, grad_clip)
             scheduler.step()
             add_train_batch(progress.loss_sum, progress.correct, loss, logits, y, len(y))
             batch_done(progress, len(y), reporter, stop)
