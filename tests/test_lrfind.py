@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import wait_for
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
@@ -71,3 +76,17 @@ def test_bad_input_is_exit_2_and_writes_nothing(tmp_path, tiny_data, args, messa
     result = lr_find(tmp_path, tiny_data, *args)
     assert result.exit_code == 2 and message in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "results").exists()
+
+
+def test_ctrl_c_stops_the_ramp_at_once_and_writes_nothing(tmp_path, tiny_data):
+    log = tmp_path / "out.txt"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cnnlab", "lr-find", str(CONFIGS / "lenet_relu.yaml"), "--data-dir", str(tiny_data),
+             "--results", str(tmp_path / "results"), "--steps", "1000000", "--set", "data.check_counts=false",
+             "--set", "data.val_size=100"], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        wait_for(lambda: "lr-find lenet_relu:" in log.read_text(), "the ramp's first line", process)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 130, log.read_text()
+    assert not (tmp_path / "results" / "lr-find" / "lenet_relu").exists() or \
+        not any((tmp_path / "results" / "lr-find" / "lenet_relu").iterdir())

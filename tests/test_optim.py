@@ -3,6 +3,7 @@ PyTorch's compiler (``torch._dynamo``, 0.7-1.5 s of a start on a 2-core machine)
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,10 @@ def test_the_optimisers_are_pytorchs_to_the_bit_and_their_state_loads_both_ways(
     train(ours_net, swapped_ours, 3, start=5)
     train(theirs_net, swapped_theirs, 3, start=5)
     assert same(ours_net, theirs_net)
+    # and the optimiser itself pickles (torch.save of a whole optimiser, a deep copy), as PyTorch's does
+    copied = pickle.loads(pickle.dumps(swapped_ours))
+    assert type(copied) is type(swapped_ours)
+    assert copied.state_dict()["param_groups"] == swapped_ours.state_dict()["param_groups"]
 
 
 @pytest.mark.parametrize("config", ["lenet.yaml", "resnet9.yaml"])

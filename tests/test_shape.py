@@ -68,12 +68,24 @@ class Viewing(nn.Module):
         return x.view(x.size(0), -1).sum(1, keepdim=True)
 
 
+class Asserting(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert len(x) > 0, "no images"
+        return x
+
+
 def test_the_shape_trace_takes_a_forward_that_refuses_an_empty_batch_and_leaves_the_modes():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 26 * 26, 7))
     assert shape_trace(model, (1, 28, 28)) == (7,) and model.training
     viewing = Viewing(pool=2)
     assert shape_trace(viewing, (1, 10, 10)) == (1,) and viewing.training  # by way of the meta device
     assert vanishing_point(Viewing(pool=5), (1, 6, 6)) == ("pool", "MaxPool2d", (4, 4), (0, 0))
+    asserting = nn.Sequential(Asserting(), nn.MaxPool2d(9))  # refuses an empty batch with an AssertionError
+    assert vanishing_point(asserting, (1, 6, 6)) == ("1", "MaxPool2d", (6, 6), (0, 0))
+    torch.manual_seed(0)
+    lazy, before = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(3)), torch.random.get_rng_state()
+    assert vanishing_point(lazy, (1, 8, 8)) is None  # not traced: the lazy layer makes no weights here (run will)
+    assert torch.equal(torch.random.get_rng_state(), before) and lazy[2].has_uninitialized_params()
 
 
 def test_the_shape_trace_draws_no_random_numbers():

@@ -445,11 +445,13 @@ def lr_find(
                   if value is not None}
         cfg = load_config(config, set_, values, trust_code=trust_code or None)
         from cnnlab.lrfind import describe, find_lr, write
-        from cnnlab.results import new_dated_dir, sanitize_name
+        from cnnlab.results import check_output_dir, new_dated_dir, sanitize_name
 
+        parent = cfg.output.dir / "lr-find" / sanitize_name(cfg.name)
+        check_output_dir(parent, "--results")  # before the ramp, not after it
         out.print(f"lr-find {cfg.name}: {steps} batches of {cfg.train.batch_size}, lr {start:g} -> {end:g}, {cfg.optim.name}")
         found = find_lr(cfg, steps, start, end)
-        folder = new_dated_dir(cfg.output.dir / "lr-find" / sanitize_name(cfg.name), "lr-find")
+        folder = new_dated_dir(parent, "lr-find")
         write(found, folder, cfg.name)
         out.print(describe(found))
         out.print(f"-> {folder} (lr_find.png, lr_find.csv, suggestion.yaml)")

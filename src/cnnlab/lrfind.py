@@ -14,6 +14,7 @@ snippet, into a folder of its own (``write``).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from cnnlab.optim import lr_scales
 from cnnlab.results import atomic_write_text
 from cnnlab.session import prepare
 from cnnlab.steps import train_step
+from cnnlab.stopping import StopSignals
 
 SMOOTHING = 0.98  # weight of the past in the moving average of the loss (fastai's and Lightning's)
 SKIP_START = 10  # batches left out of the suggestion at the start (the average has not settled)
@@ -84,24 +86,26 @@ def check_range(steps: int, start: float, end: float) -> None:
 def find_lr(cfg: Config, steps: int = 100, start: float = 1e-6, end: float = 10.0, stop_factor: float = 4.0) -> RangeTest:
     """Train ``cfg``'s model for ``steps`` batches on an exponential learning-rate ramp; see the module's text."""
     check_range(steps, start, end)
-    session = prepare(cfg)
-    if session.world.distributed:
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise UserError("cnnlab lr-find runs in one process; start it without torchrun")
+    session = prepare(cfg)
     model, optimizer, runtime = session.forward, session.optimizer, session.runtime
     scales = lr_scales(cfg.optim, len(optimizer.param_groups))
     lrs = ramp(start, end, steps)
     losses: list[float] = []
     batches = _endless(session, cfg.train.batch_size)
     model.train()
-    for lr in lrs:
-        for group, scale in zip(optimizer.param_groups, scales):
-            group["lr"] = lr * scale
-        x, y = next(batches)
-        loss, _ = train_step(model, x, y, optimizer, session.loss_fn, runtime, cfg.train.grad_clip)
-        losses.append(float(loss.item()))
-        smoothed = smooth(losses)  # again from the start: a few hundred values at most
-        if not math.isfinite(smoothed[-1]) or smoothed[-1] > stop_factor * min(smoothed):
-            break
+    with StopSignals() as stop:  # Ctrl-C, SIGTERM, SIGHUP: stopped after the batch, nothing written
+        for lr in lrs:
+            for group, scale in zip(optimizer.param_groups, scales):
+                group["lr"] = lr * scale
+            x, y = next(batches)
+            loss, _ = train_step(model, x, y, optimizer, session.loss_fn, runtime, cfg.train.grad_clip)
+            losses.append(float(loss.item()))
+            stop.check()
+            smoothed = smooth(losses)  # again from the start: a few hundred values at most
+            if not math.isfinite(smoothed[-1]) or smoothed[-1] > stop_factor * min(smoothed):
+                break
     smoothed = smooth(losses)
     finite = [i for i in range(len(losses)) if math.isfinite(smoothed[i])]
     kept_lrs = [lrs[i] for i in finite]
@@ -116,7 +120,12 @@ def find_lr(cfg: Config, steps: int = 100, start: float = 1e-6, end: float = 10.
 def _endless(session, batch_size: int):
     """Shuffled training batches, epoch after epoch (the ramp may be longer than an epoch)."""
     while True:
-        yield from session.data.batches("train", batch_size, shuffle=True, generator=session.order)
+        empty = True
+        for batch in session.data.batches("train", batch_size, shuffle=True, generator=session.order):
+            empty = False
+            yield batch
+        if empty:
+            raise UserError("the training split holds no batch to train on; give the data more images")
 
 
 def write(found: RangeTest, folder: Path, name: str) -> None:
@@ -127,7 +136,7 @@ def write(found: RangeTest, folder: Path, name: str) -> None:
 
     plot_lr_find(found.lrs, found.losses, found.smoothed, found.suggestion, folder / "lr_find.png", title=f"{name}: lr-find")
     if found.suggestion is None:
-        text = "# cnnlab lr-find: the loss fell nowhere on the ramp, so there is no suggestion; try a wider range\n"
+        text = f"# cnnlab lr-find: {describe(found)}\n"
     else:
         lr = f"{found.suggestion:.3g}"
         text = f"# cnnlab lr-find: the loss fell fastest at this learning rate; use it with --set optim.lr={lr}\n" \
@@ -139,6 +148,9 @@ def describe(found: RangeTest) -> str:
     """The result in one line."""
     end = (f"stopped at lr {found.lrs[-1]:.3g} after {len(found.lrs)} of {found.planned} batches: the loss rose past "
            f"{found.stop_factor:g}x its lowest" if found.stopped_early else f"{found.planned} batches")
+    if found.suggestion is None and len(found.lrs) < SKIP_START + 3:
+        return (f"no suggestion: too few batches before the loss diverged ({end}); give a lower --end or more --steps "
+                "(the first 10 batches are not judged)")
     if found.suggestion is None:
         return f"no suggestion: the smoothed loss fell nowhere on the ramp ({end}); try a wider range (--start, --end)"
     return (f"suggested optim.lr: {found.suggestion:.3g} (where the loss fell fastest; its lowest at lr {found.lowest:.3g}; "

@@ -50,10 +50,11 @@ def without_compiler(kind: OptimizerClass) -> OptimizerClass:
     ``torch._dynamo`` to mark graph breaks (and sets the grad mode), the functional update it calls and
     ``zero_grad``, ``add_param_group`` and the state-dict methods in ``torch._disable_dynamo``, which imports
     it on first call. Outside ``torch.compile`` they do nothing else. The subclass runs the undecorated
-    code: ``step``'s own body under ``torch.no_grad`` (what the wrapper does for a non-differentiable
-    optimiser), with the module's decorated functions seen undecorated, and the base class's methods
-    unwrapped. Where PyTorch's code has another shape, that method is left as PyTorch's: slower to
-    start, never different. cnnlab never compiles its optimisers, so nothing is lost.
+    code: ``step``'s own body with grad enabled only for a differentiable optimiser (as the wrapper does),
+    the module's decorated functions seen undecorated, and the base class's methods unwrapped (where
+    ``kind`` does not define its own). It is ``EagerSGD`` (and so on) in this module, so it pickles. Where
+    PyTorch's code has another shape, that method is left as PyTorch's: slower to start, never different.
+    cnnlab never compiles its optimisers, so nothing is lost.
     """
     names: dict[str, Any] = {}
     body = inspect.unwrap(kind.step)
@@ -63,16 +64,20 @@ def without_compiler(kind: OptimizerClass) -> OptimizerClass:
             if isinstance(value, types.FunctionType) and value.__module__ == body.__module__:
                 seen[name] = inspect.unwrap(value)
         plain = types.FunctionType(body.__code__, seen, body.__name__, body.__defaults__, body.__closure__)
+        plain.__kwdefaults__ = body.__kwdefaults__
 
         @functools.wraps(body)
-        def step(self: torch.optim.Optimizer, closure: Callable[[], float] | None = None) -> float | None:
-            with torch.no_grad():
-                return plain(self, closure)
+        def step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):  # as PyTorch's wrapper
+                return plain(self, *args, **kwargs)
 
         names["step"] = step
     for method in ("add_param_group", "zero_grad", "state_dict", "load_state_dict"):
-        names[method] = inspect.unwrap(getattr(torch.optim.Optimizer, method))
-    return type(kind.__name__, (kind,), {"__module__": __name__, "__qualname__": kind.__name__, **names})
+        if not any(method in vars(klass) for klass in kind.__mro__[:kind.__mro__.index(torch.optim.Optimizer)]):
+            names[method] = inspect.unwrap(getattr(torch.optim.Optimizer, method))  # unless kind has its own
+    eager = type(kind.__name__, (kind,), {"__module__": __name__, "__qualname__": f"Eager{kind.__name__}", **names})
+    globals()[eager.__qualname__] = eager  # found by name, as pickle finds classes
+    return eager
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:

@@ -172,22 +172,28 @@ def vanishing_point(model: nn.Module, input_shape: tuple[int, int, int]) -> Vani
 def shape_trace(model: nn.Module, input_shape: tuple[int, int, int]) -> torch.Size:
     """The shape of ``model``'s output for one image of ``input_shape``, without computing it: the model runs
     an empty batch (PyTorch's layers take batches of 0 images, at no cost) on its own device; where that fails
-    (a forward that does ``x.view(x.size(0), -1)``), one image on the meta device. The empty batch comes
-    first because on the meta device most operations import ``torch._dynamo`` (0.7-1.5 s of a run's start).
+    (a forward that does ``x.view(x.size(0), -1)`` or asserts a batch), and for a model with lazy modules
+    (which would make their weights), one image on the meta device. The empty batch comes first because on
+    the meta device most operations import ``torch._dynamo`` (0.7-1.5 s of a run's start).
     The model runs in eval mode (BatchNorm takes one image) and is left in the modes it was in; hooks see
     the empty batch first, and then maybe the meta one."""
     was_training = {m: m.training for m in model.modules()}
     first = next(itertools.chain(model.parameters(), model.buffers()), None)
     device, dtype = (first.device, first.dtype) if first is not None else (torch.device("cpu"), torch.float32)
+    lazy = any(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules())
     try:
         with torch.no_grad():
-            try:
-                return model.eval()(torch.zeros(0, *input_shape, device=device, dtype=dtype)).shape[1:]
-            except (RuntimeError, ValueError, IndexError, TypeError):
-                meta = {name: torch.empty_like(t, device="meta")
-                        for name, t in (*model.named_parameters(), *model.named_buffers())}
-                out = torch.func.functional_call(model, meta, (torch.zeros(1, *input_shape, device="meta"),))
-                return out.shape[1:]
+            if not lazy:  # a lazy module would make its weights here, drawing random numbers
+                try:
+                    return model.eval()(torch.zeros(0, *input_shape, device=device, dtype=dtype)).shape[1:]
+                except _Vanished:
+                    raise
+                except Exception:  # any forward that refuses an empty batch: the meta device's turn
+                    pass
+            meta = {name: torch.empty_like(t, device="meta")
+                    for name, t in (*model.named_parameters(), *model.named_buffers())}
+            out = torch.func.functional_call(model.eval(), meta, (torch.zeros(1, *input_shape, device="meta"),))
+            return out.shape[1:]
     finally:
         for module, mode in was_training.items():
             module.training = mode
