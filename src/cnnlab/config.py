@@ -14,7 +14,7 @@ import difflib
 import re
 import unicodedata
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -183,11 +183,15 @@ class OutputConfig(Section):
         return value.expanduser()
 
 
+TtaName = Literal["flip"]
+TTA_NAMES: tuple[str, ...] = get_args(TtaName)  # the test-time augmentations there are (eval.tta, cnnlab eval --tta)
+
+
 class EvalConfig(Section):
     # test-time augmentation of the final test pass, reported beside the plain figures (summary.json test_acc_tta):
     # flip averages the logits of each image and its mirror image (left-right); only for data whose labels survive
     # a mirror (clothes, objects; not digits or letters)
-    tta: list[Literal["flip"]] = []
+    tta: list[TtaName] = []
 
     @field_validator("tta")
     @classmethod

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from cnnlab.config import TTA_NAMES
 from cnnlab.data.splits import Split
 from cnnlab.errors import UserError
 from cnnlab.results import atomic_write_text, check_output_dir
@@ -49,9 +50,10 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", t
     """``tta``: test-time augmentation reported beside the plain figures (None: the run's own ``eval.tta``)."""
     if split not in ("test", "val"):
         raise UserError(f"--split {split!r}: choose test or val")
-    unknown = sorted(set(tta or ()) - {"flip"})
+    unknown = sorted(set(tta or ()) - set(TTA_NAMES))
     if unknown:
-        raise UserError(f"--tta {unknown[0]}: the only test-time augmentation is flip, e.g. --tta flip")
+        raise UserError(f"--tta {unknown[0]}: the only test-time augmentation is {' or '.join(TTA_NAMES)}, "
+                        f"e.g. --tta {TTA_NAMES[0]}")
     folder = Path(run_dir) / "eval" / f"{split}-{checkpoint}"
     check_output_dir(folder, "eval output")
     opened = open_run(run_dir, checkpoint=checkpoint, trust_code=trust_code)
