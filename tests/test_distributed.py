@@ -78,6 +78,27 @@ def test_two_processes_train_one_run_like_one_process(tmp_path):
     assert single_summary["world_size"] == 1
 
 
+def test_the_moving_average_and_accumulated_parts_train_under_torchrun_as_in_one_process(tmp_path):
+    """train.ema and train.accumulate under two processes: each updates its average from the same
+    all-reduced weights, and a part's gradients wait for the batch's last part (DDP's no_sync)."""
+    data = write_dataset(tmp_path / "data", n_train=800, n_test=200)
+    config = write_config(tmp_path, data, "recipe", epochs=2)
+    config.write_text(config.read_text().replace("device: cpu}", "device: cpu, accumulate: 2, ema: {decay: 0.9}}"))
+    process = torchrun("-m", "cnnlab", "run", str(config), "--quiet")
+    output, _ = process.communicate(timeout=HANG_SECONDS)
+    assert process.returncode == 0, output
+    single = subprocess.run([sys.executable, "-m", "cnnlab", "run", str(config), "--quiet", "--results",
+                             str(tmp_path / "single")], capture_output=True, text=True, env=ONE_THREAD, timeout=HANG_SECONDS)
+    assert single.returncode == 0, single.stderr
+    one = read_metrics_csv(only_run(tmp_path / "single", "recipe") / "metrics.csv")
+    two = read_metrics_csv(only_run(tmp_path / "results", "recipe") / "metrics.csv")
+    for a, b in zip(one, two, strict=True):
+        for key in ("train_loss", "val_acc", "val_acc_ema", "val_loss_ema"):
+            assert abs(a[key] - b[key]) < 2e-3, (key, a, b)
+    summary = json.loads((only_run(tmp_path / "results", "recipe") / "summary.json").read_text())
+    assert summary["world_size"] == 2 and 0 <= summary["test_acc_ema"] <= 1 and summary["better_weights"] in ("ema", "raw")
+
+
 def worker_pids(parent: int, rank: int) -> list[int]:
     """torchrun's workers of ``rank`` (its children, told apart by the RANK torchrun gave them)."""
     found = []

@@ -1,5 +1,5 @@
-"""Test-time augmentation (``eval.tta``): the mean of each image's and its mirror image's logits, reported beside the
-plain test figures, never instead of them."""
+"""Test-time augmentation (``eval.tta``): the mean of the logits of each image's views (its mirror image, its shifted
+crops), reported beside the plain test figures, never instead of them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cnnlab.cli import app
 from cnnlab.config import load_config
 from cnnlab.errors import UserError
 from cnnlab.runtime import make_runtime
-from cnnlab.steps import evaluate
+from cnnlab.steps import evaluate, shifted, tta_views
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -67,12 +67,32 @@ def test_a_run_reports_tta_beside_the_plain_test_figures(tiny_overrides, tmp_pat
     assert report["accuracy"] == summary["test_acc"] and f"with flip TTA: accuracy {report['accuracy_tta']:.4f}" in \
         evaluated.output
     refused = CliRunner().invoke(app, ["eval", str(run_dir), "--split", "val", "--tta", "mirror"])
-    assert refused.exit_code == 2 and "--tta mirror: the only test-time augmentation is flip" in refused.output
+    assert refused.exit_code == 2 and "--tta mirror: the test-time augmentations are flip and crop" in refused.output
     assert not (run_dir / "eval" / "val-best").exists()
     # without it, the summary says nothing of TTA
     plain = CliRunner().invoke(app, ["run", str(CONFIGS / "lenet.yaml"), "--quiet",
                                      *(a for o in tiny_overrides for a in ("--set", o))])
     assert plain.exit_code == 0 and "TTA" not in plain.output
+
+
+def test_a_shifted_view_moves_the_picture_by_one_pixel_and_fills_with_zeros():
+    x = torch.arange(1, 10, dtype=torch.float32).view(1, 1, 3, 3)
+    assert shifted(x, 1)[0, 0].tolist() == [[0, 0, 0], [0, 1, 2], [0, 4, 5]]
+    assert shifted(x, -1)[0, 0].tolist() == [[5, 6, 0], [8, 9, 0], [0, 0, 0]]
+    views = tta_views(x, ["flip", "crop"])
+    assert len(views) == 6 and torch.equal(views[3], x.flip(-1)) and torch.equal(views[5], shifted(x, 1).flip(-1))
+
+
+def test_crop_tta_averages_the_logits_of_the_image_and_its_two_shifted_crops():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    runtime = make_runtime("cpu", "fp32", channels_last=False)
+    cropped = evaluate(model, batches(), runtime, tta=["crop"])
+    with torch.no_grad():
+        logits = [((model(x) + model(shifted(x, -1)) + model(shifted(x, 1))) / 3, y) for x, y in batches()]
+    loss = sum(nn.functional.cross_entropy(z, y, reduction="sum").item() for z, y in logits) / 48
+    assert cropped.loss == pytest.approx(loss, rel=1e-5)
+    assert cropped.acc == sum((z.argmax(1) == y).sum().item() for z, y in logits) / 48
 
 
 @pytest.mark.parametrize("value, message", [("[mirror]", "eval.tta"), ("[flip, flip]", "names an augmentation twice")])

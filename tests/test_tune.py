@@ -171,6 +171,7 @@ def test_a_trial_without_a_run_folder_is_failed_only_when_it_failed():
     ("space: {train.batch_size: {int: [0, 8]}}", "space.train.batch_size = 0 does not make a valid config"),
     ("metric: test_acc\nspace: {optim.lr: {uniform: [0.1, 0.2]}}", "metric 'test_acc'"),
     ("metric: val_loss\nmode: max\nspace: {optim.lr: {uniform: [0.1, 0.2]}}", "val_loss is minimised"),
+    ("metric: val_acc_ema\nspace: {optim.lr: {uniform: [0.1, 0.2]}}", "metric val_acc_ema is the moving average's"),
     ("trials: 0\nspace: {optim.lr: {uniform: [0.1, 0.2]}}", "trials must be an integer of at least 1"),
     ("grid: {optim.lr: [0.1]}", "unknown key(s) grid"),
     ("space: {}", "space must map config keys to distributions"),
@@ -233,3 +234,12 @@ def test_the_live_table_shows_each_trials_values_epoch_accuracy_and_state(tmp_pa
     assert lines[2] == "1 0.01235 256 [12, 32] 0.25 3 0.8123 running" and lines[3].endswith("1 0.5000 pruned")
     callback = trial_lines(tmp_path / "stop", space)  # Ray Tune pickles its callbacks with the tune's state
     assert cloudpickle.loads(cloudpickle.dumps(callback)).table.space.name == "lenet_relu"
+
+
+def test_a_trial_reports_the_moving_averages_figures_when_it_has_them():
+    from cnnlab.tune import epoch_metrics
+
+    row = {"epoch": 2, "train_loss": 0.5, "train_acc": 0.8, "val_loss": 0.4, "val_acc": 0.85, "lr": 0.1}
+    assert "val_acc_ema" not in epoch_metrics(row, "r")
+    reported = epoch_metrics({**row, "val_loss_ema": 0.3, "val_acc_ema": 0.9}, "r")
+    assert reported["val_acc_ema"] == 0.9 and reported["val_loss_ema"] == 0.3 and reported["epoch"] == 2

@@ -85,6 +85,12 @@ def why_not(session: Trainables) -> str | None:
         return "train.compile: compiled kernels bypass the PyTorch operators that the emulation records"
     if session.world.distributed:
         return "torchrun: DistributedDataParallel's gradient hooks are not captured here"
+    ordinary_only = [name for name, on in (("train.ema", cfg.train.ema is not None),
+                                           ("train.accumulate", cfg.train.accumulate > 1),
+                                           ("data.augment.mixup", cfg.data.augment.mixup > 0),
+                                           ("data.augment.cutmix", cfg.data.augment.cutmix > 0)) if on]
+    if ordinary_only:
+        return f"{', '.join(ordinary_only)}: the ordinary step runs {'them' if len(ordinary_only) > 1 else 'it'} so far"
     if session.data.placement != "device":
         return f"data.placement: the data is not whole on the device ({session.data.placement}), and a graph cannot copy it there"
     return None
@@ -346,9 +352,7 @@ class StaticStep:
     def _body(self) -> None:
         session, data = self.session, self.session.data
         idx = self.order.index_select(0, self.start + self.offsets)
-        x, y = data.prepare(self.images.index_select(0, idx)), self.labels.index_select(0, idx)
-        if data.augment is not None and data.augment.active:
-            x = data.augment(x, data.augment_generator)
+        x, y = data.training_input(self.images.index_select(0, idx)), self.labels.index_select(0, idx)
         with _autocast(session, self.graph_kind):
             logits = session.forward(x)
             loss = session.loss_fn(logits, y)

@@ -648,9 +648,12 @@ def eval_(
     run_dir: RunArgument = None,
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    weights: Annotated[str, typer.Option(help="raw (the weights themselves) or ema (their moving average, from a run "
+                                              "with train.ema).")] = "raw",
     tta: Annotated[Optional[list[str]], typer.Option(
-        metavar="flip", help="Also report accuracy with test-time augmentation: flip averages each image's logits with its "
-                             "mirror image's (default: the run's eval.tta).")] = None,
+        metavar="flip|crop", help="Also report accuracy with test-time augmentation: flip averages each image's logits "
+                                  "with its mirror image's, crop with the image shifted a pixel up-left and down-right; "
+                                  "both: all six (default: the run's eval.tta).")] = None,
     results: ResultsOption = Path("results"),
     trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
@@ -660,10 +663,12 @@ def eval_(
         from cnnlab.evaluation import evaluate_run
         from cnnlab.results import pick_run
 
-        report = evaluate_run(pick_run(run_dir, results), split, checkpoint, trust_code=trust_code, tta=tta)
+        report = evaluate_run(pick_run(run_dir, results), split, checkpoint, trust_code=trust_code, tta=tta,
+                              weights=weights)
         augmented = f"; with {'+'.join(report.tta)} TTA: accuracy {report.accuracy_tta:.4f}, loss {report.loss_tta:.4f}" \
             if report.tta else ""
-        out.print(f"{report.split} ({report.images:,} images, {report.checkpoint} checkpoint): "
+        averaged = ", its moving average of the weights" if report.weights == "ema" else ""
+        out.print(f"{report.split} ({report.images:,} images, {report.checkpoint} checkpoint{averaged}): "
                   f"accuracy {report.accuracy:.4f}, loss {report.loss:.4f}{augmented}")
         grid = Table("class", "accuracy", box=None, header_style="bold")
         for name, acc in report.per_class.items():

@@ -35,6 +35,17 @@ class AugmentConfig(Section):
     crop_padding: int = Field(0, ge=0, le=14)  # random crop: pad by this many pixels, crop back to the image size; 0 = off
     flip: bool = False  # horizontal flip with probability 0.5
     erasing: float = Field(0.0, ge=0, le=1)  # probability of erasing one random rectangle per image
+    # TrivialAugment: each image one operation drawn from 13 (shear, translate, rotate, brightness, colour, contrast,
+    # sharpness, posterize, solarize, autocontrast, identity) at a random strength; before the crop, flip and erasing
+    trivial: bool = False
+    # Mixup: each training batch blended with itself in reverse order, images and labels alike, by a weight drawn
+    # from Beta(mixup, mixup) per batch (0.2-1 is usual); 0 = off. The loss takes the blended (soft) labels; the
+    # training accuracy counts each image's own label
+    mixup: float = Field(0.0, ge=0, le=100)
+    # CutMix: a rectangle of each image replaced by the same rectangle of the batch's reverse order, the labels
+    # weighted by area; its size drawn from Beta(cutmix, cutmix) per batch (1 is usual); 0 = off. With mixup
+    # as well, each batch is one or the other, half the time each
+    cutmix: float = Field(0.0, ge=0, le=100)
 
 
 class DataConfig(Section):
@@ -121,9 +132,32 @@ class ScheduleConfig(Section):
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
+class EmaConfig(Section):
+    """An exponential moving average of the weights (train.ema), updated after every optimiser step: give one of
+    decay and half_life."""
+
+    decay: float | None = Field(None, gt=0, lt=1)  # the average's share kept at each optimiser step (0.999, say)
+    half_life: float | None = Field(None, gt=0)  # in epochs: a step's weight in the average halves after this many
+
+    @model_validator(mode="after")
+    def _one_rate(self) -> EmaConfig:
+        if (self.decay is None) == (self.half_life is None):
+            raise ValueError("give one of decay (per optimiser step, e.g. 0.999) and half_life (in epochs, e.g. 0.5)")
+        return self
+
+    def decay_per_step(self, steps_per_epoch: int) -> float:
+        if self.decay is not None:
+            return self.decay
+        return 0.5 ** (1 / (self.half_life * steps_per_epoch))
+
+
 class TrainConfig(Section):
     epochs: int = Field(20, ge=1)  # passes over the training split
     batch_size: int = Field(256, ge=1)  # images per optimiser step
+    # gradient accumulation: each batch's forward and backward passes in this many parts (gradients added up, one
+    # optimiser step per batch), so a large batch_size fits a small device; the same step as one pass, except
+    # that BatchNorm sees the smaller parts
+    accumulate: int = Field(1, ge=1)
     eval_batch_size: int = Field(1024, ge=1)  # images per forward pass when evaluating (no effect on results)
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype for forward passes; fp16 adds a gradient scaler
@@ -149,6 +183,16 @@ class TrainConfig(Section):
     # parameters kept as they are: module-name prefixes (layer1, features.0), or backbone = all but the head (the model's
     # last layer); BatchNorm running statistics still follow the data
     freeze: list[Annotated[str, Field(min_length=1)]] = []
+    # an exponential moving average of the weights ({half_life: 0.5} epochs, or {decay: 0.999} per step), evaluated
+    # every epoch beside the weights themselves and tested beside them, saved in checkpoints as `ema`; null = off
+    ema: EmaConfig | None = None
+
+    @model_validator(mode="after")
+    def _parts_of_a_batch(self) -> TrainConfig:
+        if self.accumulate > 1 and 2 * self.accumulate > self.batch_size:
+            raise ValueError(f"accumulate: {self.accumulate} parts of a batch of {self.batch_size} leaves parts of "
+                             "fewer than two images (BatchNorm cannot train on one); choose accumulate <= batch_size / 2")
+        return self
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -183,14 +227,15 @@ class OutputConfig(Section):
         return value.expanduser()
 
 
-TtaName = Literal["flip"]
+TtaName = Literal["flip", "crop"]
 TTA_NAMES: tuple[str, ...] = get_args(TtaName)  # the test-time augmentations there are (eval.tta, cnnlab eval --tta)
 
 
 class EvalConfig(Section):
     # test-time augmentation of the final test pass, reported beside the plain figures (summary.json test_acc_tta):
-    # flip averages the logits of each image and its mirror image (left-right); only for data whose labels survive
-    # a mirror (clothes, objects; not digits or letters)
+    # flip averages the logits of each image and its mirror image (left-right), only for data whose labels survive
+    # a mirror (clothes, objects; not digits or letters); crop averages those of the image and of it shifted by one
+    # pixel up-left and down-right (as a random crop would); both: all six
     tta: list[TtaName] = []
 
     @field_validator("tta")

@@ -21,7 +21,7 @@ import torch
 from cnnlab.config import Config
 from cnnlab.numtext import duration_text
 from cnnlab.session import Session, prepare
-from cnnlab.steps import evaluate, train_one_epoch
+from cnnlab.steps import evaluate, train_one_epoch, tta_views
 
 TIMED_STEPS = 7  # training batches timed (the median of them) after one untimed warm-up batch
 TIMED_EVAL_BATCHES = 2
@@ -68,7 +68,8 @@ def measure(cfg: Config, session: Session | None = None) -> Estimate:
 
     def train(count: int) -> None:  # the loop a run trains with, its batches drawn as it draws them
         train_one_epoch(session.forward, itertools.islice(batches, count), session.optimizer, session.scheduler,
-                        session.loss_fn, session.runtime, cfg.train.grad_clip)
+                        session.loss_fn, session.runtime, cfg.train.grad_clip, mix=data.mix,
+                        accumulate=cfg.train.accumulate, average=session.average)
 
     train(1)  # warm-up: first-call costs are start-up, not a step's
     times = []
@@ -84,8 +85,11 @@ def measure(cfg: Config, session: Session | None = None) -> Estimate:
     start = _now(session)
     evaluate(session.forward, sample, session.runtime)
     per_eval_batch = (_now(session) - start) / max(len(sample), 1)
-    return Estimate(step_seconds, batch_size, session.steps_per_epoch, per_eval_batch * eval_batches,
-                    per_eval_batch * test_batches, cfg.train.epochs, "ordinary")
+    # train.ema evaluates the averaged weights too; the test pass adds each of eval.tta's views
+    weights = 2 if session.average is not None else 1
+    test_passes = weights * (1 + (len(tta_views(sample[0][0][:1], cfg.eval.tta)) if cfg.eval.tta and sample else 0))
+    return Estimate(step_seconds, batch_size, session.steps_per_epoch, per_eval_batch * eval_batches * weights,
+                    per_eval_batch * test_batches * test_passes, cfg.train.epochs, "ordinary")
 
 
 def _now(session: Session) -> float:

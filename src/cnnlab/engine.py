@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ from cnnlab.results import RESUMABLE, Checkpoint, CheckpointWriter, RunDir, RunS
 from cnnlab.runs import OpenedRun, comparable, config_differences, describe_state, open_run, runs_of
 from cnnlab.runtime import process_age
 from cnnlab.session import Session, join_world, prepare, step_fields
-from cnnlab.state import EpochProgress, TrainState
+from cnnlab.state import AVERAGE_COLUMNS, EpochProgress, TrainState, epoch_score
 from cnnlab.steps import evaluate, train_one_epoch
 from cnnlab.stopping import Interrupted, Pruned, StopSignals
 
@@ -391,6 +392,8 @@ def run_or_resume(cfg: Config, *, quiet: bool = False, reporter: Listener | None
 # ---------------------------------------------------------------------------------------------
 # Training, and how it ended
 
+FINAL_FIGURES = ("train_loss", "train_acc", "val_loss", "val_acc", *AVERAGE_COLUMNS)  # summary.json's final, if measured
+
 
 def train(
     session: Session,
@@ -433,7 +436,8 @@ def train(
                                                    skip=progress.batches, min_last=world.min_last_batch))
                 train_metrics = train_one_epoch(session.forward, batches, optimizer, session.scheduler, session.loss_fn,
                                                 runtime, cfg.train.grad_clip, reporter, progress=progress, stop=stop,
-                                                world=world)
+                                                world=world, mix=data.mix, accumulate=cfg.train.accumulate,
+                                                average=session.average)
             if not math.isfinite(train_metrics["loss"]):
                 raise TrainingError(
                     f"the training loss diverged ({train_metrics['loss']}) in epoch {epoch}; lower optim.lr "
@@ -454,9 +458,14 @@ def train(
                 "epoch_seconds": time.perf_counter() - epoch_start,
                 "train_examples_per_sec": train_metrics["examples"] / max(train_metrics["seconds"], 1e-9),
             }
-            is_best = val.acc > state.best_acc
+            if session.average is not None:  # the averaged weights, beside the weights themselves
+                averaged = evaluate(session.average.module, world.shard(data.batches(data.eval_split_name,
+                                                                                     cfg.train.eval_batch_size)),
+                                    runtime, stop, world)
+                row["val_loss_ema"], row["val_acc_ema"] = averaged.loss, averaged.acc
+            is_best = epoch_score(row) > state.best_acc
             if is_best:
-                state.best_acc, state.best_epoch = val.acc, epoch
+                state.best_acc, state.best_epoch = epoch_score(row), epoch
             state.epoch, state.current = epoch, None
             state.train_seconds += train_metrics["seconds"]
             state.train_examples += train_metrics["examples"]
@@ -471,24 +480,41 @@ def train(
                 reporter.message(f"early stop: no better {data.eval_split_name} accuracy for {cfg.train.patience} epochs")
 
         checkpoints.flush()
+        average = session.average.module if session.average is not None else None
         if cfg.output.checkpoints:
             if run.writer:
-                model.load_state_dict(Checkpoint.load(run.checkpoint_dir / "best.pt", runtime.device).model)
-            world.broadcast_module(model)  # the other ranks test the same weights without reading the folder
-        test = evaluate(model, world.shard(data.batches("test", cfg.train.eval_batch_size)), runtime, stop, world,
-                        confusion=True, num_classes=data.spec.num_classes)
+                best = Checkpoint.load(run.checkpoint_dir / "best.pt", runtime.device)
+                model.load_state_dict(best.model)
+                if average is not None:
+                    average.load_state_dict(best.ema)
+            for module in (model, average):
+                if module is not None:
+                    world.broadcast_module(module)  # the other ranks test the same weights without reading the folder
+
+        def test_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            return world.shard(data.batches("test", cfg.train.eval_batch_size))
+
+        test = evaluate(model, test_batches(), runtime, stop, world, confusion=True, num_classes=data.spec.num_classes)
         summary.test_acc, summary.test_loss = test.acc, test.loss
         summary.test_confusion = test.confusion
         if cfg.eval.tta:  # beside the plain figures, never instead of them
-            augmented = evaluate(model, world.shard(data.batches("test", cfg.train.eval_batch_size)), runtime, stop, world,
-                                 tta=cfg.eval.tta)
+            augmented = evaluate(model, test_batches(), runtime, stop, world, tta=cfg.eval.tta)
             summary.test_tta, summary.test_acc_tta, summary.test_loss_tta = list(cfg.eval.tta), augmented.acc, augmented.loss
+        if average is not None:
+            tested = evaluate(average, test_batches(), runtime, stop, world)
+            summary.test_acc_ema, summary.test_loss_ema = tested.acc, tested.loss
+            if cfg.eval.tta:
+                tested = evaluate(average, test_batches(), runtime, stop, world, tta=cfg.eval.tta)
+                summary.test_acc_ema_tta, summary.test_loss_ema_tta = tested.acc, tested.loss
         summary.test_checkpoint = "best" if cfg.output.checkpoints else "last"
         final = run.metrics[-1]
         summary.status = "completed"
         summary.epochs_completed = state.epoch
         summary.best_epoch, summary.best_val_acc = state.best_epoch, state.best_acc
-        summary.final = {k: final[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+        summary.final = {k: final[k] for k in FINAL_FIGURES if k in final}
+        if average is not None:
+            best_row = run.metrics[state.best_epoch - 1]
+            summary.better_weights = "ema" if best_row["val_acc_ema"] > best_row["val_acc"] else "raw"
         summary.train_examples_per_sec = state.train_examples / max(state.train_seconds, 1e-9)
         summary.train_seconds = state.train_seconds
         summary.stopped_early = state.stopped_early
@@ -548,9 +574,9 @@ def _record_ending(err: BaseException, session: Session, run: RunDir, state: Tra
         stopped_at(state.epoch, done, session.steps_per_epoch, resumes_at)
     summary.epochs_completed = len(rows)
     if rows:  # the last finished epoch's figures, and the best (the first of equals, as training picks it)
-        summary.final = {k: rows[-1][k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
-        best = max(range(len(rows)), key=lambda i: (rows[i]["val_acc"], -i))
-        summary.best_epoch, summary.best_val_acc = int(rows[best]["epoch"]), rows[best]["val_acc"]
+        summary.final = {k: rows[-1][k] for k in FINAL_FIGURES if k in rows[-1]}
+        best = max(range(len(rows)), key=lambda i: (epoch_score(rows[i]), -i))
+        summary.best_epoch, summary.best_val_acc = int(rows[best]["epoch"]), epoch_score(rows[best])
     summary.finished = utc_now()
     summary.train_step, summary.train_step_note = step_fields(session)
     summary.wall_seconds = wall_seconds

@@ -40,23 +40,25 @@ class EvalReport:
     confused_pairs: list[tuple[str, str, int]]  # (true, predicted, count), most frequent first
     confusion: list[list[int]]  # rows: true class, columns: predicted class
     folder: str
+    weights: str = "raw"  # raw: the weights themselves; ema: their moving average (train.ema)
     tta: list[str] | None = None  # the test-time augmentation of the two figures below (eval.tta), if any
     accuracy_tta: float | None = None
     loss_tta: float | None = None
 
 
 def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", trust_code: bool = False,
-                 tta: list[str] | None = None) -> EvalReport:
-    """``tta``: test-time augmentation reported beside the plain figures (None: the run's own ``eval.tta``)."""
+                 tta: list[str] | None = None, weights: str = "raw") -> EvalReport:
+    """``tta``: test-time augmentation reported beside the plain figures (None: the run's own ``eval.tta``);
+    ``weights``: ``raw`` or ``ema``, the moving average of a run with ``train.ema``."""
     if split not in ("test", "val"):
         raise UserError(f"--split {split!r}: choose test or val")
     unknown = sorted(set(tta or ()) - set(TTA_NAMES))
     if unknown:
-        raise UserError(f"--tta {unknown[0]}: the only test-time augmentation is {' or '.join(TTA_NAMES)}, "
+        raise UserError(f"--tta {unknown[0]}: the test-time augmentations are {' and '.join(TTA_NAMES)}; "
                         f"e.g. --tta {TTA_NAMES[0]}")
-    folder = Path(run_dir) / "eval" / f"{split}-{checkpoint}"
+    folder = Path(run_dir) / "eval" / (f"{split}-{checkpoint}" + ("-ema" if weights == "ema" else ""))
     check_output_dir(folder, "eval output")
-    opened = open_run(run_dir, checkpoint=checkpoint, trust_code=trust_code)
+    opened = open_run(run_dir, checkpoint=checkpoint, trust_code=trust_code, weights=weights)
     data = opened.load_data()
     labels = data.split(split).labels
     runtime = make_runtime("cpu", opened.cfg.train.precision, channels_last=False)  # autocast as the run trained
@@ -71,7 +73,7 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", t
     pairs = [(classes[int(i) // len(classes)], classes[int(i) % len(classes)], int(off.flatten()[i]))
              for i in order if off.flatten()[i] > 0]
     report = EvalReport(split, checkpoint, len(labels), result.acc, result.loss, per_class, pairs, result.confusion,
-                        str(folder))
+                        str(folder), weights)
     augment = list(dict.fromkeys(tta if tta is not None else opened.cfg.eval.tta))
     if augment:
         augmented = evaluate(opened.model, data.batches(split, BATCH_SIZE), runtime, tta=augment)
@@ -93,7 +95,8 @@ def write_outputs(report: EvalReport, folder: Path, split: Split, labels: torch.
     atomic_write_text(folder / "eval.json", json.dumps(asdict(report), indent=2) + "\n")
 
     fig = confusion_figure(report.confusion,
-                           f"{report.split} set: accuracy {report.accuracy:.4f} ({report.checkpoint} checkpoint)", classes)
+                           f"{report.split} set: accuracy {report.accuracy:.4f} ({report.checkpoint} checkpoint"
+                           + (", ema weights)" if report.weights == "ema" else ")"), classes)
     save_figure(fig, folder / "confusion.png")
 
     wrong = (preds != labels).nonzero().flatten()[:MAX_ERROR_TILES].tolist()

@@ -100,7 +100,8 @@ def find_lr(cfg: Config, steps: int = 100, start: float = 1e-6, end: float = 10.
             for group, scale in zip(optimizer.param_groups, scales):
                 group["lr"] = lr * scale
             x, y = next(batches)
-            loss, _ = train_step(model, x, y, optimizer, session.loss_fn, runtime, cfg.train.grad_clip)
+            loss, _ = train_step(model, x, y, optimizer, session.loss_fn, runtime, cfg.train.grad_clip,
+                                 mix=session.data.mix, accumulate=cfg.train.accumulate)
             losses.append(float(loss.item()))
             stop.check()
             smoothed = smooth(losses)  # again from the start: a few hundred values at most

@@ -92,7 +92,9 @@ class ConsoleReporter(Listener):
         self.message(
             f"epoch {row['epoch']:>3}/{self.epochs}  train loss {number_text(row['train_loss'], 4)}  "
             f"train acc {number_text(row['train_acc'], 4)}  val loss {number_text(row['val_loss'], 4)}  "
-            f"val acc {number_text(row['val_acc'], 4)}  lr {number_text(row['lr'], significant=3)}  "
+            f"val acc {number_text(row['val_acc'], 4)}  "
+            + (f"ema val acc {number_text(row['val_acc_ema'], 4)}  " if "val_acc_ema" in row else "")
+            + f"lr {number_text(row['lr'], significant=3)}  "
             f"{number_text(row['epoch_seconds'], 1)}s  {number_text(row['train_examples_per_sec'], 0, grouped=True)} img/s{best}"
         )
 
@@ -102,7 +104,8 @@ class ConsoleReporter(Listener):
     def finish(self, summary: RunSummary, run_dir: Path) -> None:
         if summary.status == "completed":
             self.message(
-                f"done: test acc {number_text(summary.test_acc, 4)}{tta_text(summary)} (best epoch {summary.best_epoch}, "
+                f"done: test acc {number_text(summary.test_acc, 4)}{tta_text(summary)}{ema_text(summary)} "
+                f"(best epoch {summary.best_epoch}, "
                 f"{summary.eval_split} acc {number_text(summary.best_val_acc, 4)}), "
                 f"{number_text(summary.wall_seconds, 1)}s -> {run_dir}"
             )
@@ -188,8 +191,17 @@ def make_reporter(quiet: bool = False) -> ConsoleReporter:
     return LiveReporter()
 
 
-def tta_text(summary: RunSummary) -> str:
+def tta_text(summary: RunSummary, acc: float | None = None) -> str:
     """", with flip TTA 0.9161" where the run's test pass also ran with test-time augmentation (``eval.tta``)."""
-    if not summary.test_tta or summary.test_acc_tta is None:
+    acc = summary.test_acc_tta if acc is None else acc
+    if not summary.test_tta or acc is None:
         return ""
-    return f", with {'+'.join(summary.test_tta)} TTA {number_text(summary.test_acc_tta, 4)}"
+    return f", with {'+'.join(summary.test_tta)} TTA {number_text(acc, 4)}"
+
+
+def ema_text(summary: RunSummary) -> str:
+    """"; ema 0.9180, with flip TTA 0.9201, the better on val" where the run averaged its weights (``train.ema``)."""
+    if summary.test_acc_ema is None:
+        return ""
+    better = ", the better on val" if summary.better_weights == "ema" else ""
+    return f"; ema {number_text(summary.test_acc_ema, 4)}{tta_text(summary, summary.test_acc_ema_tta)}{better}"

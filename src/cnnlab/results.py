@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cnnlab.data.spec import DataSpec
 from cnnlab.errors import UserError
 from cnnlab.numtext import number_text
-from cnnlab.state import METRIC_COLUMNS, check_state_dict
+from cnnlab.state import AVERAGE_COLUMNS, METRIC_COLUMNS, check_state_dict
 
 
 def _file_mode() -> int:
@@ -232,10 +232,11 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    columns = (*METRIC_COLUMNS, *(k for k in AVERAGE_COLUMNS if any(k in row for row in rows)))
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: number_text(row.get(k), significant=6, missing="") for k in METRIC_COLUMNS})
+        writer.writerow({k: number_text(row.get(k), significant=6, missing="") for k in columns})
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -375,6 +376,13 @@ class RunSummary(BaseModel):
     test_tta: list[str] | None = None  # eval.tta: the test-time augmentation of the figures below, beside the plain ones
     test_acc_tta: float | None = None
     test_loss_tta: float | None = None
+    # train.ema: the moving average of the weights tested beside them (with eval.tta too), and which of the two was
+    # better on the validation split at the best epoch: "ema" or "raw" (the weights themselves)
+    test_acc_ema: float | None = None
+    test_loss_ema: float | None = None
+    test_acc_ema_tta: float | None = None
+    test_loss_ema_tta: float | None = None
+    better_weights: Literal["ema", "raw"] | None = None
     test_checkpoint: str | None = None
     test_confusion: list[list[int]] | None = None  # test set counts: rows the true class, columns the predicted one
     train_examples_per_sec: float | None = None
@@ -426,6 +434,7 @@ class Checkpoint:
     format: int = CHECKPOINT_FORMAT
     torch_version: str = str(torch.__version__)
     data: dict[str, Any] | None = None  # DataSpec.to_dict() of the data it was trained on; None in older checkpoints
+    ema: dict[str, Any] | None = None  # the moving average of the weights (train.ema), a state dict like model's
 
     @property
     def epoch(self) -> int:
@@ -522,8 +531,12 @@ class Checkpoint:
     def from_dict(cls, data: Any, path: Path) -> Checkpoint:
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or not isinstance(data.get("config"), dict):
             raise UserError(f"{path}: not a cnnlab checkpoint (no model weights and config inside)")
-        if not all(isinstance(v, torch.Tensor) for v in data["model"].values()):
-            raise UserError(f"{path}: not a cnnlab checkpoint (its model entry is not a state dict of tensors)")
+        for entry in ("model", "ema"):
+            weights = data.get(entry)
+            if (entry == "ema" and weights is None) or (isinstance(weights, dict) and
+                                                         all(isinstance(v, torch.Tensor) for v in weights.values())):
+                continue
+            raise UserError(f"{path}: not a cnnlab checkpoint (its {entry} entry is not a state dict of tensors)")
         fmt = data.get("format", 1)
         state = data.get("state")
         if fmt == 1:  # cnnlab 0.1: epoch and metrics beside the weights, no generator states
@@ -536,7 +549,8 @@ class Checkpoint:
         spec = DataSpec.read(data["data"], str(path)).to_dict() if data.get("data") is not None else None
         return cls(model=data["model"], config=data["config"], optimizer=data.get("optimizer"),
                    scheduler=data.get("scheduler"), scaler=data.get("scaler"), state=state,
-                   format=fmt if isinstance(fmt, int) else 0, torch_version=str(data.get("torch_version", "")), data=spec)
+                   format=fmt if isinstance(fmt, int) else 0, torch_version=str(data.get("torch_version", "")), data=spec,
+                   ema=data.get("ema"))
 
 
 def digest_path(path: Path) -> Path:

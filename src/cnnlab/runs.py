@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlab.config import Config, read_yaml, validate
+from cnnlab.config import Config, deep_merge, read_yaml, validate
 from cnnlab.data import Data, DataSpec, described, load_data
 from cnnlab.errors import UserError, hushed, warn
 from cnnlab.results import (
@@ -64,9 +64,11 @@ def require_run_dir(run_dir: Path) -> Path:
 
 
 def open_run(
-    run_dir: Path, device: str | torch.device = "cpu", *, checkpoint: str | None = "best", trust_code: bool = False
+    run_dir: Path, device: str | torch.device = "cpu", *, checkpoint: str | None = "best", trust_code: bool = False,
+    weights: str = "raw",
 ) -> OpenedRun:
-    """A run's config, summary and state, and (unless ``checkpoint`` is None) its trained model."""
+    """A run's config, summary and state, and (unless ``checkpoint`` is None) its trained model: the weights
+    themselves (``raw``) or their moving average (``ema``, from a run with ``train.ema``)."""
     from cnnlab.models.build import build_model
 
     run_dir = require_run_dir(run_dir)
@@ -78,17 +80,22 @@ def open_run(
         return opened
     if checkpoint not in ("best", "last"):
         raise UserError(f"--checkpoint {checkpoint!r}: choose best or last")
+    if weights not in ("raw", "ema"):
+        raise UserError(f"--weights {weights!r}: choose raw (the weights themselves) or ema (their moving average)")
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not path.is_file():
         raise UserError(f"{path} is missing: the run wrote no checkpoints (output.checkpoints: false) or did not "
                         "finish an epoch")
     if state != "completed":
         warn(f"{run_dir} is {describe_state(opened)}; using its {checkpoint} checkpoint anyway")
-    weights = Checkpoint.load(path)
+    saved = Checkpoint.load(path)
+    if weights == "ema" and saved.ema is None:
+        raise UserError(f"{path} holds no moving average of the weights (the run trained without train.ema); "
+                        "leave out --weights ema")
     with hushed():  # what building the model says (a library model's rebuilt first layer) its training said already
         model = build_model(cfg, spec=opened.spec)
     try:
-        model.load_state_dict(weights.model)
+        model.load_state_dict(saved.ema if weights == "ema" else saved.model)
     except RuntimeError:
         raise UserError(f"{path}: its weights do not fit the model described by {run_dir / 'config.yaml'} "
                         "(the file belongs to another run, or config.yaml was changed)") from None
@@ -146,8 +153,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A config as a mapping with the placement keys dropped: two runs of it compute the same thing.
     Keys an older cnnlab did not write (data.name) take today's defaults, as in identity.experiment_key."""
-    defaults = Config().to_dict()
-    config = {k: {**defaults[k], **v} if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+    defaults = Config().to_dict()  # merged at every depth: a key added inside data.augment is missing there
+    config = {k: deep_merge(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
               for k, v in config.items()}
     for section, key in PLACEMENT_KEYS:
         if isinstance(config.get(section), dict):

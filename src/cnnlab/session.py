@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnlab.averaging import WeightAverage
 from cnnlab.capture import StaticEval, StaticStep, graph_kind, why_not
 from cnnlab.config import Config
 from cnnlab.data import Data, load_data
@@ -81,16 +82,21 @@ class Session(Trainables):
 
     @property
     def generators(self) -> dict[str, torch.Generator | None]:
-        return {"order": self.order, "augment": self.data.augment_generator}
+        return {"order": self.order, "augment": self.data.augment_generator,
+                "mix": self.data.mix.generator if self.data.mix is not None else None}
 
     def checkpoint(self, state: TrainState) -> Checkpoint:
+        saved = state.state_dict(self.generators)
+        if self.average is not None:
+            saved["ema_updates"] = self.average.updates
         return Checkpoint(
             model=self.model.state_dict(),
+            ema=self.average.state_dict() if self.average is not None else None,
             config=self.cfg.to_dict(),
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             scaler=self.runtime.scaler.state_dict() if self.runtime.scaler is not None else None,
-            state=state.state_dict(self.generators),
+            state=saved,
             data=self.data.spec.to_dict(),
         )
 
@@ -104,6 +110,10 @@ class Session(Trainables):
             if self.runtime.scaler is not None and checkpoint.scaler:
                 self.runtime.scaler.load_state_dict(checkpoint.scaler)
             state.load_state_dict(checkpoint.state, self.generators)
+            if self.average is not None:
+                if checkpoint.ema is None:
+                    raise KeyError("ema")
+                self.average.load_state_dict(checkpoint.ema, int(checkpoint.state.get("ema_updates", 0)))
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
             raise UserError(f"{path}: does not fit this run's model, optimiser and training state "
                             f"({type(err).__name__}); "
@@ -165,8 +175,9 @@ def prepare(cfg: Config, *, pretrained: bool = True) -> Session:
     optimizer = make_optimizer(model, cfg.optim)
     steps_per_epoch = data.num_batches("train", cfg.train.batch_size, shuffle=True, min_last=world.min_last_batch)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
+    average = WeightAverage(model, cfg.train.ema.decay_per_step(steps_per_epoch)) if cfg.train.ema is not None else None
     session = Session(
-        cfg=cfg, runtime=runtime, data=data, model=model, forward=forward,
+        cfg=cfg, runtime=runtime, data=data, model=model, forward=forward, average=average,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), optimizer=optimizer, scheduler=scheduler,
         steps_per_epoch=steps_per_epoch, order=torch.Generator().manual_seed(cfg.seed), world=world, flops=flops,
         threads=threads, sync_bn=sync_bn, weights=weights, frozen_params=frozen,

@@ -38,7 +38,7 @@ class EpochProgress:
 @dataclass
 class TrainState:
     epoch: int = 0  # epochs completed
-    best_acc: float = -1.0  # best validation accuracy so far (-1: none yet)
+    best_acc: float = -1.0  # best validation accuracy so far, of the weights or their average (epoch_score; -1: none yet)
     best_epoch: int = 0
     train_seconds: float = 0.0  # time spent in training steps, completed epochs
     train_examples: int = 0
@@ -93,6 +93,16 @@ METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
                   "train_examples_per_sec")
 
 
+# Columns a run adds when it has what they measure: train.ema's averaged weights on the validation split.
+AVERAGE_COLUMNS = ("val_loss_ema", "val_acc_ema")
+
+
+def epoch_score(row: dict[str, Any]) -> float:
+    """What the best epoch is chosen by: the validation accuracy of the weights, or of their moving average
+    (train.ema) where that is higher."""
+    return max(row["val_acc"], row.get("val_acc_ema", row["val_acc"]))
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -112,6 +122,8 @@ def check_state_dict(state: Any) -> None:
         raise ValueError("state.best_acc is not an accuracy")
     if not _number(state.get("train_seconds")) or state["train_seconds"] < 0:
         raise ValueError("state.train_seconds is not a duration")
+    if not _count(state.get("ema_updates", 0)):
+        raise ValueError("state.ema_updates is not a count")
     if not _count(state.get("patience_start", 0)) or not _number(state.get("wall_seconds", 0.0)):
         raise ValueError("state.patience_start or state.wall_seconds is not a number")
     if state["best_epoch"] > state["epoch"]:
@@ -120,7 +132,8 @@ def check_state_dict(state: Any) -> None:
     if not isinstance(metrics, list) or len(metrics) != state["epoch"]:
         raise ValueError("state.metrics does not hold one row per completed epoch")
     for i, row in enumerate(metrics, start=1):
-        if not isinstance(row, dict) or not all(_number(row.get(k)) for k in METRIC_COLUMNS) or row["epoch"] != i:
+        if not isinstance(row, dict) or not all(_number(row.get(k)) for k in METRIC_COLUMNS) or row["epoch"] != i \
+                or not all(_number(row[k]) for k in AVERAGE_COLUMNS if k in row):
             raise ValueError(f"state.metrics row {i} is not a metrics row of epoch {i}")
     current = state.get("current")
     if current is not None:

@@ -11,13 +11,15 @@ serves the per-epoch validation, the test pass (with the confusion matrix) and `
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from cnnlab.averaging import WeightAverage
 from cnnlab.config import Config
 from cnnlab.data import Data
 from cnnlab.distributed import World
@@ -43,6 +45,7 @@ class Trainables:
     steps_per_epoch: int
     order: torch.Generator  # the data order (shuffling) generator
     world: World = field(default_factory=World)
+    average: WeightAverage | None = None  # the moving average of the weights (train.ema)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,19 +102,40 @@ def train_step(
     loss_fn: nn.Module,
     runtime: Runtime,
     grad_clip: float | None = None,
+    *,
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    accumulate: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on a batch: the forward pass and loss under the runtime's autocast, the backward pass
     (scaled under fp16's gradient scaler), optional clipping of the global gradient norm, the update.
-    Returns (loss, logits), still on the device. The learning-rate schedule is the caller's."""
-    with runtime.autocast():
-        logits = model(x)
-        loss = loss_fn(logits, y)
+    Returns (loss, logits), still on the device. The learning-rate schedule is the caller's.
+
+    ``mix`` (``data.augment.mixup``/``cutmix``) turns the batch and its labels into mixed images and target
+    probabilities, which the loss takes. ``accumulate`` (``train.accumulate``) runs the forward and backward
+    passes in that many parts of the batch, each part's mean loss weighted by its share of the batch, so
+    that the gradients add up to the whole batch's (one collective under torchrun, with the last part)."""
+    target = y
+    if mix is not None:
+        x, target = mix(x, y)
     optimizer.zero_grad(set_to_none=True)
-    if runtime.scaler is not None:
-        runtime.scaler.scale(loss).backward()
-        runtime.scaler.unscale_(optimizer)
+    if accumulate == 1:
+        with runtime.autocast():
+            logits = model(x)
+            loss = loss_fn(logits, target)
+        _backward(loss, runtime)
     else:
-        loss.backward()
+        losses, outputs = [], []
+        parts = batch_parts(len(x), accumulate)
+        for i, (xs, targets) in enumerate(zip(x.split(parts), target.split(parts))):
+            with _no_sync(model, last=i == len(parts) - 1), runtime.autocast():
+                part_logits = model(xs)
+                part_loss = loss_fn(part_logits, targets) * (len(xs) / len(x))
+            _backward(part_loss, runtime)
+            losses.append(part_loss.detach())
+            outputs.append(part_logits.detach())
+        loss, logits = torch.stack(losses).sum(), torch.cat(outputs)
+    if runtime.scaler is not None:
+        runtime.scaler.unscale_(optimizer)
     if grad_clip is not None:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     if runtime.scaler is not None:
@@ -120,6 +144,29 @@ def train_step(
     else:
         optimizer.step()
     return loss, logits
+
+
+def _backward(loss: torch.Tensor, runtime: Runtime) -> None:
+    if runtime.scaler is not None:
+        runtime.scaler.scale(loss).backward()
+    else:
+        loss.backward()
+
+
+def batch_parts(n: int, accumulate: int) -> list[int]:
+    """The sizes of the parts a batch of ``n`` is trained in under ``train.accumulate``: as equal as can be, at
+    most ``accumulate`` of them, none of a single image (BatchNorm cannot train on one) unless ``n`` is 1."""
+    size = min(max(-(-n // accumulate), 2), n)
+    parts = [size] * (n // size) + ([n % size] if n % size else [])
+    if len(parts) > 1 and parts[-1] == 1:
+        parts[-2:] = [parts[-2] + 1]
+    return parts
+
+
+def _no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """Under torchrun, a part's gradients kept on this rank until the batch's last part (DDP's ``no_sync``)."""
+    no_sync = getattr(model, "no_sync", None)
+    return no_sync() if no_sync is not None and not last else contextlib.nullcontext()
 
 
 def train_one_epoch(
@@ -135,20 +182,27 @@ def train_one_epoch(
     progress: EpochProgress | None = None,
     stop: StopSignals | None = None,
     world: World | None = None,
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    accumulate: int = 1,
+    average: WeightAverage | None = None,
 ) -> dict[str, float]:
     """Train over ``batches``, adding into ``progress`` (the epoch so far; a fresh one if None).
 
     ``progress`` is complete after every batch, so when ``stop`` raises between batches it holds
     exactly what a checkpoint needs to continue the epoch later. Under torchrun (``world``) the
-    returned figures are summed over every rank's shard.
+    returned figures are summed over every rank's shard. ``mix`` and ``accumulate``: as ``train_step``;
+    ``average`` (``train.ema``) is updated after every optimiser step. The training accuracy counts each
+    image's own label, mixed or not.
     """
     model.train()
     progress = progress if progress is not None else EpochProgress().to(runtime.device)
     start = time.perf_counter()
     try:
         for x, y in batches:
-            loss, logits = train_step(model, x, y, optimizer, loss_fn, runtime, grad_clip)
+            loss, logits = train_step(model, x, y, optimizer, loss_fn, runtime, grad_clip, mix=mix, accumulate=accumulate)
             scheduler.step()
+            if average is not None:
+                average.update()
             add_train_batch(progress.loss_sum, progress.correct, loss, logits, y, len(y))
             batch_done(progress, len(y), reporter, stop)
     finally:
@@ -189,8 +243,8 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate ``model`` over ``batches`` under the runtime's autocast, as it trained (summed over the
     ranks' shards under torchrun). ``confusion`` needs ``num_classes``, the data's number of classes.
-    ``tta`` (``eval.tta``): with ``"flip"``, each image's logits are the mean of its own and its mirror
-    image's (left-right), the loss and accuracy taken from those."""
+    ``tta`` (``eval.tta``): each image's logits are the mean of those of its views (``tta_views``), the loss
+    and accuracy taken from those."""
     if confusion and num_classes is None:
         raise ValueError("evaluate(confusion=True) needs num_classes")
     model.eval()
@@ -201,9 +255,14 @@ def evaluate(
     seen = 0
     for x, y in batches:
         with runtime.autocast():
-            logits = model(x)
-            if "flip" in tta:
-                logits = (logits.float() + model(x.flip(-1)).float()) / 2
+            if tta:
+                views = tta_views(x, tta)
+                logits = model(views[0]).float()
+                for view in views[1:]:
+                    logits = logits + model(view).float()
+                logits = logits / len(views)
+            else:
+                logits = model(x)
         predicted = add_eval_batch(loss_sum, correct, logits, y)
         if counts is not None:
             counts += torch.bincount(y * num_classes + predicted, minlength=num_classes ** 2)
@@ -220,3 +279,19 @@ def evaluate(
         result.predictions = torch.cat(predicted_batches) if predicted_batches else \
             torch.zeros(0, dtype=torch.long, device=runtime.device)
     return result
+
+
+def tta_views(x: torch.Tensor, tta: Sequence[str]) -> list[torch.Tensor]:
+    """The views of a batch that test-time augmentation ``tta`` averages over: the batch itself; with ``"crop"``
+    also shifted by one pixel up-left and down-right (zero-filled, as a random crop of a padded image);
+    with ``"flip"`` each of those and its mirror image (left-right)."""
+    views = [x, shifted(x, -1), shifted(x, 1)] if "crop" in tta else [x]
+    return [*views, *(view.flip(-1) for view in views)] if "flip" in tta else views
+
+
+def shifted(x: torch.Tensor, d: int) -> torch.Tensor:
+    """``x`` (N, C, H, W) moved ``d`` pixels down and right (up and left for negative ``d``), zero-filled."""
+    p = abs(d)
+    h, w = x.shape[-2:]
+    padded = nn.functional.pad(x, (p, p, p, p))
+    return padded[..., p - d:p - d + h, p - d:p - d + w]

@@ -4,7 +4,8 @@ A search space file names a base config, the metric, the number of trials and a 
 config key::
 
     base: ../lenet_relu.yaml          # relative to this file
-    metric: val_acc                   # val_acc or train_acc (maximised), val_loss or train_loss (minimised)
+    metric: val_acc                   # val_acc or train_acc (maximised), val_loss or train_loss (minimised);
+                                      # val_acc_ema, val_loss_ema: the moving average's (train.ema)
     trials: 20
     space:
       optim.lr: {loguniform: [0.01, 0.5]}
@@ -60,7 +61,8 @@ from cnnlab.runs import runs_of
 from cnnlab.stopping import Interrupted, Pruned, handling_signals, settle_signals, signal_name
 
 SPACE_KEYS = {"name", "base", "metric", "mode", "trials", "space", "seed", "grace_period", "reduction_factor"}
-METRICS = {"val_acc": "max", "train_acc": "max", "val_loss": "min", "train_loss": "min"}
+METRICS = {"val_acc": "max", "train_acc": "max", "val_loss": "min", "train_loss": "min",
+           "val_acc_ema": "max", "val_loss_ema": "min"}  # the last two: the moving average's (train.ema)
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 STATE_FOLDER = "ray"  # Ray Tune's experiment state, inside the tune folder
 STOP_FILE = ".stop"  # in the tune folder while the tune stops on a signal: its number (see TuneSignals)
@@ -175,9 +177,12 @@ def read_space(path: Path, overrides: list[str], trials: int | None) -> Space:
     for dimension in dimensions:  # every edge of every range makes a valid config
         for sample in dimension.samples():
             try:
-                space.config({dimension.key: sample})
+                cfg = space.config({dimension.key: sample})
             except UserError as err:
                 raise UserError(f"{path}: space.{dimension.key} = {sample!r} does not make a valid config: {err}") from None
+            if metric.endswith("_ema") and cfg.train.ema is None:
+                raise UserError(f"{path}: metric {metric} is the moving average's, and space.{dimension.key} = "
+                                f"{sample!r} makes a config without train.ema; set train.ema in the base config")
     return space
 
 
@@ -258,7 +263,7 @@ def stop_signal(stop_file: Path) -> int | None:
 
 
 def epoch_metrics(row: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    return {"epoch": int(row["epoch"]), **{k: float(row[k]) for k in METRICS}, "run_dir": run_dir}
+    return {"epoch": int(row["epoch"]), **{k: float(row[k]) for k in METRICS if k in row}, "run_dir": run_dir}
 
 
 class NotStarted(RuntimeError):

@@ -11,7 +11,7 @@ streaming it every epoch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -19,22 +19,31 @@ from types import ModuleType
 import torch
 
 from cnnlab.data.convert import converted, shaped
+from cnnlab.data.mixing import Mix
 from cnnlab.data.placement import ahead, choose, line
 from cnnlab.data.registry import DEFAULT, data_set
 from cnnlab.data.spec import DataSpec
 from cnnlab.data.splits import Split, stratified_split
+from cnnlab.data.trivial import TrivialAugment
 from cnnlab.errors import UserError
 
 
 @dataclass
 class Augment:
+    """What ``data.augment`` asks of every training batch: ``trivial`` on its pixels in [0, 1] (``pixels``),
+    the rest on the normalised model input (``__call__``)."""
+
     crop_padding: int = 0
     flip: bool = False
     erasing: float = 0.0
+    trivial: bool = False
 
     @property
     def active(self) -> bool:
-        return bool(self.crop_padding or self.flip or self.erasing)
+        return bool(self.crop_padding or self.flip or self.erasing or self.trivial)
+
+    def pixels(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return TrivialAugment()(x, generator) if self.trivial else x
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -81,6 +90,7 @@ class Data:
     augment: Augment | None = None
     channels_last: bool = False
     augment_generator: torch.Generator | None = None
+    mix: Mix | None = None  # Mixup / CutMix of training batches, applied by the training step (it changes the targets)
     skipped: tuple[str, ...] = ()  # pictures the data set passed over as undecodable (data.skip_bad), "file: problem"
     device: torch.device | None = None  # the training device (None: where the pixels are)
     placement: str = "device"  # where the pixels stay (placement.py): device, host or mapped
@@ -117,9 +127,20 @@ class Data:
             raise UserError("this run has no validation split (data.val_size: 0); use the test split")
         return split
 
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, channels, height, width] -> float model input, on the same device."""
+    def training_input(self, images: torch.Tensor) -> torch.Tensor:
+        """A training batch's uint8 pixels -> augmented float model input (``data.augment``)."""
+        if self.augment is None:
+            return self.prepare(images)
+        return self.augment(self.prepare(images, self.augment.pixels if self.augment.trivial else None),
+                            self.augment_generator)
+
+    def prepare(self, images: torch.Tensor,
+                before: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> torch.Tensor:
+        """uint8 [N, channels, height, width] -> float model input, on the same device; ``before`` (an augmentation
+        of pixels in [0, 1]) is applied before normalising."""
         x = images.float().div_(255)
+        if before is not None:
+            x = before(x, self.augment_generator)
         if self.normalize:
             x = x.sub_(self._shift).div_(self._scale)
         if self.channels_last:
@@ -160,10 +181,7 @@ class Data:
         starts = range(skip * batch_size, n, batch_size)
         raw = map(gather, starts) if self.placement == "device" else ahead(gather, starts, self.device)
         for images, labels in raw:
-            x = self.prepare(images)
-            if shuffle and self.augment is not None and self.augment.active:
-                x = self.augment(x, self.augment_generator)
-            yield x, labels
+            yield self.training_input(images) if shuffle else self.prepare(images), labels
 
     def num_batches(self, name: str, batch_size: int, shuffle: bool = False, min_last: int = 2) -> int:
         n = len(self.split(name))
@@ -241,7 +259,7 @@ def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False)
     if where == "device":
         train, test = train.to(device), test.to(device)
         val = val.to(device) if val is not None else None
-    augment = Augment(cfg.augment.crop_padding, cfg.augment.flip, cfg.augment.erasing)
+    augment = Augment(cfg.augment.crop_padding, cfg.augment.flip, cfg.augment.erasing, cfg.augment.trivial)
     return Data(
         train=train,
         val=val,
@@ -251,6 +269,8 @@ def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False)
         augment=augment if augment.active else None,
         channels_last=channels_last,
         augment_generator=torch.Generator(device=device).manual_seed((seed + 1) % 2**63) if augment.active else None,
+        mix=Mix(cfg.augment.mixup, cfg.augment.cutmix, spec.num_classes, torch.Generator().manual_seed((seed + 2) % 2**63))
+        if cfg.augment.mixup or cfg.augment.cutmix else None,
         skipped=skipped,
         device=device,
         placement=where,
