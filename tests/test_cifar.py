@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import json
 import os
 import pickle
 import struct
@@ -257,6 +258,21 @@ def test_a_sweep_over_two_data_sets(tmp_path):
     with open(sweep_dir / "summary.csv") as handle:
         rows = {row["data.name"]: row for row in csv.DictReader(handle)}
     assert set(rows) == {"cifar10", "cifar100"} and {row["status"] for row in rows.values()} == {"completed"}
+
+
+def test_the_shipped_cifar10_recipe_trains_and_tests_all_its_parts_on_cifar10_files(tmp_path):
+    """configs/best/cifar10_094.yaml as a user runs it on the data, narrowed and shortened to seconds."""
+    write_cifar(tmp_path / "data", "cifar10", "binary")
+    result = runner.invoke(app, ["run", str(CONFIGS / "best" / "cifar10_094.yaml"), "--data-dir", str(tmp_path / "data"),
+                                 "--epochs", "1", "--set", "model.width=8", "--set", "train.batch_size=32",
+                                 "--set", "data.check_counts=false", "--set", "data.val_size=50",
+                                 "--results", str(tmp_path / "results"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    [run] = (tmp_path / "results" / "cifar10_094").glob("2*")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["precision"] == "bf16"
+    assert summary["data"]["channels"] == 3 and summary["test_tta"] == ["flip", "crop"]
+    assert all(0 <= summary[k] <= 1 for k in ("test_acc", "test_acc_tta", "test_acc_ema", "test_acc_ema_tta"))
 
 
 def test_a_colour_picture_is_predicted_alike_by_the_run_and_its_onnx_export(tmp_path):

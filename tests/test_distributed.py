@@ -99,6 +99,32 @@ def test_the_moving_average_and_accumulated_parts_train_under_torchrun_as_in_one
     assert summary["world_size"] == 2 and 0 <= summary["test_acc_ema"] <= 1 and summary["better_weights"] in ("ema", "raw")
 
 
+def test_under_torchrun_the_averages_evaluated_are_the_ones_saved_batchnorm_statistics_too(tmp_path):
+    """Without SyncBatchNorm (the CPU) each rank's running statistics follow its own shard: the average every rank
+    evaluates is rank 0's, which the checkpoint holds, so `cnnlab eval --weights ema` gives the epoch's figure."""
+    data = write_dataset(tmp_path / "data", n_train=800, n_test=200)
+    config = write_config(tmp_path, data, "bn", epochs=2)
+    config.write_text(config.read_text().replace("device: cpu}", "device: cpu, ema: {decay: 0.9}, swa: {epochs: 2}}")
+                      .replace("model: {activation: relu}", "model: {activation: relu, batch_norm: true}"))
+    process = torchrun("-m", "cnnlab", "run", str(config), "--quiet")
+    output, _ = process.communicate(timeout=HANG_SECONDS)
+    assert process.returncode == 0, output
+    run = only_run(tmp_path / "results", "bn")
+    last = read_metrics_csv(run / "metrics.csv")[-1]
+    checked = subprocess.run([sys.executable, "-m", "cnnlab", "eval", str(run), "--checkpoint", "last", "--split", "val",
+                              "--weights", "ema"], capture_output=True, text=True, env=ONE_THREAD, timeout=HANG_SECONDS)
+    assert checked.returncode == 0, checked.stderr
+    report = json.loads((run / "eval" / "val-last-ema" / "eval.json").read_text())
+    assert report["accuracy"] == pytest.approx(last["val_acc_ema"], abs=1e-9)
+    assert report["loss"] == pytest.approx(last["val_loss_ema"], rel=1e-4)
+    summary = json.loads((run / "summary.json").read_text())  # and the average of the last epochs', measured again
+    checked = subprocess.run([sys.executable, "-m", "cnnlab", "eval", str(run), "--checkpoint", "last", "--split", "val",
+                              "--weights", "swa"], capture_output=True, text=True, env=ONE_THREAD, timeout=HANG_SECONDS)
+    assert checked.returncode == 0, checked.stderr
+    report = json.loads((run / "eval" / "val-last-swa" / "eval.json").read_text())
+    assert summary["swa_epochs"] == 2 and report["accuracy"] == pytest.approx(summary["val_acc_swa"], abs=1e-9)
+
+
 def worker_pids(parent: int, rank: int) -> list[int]:
     """torchrun's workers of ``rank`` (its children, told apart by the RANK torchrun gave them)."""
     found = []

@@ -1,4 +1,5 @@
-"""The parts of modern training recipes: a moving average of the weights (``train.ema``), Mixup and CutMix
+"""The parts of modern training recipes: a moving average of the weights (``train.ema``), the average of the
+last epochs' weights (``train.swa``), Mixup and CutMix
 (``data.augment.mixup``, ``cutmix``), gradient accumulation (``train.accumulate``); each checked against a
 hand computation, and all of them together against a seeded run repeated and resumed mid-epoch."""
 
@@ -6,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,11 +16,12 @@ import torch
 from conftest import StopAfter
 from torch import nn
 
-from cnnlab.averaging import WeightAverage
+from cnnlab.averaging import WeightAverage, recompute_batchnorm
 from cnnlab.config import EmaConfig, load_config
 from cnnlab.data.mixing import Mix, beta
 from cnnlab.engine import fit, resume
 from cnnlab.errors import UserError
+from cnnlab.listeners import Listener
 from cnnlab.results import Checkpoint, read_metrics_csv
 from cnnlab.runtime import make_runtime
 from cnnlab.steps import batch_parts, train_step
@@ -27,7 +31,8 @@ RECIPE = ["train.ema.half_life=0.5", "data.augment.mixup=0.2", "data.augment.cut
           "eval.tta=[flip, crop]", "data.augment.flip=true", "data.augment.crop_padding=2", "data.augment.erasing=0.25",
           "data.augment.trivial=true",
           "train.label_smoothing=0.1", "model.activation=relu", "optim.lr=0.1", "optim.momentum=0.9",
-          "schedule.name=onecycle", "train.epochs=3"]
+          "schedule.name=onecycle", "train.epochs=3", "train.swa.epochs=2",
+          "model.batch_norm=true", "model.dropout=0.2"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,6 +70,12 @@ def test_a_half_life_in_epochs_halves_a_steps_weight_after_that_many_epochs():
         load_config(None, ["train.ema={}"])
 
 
+def test_a_half_life_that_averages_nothing_is_bad_input_before_the_folder(tiny_overrides, tmp_path):
+    with pytest.raises(UserError, match="train.ema.half_life: 1e-09 epochs .* averages nothing"):
+        fit(load_config(None, [*tiny_overrides, "train.ema.half_life=1e-9"]), quiet=True)
+    assert not (tmp_path / "results").exists()
+
+
 def test_a_run_with_ema_tests_both_weights_saves_the_average_as_ema_and_names_the_better(tiny_overrides):
     summary = fit(load_config(None, [*tiny_overrides, "train.ema.half_life=0.25", "model.activation=relu",
                                      "optim.lr=0.1"]), quiet=True)
@@ -97,6 +108,122 @@ def test_a_checkpoint_whose_ema_is_not_weights_is_refused_by_name(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "config": {}, "format": 1, "ema": {"w": "not a tensor"}}, path)
     with pytest.raises(UserError, match="bad.pt: not a cnnlab checkpoint .its ema entry is not a state dict"):
         Checkpoint.load(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The average of the last epochs' weights (SWA)
+
+
+def test_without_a_decay_the_average_weighs_every_update_the_same():
+    model = nn.Linear(3, 2)
+    average = WeightAverage(model)
+    seen = []
+    for value in (1.0, 4.0, -2.0, 7.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        seen.append(model.weight.clone())
+        average.update()
+    assert torch.allclose(average.module.weight, torch.stack(seen).mean(0))
+    assert average.updates == 4 and average.current_decay() == pytest.approx(4 / 5)
+
+
+def test_batchnorm_statistics_are_measured_again_over_the_images_given():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Flatten())
+    model[0].running_mean.fill_(9.0)
+    images = [torch.randn(8, 3, 4, 4) * 2 + 1 for _ in range(4)]  # batches of one size: a plain mean of the means
+    assert recompute_batchnorm(model, images, model)
+    everything = torch.cat(images)
+    assert torch.allclose(model[0].running_mean, everything.mean((0, 2, 3)), atol=1e-5)
+    per_batch_var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in images]).mean(0)
+    assert torch.allclose(model[0].running_var, per_batch_var, atol=1e-5)
+    assert not model.training and model[0].momentum == 0.1
+    assert not recompute_batchnorm(nn.Linear(2, 2), images, model)
+
+
+def test_a_run_with_swa_averages_its_last_epochs_tests_the_average_and_saves_it_in_the_last_checkpoint(tiny_overrides):
+    """One epoch averaged is that epoch's weights; BatchNorm's statistics are then those of the training images, so
+    the average differs from the weights in those alone, and evaluating it again gives the summary's figure."""
+    from typer.testing import CliRunner
+
+    from cnnlab.cli import app
+
+    summary = fit(load_config(None, [*tiny_overrides, "train.swa.epochs=1", "model.activation=relu",
+                                     "model.batch_norm=true", "optim.lr=0.1"]), quiet=True)
+    run = Path(summary["run_dir"])
+    assert summary["swa_epochs"] == 1 and 0 <= summary["test_acc_swa"] <= 1 and 0 <= summary["val_acc_swa"] <= 1
+    assert summary["better_weights"] in ("raw", "swa") and "test_acc_swa_tta" not in summary
+    last = Checkpoint.load(run / "checkpoints" / "last.pt")
+    assert last.state["swa_updates"] == 1 and last.swa.keys() == last.model.keys()
+    different = {k for k in last.model if not torch.equal(last.model[k], last.swa[k])}
+    assert different and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in different)
+    result = CliRunner().invoke(app, ["eval", str(run), "--weights", "swa", "--checkpoint", "last", "--split", "val"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "eval" / "val-last-swa" / "eval.json").read_text())
+    assert report["accuracy"] == summary["val_acc_swa"] and "the average of its last epochs' weights" in result.output
+    refused = CliRunner().invoke(app, ["eval", str(run), "--weights", "swa"])
+    assert refused.exit_code == 2 and "add --checkpoint last" in refused.output
+
+
+class TermAtTheEnd(Listener):
+    """Sends this process SIGTERM once the last epoch is checkpointed: the run stops at its next check, after
+    the epoch loop (in train.swa's BatchNorm pass, or in the test pass once the best epoch's weights are loaded)."""
+
+    def end_epoch(self, row, is_best) -> None:
+        if row["epoch"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("swa", [["train.swa.epochs=2"], []])
+def test_a_run_stopped_after_its_last_epoch_resumes_to_the_same_averages_and_weights(tiny_overrides, swa):
+    """Its last checkpoint stays the last epoch's (not the best epoch's weights the test had loaded), and the
+    resume measures BatchNorm's statistics afresh: the same figures and files as a run never stopped."""
+    settings = [*tiny_overrides, *swa, "train.epochs=3", "train.ema.decay=0.9", "model.activation=relu",
+                "model.batch_norm=true", "model.dropout=0.3", "optim.lr=0.1"]
+    clean = fit(load_config(None, settings), quiet=True)
+    assert clean["best_epoch"] < 3  # the test loads other weights than the last epoch's
+    with pytest.raises(Interrupted):
+        fit(load_config(None, settings), reporter=TermAtTheEnd())
+    [stopped] = [p for p in Path(clean["run_dir"]).parent.iterdir() if str(p) != clean["run_dir"]]
+    assert json.loads((stopped / "summary.json").read_text())["status"] == "interrupted"
+    resumed = resume(stopped, quiet=True)
+    assert resumed["status"] == "completed" and resumed.get("swa_epochs") == (2 if swa else None)
+    assert figures(resumed) == figures(clean) and resumed.get("val_acc_swa") == clean.get("val_acc_swa")
+    for name in ("last.pt", "best.pt"):
+        reference = Checkpoint.load(Path(clean["run_dir"]) / "checkpoints" / name)
+        got = Checkpoint.load(stopped / "checkpoints" / name)
+        for entry in ("model", "ema", "swa"):
+            assert (getattr(got, entry) is None) == (getattr(reference, entry) is None)
+            if getattr(reference, entry) is not None:
+                assert all(torch.equal(getattr(got, entry)[k], v) for k, v in getattr(reference, entry).items())
+
+
+def test_an_early_stop_before_the_last_epochs_leaves_no_average_and_eval_says_so(tiny_overrides):
+    from typer.testing import CliRunner
+
+    from cnnlab.cli import app
+
+    summary = fit(load_config(None, [*tiny_overrides, "train.epochs=4", "train.swa.epochs=2", "train.patience=1",
+                                     "optim.lr=1e-12"]), quiet=True)  # never better after epoch 1: stops after 2
+    assert summary["epochs_completed"] == 2 and summary["swa_epochs"] == 0 and "test_acc_swa" not in summary
+    refused = CliRunner().invoke(app, ["eval", summary["run_dir"], "--weights", "swa", "--checkpoint", "last"])
+    assert refused.exit_code == 2 and "there is no average to evaluate" in refused.output
+
+
+def test_swa_of_more_epochs_than_the_run_has_is_bad_input(tiny_overrides):
+    with pytest.raises(UserError, match="swa.epochs: 5 last epochs to average, but epochs is 2; choose swa.epochs <= epochs"):
+        load_config(None, [*tiny_overrides, "train.swa.epochs=5"])
+
+
+def test_a_run_without_swa_has_no_average_to_evaluate(tiny_overrides):
+    from typer.testing import CliRunner
+
+    from cnnlab.cli import app
+
+    plain = fit(load_config(None, [*tiny_overrides, "train.epochs=1"]), quiet=True)
+    assert "swa_epochs" not in plain and Checkpoint.load(Path(plain["run_dir"]) / "checkpoints" / "last.pt").swa is None
+    refused = CliRunner().invoke(app, ["eval", plain["run_dir"], "--weights", "swa", "--checkpoint", "last"])
+    assert refused.exit_code == 2 and "the run trained without train.swa" in refused.output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +335,8 @@ def test_accumulate_must_leave_every_part_an_image():
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
     checkpoint = Checkpoint.load(run / "checkpoints" / "last.pt")
-    return {**checkpoint.model, **{f"ema.{k}": v for k, v in checkpoint.ema.items()}}
+    return {**checkpoint.model, **{f"ema.{k}": v for k, v in checkpoint.ema.items()},
+            **{f"swa.{k}": v for k, v in checkpoint.swa.items()}}
 
 
 def figures(summary: dict) -> dict:
@@ -233,6 +361,7 @@ def test_a_seeded_run_with_every_option_on_is_bit_identical_twice_and_after_a_mi
         got = weights(Path(other["run_dir"]))
         assert all(torch.equal(got[k], reference[k]) for k in reference)
     assert first["test_acc_ema_tta"] is not None and first["test_tta"] == ["flip", "crop"]
+    assert first["test_acc_swa_tta"] is not None and first["swa_epochs"] == 2
     assert math.isfinite(first["final"]["train_loss"])
 
 
@@ -266,6 +395,6 @@ def test_a_run_of_a_cnnlab_without_these_options_is_still_the_same_experiment(ti
     older = yaml.safe_load(path.read_text())
     for key in ("mixup", "cutmix", "trivial"):
         del older["data"]["augment"][key]
-    del older["train"]["ema"], older["train"]["accumulate"]
+    del older["train"]["ema"], older["train"]["accumulate"], older["train"]["swa"]
     path.write_text(yaml.safe_dump(older))
     assert [run for run, _, _ in runs_of(cfg)] == [path.parent]

@@ -648,8 +648,9 @@ def eval_(
     run_dir: RunArgument = None,
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
     checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
-    weights: Annotated[str, typer.Option(help="raw (the weights themselves) or ema (their moving average, from a run "
-                                              "with train.ema).")] = "raw",
+    weights: Annotated[str, typer.Option(help="raw (the weights themselves), ema (their moving average, from a run "
+                                              "with train.ema) or swa (the average of the last epochs', from a run with "
+                                              "train.swa; with --checkpoint last).")] = "raw",
     tta: Annotated[Optional[list[str]], typer.Option(
         metavar="flip|crop", help="Also report accuracy with test-time augmentation: flip averages each image's logits "
                                   "with its mirror image's, crop with the image shifted a pixel up-left and down-right; "
@@ -667,7 +668,8 @@ def eval_(
                               weights=weights)
         augmented = f"; with {'+'.join(report.tta)} TTA: accuracy {report.accuracy_tta:.4f}, loss {report.loss_tta:.4f}" \
             if report.tta else ""
-        averaged = ", its moving average of the weights" if report.weights == "ema" else ""
+        averaged = {"ema": ", its moving average of the weights", "swa": ", the average of its last epochs' weights"
+                    }.get(report.weights, "")
         out.print(f"{report.split} ({report.images:,} images, {report.checkpoint} checkpoint{averaged}): "
                   f"accuracy {report.accuracy:.4f}, loss {report.loss:.4f}{augmented}")
         grid = Table("class", "accuracy", box=None, header_style="bold")

@@ -151,6 +151,13 @@ class EmaConfig(Section):
         return 0.5 ** (1 / (self.half_life * steps_per_epoch))
 
 
+class SwaConfig(Section):
+    """An equal average of the weights at the end of each of the last epochs (train.swa, SWA-style), its BatchNorm
+    statistics recomputed on the training split once training ends."""
+
+    epochs: int = Field(ge=1)  # how many of the last epochs: the weights at the end of each count once
+
+
 class TrainConfig(Section):
     epochs: int = Field(20, ge=1)  # passes over the training split
     batch_size: int = Field(256, ge=1)  # images per optimiser step
@@ -186,12 +193,19 @@ class TrainConfig(Section):
     # an exponential moving average of the weights ({half_life: 0.5} epochs, or {decay: 0.999} per step), evaluated
     # every epoch beside the weights themselves and tested beside them, saved in checkpoints as `ema`; null = off
     ema: EmaConfig | None = None
+    # SWA-style: the equal average of the weights at the end of each of the last {epochs: N} epochs, BatchNorm's
+    # statistics recomputed over the training split, validated and tested beside the weights at the end, saved in
+    # the last checkpoint as `swa`. Pays with a schedule that ends above zero (cosine with min_lr_ratio); null = off
+    swa: SwaConfig | None = None
 
     @model_validator(mode="after")
-    def _parts_of_a_batch(self) -> TrainConfig:
+    def _consistent(self) -> TrainConfig:
         if self.accumulate > 1 and 2 * self.accumulate > self.batch_size:
             raise ValueError(f"accumulate: {self.accumulate} parts of a batch of {self.batch_size} leaves parts of "
                              "fewer than two images (BatchNorm cannot train on one); choose accumulate <= batch_size / 2")
+        if self.swa is not None and self.swa.epochs > self.epochs:
+            raise ValueError(f"swa.epochs: {self.swa.epochs} last epochs to average, but epochs is {self.epochs}; "
+                             "choose swa.epochs <= epochs")
         return self
 
     @field_validator("threads", mode="before")

@@ -85,9 +85,14 @@ def measure(cfg: Config, session: Session | None = None) -> Estimate:
     start = _now(session)
     evaluate(session.forward, sample, session.runtime)
     per_eval_batch = (_now(session) - start) / max(len(sample), 1)
-    # train.ema evaluates the averaged weights too; the test pass adds each of eval.tta's views
+    # train.ema evaluates the averaged weights too; the test pass adds each of eval.tta's views; train.swa, at the
+    # end, a pass over the training images (BatchNorm's statistics), the validation split and the test passes
     weights = 2 if session.average is not None else 1
-    test_passes = weights * (1 + (len(tta_views(sample[0][0][:1], cfg.eval.tta)) if cfg.eval.tta and sample else 0))
+    tested = weights + (session.swa is not None)
+    test_passes = tested * (1 + (len(tta_views(sample[0][0][:1], cfg.eval.tta)) if cfg.eval.tta and sample else 0))
+    if session.swa is not None:
+        test_passes += eval_batches / max(test_batches, 1) + data.num_batches("train", cfg.train.eval_batch_size) / \
+            max(test_batches, 1)
     return Estimate(step_seconds, batch_size, session.steps_per_epoch, per_eval_batch * eval_batches * weights,
                     per_eval_batch * test_batches * test_passes, cfg.train.epochs, "ordinary")
 

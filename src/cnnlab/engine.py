@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
+from cnnlab.averaging import recompute_batchnorm
 from cnnlab.config import Config, dump_config, parse_override, set_value, validate
 from cnnlab.data import Data
 from cnnlab.errors import TrainingError, UserError, say, warn
@@ -29,7 +31,17 @@ from cnnlab.listeners import Listener, start_epoch
 from cnnlab.modelinfo import count_params
 from cnnlab.progress import make_reporter
 from cnnlab.record import RunRecord, StartupClock, for_rank, recording_ending, run_listeners
-from cnnlab.results import RESUMABLE, Checkpoint, CheckpointWriter, RunDir, RunSummary, git_commit, read_summary, utc_now
+from cnnlab.results import (
+    AVERAGE_FIGURES,
+    RESUMABLE,
+    Checkpoint,
+    CheckpointWriter,
+    RunDir,
+    RunSummary,
+    git_commit,
+    read_summary,
+    utc_now,
+)
 from cnnlab.runs import OpenedRun, comparable, config_differences, describe_state, open_run, runs_of
 from cnnlab.runtime import process_age
 from cnnlab.session import Session, join_world, prepare, step_fields
@@ -308,7 +320,8 @@ class Continuation:
         resumed = summary.model_copy(update={k: getattr(fresh, k) for k in (
             "status", "epochs", "device", "device_name", "precision", "threads", "cpus", "torch_version", "git_commit", "pid",
             "host", "data_root", "data")})
-        for key in ("error", "stopped_at", "finished", "test_acc", "test_loss", "test_checkpoint", "final"):
+        for key in ("error", "stopped_at", "finished", "test_acc", "test_loss", "test_checkpoint", "final", "test_tta",
+                    "test_acc_tta", "test_loss_tta", *AVERAGE_FIGURES, "better_weights", "best_val_weights"):
             setattr(resumed, key, None)
         at = state.current.batches if state.current is not None else 0
         resumed.resumes = [*summary.resumes, {
@@ -316,7 +329,8 @@ class Continuation:
             "device": str(session.runtime.device), "host": socket.gethostname(), "pid": os.getpid(), "changes": changes,
         }]
         run.write_summary(resumed)
-        where = f"epoch {done + 1} of {cfg.train.epochs}" + (f", batch {at}" if at else "")
+        where = f"epoch {done + 1} of {cfg.train.epochs}" + (f", batch {at}" if at else "") if done < cfg.train.epochs \
+            else f"the test, after its last epoch ({done})"
         with_changes = "".join(f", {c['key']} {c['old']} -> {c['new']}" for c in changes)
         reporter.message(f"resuming {run_dir} ({opened.state}) at {where}{with_changes}")
         return resumed
@@ -459,10 +473,17 @@ def train(
                 "train_examples_per_sec": train_metrics["examples"] / max(train_metrics["seconds"], 1e-9),
             }
             if session.average is not None:  # the averaged weights, beside the weights themselves
+                # Under torchrun each rank's BatchNorm statistics follow its own shard (unless synced): rank 0's
+                # average, the one checkpoints hold, is the one every rank evaluates
+                world.broadcast_module(session.average.module)
                 averaged = evaluate(session.average.module, world.shard(data.batches(data.eval_split_name,
                                                                                      cfg.train.eval_batch_size)),
                                     runtime, stop, world)
                 row["val_loss_ema"], row["val_acc_ema"] = averaged.loss, averaged.acc
+            if session.swa is not None and epoch > cfg.train.epochs - cfg.train.swa.epochs:
+                if epoch == cfg.train.epochs - cfg.train.swa.epochs + 1:
+                    session.swa.updates = 0  # the window's first epoch (again, after a resume with more epochs)
+                session.swa.update()  # the weights at the end of one of the last epochs: counted once, like the others
             is_best = epoch_score(row) > state.best_acc
             if is_best:
                 state.best_acc, state.best_epoch = epoch_score(row), epoch
@@ -480,6 +501,7 @@ def train(
                 reporter.message(f"early stop: no better {data.eval_split_name} accuracy for {cfg.train.patience} epochs")
 
         checkpoints.flush()
+        swa = finish_swa(session, run, state, summary, reporter, checkpoints, stop) if session.swa is not None else None
         average = session.average.module if session.average is not None else None
         if cfg.output.checkpoints:
             if run.writer:
@@ -487,9 +509,9 @@ def train(
                 model.load_state_dict(best.model)
                 if average is not None:
                     average.load_state_dict(best.ema)
-            for module in (model, average):
-                if module is not None:
-                    world.broadcast_module(module)  # the other ranks test the same weights without reading the folder
+            world.broadcast_module(model)  # the other ranks test the same weights without reading the folder
+        if average is not None:
+            world.broadcast_module(average)
 
         def test_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             return world.shard(data.batches("test", cfg.train.eval_batch_size))
@@ -500,21 +522,29 @@ def train(
         if cfg.eval.tta:  # beside the plain figures, never instead of them
             augmented = evaluate(model, test_batches(), runtime, stop, world, tta=cfg.eval.tta)
             summary.test_tta, summary.test_acc_tta, summary.test_loss_tta = list(cfg.eval.tta), augmented.acc, augmented.loss
-        if average is not None:
-            tested = evaluate(average, test_batches(), runtime, stop, world)
-            summary.test_acc_ema, summary.test_loss_ema = tested.acc, tested.loss
-            if cfg.eval.tta:
-                tested = evaluate(average, test_batches(), runtime, stop, world, tta=cfg.eval.tta)
-                summary.test_acc_ema_tta, summary.test_loss_ema_tta = tested.acc, tested.loss
+        for kind, averaged in (("ema", average), ("swa", swa)):  # summary.test_acc_ema, test_loss_swa_tta, ...
+            if averaged is None:
+                continue
+            for tta in ((), cfg.eval.tta) if cfg.eval.tta else ((),):
+                tested = evaluate(averaged, test_batches(), runtime, stop, world, tta=tta)
+                suffix = "_tta" if tta else ""
+                setattr(summary, f"test_acc_{kind}{suffix}", tested.acc)
+                setattr(summary, f"test_loss_{kind}{suffix}", tested.loss)
         summary.test_checkpoint = "best" if cfg.output.checkpoints else "last"
         final = run.metrics[-1]
         summary.status = "completed"
         summary.epochs_completed = state.epoch
         summary.best_epoch, summary.best_val_acc = state.best_epoch, state.best_acc
         summary.final = {k: final[k] for k in FINAL_FIGURES if k in final}
-        if average is not None:
+        if average is not None or swa is not None:
+            # on the validation split: the weights tested (the best epoch's, or without checkpoints the last's) and
+            # their averages; ties go to the weights themselves
+            tested_row = run.metrics[state.best_epoch - 1] if cfg.output.checkpoints else final
+            scores = {"raw": tested_row["val_acc"], "ema": tested_row.get("val_acc_ema"), "swa": summary.val_acc_swa}
+            summary.better_weights = max((name for name in scores if scores[name] is not None), key=scores.__getitem__)
+        if average is not None:  # whose figure best_val_acc is: the best epoch's weights, or their moving average
             best_row = run.metrics[state.best_epoch - 1]
-            summary.better_weights = "ema" if best_row["val_acc_ema"] > best_row["val_acc"] else "raw"
+            summary.best_val_weights = "ema" if best_row["val_acc_ema"] > best_row["val_acc"] else "raw"
         summary.train_examples_per_sec = state.train_examples / max(state.train_seconds, 1e-9)
         summary.train_seconds = state.train_seconds
         summary.stopped_early = state.stopped_early
@@ -540,6 +570,39 @@ def train(
     return summary.to_dict()
 
 
+def finish_swa(session: Session, run: RunDir, state: TrainState, summary: RunSummary, reporter: Listener,
+               checkpoints: CheckpointWriter, stop: StopSignals) -> nn.Module | None:
+    """``train.swa`` once training ends: the average's BatchNorm statistics measured over the training images (as
+    they are tested: not augmented), saved in the last checkpoint, and its accuracy on the validation split in the
+    summary; the average to test, or None when there is none. Again on resume from any point after the last epoch:
+    the measurement starts afresh each time."""
+    cfg, data, runtime, world, swa = session.cfg, session.data, session.runtime, session.world, session.swa
+    summary.swa_epochs = swa.updates
+    if not swa.updates:
+        reporter.message(f"train.swa: early stopping (train.patience) ended training at epoch {state.epoch}, before "
+                         f"epoch {cfg.train.epochs - cfg.train.swa.epochs + 1} where the average of the last "
+                         f"{cfg.train.swa.epochs} epochs starts; no average to test")
+        return None
+
+    def forward(x: torch.Tensor) -> None:
+        with runtime.autocast():
+            swa.module(x)
+        stop.check()
+
+    # every batch, but a last one too short to give each process two images (BatchNorm trains on no fewer)
+    images = (x for x, _ in world.shard(batch for batch in data.batches("train", cfg.train.eval_batch_size)
+                                        if len(batch[1]) >= world.min_last_batch))
+    if recompute_batchnorm(swa.module, images, forward):
+        world.broadcast_module(swa.module)  # under torchrun each rank measured its shard: rank 0's, as saved
+        if cfg.output.checkpoints and run.writer:
+            checkpoints.save(session.checkpoint(state), "last")
+            checkpoints.flush()
+    val = evaluate(swa.module, world.shard(data.batches(data.eval_split_name, cfg.train.eval_batch_size)), runtime,
+                   stop, world)
+    summary.val_acc_swa, summary.val_loss_swa = val.acc, val.loss
+    return swa.module
+
+
 def _record_ending(err: BaseException, session: Session, run: RunDir, state: TrainState, summary: RunSummary,
                    wall_seconds: float, stop: StopSignals, checkpoints: CheckpointWriter) -> None:
     """Write down how a run ended early: status, error, where it stopped; checkpoint a graceful stop.
@@ -559,8 +622,10 @@ def _record_ending(err: BaseException, session: Session, run: RunDir, state: Tra
     summary.error = None if isinstance(err, Pruned) else "interrupted (Ctrl-C)" if isinstance(err, KeyboardInterrupt) \
         else str(err) if isinstance(err, Interrupted) else failure_text(err, run)
     state.wall_seconds = wall_seconds
-    if isinstance(err, Interrupted) and session.cfg.output.checkpoints and not session.world.distributed:
-        # Stopped between batches: everything agrees, so resume can continue from this very batch.
+    if isinstance(err, Interrupted) and state.current is not None and session.cfg.output.checkpoints \
+            and not session.world.distributed:
+        # Stopped between batches: everything agrees, so resume can continue from this very batch. (Stopped after
+        # the last epoch, in the test, last.pt is the last epoch's already, and the model may hold the best's.)
         with RunRecord.guarded(run):
             checkpoints.save(session.checkpoint(state), "last")
             checkpoints.flush()

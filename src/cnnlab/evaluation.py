@@ -40,7 +40,7 @@ class EvalReport:
     confused_pairs: list[tuple[str, str, int]]  # (true, predicted, count), most frequent first
     confusion: list[list[int]]  # rows: true class, columns: predicted class
     folder: str
-    weights: str = "raw"  # raw: the weights themselves; ema: their moving average (train.ema)
+    weights: str = "raw"  # raw: the weights themselves; ema: their moving average (train.ema); swa: train.swa's
     tta: list[str] | None = None  # the test-time augmentation of the two figures below (eval.tta), if any
     accuracy_tta: float | None = None
     loss_tta: float | None = None
@@ -49,14 +49,14 @@ class EvalReport:
 def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", trust_code: bool = False,
                  tta: list[str] | None = None, weights: str = "raw") -> EvalReport:
     """``tta``: test-time augmentation reported beside the plain figures (None: the run's own ``eval.tta``);
-    ``weights``: ``raw`` or ``ema``, the moving average of a run with ``train.ema``."""
+    ``weights``: ``raw``, ``ema`` (the moving average of a run with ``train.ema``) or ``swa`` (``train.swa``)."""
     if split not in ("test", "val"):
         raise UserError(f"--split {split!r}: choose test or val")
     unknown = sorted(set(tta or ()) - set(TTA_NAMES))
     if unknown:
         raise UserError(f"--tta {unknown[0]}: the test-time augmentations are {' and '.join(TTA_NAMES)}; "
                         f"e.g. --tta {TTA_NAMES[0]}")
-    folder = Path(run_dir) / "eval" / (f"{split}-{checkpoint}" + ("-ema" if weights == "ema" else ""))
+    folder = Path(run_dir) / "eval" / (f"{split}-{checkpoint}" + (f"-{weights}" if weights in ("ema", "swa") else ""))
     check_output_dir(folder, "eval output")
     opened = open_run(run_dir, checkpoint=checkpoint, trust_code=trust_code, weights=weights)
     data = opened.load_data()
@@ -96,7 +96,7 @@ def write_outputs(report: EvalReport, folder: Path, split: Split, labels: torch.
 
     fig = confusion_figure(report.confusion,
                            f"{report.split} set: accuracy {report.accuracy:.4f} ({report.checkpoint} checkpoint"
-                           + (", ema weights)" if report.weights == "ema" else ")"), classes)
+                           + (f", {report.weights} weights)" if report.weights != "raw" else ")"), classes)
     save_figure(fig, folder / "confusion.png")
 
     wrong = (preds != labels).nonzero().flatten()[:MAX_ERROR_TILES].tolist()

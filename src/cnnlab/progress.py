@@ -105,8 +105,8 @@ class ConsoleReporter(Listener):
         if summary.status == "completed":
             self.message(
                 f"done: test acc {number_text(summary.test_acc, 4)}{tta_text(summary)}{ema_text(summary)} "
-                f"(best epoch {summary.best_epoch}, "
-                f"{summary.eval_split} acc {number_text(summary.best_val_acc, 4)}), "
+                f"(best epoch {summary.best_epoch}, {summary.eval_split} acc {number_text(summary.best_val_acc, 4)}"
+                f"{' (ema)' if summary.best_val_weights == 'ema' else ''}), "
                 f"{number_text(summary.wall_seconds, 1)}s -> {run_dir}"
             )
         else:
@@ -200,8 +200,15 @@ def tta_text(summary: RunSummary, acc: float | None = None) -> str:
 
 
 def ema_text(summary: RunSummary) -> str:
-    """"; ema 0.9180, with flip TTA 0.9201, the better on val" where the run averaged its weights (``train.ema``)."""
-    if summary.test_acc_ema is None:
-        return ""
-    better = ", the better on val" if summary.better_weights == "ema" else ""
-    return f"; ema {number_text(summary.test_acc_ema, 4)}{tta_text(summary, summary.test_acc_ema_tta)}{better}"
+    """"; ema 0.9180, with flip TTA 0.9201, the best on val" where the run averaged its weights (``train.ema``), and
+    "; swa (last 5 epochs, val 0.9210) 0.9190" where it averaged its last epochs' (``train.swa``)."""
+    text = ""
+    if summary.test_acc_ema is not None:
+        text += f"; ema {number_text(summary.test_acc_ema, 4)}{tta_text(summary, summary.test_acc_ema_tta)}"
+        text += ", the best on val" if summary.better_weights == "ema" else ""
+    if summary.test_acc_swa is not None:
+        epochs = f"last {summary.swa_epochs} epoch{'s' * (summary.swa_epochs != 1)}"
+        text += (f"; swa ({epochs}, val {number_text(summary.val_acc_swa, 4)}) {number_text(summary.test_acc_swa, 4)}"
+                 f"{tta_text(summary, summary.test_acc_swa_tta)}")
+        text += ", the best on val" if summary.better_weights == "swa" else ""
+    return text

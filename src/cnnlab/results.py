@@ -322,6 +322,11 @@ class StartupRecord(BaseModel):
     first_step: float | None = Field(None, ge=0)  # the first batch's step (first calls are slow: kernels, allocations)
 
 
+# What a run's test pass says of its averaged weights (train.ema, train.swa): redone when a run resumes.
+AVERAGE_FIGURES = ("test_acc_ema", "test_loss_ema", "test_acc_ema_tta", "test_loss_ema_tta", "swa_epochs", "val_acc_swa",
+                   "val_loss_swa", "test_acc_swa", "test_loss_swa", "test_acc_swa_tta", "test_loss_swa_tta")
+
+
 class RunSummary(BaseModel):
     """summary.json. Unknown keys are kept (newer cnnlab versions may add some)."""
 
@@ -376,13 +381,21 @@ class RunSummary(BaseModel):
     test_tta: list[str] | None = None  # eval.tta: the test-time augmentation of the figures below, beside the plain ones
     test_acc_tta: float | None = None
     test_loss_tta: float | None = None
-    # train.ema: the moving average of the weights tested beside them (with eval.tta too), and which of the two was
-    # better on the validation split at the best epoch: "ema" or "raw" (the weights themselves)
+    # train.ema: the moving average of the weights tested beside them (with eval.tta too)
     test_acc_ema: float | None = None
     test_loss_ema: float | None = None
     test_acc_ema_tta: float | None = None
     test_loss_ema_tta: float | None = None
-    better_weights: Literal["ema", "raw"] | None = None
+    # train.swa: the equal average of the last epochs' weights (how many), on the validation and test splits
+    swa_epochs: int | None = None
+    val_acc_swa: float | None = None
+    val_loss_swa: float | None = None
+    test_acc_swa: float | None = None
+    test_loss_swa: float | None = None
+    test_acc_swa_tta: float | None = None
+    test_loss_swa_tta: float | None = None
+    better_weights: Literal["ema", "swa", "raw"] | None = None  # of those tested, the best on the validation split
+    best_val_weights: Literal["ema", "raw"] | None = None  # with train.ema: whose figure best_val_acc is
     test_checkpoint: str | None = None
     test_confusion: list[list[int]] | None = None  # test set counts: rows the true class, columns the predicted one
     train_examples_per_sec: float | None = None
@@ -435,6 +448,7 @@ class Checkpoint:
     torch_version: str = str(torch.__version__)
     data: dict[str, Any] | None = None  # DataSpec.to_dict() of the data it was trained on; None in older checkpoints
     ema: dict[str, Any] | None = None  # the moving average of the weights (train.ema), a state dict like model's
+    swa: dict[str, Any] | None = None  # the equal average of the last epochs' weights (train.swa), the same
 
     @property
     def epoch(self) -> int:
@@ -531,9 +545,9 @@ class Checkpoint:
     def from_dict(cls, data: Any, path: Path) -> Checkpoint:
         if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or not isinstance(data.get("config"), dict):
             raise UserError(f"{path}: not a cnnlab checkpoint (no model weights and config inside)")
-        for entry in ("model", "ema"):
+        for entry in ("model", "ema", "swa"):
             weights = data.get(entry)
-            if (entry == "ema" and weights is None) or (isinstance(weights, dict) and
+            if (entry != "model" and weights is None) or (isinstance(weights, dict) and
                                                          all(isinstance(v, torch.Tensor) for v in weights.values())):
                 continue
             raise UserError(f"{path}: not a cnnlab checkpoint (its {entry} entry is not a state dict of tensors)")
@@ -550,7 +564,7 @@ class Checkpoint:
         return cls(model=data["model"], config=data["config"], optimizer=data.get("optimizer"),
                    scheduler=data.get("scheduler"), scaler=data.get("scaler"), state=state,
                    format=fmt if isinstance(fmt, int) else 0, torch_version=str(data.get("torch_version", "")), data=spec,
-                   ema=data.get("ema"))
+                   ema=data.get("ema"), swa=data.get("swa"))
 
 
 def digest_path(path: Path) -> Path:

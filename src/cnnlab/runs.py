@@ -68,7 +68,8 @@ def open_run(
     weights: str = "raw",
 ) -> OpenedRun:
     """A run's config, summary and state, and (unless ``checkpoint`` is None) its trained model: the weights
-    themselves (``raw``) or their moving average (``ema``, from a run with ``train.ema``)."""
+    themselves (``raw``), their moving average (``ema``, from a run with ``train.ema``) or the average of its last
+    epochs' (``swa``, ``train.swa``: a completed run's last checkpoint, its BatchNorm statistics measured again)."""
     from cnnlab.models.build import build_model
 
     run_dir = require_run_dir(run_dir)
@@ -80,27 +81,48 @@ def open_run(
         return opened
     if checkpoint not in ("best", "last"):
         raise UserError(f"--checkpoint {checkpoint!r}: choose best or last")
-    if weights not in ("raw", "ema"):
-        raise UserError(f"--weights {weights!r}: choose raw (the weights themselves) or ema (their moving average)")
+    if weights not in ("raw", "ema", "swa"):
+        raise UserError(f"--weights {weights!r}: choose raw (the weights themselves), ema (their moving average) or swa "
+                        "(the average of the last epochs')")
+    if weights == "swa" and checkpoint != "last":
+        raise UserError("--weights swa: the average of the last epochs is in the last checkpoint; "
+                        "add --checkpoint last")
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
     if not path.is_file():
         raise UserError(f"{path} is missing: the run wrote no checkpoints (output.checkpoints: false) or did not "
                         "finish an epoch")
-    if state != "completed":
-        warn(f"{run_dir} is {describe_state(opened)}; using its {checkpoint} checkpoint anyway")
     saved = Checkpoint.load(path)
+    if weights == "swa":
+        check_swa(saved, path, opened)
+    elif state != "completed":
+        warn(f"{run_dir} is {describe_state(opened)}; using its {checkpoint} checkpoint anyway")
     if weights == "ema" and saved.ema is None:
         raise UserError(f"{path} holds no moving average of the weights (the run trained without train.ema); "
                         "leave out --weights ema")
     with hushed():  # what building the model says (a library model's rebuilt first layer) its training said already
         model = build_model(cfg, spec=opened.spec)
     try:
-        model.load_state_dict(saved.ema if weights == "ema" else saved.model)
+        model.load_state_dict({"raw": saved.model, "ema": saved.ema, "swa": saved.swa}[weights])
     except RuntimeError:
         raise UserError(f"{path}: its weights do not fit the model described by {run_dir / 'config.yaml'} "
                         "(the file belongs to another run, or config.yaml was changed)") from None
     opened.model, opened.checkpoint = model.to(device).eval(), checkpoint
     return opened
+
+
+def check_swa(saved: Checkpoint, path: Path, opened: OpenedRun) -> None:
+    """That ``saved`` (a run's last checkpoint) holds a finished average of the last epochs (``train.swa``)."""
+    if saved.swa is None:
+        raise UserError(f"{path} holds no average of the last epochs' weights (the run trained without train.swa); "
+                        "leave out --weights swa")
+    if opened.state != "completed":
+        raise UserError(f"{opened.path} is {describe_state(opened)}: the average of its last epochs is finished "
+                        "(its BatchNorm statistics measured) only when training ends; wait for it to finish, or "
+                        "resume it if it stopped")
+    if not (saved.state or {}).get("swa_updates"):
+        raise UserError(f"{opened.path}: early stopping ended training before the last "
+                        f"{opened.cfg.train.swa.epochs if opened.cfg.train.swa else 'few'} epochs that train.swa "
+                        "averages; there is no average to evaluate")
 
 
 def load_run_config(path: Path, trust_code: bool) -> Config:

@@ -73,6 +73,7 @@ class Session(Trainables):
     flops: int
     threads: ThreadChoice
     sync_bn: bool = False
+    swa: WeightAverage | None = None  # the equal average of the last epochs' weights (train.swa)
     static_step: StaticStep | None = None  # when the step runs over static buffers (train.cuda_graphs)
     static_eval: StaticEval | None = None  # the per-epoch evaluation over static buffers, alongside it
     step_note: str | None = None  # why it does not, when it was asked for
@@ -89,9 +90,12 @@ class Session(Trainables):
         saved = state.state_dict(self.generators)
         if self.average is not None:
             saved["ema_updates"] = self.average.updates
+        if self.swa is not None:
+            saved["swa_updates"] = self.swa.updates
         return Checkpoint(
             model=self.model.state_dict(),
             ema=self.average.state_dict() if self.average is not None else None,
+            swa=self.swa.state_dict() if self.swa is not None else None,
             config=self.cfg.to_dict(),
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
@@ -114,6 +118,10 @@ class Session(Trainables):
                 if checkpoint.ema is None:
                     raise KeyError("ema")
                 self.average.load_state_dict(checkpoint.ema, int(checkpoint.state.get("ema_updates", 0)))
+            if self.swa is not None:
+                if checkpoint.swa is None:
+                    raise KeyError("swa")
+                self.swa.load_state_dict(checkpoint.swa, int(checkpoint.state.get("swa_updates", 0)))
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
             raise UserError(f"{path}: does not fit this run's model, optimiser and training state "
                             f"({type(err).__name__}); "
@@ -175,12 +183,13 @@ def prepare(cfg: Config, *, pretrained: bool = True) -> Session:
     optimizer = make_optimizer(model, cfg.optim)
     steps_per_epoch = data.num_batches("train", cfg.train.batch_size, shuffle=True, min_last=world.min_last_batch)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.train.epochs, steps_per_epoch)
-    average = WeightAverage(model, cfg.train.ema.decay_per_step(steps_per_epoch)) if cfg.train.ema is not None else None
+    average = WeightAverage(model, ema_decay(cfg, steps_per_epoch)) if cfg.train.ema is not None else None
     session = Session(
         cfg=cfg, runtime=runtime, data=data, model=model, forward=forward, average=average,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), optimizer=optimizer, scheduler=scheduler,
         steps_per_epoch=steps_per_epoch, order=torch.Generator().manual_seed(cfg.seed), world=world, flops=flops,
-        threads=threads, sync_bn=sync_bn, weights=weights, frozen_params=frozen,
+        threads=threads, sync_bn=sync_bn, swa=WeightAverage(model) if cfg.train.swa is not None else None,
+        weights=weights, frozen_params=frozen,
         startup={"imports": imports, "data": data_seconds, "model": model_seconds},
     )
     work = 3 * flops * steps_per_epoch * cfg.train.batch_size * cfg.train.epochs  # forward and backward, all epochs
@@ -189,6 +198,16 @@ def prepare(cfg: Config, *, pretrained: bool = True) -> Session:
             cfg.train.batch_size, PROBE_BATCH))), session.loss_fn), worth=not flops or work >= PROBE_MIN_WORK)
     choose_step(session)
     return session
+
+
+def ema_decay(cfg: Config, steps_per_epoch: int) -> float:
+    """``train.ema``'s decay per optimiser step; a half-life too short or too long to average anything is bad input."""
+    decay = cfg.train.ema.decay_per_step(steps_per_epoch)
+    if not 0 < decay < 1:
+        raise UserError(f"train.ema.half_life: {cfg.train.ema.half_life} epochs of {steps_per_epoch} optimiser steps "
+                        f"leaves a decay of {decay} per step, which averages nothing; give a half-life between "
+                        "a few steps and a few hundred epochs (0.5, say)")
+    return decay
 
 
 def normalized_for_weights(data: Data, cfg: Config) -> Data:

@@ -122,8 +122,9 @@ def check_state_dict(state: Any) -> None:
         raise ValueError("state.best_acc is not an accuracy")
     if not _number(state.get("train_seconds")) or state["train_seconds"] < 0:
         raise ValueError("state.train_seconds is not a duration")
-    if not _count(state.get("ema_updates", 0)):
-        raise ValueError("state.ema_updates is not a count")
+    for key in ("ema_updates", "swa_updates"):
+        if not _count(state.get(key, 0)):
+            raise ValueError(f"state.{key} is not a count")
     if not _count(state.get("patience_start", 0)) or not _number(state.get("wall_seconds", 0.0)):
         raise ValueError("state.patience_start or state.wall_seconds is not a number")
     if state["best_epoch"] > state["epoch"]:
