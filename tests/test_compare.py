@@ -14,8 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from cnnlab.compare import aggregate, collect_rows, markdown_table, mean_std, table_cells, write_trials
-from cnnlab.errors import warn
+from cnnlab.compare import aggregate, collect_rows, markdown_table, mean_std, read_trials, table_cells, write_trials
+from cnnlab.errors import UserError, warn
 from cnnlab.identity import experiment_key, variant_labels
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -234,7 +234,8 @@ def test_summary_csv_always_names_each_rows_data_set(trained, tmp_path):
             reader = csv.DictReader(handle)
             written = {Path(row["run_dir"]).name: row["data"] for row in reader}
         assert reader.fieldnames == ["name", "optim.lr", "seed", "train_loss", "train_acc", "val_acc", "test_acc",
-                                     "examples_per_sec", "wall_seconds", "params", "status", "error", "run_dir", "data"]
+                                     "examples_per_sec", "wall_seconds", "params", "status", "error", "run_dir", "data",
+                                     "test_acc_tta", "test_acc_ema", "test_acc_ema_tta", "test_acc_swa", "test_acc_swa_tta"]
         assert written == {name: {"mnist": "mnist"}.get(name, "fashion-mnist") for name in folders}
 
 
@@ -244,3 +245,42 @@ def test_a_trials_json_from_before_data_sets_reads_as_fashion_mnist(tmp_path):
     table = aggregate(collect_rows([tmp_path]).rows)
     assert [(entry["name"], entry["data"]) for entry in table] == [("lenet", "fashion-mnist"), ("digits", "mnist")]
     assert markdown_table(table).startswith("| variant | data | seeds |")
+
+
+def test_test_accuracies_beside_the_plain_one_get_a_column_only_where_a_run_has_them(trained, tmp_path):
+    # eval.tta, train.ema and train.swa report test accuracies beside the plain one: the tables show each
+    # after "test acc" (mean ± std over seeds like the rest), and summary.csv keeps them in its last columns.
+    run, _ = trained
+    copy_run(run, tmp_path / "plain" / "a")
+    plain = markdown_table(aggregate(collect_rows([tmp_path / "plain"]).rows))
+    assert plain.startswith("| variant | seeds | train loss | train acc | val acc | test acc | examples/s |")
+
+    recipe = {"train.ema": {"half_life": 1}, "eval.tta": ["flip"]}
+    copy_run(run, tmp_path / "runs" / "plain")
+    copy_run(run, tmp_path / "runs" / "ema0", recipe, test_acc_tta=0.91, test_acc_ema=0.92, test_acc_ema_tta=0.93)
+    copy_run(run, tmp_path / "runs" / "ema1", {**recipe, "seed": 1}, seed=1, test_acc_tta=0.93, test_acc_ema=0.94,
+             test_acc_ema_tta=0.95)
+    rows = collect_rows([tmp_path / "runs"]).rows
+    table = markdown_table(aggregate(rows)).splitlines()
+    assert table[0].startswith("| variant | seeds | train loss | train acc | val acc | test acc | test acc TTA | ema test acc "
+                               "| ema TTA | examples/s |") and "swa" not in table[0]
+    cells = {line.split(" | ")[1]: line.split(" | ") for line in table[2:]}  # by their seeds
+    assert cells["0,1"][6:9] == ["0.920 ± 0.014", "0.930 ± 0.014", "0.940 ± 0.014"]
+    assert cells["0"][6:9] == ["–", "–", "–"]  # the plain run measured none of them
+    shown = invoke("compare", tmp_path / "runs")
+    assert shown.exit_code == 0 and "ema test acc" in shown.output.splitlines()[0], shown.output
+
+    write_trials(tmp_path / "sweep", rows, [])
+    with open(tmp_path / "sweep" / "summary.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        written = {Path(row["run_dir"]).name: row for row in reader}
+    assert reader.fieldnames[-6:] == ["data", "test_acc_tta", "test_acc_ema", "test_acc_ema_tta", "test_acc_swa",
+                                      "test_acc_swa_tta"]
+    assert written["ema1"]["test_acc_ema_tta"] == "0.95" and written["plain"]["test_acc_ema_tta"] == ""
+    assert markdown_table(aggregate(collect_rows([tmp_path / "sweep"]).rows)).splitlines() == table  # read back
+
+    trials = json.loads((tmp_path / "sweep" / "trials.json").read_text())
+    trials[1]["test_acc_ema"] = "0.99"
+    (tmp_path / "sweep" / "trials.json").write_text(json.dumps(trials))
+    with pytest.raises(UserError, match=r"trials\.json: trial 1 \(.*\): test_acc_ema is not a number"):
+        read_trials(tmp_path / "sweep" / "trials.json")

@@ -32,8 +32,8 @@ MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
-    """A 2-epoch run on tiny data with both loggers, a point every 3 steps, and a learning rate that
-    warms up over half an epoch then decays: (run folder, summary, MLflow store URI)."""
+    """A 2-epoch run on tiny data with both loggers, a point every 3 steps, a learning rate that warms up over
+    half an epoch then decays, and flip TTA: (run folder, summary, MLflow store URI)."""
     import sys as _sys
 
     _sys.path.insert(0, str(Path(__file__).parent))
@@ -44,7 +44,8 @@ def logged(tmp_path_factory):
     cfg = load_config(None, [f"data.root={data}", "data.check_counts=false", "data.val_size=100", "train.epochs=2",
                              "train.batch_size=32", "train.device=cpu", "model.activation=relu", "optim.lr=0.1",
                              "schedule.name=cosine", "schedule.warmup_epochs=0.5", "output.log_every_n_steps=3",
-                             f"output.dir={root / 'results'}", "output.loggers=[tensorboard, mlflow]"])
+                             f"output.dir={root / 'results'}", "output.loggers=[tensorboard, mlflow]",
+                             "eval.tta=[flip]"])
     summary = fit(cfg, quiet=True)
     return Path(summary["run_dir"]), summary, f"sqlite:///{root / 'results' / 'mlflow.db'}"
 
@@ -149,6 +150,8 @@ def test_mlflow_has_the_run_its_params_metrics_and_artifacts(logged):
     assert run.data.params["optim.lr"] == "0.1" and run.data.params["model.activation"] == "relu"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
     assert run.data.metrics["test_acc"] == pytest.approx(summary["test_acc"])
+    assert run.data.metrics["test_acc_tta"] == pytest.approx(summary["test_acc_tta"])  # beside it (eval.tta)
+    assert "test_acc_ema" not in run.data.metrics  # not measured: no train.ema
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")] == [2]  # at the last epoch
     points = list(range(3, 2 * steps_per_epoch(summary) + 1, 3))
     for key in ("step/train_loss", "step/train_acc", "step/lr"):

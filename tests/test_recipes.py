@@ -382,6 +382,38 @@ def test_cnnlab_eval_evaluates_the_moving_average_when_asked_and_refuses_a_run_w
     assert not (Path(plain["run_dir"]) / "eval").exists()
 
 
+def test_predict_and_export_use_the_moving_average_when_asked_and_name_it(tiny_overrides):
+    # A user whose summary.json names ema the better weights classifies and ships those, not the raw ones.
+    from typer.testing import CliRunner
+
+    from cnnlab.cli import app
+    from cnnlab.runs import open_run
+
+    onnxruntime = pytest.importorskip("onnxruntime")
+    run = Path(fit(load_config(None, [*tiny_overrides, "train.ema.decay=0.9", "train.epochs=1"]), quiet=True)["run_dir"])
+    answers = {}
+    for weights in ("raw", "ema"):
+        said = CliRunner().invoke(app, ["predict", str(run), "--image", "3", "--top", "10", "--json", "--weights", weights])
+        assert said.exit_code == 0, said.output
+        answers[weights] = {row["class"]: row["probability"] for row in json.loads(said.output)[0]["top"]}
+    opened = open_run(run, weights="ema")
+    pixels = opened.load_data().test.images[3:4]
+    with torch.no_grad():
+        expected = opened.model(opened.load_data().prepare(pixels)).softmax(1)[0]
+    assert [answers["ema"][name] for name in opened.spec.classes] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert answers["ema"] != pytest.approx(answers["raw"], abs=1e-6)
+
+    shipped = CliRunner().invoke(app, ["export", str(run), "--weights", "ema"])
+    assert shipped.exit_code == 0 and "(best checkpoint, ema weights) -> " in shipped.output, shipped.output
+    session = onnxruntime.InferenceSession(str(run / "model-ema.onnx"))
+    assert session.get_modelmeta().custom_metadata_map["cnnlab.weights"] == "ema"
+    [logits] = session.run(None, {"pixels": (pixels.float() / 255).numpy()})
+    assert torch.from_numpy(logits).softmax(1)[0].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    refused = CliRunner().invoke(app, ["export", str(run), "--weights", "swa", "--checkpoint", "last"])
+    assert refused.exit_code == 2 and "holds no average of the last epochs' weights" in refused.output
+    assert sorted(p.name for p in run.glob("model*")) == ["model-ema.onnx"]
+
+
 def test_a_run_of_a_cnnlab_without_these_options_is_still_the_same_experiment(tiny_overrides):
     """Its config.yaml lacks the new keys, nested ones too (data.augment.mixup): they take today's defaults,
     so that `run --resume auto` and a sweep's "done before" still find it."""

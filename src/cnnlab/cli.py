@@ -63,6 +63,10 @@ RunArgument = Annotated[Optional[Path], typer.Argument(
     metavar="RUN", show_default=False, help="A run folder, or a folder of runs (an experiment's, a sweep's) for its newest "
                                             "finished run (default: the newest under --results).")]
 ResultsOption = Annotated[Path, typer.Option(metavar="DIR", help="Where to look for the newest run.")]
+CheckpointOption = Annotated[str, typer.Option(help="best (the best epoch's on the validation split) or last.")]
+WeightsOption = Annotated[str, typer.Option(help="raw (the weights themselves), ema (their moving average, from a run "
+                                                 "with train.ema) or swa (the average of the last epochs', from a run "
+                                                 "with train.swa; with --checkpoint last).")]
 PrintConfigOption = Annotated[bool, typer.Option(
     "--print-config", help="Print the resolved config as YAML (what would run, every default filled in) and exit.")]
 DryRunOption = Annotated[bool, typer.Option(
@@ -499,6 +503,8 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     show: Annotated[bool, typer.Option("--show", help="Also draw each picture as the network received it beside its "
                                                       "top classes: <run>/predict/<picture>.png.")] = False,
+    checkpoint: CheckpointOption = "best",
+    weights: WeightsOption = "raw",
     results: ResultsOption = Path("results"),
     trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
@@ -519,7 +525,8 @@ def predict(
         paths = list(paths or [])
         names_run = paths and (paths[0].is_dir() or not (paths[0].exists() or paths[0].suffix.lower() in extensions()))
         run_dir = pick_run(paths.pop(0) if names_run else None, results)
-        answers = classify(run_dir, paths, split=split, index=image, top=top, trust_code=trust_code)
+        answers = classify(run_dir, paths, split=split, index=image, top=top, trust_code=trust_code,
+                           checkpoint=checkpoint, weights=weights)
         drawn = show_predictions(run_dir, answers) if show else [None] * len(answers)
         if as_json:
             out.print(json.dumps([{"image": r.source, "label": r.label,
@@ -541,7 +548,10 @@ def export(
     run_dir: RunArgument = None,
     format_: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write (default: "
-                                                   "<run>/model.onnx or <run>/model.pt).")] = None,
+                                                   "<run>/model.onnx or <run>/model.pt; model-last-ema.onnx with "
+                                                   "--checkpoint last --weights ema).")] = None,
+    checkpoint: CheckpointOption = "best",
+    weights: WeightsOption = "raw",
     results: ResultsOption = Path("results"),
     trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
@@ -551,8 +561,10 @@ def export(
         from cnnlab.inference import export as write_export
         from cnnlab.results import pick_run
 
-        done = write_export(pick_run(run_dir, results), format_, output, trust_code=trust_code)
-        out.print(f"{format_} model -> {done.path}  (max abs difference of logits against PyTorch on "
+        done = write_export(pick_run(run_dir, results), format_, output, trust_code=trust_code, checkpoint=checkpoint,
+                            weights=weights)
+        which = f" ({checkpoint} checkpoint, {weights} weights)" if (checkpoint, weights) != ("best", "raw") else ""
+        out.print(f"{format_} model{which} -> {done.path}  (max abs difference of logits against PyTorch on "
                   f"{done.images} test images: {done.max_difference:.2e})")
 
 
@@ -647,10 +659,8 @@ def visualize(
 def eval_(
     run_dir: RunArgument = None,
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
-    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
-    weights: Annotated[str, typer.Option(help="raw (the weights themselves), ema (their moving average, from a run "
-                                              "with train.ema) or swa (the average of the last epochs', from a run with "
-                                              "train.swa; with --checkpoint last).")] = "raw",
+    checkpoint: CheckpointOption = "best",
+    weights: WeightsOption = "raw",
     tta: Annotated[Optional[list[str]], typer.Option(
         metavar="flip|crop", help="Also report accuracy with test-time augmentation: flip averages each image's logits "
                                   "with its mirror image's, crop with the image shifted a pixel up-left and down-right; "

@@ -26,15 +26,20 @@ from cnnlab.data import DEFAULT
 from cnnlab.errors import UserError, warn
 from cnnlab.identity import ExperimentKey, experiment_key, fingerprint, variant_labels
 from cnnlab.numtext import MISSING, finite, number_text
-from cnnlab.results import RunSummary, read_regular_text, read_summary, run_state
+from cnnlab.results import TEST_ACC_BESIDE, RunSummary, read_regular_text, read_summary, run_state
 
-# summary.csv's columns after the swept keys. ``data`` (the run's data set) came last, so that the columns of
-# CSVs written before it keep their places for programs that read them by position.
+# summary.csv's columns after the swept keys. Newer columns come last (``data``, the run's data set, then the test
+# accuracies reported beside the plain one), so that the columns of CSVs written before them keep their places for
+# programs that read them by position.
 ROW_COLUMNS = (
     "name", "params_swept", "seed", "train_loss", "train_acc", "val_acc", "test_acc",
-    "examples_per_sec", "wall_seconds", "params", "status", "error", "run_dir", "data",
+    "examples_per_sec", "wall_seconds", "params", "status", "error", "run_dir", "data", *TEST_ACC_BESIDE,
 )
 METRICS = ("train_loss", "train_acc", "val_acc", "test_acc", "examples_per_sec", "wall_seconds")
+# The tables' headers of the test accuracies beside the plain one: a column each, after "test acc", only where
+# an experiment shown has that figure (a run with eval.tta, train.ema or train.swa).
+BESIDE_HEADERS = {"test_acc_tta": "test acc TTA", "test_acc_ema": "ema test acc", "test_acc_ema_tta": "ema TTA",
+                  "test_acc_swa": "swa test acc", "test_acc_swa_tta": "swa TTA"}
 
 
 DONE = ("completed", "skipped")  # statuses whose results count in the means
@@ -62,6 +67,7 @@ def row_from_summary(summary: RunSummary, run_dir: Path | None, swept: str = "",
         "data": data_name(summary, config),
         "experiment": experiment,
         "fingerprint": fingerprint(experiment),
+        **{key: getattr(summary, key) for key in TEST_ACC_BESIDE},
     }
 
 
@@ -157,7 +163,8 @@ def collect_rows(targets: list[Path]) -> Collected:
     return found
 
 
-TRIAL_NUMBERS = ("seed", "train_loss", "train_acc", "val_acc", "test_acc", "examples_per_sec", "wall_seconds", "params")
+TRIAL_NUMBERS = ("seed", "train_loss", "train_acc", "val_acc", "test_acc", "examples_per_sec", "wall_seconds", "params",
+                 *TEST_ACC_BESIDE)
 
 
 def read_trials(path: Path) -> list[dict[str, Any]]:
@@ -260,8 +267,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "data": next((r["data"] for r in members if r.get("data")), DEFAULT),
             "run_dirs": [r["run_dir"] for r in members if r.get("run_dir")],
         }
-        for metric in METRICS:
-            entry[metric] = mean_std([r[metric] for r in done])
+        for metric in (*METRICS, *TEST_ACC_BESIDE):
+            entry[metric] = mean_std([r.get(metric) for r in done])
         table.append(entry)
     return table
 
@@ -302,18 +309,32 @@ def shows_data(table: list[dict[str, Any]]) -> bool:
     return len({entry.get("data") or DEFAULT for entry in table}) > 1
 
 
+def shown_beside(table: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The test accuracies beside the plain one (``TEST_ACC_BESIDE``) that some experiment in the table has."""
+    return tuple(key for key in TEST_ACC_BESIDE if any((entry.get(key) or (None,))[0] is not None for entry in table))
+
+
+def _metrics(beside: tuple[str, ...]) -> tuple[str, ...]:
+    """The metric columns in the tables' order: those ``beside`` right after the plain test accuracy."""
+    at = METRICS.index("test_acc") + 1
+    return (*METRICS[:at], *beside, *METRICS[at:])
+
+
 def table_headers(table: list[dict[str, Any]]) -> tuple[str, ...]:
-    """``HEADERS``, with ``data`` after the variant where the experiments shown differ in it."""
-    return (HEADERS[0], "data", *HEADERS[1:]) if shows_data(table) else HEADERS
+    """``HEADERS``, with ``data`` after the variant where the experiments shown differ in it, and a column for
+    each test accuracy beside the plain one that some experiment shown has (``shown_beside``)."""
+    at = HEADERS.index("test acc") + 1
+    headers = (*HEADERS[:at], *(BESIDE_HEADERS[key] for key in shown_beside(table)), *HEADERS[at:])
+    return (headers[0], "data", *headers[1:]) if shows_data(table) else headers
 
 
 def table_rows(table: list[dict[str, Any]]) -> list[list[str]]:
     """Each experiment's cells, under ``table_headers(table)``."""
-    with_data = shows_data(table)
-    return [table_cells(entry, with_data) for entry in table]
+    with_data, beside = shows_data(table), shown_beside(table)
+    return [table_cells(entry, with_data, beside) for entry in table]
 
 
-def table_cells(entry: dict[str, Any], with_data: bool = False) -> list[str]:
+def table_cells(entry: dict[str, Any], with_data: bool = False, beside: tuple[str, ...] = ()) -> list[str]:
     label = entry["name"]
     unfinished = entry.get("unfinished") or ({"failed": entry["failed"]} if entry["failed"] else {})
     status = "ok" if not unfinished else \
@@ -322,7 +343,7 @@ def table_cells(entry: dict[str, Any], with_data: bool = False) -> list[str]:
         label,
         *([entry.get("data") or DEFAULT] if with_data else []),
         ",".join(map(str, entry["seeds"])) or MISSING,
-        *(stat_text(entry[m], m) for m in METRICS),
+        *(stat_text(entry.get(m) or (None, None), m) for m in _metrics(beside)),
         number_text(entry["params"], grouped=True) if entry["params"] else MISSING,
         status,
     ]

@@ -229,14 +229,16 @@ class Prediction:
 
 
 def predict(run_dir: Path, images: list[Path], *, split: str | None = None, index: int | None = None, top: int = 3,
-            trust_code: bool = False) -> list[Prediction]:
+            trust_code: bool = False, checkpoint: str = "best", weights: str = "raw") -> list[Prediction]:
+    """The ``top`` classes of each picture file (or of image ``index`` of a split) by the run's model: its ``checkpoint``
+    (best or last) with its ``weights`` (raw, ema or swa: ``runs.open_run``)."""
     from cnnlab.runs import open_run
 
     if not images and index is None:
         raise UserError("give image files, or --image N (with --split test or val) for a data-set image")
     if images and index is not None:
         raise UserError("give image files or --image N, not both")
-    opened = open_run(run_dir, trust_code=trust_code)
+    opened = open_run(run_dir, trust_code=trust_code, checkpoint=checkpoint, weights=weights)
     classes = opened.spec.classes
     if not 1 <= top <= len(classes):
         raise UserError(f"--top {top}: choose 1 to {len(classes)}")
@@ -294,18 +296,22 @@ class Export:
     images: int
 
 
-def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool = False) -> Export:
-    """The run's model (best checkpoint, normalisation folded in) as ONNX or TorchScript, checked on
-    256 test images against PyTorch; nothing is written unless it agrees to 1e-4 (relative to logits above 1)."""
+def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool = False, checkpoint: str = "best",
+           weights: str = "raw") -> Export:
+    """The run's model (its ``checkpoint``, best or last, with its ``weights``, raw, ema or swa: ``runs.open_run``;
+    normalisation folded in) as ONNX or TorchScript, checked on 256 test images against PyTorch; nothing is written
+    unless it agrees to 1e-4 (relative to logits above 1). The default file is ``<run>/model.onnx`` (``.pt``), named
+    after the checkpoint and weights where they are not the best and raw ones: ``model-last-swa.onnx``."""
     from cnnlab.runs import open_run
 
     if fmt not in ("onnx", "torchscript"):
         raise UserError(f"--format {fmt!r}: choose onnx or torchscript")
     if out is not None:
         check_output_file(out, "-o")
-    opened = open_run(run_dir, trust_code=trust_code)
+    opened = open_run(run_dir, trust_code=trust_code, checkpoint=checkpoint, weights=weights)
     if out is None:
-        out = opened.path / f"model.{'onnx' if fmt == 'onnx' else 'pt'}"
+        which = "".join(f"-{name}" for name, plain in ((checkpoint, "best"), (weights, "raw")) if name != plain)
+        out = opened.path / f"model{which}.{'onnx' if fmt == 'onnx' else 'pt'}"
         check_output_file(out, "export output")
     out = Path(out)
     try:  # where the file goes is checked before the model runs
@@ -320,7 +326,8 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool
         pixels = data.test.window(0, CHECK_IMAGES).float() / 255
         with torch.no_grad():
             expected = model(pixels)
-        got = _export_onnx(model, pixels, temporary, onnx_metadata(opened.spec)) if fmt == "onnx" \
+        metadata = {**onnx_metadata(opened.spec), "cnnlab.checkpoint": checkpoint, "cnnlab.weights": weights}
+        got = _export_onnx(model, pixels, temporary, metadata) if fmt == "onnx" \
             else _export_torchscript(model, pixels, temporary)
         difference, allowed = export_difference(got, expected)
         if not difference <= allowed:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from cnnlab.console import printable
 from cnnlab.errors import UserError, warn
 from cnnlab.listeners import Listener
+from cnnlab.results import TEST_ACC_BESIDE
 
 if TYPE_CHECKING:
     import torch
@@ -211,7 +212,7 @@ def _numbers(row: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in row.items() if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-FINAL_METRICS = ("test_acc", "test_loss", "best_val_acc", "train_examples_per_sec", "wall_seconds")
+FINAL_METRICS = ("test_acc", "test_loss", "best_val_acc", "train_examples_per_sec", "wall_seconds", *TEST_ACC_BESIDE)
 # TensorBoard's custom-scalars layout: each metric's train and validation curves on one chart, with the test's
 # figure as a point at the last epoch (tag regexes, anchored: "train_loss" would also match "step/train_loss").
 CHARTS = {"loss": ("train_loss", "val_loss", "test_loss"), "accuracy": ("train_acc", "val_acc", "test_acc")}

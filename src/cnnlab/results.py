@@ -322,6 +322,8 @@ class StartupRecord(BaseModel):
     first_step: float | None = Field(None, ge=0)  # the first batch's step (first calls are slow: kernels, allocations)
 
 
+# The test accuracies a run may report beside its plain one (eval.tta, train.ema, train.swa), never instead of it.
+TEST_ACC_BESIDE = ("test_acc_tta", "test_acc_ema", "test_acc_ema_tta", "test_acc_swa", "test_acc_swa_tta")
 # What a run's test pass says of its averaged weights (train.ema, train.swa): redone when a run resumes.
 AVERAGE_FIGURES = ("test_acc_ema", "test_loss_ema", "test_acc_ema_tta", "test_loss_ema_tta", "swa_epochs", "val_acc_swa",
                    "val_loss_swa", "test_acc_swa", "test_loss_swa", "test_acc_swa_tta", "test_loss_swa_tta")
