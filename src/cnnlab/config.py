@@ -195,7 +195,7 @@ class TrainConfig(Section):
     ema: EmaConfig | None = None
     # SWA-style: the equal average of the weights at the end of each of the last {epochs: N} epochs, BatchNorm's
     # statistics recomputed over the training split, validated and tested beside the weights at the end, saved in
-    # the last checkpoint as `swa`. Pays with a schedule that ends above zero (cosine with min_lr_ratio); null = off
+    # the last checkpoint as `swa` (README's config reference: what it gave, measured); null = off
     swa: SwaConfig | None = None
 
     @model_validator(mode="after")
