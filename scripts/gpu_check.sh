@@ -19,7 +19,7 @@
 #   sweep     the whole lab report: cnnlab sweep configs/seed/ --jobs 4 (several minutes)
 #   tests     the test suite
 # Settings: OUT (default ./gpu_check), DEVICE (default cuda), EPOCHS (override every run's epochs:
-# for a quick try), BATCHES (timed per pipeline by bench), JOBS (the sweep's, default 4), FILL_JOBS
+# for a quick try), BATCHES (timed per pipeline by bench), PAIRS (bench's pairs of whole commands, default 5), JOBS (the sweep's, default 4), FILL_JOBS
 # (the fill step's --jobs values), FILL_SEEDS (its seeds, default 0,1,2,3), PYTHON (default
 # python3), CNNLAB_DATA (the data folder; .gpudata/ when it exists), SETS (extra KEY=VALUE config
 # overrides for every run, separated by spaces).
@@ -62,7 +62,7 @@ for s in $STEPS; do
   case $s in
     bench)
       step bench_lenet "${CNNLAB[@]}" bench configs/lenet.yaml --device "$DEVICE" --epochs "${EPOCHS:-3}" \
-        --batches "${BATCHES:-150}" --out "$OUT/bench_lenet.json" "${SET_ARGS[@]}"
+        --batches "${BATCHES:-150}" --pairs "${PAIRS:-5}" --out "$OUT/bench_lenet.json" "${SET_ARGS[@]}"
       step bench_resnet "${CNNLAB[@]}" bench configs/seed/s6_4_resnet.yaml --device "$DEVICE" --no-commands \
         --batches "${BATCHES:-100}" --out "$OUT/bench_resnet.json" "${SET_ARGS[@]}"
       step bench_googlenet "${CNNLAB[@]}" bench configs/seed/s6_3_googlenet.yaml --device "$DEVICE" --no-commands \

@@ -80,7 +80,7 @@ def test_the_gpu_check_script_collects_every_figure_into_one_json(tmp_path, tiny
     script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.sh"
     env = {**os.environ, "OUT": str(tmp_path / "check"), "DEVICE": "cpu", "STEPS": "bench baseline eager fill", "EPOCHS": "1",
            "FILL_JOBS": "2", "FILL_SEEDS": "0",
-           "BATCHES": "2", "PYTHON": sys.executable, "CNNLAB_DATA": str(tiny_data)}
+           "BATCHES": "2", "PAIRS": "1", "PYTHON": sys.executable, "CNNLAB_DATA": str(tiny_data)}
     env["SETS"] = "data.check_counts=false data.val_size=100"  # the tiny data set is not Fashion-MNIST's size
     # Eight commands, torch.compile among them: the deadline only catches a hang, however loaded the machine.
     result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=3 * HANG_SECONDS)
@@ -90,7 +90,8 @@ def test_the_gpu_check_script_collects_every_figure_into_one_json(tmp_path, tiny
     assert set(steps) == {"bench_lenet", "bench_resnet", "bench_googlenet", "baseline", "eager", "compiled",
                           "compiled_graphs", "fill_2"}
     assert all(s["exit_code"] == 0 for s in steps.values()), [(tmp_path / "check" / f"{n}.log").read_text() for n in steps]
-    assert report["bench_lenet"]["commands"]["ratio"] > 0 and report["bench_resnet"]["model"] == "resnet"
+    assert report["bench_lenet"]["commands"]["ratio"] > 0 and report["bench_lenet"]["commands"]["pairs"] == 1
+    assert report["bench_resnet"]["model"] == "resnet"
     assert report["bench_googlenet"]["model"] == "googlenet"
     assert report["baseline"]["status"] == "completed" and report["baseline"]["epochs_completed"] == 1
     assert report["eager"]["train_step"] == "ordinary" and report["compiled"]["status"] == "completed"

@@ -59,6 +59,12 @@ def ray_cluster(tmp_path_factory):
         yield "auto"
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` and every process of its cluster
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=3)
+        # Ray's graceful stop waits about 30 s for its GCS server and raylet; this cluster ran nothing but the tests'
+        # trials, which have ended, so what is left of it is killed.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=HANG_SECONDS)
 
 
