@@ -5,6 +5,7 @@ is named and left out while the rest is shown, and text from files never reaches
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -13,8 +14,19 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from cnnlab import cli
 from cnnlab.cli import app
-from cnnlab.compare import aggregate, collect_rows, markdown_table, mean_std, read_trials, table_cells, write_trials
+from cnnlab.compare import (
+    aggregate,
+    collect_rows,
+    markdown_table,
+    mean_std,
+    read_trials,
+    table_cells,
+    table_headers,
+    write_trials,
+)
+from cnnlab.console import SafeConsole
 from cnnlab.errors import UserError, warn
 from cnnlab.identity import experiment_key, variant_labels
 
@@ -247,7 +259,7 @@ def test_a_trials_json_from_before_data_sets_reads_as_fashion_mnist(tmp_path):
     assert markdown_table(table).startswith("| variant | data | seeds |")
 
 
-def test_test_accuracies_beside_the_plain_one_get_a_column_only_where_a_run_has_them(trained, tmp_path):
+def test_test_accuracies_beside_the_plain_one_get_a_column_only_where_a_run_has_them(trained, tmp_path, monkeypatch):
     # eval.tta, train.ema and train.swa report test accuracies beside the plain one: the tables show each
     # after "test acc" (mean ± std over seeds like the rest), and summary.csv keeps them in its last columns.
     run, _ = trained
@@ -269,6 +281,14 @@ def test_test_accuracies_beside_the_plain_one_get_a_column_only_where_a_run_has_
     assert cells["0"][6:9] == ["–", "–", "–"]  # the plain run measured none of them
     shown = invoke("compare", tmp_path / "runs")
     assert shown.exit_code == 0 and "ema test acc" in shown.output.splitlines()[0], shown.output
+    # In a terminal narrower than the table nothing is cut short or left out: the terminal wraps its lines.
+    terminal = io.StringIO()
+    monkeypatch.setattr(cli, "out", SafeConsole(soft_wrap=True, width=60, file=terminal))
+    cli.print_table(aggregate(rows))
+    printed = terminal.getvalue()
+    assert all(header in printed for header in table_headers(aggregate(rows)))
+    assert all(cell.strip() in printed for line in table[2:] for cell in line.strip("| ").split(" | ")[1:])  # a long
+    # variant name alone folds onto more lines
 
     write_trials(tmp_path / "sweep", rows, [])
     with open(tmp_path / "sweep" / "summary.csv", newline="") as handle:

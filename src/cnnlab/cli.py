@@ -600,14 +600,26 @@ def say_skipped(skipped: list[str]) -> None:
 def print_table(table: list[dict]) -> None:
     from cnnlab.compare import table_headers, table_rows
 
+    headers, rows = table_headers(table), table_rows(table)
     grid = Table(box=None, header_style="bold")
-    for i, header in enumerate(table_headers(table)):
-        # Numbers are never cut or wrapped; a variant name too long for the terminal folds onto
-        # more lines. (Piped output has no width limit at all: see `out`.)
-        grid.add_column(header, no_wrap=i > 0, overflow="fold", min_width=len(header) if i > 0 else 8)
-    for cells in table_rows(table):
+    widths = []
+    for i, header in enumerate(headers):
+        # Numbers are never cut or wrapped: their columns are as wide as their widest cell. A variant name too long
+        # for the terminal folds onto more lines. (Piped output has no width limit at all: see `out`.)
+        widest = max([len(header), *(len(cells[i]) for cells in rows)])
+        widths.append(widest if i > 0 else min(widest, 30))
+        grid.add_column(header, no_wrap=i > 0, overflow="fold", min_width=widths[-1])
+    for cells in rows:
         grid.add_row(*map(literal, cells))
-    out.print(grid)
+    # A terminal too narrow even for the numbers gets the table at the width it needs (the terminal wraps its
+    # lines) rather than squeezed, which would cut numbers short and drop columns. Each column is padded by a
+    # space either side.
+    shown = out.width
+    out.width = max(shown, sum(widths) + 2 * len(widths))  # rich prints no wider than its console
+    try:
+        out.print(grid)
+    finally:
+        out.width = shown
 
 
 @app.command(epilog=example("cnnlab visualize --layer 3 --class 'Ankle boot'"))
