@@ -72,6 +72,7 @@ def test_a_ramp_into_divergence_stops_early_and_says_where(tmp_path, tiny_data):
 @pytest.mark.parametrize("args, message", [
     (["--steps", "5"], "--steps 5: the range test needs at least 20 batches"),
     (["--start", "1", "--end", "0.1"], "give 0 < start < end"),
+    (["--start", "1e-300", "--end", "1e300"], "--start 1e-300 --end 1e+300: end/start is too large for a number to hold"),
     (["--set", "optim.lr=fast"], "optim.lr"),
 ])
 def test_bad_input_is_exit_2_and_writes_nothing(tmp_path, tiny_data, args, message):

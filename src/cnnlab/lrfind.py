@@ -81,6 +81,11 @@ def check_range(steps: int, start: float, end: float) -> None:
         raise UserError(f"--steps {steps}: the range test needs at least {MIN_STEPS} batches (100 is usual)")
     if not (0 < start < end) or not math.isfinite(end):
         raise UserError(f"--start {start:g} --end {end:g}: give 0 < start < end, e.g. --start 1e-6 --end 10")
+    # The ramp multiplies start by powers of end/start: a ratio past the largest float is inf, and so is every rate after
+    # the first (and one of a tiny start may round to 0)
+    if not math.isfinite(end / start) or not all(0 < lr < math.inf for lr in ramp(start, end, steps)):
+        raise UserError(f"--start {start:g} --end {end:g}: end/start is too large for a number to hold, so the rates "
+                        "between cannot be computed; give a narrower range, e.g. --start 1e-6 --end 10")
 
 
 def find_lr(cfg: Config, steps: int = 100, start: float = 1e-6, end: float = 10.0, stop_factor: float = 4.0) -> RangeTest:
