@@ -122,6 +122,11 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "other shapes": (tmp_path / "wide.pt", "tensors of other shapes than the model's: features.1.block.0.0.weight"),
         "nan": (tmp_path / "nan.pt", "tensors holding inf or nan: features.0.0.weight"),
         "safetensors": (tmp_path / "broken.safetensors", "not a readable .safetensors file"),
+        # complex numbers hide a nan from a check of floating-point tensors; integers and bools are no weights at all
+        "complex nan": (tmp_path / "complex.pt", "tensors of another kind of number than the model's: features.0.0.weight "
+                                                "(complex64, the model's float32)"),
+        "integers": (tmp_path / "integers.pt", "features.0.1.weight (int64, the model's float32)"),
+        "bools": (tmp_path / "bools.pt", "features.0.1.bias (bool, the model's float32)"),
     }
     files["text"][0].write_text("these are not weights\n")
     files["code"][0].write_bytes(pickle.dumps({"w": Payload()}))
@@ -136,6 +141,16 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     poisoned["features.0.0.weight"][0, 0, 0, 0] = float("nan")
     torch.save(poisoned, files["nan"][0])
     files["safetensors"][0].write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    complex_nan = mobilenet_v3_small().state_dict()
+    complex_nan["features.0.0.weight"] = complex_nan["features.0.0.weight"].to(torch.complex64)
+    complex_nan["features.0.0.weight"][0, 0, 0, 0] = complex(float("nan"), 0)
+    torch.save(complex_nan, files["complex nan"][0])
+    integers = mobilenet_v3_small().state_dict()
+    integers["features.0.1.weight"] = integers["features.0.1.weight"].long()
+    torch.save(integers, files["integers"][0])
+    bools = mobilenet_v3_small().state_dict()
+    bools["features.0.1.bias"] = bools["features.0.1.bias"] > 0
+    torch.save(bools, files["bools"][0])
     return files
 
 

@@ -294,7 +294,15 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str
     if not fitted:
         raise WeightsError(f"model.weights: {source}: none of its {len(state)} tensors fits the model (its names: "
                            f"{_listed(list(state))}; the model's: {_listed(list(own))})")
-    bad = [name for name, v in fitted.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+    # A number of another kind would be cast on loading: a complex one's imaginary part dropped (and its nan unseen),
+    # an integer or bool made a weight. Only the kind is kept (float16 weights load into a float32 model).
+    kinds = [f"{name} ({_dtype(v)}, the model's {_dtype(own[name])})" for name, v in fitted.items()
+             if _kind(v) != _kind(own[name])]
+    if kinds:
+        raise WeightsError(f"model.weights: {source}: tensors of another kind of number than the model's: {_listed(kinds)}; "
+                           "weights are floating-point numbers (as model.state_dict() saves them), so these cannot "
+                           "be loaded")
+    bad = [name for name, v in fitted.items() if (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()]
     if bad:
         raise WeightsError(f"model.weights: {source}: tensors holding inf or nan: {_listed(bad)}")
     model.load_state_dict(fitted, strict=False)
@@ -313,6 +321,17 @@ def adapt_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
 
 def _channels_only(given: torch.Tensor, own: torch.Tensor) -> bool:
     return given.dim() == 4 and given.shape[0] == own.shape[0] and given.shape[2:] == own.shape[2:]
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    """floating, complex, bool or integer."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        return "floating" if tensor.is_floating_point() else "complex"
+    return "bool" if tensor.dtype == torch.bool else "integer"
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
 
 
 def _shape(tensor: torch.Tensor) -> str:
