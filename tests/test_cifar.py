@@ -229,6 +229,24 @@ def test_labels_out_of_range_are_named(tmp_path):
         data_set("cifar10").read_splits(load_config(None, overrides(tmp_path / "data", "cifar10", tmp_path)).data)
 
 
+def test_class_names_naming_a_class_twice_are_refused_naming_the_file(tmp_path):
+    # Accepted, eval's table and eval.json's per_class had nine entries for ten classes, one class's counts lost.
+    write_cifar(tmp_path / "data", "cifar10", "binary")
+    names = tmp_path / "data" / "cifar-10-batches-bin" / "batches.meta.txt"
+    names.write_text("\n".join(name if name != "dog" else "cat" for name in CLASSES) + "\n")
+    args = [arg for s in overrides(tmp_path / "data", "cifar10", tmp_path) for arg in ("--set", s)]
+    result = runner.invoke(app, ["run", str(CONFIGS / "lenet.yaml"), *args])
+    assert result.exit_code == 2, result.output
+    assert f"{names}: class 'cat' is named twice (labels 3 and 5); give each class a name of its own" in said(result)
+    assert "Traceback" not in result.output and not (tmp_path / "results").exists()
+
+    write_cifar(tmp_path / "py", "cifar10", "python")
+    meta = tmp_path / "py" / "cifar-10-batches-py" / "batches.meta"
+    meta.write_bytes(python2_pickle({b"label_names": [b"ship" if c == "truck" else c.encode() for c in CLASSES]}))
+    with pytest.raises(UserError, match=rf"^{meta}: class 'ship' is named twice \(labels 8 and 9\)"):
+        describe(load_config(None, overrides(tmp_path / "py", "cifar10", tmp_path)).data)
+
+
 def test_a_colour_run_is_evaluated_drawn_in_colour_and_reported(tmp_path):
     write_cifar(tmp_path / "data", "cifar10", "binary")
     cfg = load_config(CONFIGS / "datasets" / "cifar10_lenet.yaml", overrides(tmp_path / "data", "cifar10", tmp_path))

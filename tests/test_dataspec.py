@@ -97,6 +97,9 @@ def test_a_run_folder_without_data_name_is_still_found_by_resume_auto(trained, t
     ({"mean": [0.1, 0.2]}, "mean has 2 value(s), one per channel expected (1)"),
     ({"image_size": [28, 0]}, "each side must be 1 to"),
     ({"std": [0.0]}, "std must be above 0"),
+    # eval's table would have nine rows for ten classes, the last name's counts over the first's
+    ({"classes": ["a", "b", "c", "d", "e", "f", "g", "h", "b", "j"]}, "class 'b' is named twice (labels 1 and 8)"),
+    ({"classes": ["all"]}, "only one class (all); a classifier needs two or more classes"),
 ])
 def test_a_bad_description_in_summary_json_is_one_error_naming_the_file(trained, tmp_path, change, message):
     run_dir, _ = trained

@@ -19,7 +19,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from cnnlab.console import SafeConsole, literal
+from cnnlab.console import SafeConsole, cell, literal, one_line
 from cnnlab.errors import TrainingError, UserError
 
 app = typer.Typer(
@@ -535,10 +535,10 @@ def predict(
                                  indent=2), soft_wrap=True)
             return
         for result, picture in zip(answers, drawn):
-            label = f"  (true: {result.label})" if result.label else ""
-            out.print(Text.assemble((result.source, "bold"), label))
+            label = f"  (true: {one_line(result.label)})" if result.label else ""
+            out.print(Text.assemble(Text(one_line(result.source), "bold"), label))
             for name, probability in result.top:
-                out.print(f"  {probability:7.2%}  {name}")
+                out.print(f"  {probability:7.2%}  {one_line(name)}")
             if picture is not None:
                 out.print(f"  as the model saw it: {picture}")
 
@@ -662,7 +662,8 @@ def visualize(
 
         picture = draw(run_dir, layer, image=image, class_name=class_name, split=split, out=out_file,
                        mode="filters" if filters else "cam" if cam else "maps", trust_code=trust_code)
-        out.print(f"{split} image {picture.image_index} ({picture.true_label}, predicted {picture.predicted_label}), "
+        out.print(f"{split} image {picture.image_index} ({one_line(picture.true_label)}, predicted "
+                  f"{one_line(picture.predicted_label)}), "
                   f"layer {picture.layer}: {picture.tiles or 'heat map'}{' tiles' if picture.tiles else ''}")
         out.print(str(picture.path))
 
@@ -696,10 +697,10 @@ def eval_(
                   f"accuracy {report.accuracy:.4f}, loss {report.loss:.4f}{augmented}")
         grid = Table("class", "accuracy", box=None, header_style="bold")
         for name, acc in report.per_class.items():
-            grid.add_row(literal(name), f"{acc:.3f}")
+            grid.add_row(cell(name), f"{acc:.3f}")
         out.print(grid)
         out.print("most confused (true -> predicted): " +
-                  "; ".join(f"{t} -> {p} ({n})" for t, p, n in report.confused_pairs))
+                  "; ".join(f"{one_line(t)} -> {one_line(p)} ({n})" for t, p, n in report.confused_pairs))
         out.print(f"confusion.csv, confusion.png, errors.png, eval.json in {report.folder}")
 
 
@@ -836,7 +837,7 @@ def describe_data(cfg) -> None:
     out.print(f"mean / std per channel (training split, pixels in [0, 1]): {channels}")
     table = Table("label", "class", "train", "test", box=None, header_style="bold")
     for label, class_name in enumerate(spec.classes):
-        table.add_row(str(label), literal(class_name), f"{view.counts['train'][label]:,}", f"{view.counts['test'][label]:,}")
+        table.add_row(str(label), cell(class_name), f"{view.counts['train'][label]:,}", f"{view.counts['test'][label]:,}")
     table.add_row("", "all", f"{view.total('train'):,}", f"{view.total('test'):,}")
     out.print(table)
 

@@ -3,7 +3,8 @@
 User text (names, paths, values, messages from files) is printed literally: rich markup is never
 interpreted, so ``[/x]`` cannot crash a command and ``[old]`` is not swallowed, and control
 characters (terminal escape sequences a hostile name could carry) are shown as ``\x1b``-style
-escapes instead of being sent to the terminal.
+escapes instead of being sent to the terminal. A table cell is ``cell(name)``: one line, a newline or tab in
+the name shown as an escape too, so that it never splits a row.
 """
 
 from __future__ import annotations
@@ -15,14 +16,21 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from cnnlab.safetext import CONTROL, printable
+from cnnlab.safetext import CONTROL, one_line, printable
 
-__all__ = ["CONTROL", "SafeConsole", "literal", "printable"]
+__all__ = ["CONTROL", "SafeConsole", "cell", "literal", "one_line", "printable"]
 
 
 def literal(text: str) -> Text:
-    """A rich ``Text`` that shows ``text`` exactly (markup and controls neutralised), e.g. a table cell."""
+    """A rich ``Text`` that shows ``text`` exactly (markup and controls neutralised), e.g. a line of a message.
+    (Build a ``Text`` only this way: rich's own drops some control characters, a bell among them, unseen.)"""
     return Text(printable(text))
+
+
+def cell(text: str) -> Text:
+    """A rich ``Text`` that shows ``text`` as one line (``one_line``: newline and tab as escapes too): a table cell,
+    which a name from a file must never split into two rows."""
+    return Text(one_line(text))
 
 
 class SafeConsole(Console):

@@ -4,14 +4,21 @@ Signals are recorded from the first moment (before typer, rich or torch are impo
 or SIGTERM during start-up is never lost: the command that then runs honours it (see stopping.py).
 At the end, the objects alive are frozen out of the cyclic collector's reach: the interpreter's
 shutdown then takes 0.1 s instead of 0.8 s. A process of torchrun's group ends without that shutdown
-(``end_group_member``).
+(``end_group_member``). Warnings of the libraries cnnlab uses are routed here too (``route_warnings``).
 """
+
+# Library warnings that say nothing a user of cnnlab can act on: (the start of the message, why it is noise).
+NOISE = (
+    ("Unnamed CHECK constraint", "alembic's, while MLflow migrates its own tracking database"),
+    ("constrained_layout not applied", "matplotlib's, when labels crowd a figure: it is still drawn, and saved whole"),
+)
 
 
 def main() -> None:
     from cnnlab.stopping import record_early_signals
 
     record_early_signals()
+    route_warnings()
     from cnnlab.cpus import mark_start
 
     mark_start()
@@ -65,3 +72,26 @@ def end_group_member(code: object) -> None:
     sys.stderr.write(f"{code}\n")  # sys.exit("message"): said, and status 1, as Python does
     sys.stderr.flush()
     os._exit(1)
+
+
+def route_warnings() -> None:
+    """Show each warning of the libraries cnnlab uses as one ``warning:`` line on stderr, as cnnlab's own are: the
+    message alone (its control characters shown as escapes, its lines joined), without the file and source line
+    Python adds; leave out those in ``NOISE``. Python's filters still decide which warnings are shown and how
+    often; with ``-W`` or PYTHONWARNINGS given, everything is left as Python shows it (a developer asked)."""
+    import re
+    import sys
+    import warnings
+
+    if sys.warnoptions:
+        return
+    for start, _ in NOISE:
+        warnings.filterwarnings("ignore", message=re.escape(start))
+    warnings.showwarning = show_warning
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning``, as ``route_warnings`` sets it: one cnnlab warning line."""
+    from cnnlab.errors import warn
+
+    warn(" ".join(str(message).split()))

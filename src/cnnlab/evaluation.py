@@ -100,7 +100,7 @@ def write_outputs(report: EvalReport, folder: Path, split: Split, labels: torch.
     save_figure(fig, folder / "confusion.png")
 
     wrong = (preds != labels).nonzero().flatten()[:MAX_ERROR_TILES].tolist()
-    tiles = [(picture(split.window(i, i + 1)[0]), f"#{i}\n{classes[int(labels[i])]}\n-> {classes[int(preds[i])]}")
+    tiles = [(picture(split.window(i, i + 1)[0]), (f"#{i}", classes[int(labels[i])], f"-> {classes[int(preds[i])]}"))
              for i in wrong]
     title = f"first {len(wrong)} misclassified {report.split} images (true -> predicted)" if wrong else \
         f"no misclassified {report.split} images"

@@ -1,6 +1,8 @@
 """Usage: ``plot_curves(run / "metrics.csv", run / "curves.png")``: figures drawn from result files.
 
-Plots read the files a run wrote, never live training state, so they can be redrawn for old runs.
+Plots read the files a run wrote, never live training state, so they can be redrawn for old runs. Every name
+a figure draws (class names, run names, variant labels, titles made of them) passes through
+``safetext.plot_label``: one line, control characters shown as escapes.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ matplotlib.rcParams["text.parse_math"] = False  # run names are printed literall
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
-from cnnlab.console import printable
 from cnnlab.errors import UserError, warn
 from cnnlab.numtext import finite
 from cnnlab.results import atomic_write, read_metrics_csv
+from cnnlab.safetext import plot_label
 
 # Up to this many points a line also marks each point: one epoch drawn as a bare line is invisible.
 FEW_POINTS = 30
@@ -63,7 +65,7 @@ def curves_figure(rows: list[dict[str, float]], title: str):
         whole_number_axis(ax, int(max(epochs, default=1)))
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.suptitle(printable(title))
+    fig.suptitle(plot_label(title))
     return fig
 
 
@@ -87,7 +89,7 @@ def sweep_curves_figure(rows: list[dict], title: str = ""):
         except UserError as err:
             warn(f"{err}; left out of the curves")
             continue
-        label = printable(row["name"])
+        label = plot_label(row["name"])
         first = label not in colours
         epochs = [r["epoch"] for r in data]
         last = max([last, *map(int, epochs)])
@@ -100,7 +102,7 @@ def sweep_curves_figure(rows: list[dict], title: str = ""):
     ax.grid(True, alpha=0.3)
     if colours:
         ax.legend(fontsize="small", loc="lower right")
-    ax.set_title(printable(title))
+    ax.set_title(plot_label(title))
     return fig
 
 
@@ -122,7 +124,7 @@ def accuracy_bars_figure(table: list[dict], title: str = ""):
             fell_back = True
         if not finite(mean):  # no completed run of this variant, or a NaN/infinite one: the table says which
             continue
-        labels.append(printable(entry["name"]))
+        labels.append(plot_label(entry["name"]))
         means.append(mean)
         stds.append(std if finite(std) else 0.0)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 4.2), dpi=120, layout="constrained")
@@ -137,7 +139,7 @@ def accuracy_bars_figure(table: list[dict], title: str = ""):
     ax.set_ylabel("test accuracy (validation where no test)" if fell_back else "test accuracy")
     ax.set_ylim(0.0, 1.0)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.set_title(printable(title))
+    ax.set_title(plot_label(title))
     return fig
 
 
@@ -162,7 +164,7 @@ def tune_progress_figure(scores: list[float | None], metric: str, mode: str, tit
     ax.set_ylabel(metric)
     whole_number_axis(ax, len(scores))
     ax.grid(True, alpha=0.3)
-    ax.set_title(printable(f"{title}: best {metric} against trials" if title else f"best {metric} against trials"))
+    ax.set_title(plot_label(f"{title}: best {metric} against trials" if title else f"best {metric} against trials"))
     return fig
 
 
@@ -176,7 +178,7 @@ def confusion_figure(confusion: list[list[int]], title: str, classes: Sequence[s
     true class, with the counts written in; ``classes`` names its rows and columns."""
     import torch
 
-    names = [printable(name) for name in classes]
+    names = [plot_label(name) for name in classes]
     matrix = torch.tensor(confusion, dtype=torch.float)
     fig, ax = plt.subplots(figsize=(7.5, 6.5), dpi=110)
     shown = ax.imshow((matrix / matrix.sum(1, keepdim=True).clamp(min=1)).numpy(), cmap="Blues", vmin=0, vmax=1)
@@ -190,27 +192,30 @@ def confusion_figure(confusion: list[list[int]], title: str, classes: Sequence[s
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(printable(title))
+    ax.set_title(plot_label(title))
     fig.colorbar(shown, ax=ax, fraction=0.046, label="fraction of the true class")
     return fig
 
 
-def error_grid_figure(tiles: Sequence[tuple[object, str]], title: str, columns: int = 6):
-    """(image as ``picture`` gives it, caption) pairs as a grid of grey tiles, each captioned above.
+def error_grid_figure(tiles: Sequence[tuple[object, str | Sequence[str]]], title: str, columns: int = 6):
+    """(image as ``picture`` gives it, caption) pairs as a grid of grey tiles, each captioned above. A caption is
+    its lines: a sequence of them (each a ``plot_label``, so a name from a file is one line however it is
+    spelled), or one text whose newlines part them.
 
     Each row is an image plus its caption's height, and the layout engine spaces the rows by what the
     captions take, so no caption reaches into the image above it."""
+    captions = [[plot_label(line) for line in (caption.split("\n") if isinstance(caption, str) else caption)]
+                for _, caption in tiles]
     rows = max(1, -(-len(tiles) // columns))
-    lines = max((caption.count("\n") + 1 for _, caption in tiles), default=1)
+    lines = max(map(len, captions), default=1)
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * (1.5 + 0.14 * lines) + 0.4), dpi=110,
                              squeeze=False, layout="constrained")
     for k, axis in enumerate(axes.flat):
         axis.axis("off")
         if k < len(tiles):
-            image, caption = tiles[k]
-            axis.imshow(image, cmap="gray")
-            axis.set_title(printable(caption), fontsize=7)
-    fig.suptitle(printable(title), fontsize=9)
+            axis.imshow(tiles[k][0], cmap="gray")
+            axis.set_title("\n".join(captions[k]), fontsize=7)
+    fig.suptitle(plot_label(title), fontsize=9)
     return fig
 
 
@@ -222,14 +227,14 @@ def prediction_figure(image, top: Sequence[tuple[str, float]], title: str):
     seen.set_title(f"what the model got ({image.shape[1]}x{image.shape[2]})", fontsize=9)
     seen.set_xticks([])
     seen.set_yticks([])
-    names = [printable(name) for name, _ in top][::-1]
+    names = [plot_label(name) for name, _ in top][::-1]
     values = [probability for _, probability in top][::-1]
     bars.barh(names, values, color=["tab:blue"] * (len(values) - 1) + ["tab:orange"])
     bars.set_xlim(0, 1)
     bars.set_xlabel("probability")
     for y, value in enumerate(values):
         bars.text(min(value + 0.02, 0.85), y, f"{value:.1%}", va="center", fontsize=8)
-    fig.suptitle(printable(title), fontsize=9)
+    fig.suptitle(plot_label(title), fontsize=9)
     return fig
 
 
@@ -256,7 +261,7 @@ def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequ
     if finite:  # the divergence at the end would flatten the interesting part
         low, first = min(finite), finite[0]
         ax.set_ylim(low - 0.1 * max(first - low, 1e-3), max(first, low) + 0.5 * max(first - low, 1e-3))
-    ax.set_title(printable(title))
+    ax.set_title(plot_label(title))
     ax.legend()
     ax.grid(alpha=0.3)
     return fig

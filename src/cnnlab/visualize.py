@@ -10,6 +10,7 @@ named as the report did, by index into the model's top-level layers (0 = LeNet's
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from cnnlab.errors import UserError, warn
 from cnnlab.modelinfo import profile, short_repr
 from cnnlab.results import check_output_file
 from cnnlab.runs import open_run
+from cnnlab.safetext import one_line, plot_label
 
 
 @dataclass
@@ -65,19 +67,21 @@ def pick_image(data: Data, split: str, image: int | None, class_name: str | None
     labels, classes = data.split(split).labels, data.spec.classes
     if class_name is not None:
         def norm(text: str) -> str:
-            return text.strip().lower().replace("-", " ").replace("_", " ")
+            return unicodedata.normalize("NFC", text).strip().lower().replace("-", " ").replace("_", " ")
 
         wanted = norm(class_name)
         matches = [i for i, name in enumerate(classes)
                    if wanted in (norm(name), norm(name.split("/")[0]), str(i))]
         if not matches:
-            raise UserError(f"--class {class_name!r}: not a {data.spec.title} class; choose one of {', '.join(classes)}")
+            raise UserError(f"--class {class_name!r}: not a {data.spec.title} class; choose one of "
+                            f"{', '.join(map(one_line, classes))}")
         positions = (labels == matches[0]).nonzero()
         if not len(positions):
             raise UserError(f"--class {class_name!r}: no such image in the {split} split")
         start = image or 0
         if start >= len(positions):
-            raise UserError(f"--image {start}: the {split} split has {len(positions)} images of class {classes[matches[0]]}")
+            raise UserError(f"--image {start}: the {split} split has {len(positions)} images of class "
+                            f"{one_line(classes[matches[0]])}")
         return int(positions[start])
     index = image or 0
     if not 0 <= index < len(labels):
@@ -186,7 +190,7 @@ def visualize(
     if layer is None:
         layer = cam_layer(model, x) if mode == "cam" else "0"
     name, module = resolve_layer(model, layer)
-    described = f"layer {layer}" + (f" ({name})" if name != layer else "") + f": {short_repr(module)}"
+    described = plot_label(f"layer {layer}" + (f" ({name})" if name != layer else "") + f": {short_repr(module)}")
     logits, activation = capture(model, module, x)
     predicted = int(logits.argmax(1))
     raw = picture(chosen.window(index, index + 1)[0].float() / 255)
@@ -204,10 +208,10 @@ def visualize(
     elif mode == "cam":
         heat = grad_cam(model, module, x, predicted)
         tiles = []
-        title = f"Grad-CAM of '{classes[predicted]}'\nat {described}"
+        title = f"Grad-CAM of '{plot_label(classes[predicted])}'\nat {described}"
         if not heat.max() > 0:
             title += "\n(all zero: nothing here raises the class's score)"
-            warn(f"the Grad-CAM map of '{classes[predicted]}' at layer {layer} is all zero: no part of that layer's "
+            warn(f"the Grad-CAM map of '{one_line(classes[predicted])}' at layer {layer} is all zero: no part of that layer's "
                  "output raises the class's score; try an earlier layer (--layer, see --list-layers)")
     else:
         if activation.dim() == 4:
@@ -221,7 +225,7 @@ def visualize(
     if out is None:
         out = Path(run_dir) / "visualize" / f"{mode}-layer{layer}-{split}{index}.png"
         check_output_file(out, "visualize output")
-    caption = f"{split} image {index}\ntrue: {classes[truth]}\npredicted: {classes[predicted]}"
+    caption = f"{split} image {index}\ntrue: {plot_label(classes[truth])}\npredicted: {plot_label(classes[predicted])}"
     if mode == "cam":
         fig = cam_figure(raw, heat, caption, title)
     else:

@@ -242,13 +242,13 @@ def read_split(dist: Distribution, folder: Path, layout: str, split: str, kind: 
     return Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
 
 
-def class_names(dist: Distribution, folder: Path, layout: str, kind: str) -> tuple[str, ...]:
-    """The class names the files give, when they give them; else the published ones."""
+def class_names(dist: Distribution, folder: Path, layout: str, kind: str) -> tuple[tuple[str, ...], Path | None]:
+    """(the class names the files give, the file), when they give them; else (the published ones, None)."""
     published = dist.classes[kind]
     if layout == "binary":
         path = folder / dist.names_files[kind]
         if not path.is_file():
-            return published
+            return published, None
         try:
             names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as err:
@@ -256,7 +256,7 @@ def class_names(dist: Distribution, folder: Path, layout: str, kind: str) -> tup
     else:
         path = folder / dist.python_meta
         if not path.is_file():
-            return published
+            return published, None
         found = load_pickle(path, "meta file").get(dist.names_keys[kind])
         if not isinstance(found, list) or not all(isinstance(name, bytes) for name in found):
             raise UserError(f"{path}: '{dist.names_keys[kind]}' is not a list of names; delete it to use the published names")
@@ -264,16 +264,18 @@ def class_names(dist: Distribution, folder: Path, layout: str, kind: str) -> tup
     if len(names) != len(published) or not all(0 < len(name) <= MAX_NAME for name in names):
         raise UserError(f"{path}: {len(names)} class names of 1-{MAX_NAME} characters expected {len(published)}; "
                         "delete it to use the published names")
-    return tuple(names)
+    return tuple(names), path
 
 
 def describe(dist: Distribution, cfg: Any) -> DataSpec:
-    """The set's description for ``cfg``: class names from its files when they are found (no image read)."""
+    """The set's description for ``cfg``: class names from its files when they are found (no image read); names
+    that cannot be (one named twice) are a ``UserError`` naming their file."""
     kind = dist.labels_kind(cfg)
     found = locate(dist, getattr(cfg, "root", None))
-    classes = class_names(dist, *found, kind) if found is not None else dist.classes[kind]
+    classes, source = class_names(dist, *found, kind) if found is not None else (dist.classes[kind], None)
     title = dist.title if len(dist.classes) == 1 else f"{dist.title} ({kind})"
-    return DataSpec(name=dist.name, title=title, classes=classes, channels=3, image_size=(IMAGE_SIZE, IMAGE_SIZE))
+    return DataSpec.made(str(source or (found[0] if found else dist.title)), name=dist.name, title=title, classes=classes,
+                         channels=3, image_size=(IMAGE_SIZE, IMAGE_SIZE))
 
 
 def read_splits(dist: Distribution, cfg: Any) -> tuple[Path, Split, Split]:

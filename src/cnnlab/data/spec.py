@@ -4,7 +4,9 @@ What a data set is, as every consumer needs it: its name, class names, channels,
 per-channel pixel mean and std of the training split (what inputs are normalised with), and the
 folder it was read from. Made once by the data layer (``Data.spec``), recorded in summary.json and in
 checkpoints, and read back from them: then it is untrusted, and validated (a bad one is a
-``UserError`` naming where it came from).
+``UserError`` naming where it came from). Every data set's description is made through ``DataSpec.made``,
+naming the file it comes from: what no data set may be (one class, a class named twice, an image of no
+pixels) is checked here once, for all of them, and said of that file.
 """
 
 from __future__ import annotations
@@ -53,11 +55,24 @@ class DataSpec(BaseModel):
     # background is light. None (descriptions recorded before this field): judged from the picture, as then.
     dark_background: StrictBool | None = None
 
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, classes: tuple[str, ...]) -> tuple[str, ...]:
+        if len(classes) == 1:
+            raise ValueError(f"only one class ({classes[0]}); a classifier needs two or more classes")
+        first: dict[str, int] = {}
+        for label, name in enumerate(classes):
+            if name in first:  # a table by name would lose one of the two (eval's per-class figures)
+                raise ValueError(f"class {name!r} is named twice (labels {first[name]} and {label}); give each class a "
+                                 "name of its own")
+            first[name] = label
+        return classes
+
     @field_validator("image_size")
     @classmethod
     def _sides(cls, size: tuple[int, int]) -> tuple[int, int]:
         if not all(1 <= side <= MAX_SIDE for side in size):
-            raise ValueError(f"each side must be 1 to {MAX_SIDE} pixels")
+            raise ValueError(f"images of {size[0]}x{size[1]} pixels; each side must be 1 to {MAX_SIDE:,} pixels")
         return size
 
     @model_validator(mode="after")
@@ -91,12 +106,28 @@ class DataSpec(BaseModel):
         return self.model_dump(mode="json", exclude_none=True)
 
     @classmethod
+    def made(cls, where: str, **fields: Any) -> DataSpec:
+        """A data set's description from its files (``where``: the file or folder its fields come from); one that
+        cannot be is a ``UserError`` naming ``where`` and what is wrong."""
+        try:
+            return cls(**fields)
+        except ValidationError as err:
+            key, message = _problem(err)
+            own = err.errors()[0]["type"] == "value_error"  # the validators' words say what they are about
+            raise UserError(f"{where}: {message}" if own or not key else f"{where}: {key}: {message}") from None
+
+    @classmethod
     def read(cls, value: Any, where: str) -> DataSpec:
         """A description read back from a file, validated; a bad one is a ``UserError`` naming ``where``."""
         try:
             return cls.model_validate(value)
         except ValidationError as err:
-            first = err.errors()[0]
-            key = ".".join(map(str, first["loc"]))
-            raise UserError(f"{where}: its data description is not valid ({key + ': ' if key else ''}{first['msg']})") \
+            key, message = _problem(err)
+            raise UserError(f"{where}: its data description is not valid ({key + ': ' if key else ''}{message})") \
                 from None
+
+
+def _problem(err: ValidationError) -> tuple[str, str]:
+    """(the key, what is wrong with it) of a validation error's first problem; the validators' own words as written."""
+    first = err.errors()[0]
+    return ".".join(map(str, first["loc"])), first["msg"].removeprefix("Value error, ")
