@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ from typer.testing import CliRunner
 
 from cnnlab.cli import app
 from cnnlab.config import load_config
-from cnnlab.data import describe
+from cnnlab.data import data_set, describe
 from cnnlab.engine import fit
 from cnnlab.errors import UserError
 from cnnlab.inference import load_image, predict
@@ -104,11 +107,39 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
                          "test_images are 1x20x20 but train_images 1x28x28"),
         "not an archive": (not_zip, "not a NumPy .npz archive cnnlab can read"),
         "a folder": (tmp_path, "is a folder; data.root names the .npz file itself"),
+        "one class": (write_npz(tmp_path / "j.npz", **{f"{split}_labels": np.zeros((n, 1), np.int64) for split, n in
+                                                      (("train", 300), ("val", 60), ("test", 100))}),
+                      "only one class (0); a classifier needs two or more classes"),
+        "zero-size side": (write_npz(tmp_path / "k.npz", **{f"{split}_images": np.zeros((n, 0, 28), np.uint8) for split, n in
+                                                           (("train", 300), ("val", 60), ("test", 100))}),
+                           "train_images has shape (300, 0, 28): images of 0x28 pixels; each side must be 1 to 8,192"),
+        "huge label": (write_npz(tmp_path / "l.npz", test_labels=np.append(labels[1:, 0], 2**63).astype(np.uint64)),
+                       "test_labels holds label 9,223,372,036,854,775,808; at most 100,000 classes"),
+        "short member": (npz_of(tmp_path / "m.npz", test_labels=npy_bytes(labels)[:-400]),
+                         "test_labels: its header declares 800 bytes of int64 numbers, and the archive holds 400"),
     }
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as numpy.save writes it: a .npy header, then its bytes."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def npz_of(path: Path, compression: int = zipfile.ZIP_STORED, **members: bytes) -> Path:
+    """A .npz archive as write_npz makes it, but for ``members``: .npy files given as raw bytes (valid CRCs)."""
+    with np.load(write_npz(path)) as made:
+        raw = {key: npy_bytes(made[key]) for key in made.files}
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        for key, data in {**raw, **members}.items():
+            archive.writestr(f"{key}.npy", data)
+    return path
+
+
 @pytest.mark.parametrize("case", ["missing key", "pickled array", "lengths", "float images", "float labels", "multi-label",
-                                  "negative label", "val without labels", "sizes differ", "not an archive", "a folder"])
+                                  "negative label", "val without labels", "sizes differ", "not an archive", "a folder",
+                                  "one class", "zero-size side", "huge label", "short member"])
 def test_a_bad_archive_is_exit_2_naming_the_file_and_the_problem(case, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     archive, message = bad_cases(tmp_path)[case]
@@ -119,6 +150,36 @@ def test_a_bad_archive_is_exit_2_naming_the_file_and_the_problem(case, tmp_path,
     assert message in flat and str(archive.name) in flat
     assert "Traceback" not in result.output and not (tmp_path / "results").exists()
     assert not (tmp_path / "pwned").exists()  # the planted pickle never ran
+
+
+def test_cnnlab_data_names_an_archive_of_images_without_pixels(tmp_path):
+    archive = bad_cases(tmp_path)["zero-size side"][0]
+    result = CliRunner().invoke(app, ["data", "npz", "--root", str(archive)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{archive}: train_images has shape (300, 0, 28)" in " ".join(result.output.split())
+
+
+def test_an_archive_member_is_read_no_further_than_its_header_declares(tmp_path, monkeypatch):
+    # 40 MB of zeros (40 kB deflated) after train_images' declared bytes: refused without inflating them
+    padded = npz_of(tmp_path / "padded.npz", zipfile.ZIP_DEFLATED,
+                    train_images=npy_bytes(arrays(300, seed=300)[0]) + bytes(40 << 20))
+    assert padded.stat().st_size < 1 << 20
+    cfg = load_config(None, settings(padded, tmp_path))
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match=rf"^{padded}: train_images: its header declares 235,200 bytes of uint8 numbers, "
+                                            "and the archive holds 41,943,040 more"):
+            data_set("npz").read_splits(cfg.data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20  # the arrays' own bytes (a few hundred kB) and no more
+    # An array larger than the memory available is refused before any of it is read.
+    monkeypatch.setattr("cnnlab.data.bounded.host_memory_available", lambda: 200_000)
+    cfg = load_config(None, settings(write_npz(tmp_path / "plain.npz"), tmp_path))
+    with pytest.raises(UserError, match=r"plain.npz: train_images: its header declares 235,200 bytes, more than the 200,000 "
+                                        "bytes of memory"):
+        data_set("npz").read_splits(cfg.data)
 
 
 def test_labels_beyond_the_configs_class_names_are_named(tmp_path):
