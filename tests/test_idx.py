@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import struct
+import tracemalloc
 from pathlib import Path
 
 import pytest
-from conftest import write_dataset
+import torch
+from conftest import idx_bytes, write_dataset
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
@@ -186,3 +189,38 @@ def test_cnnlab_data_downloads_when_the_config_says_so(tmp_path, monkeypatch):
         result = runner.invoke(app, ["data", "--data-dir", str(tmp_path / into), *asked, "--set", "data.check_counts=false"])
         assert result.exit_code == 0, result.output
         assert fetched[-1] == tmp_path / into and f"Fashion-MNIST found in {tmp_path / into}" in result.output
+
+
+def test_idx_files_of_no_images_are_named(tmp_path):
+    # data.check_counts: false took them, and the reader failed on an offset with exit 1, naming no file
+    folder = write_dataset(tmp_path / "data", n_train=100, n_test=50)
+    for stem, kind in (("t10k-images-idx3-ubyte", "images"), ("t10k-labels-idx1-ubyte", "labels")):
+        (folder / f"{stem}.gz").write_bytes(gzip.compress(idx_bytes(torch.zeros((0, 28, 28) if kind == "images" else 0),
+                                                                     kind)))
+    result = runner.invoke(app, ["run", str(CONFIGS / "lenet.yaml"), "--data-dir", str(folder), "--set",
+                                 "data.check_counts=false", "--set", "data.val_size=10", "--results", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert f"{folder / 't10k-images-idx3-ubyte.gz'}: its header says 0 images" in said and "Traceback" not in said
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_gzip_bomb_is_refused_without_inflating_it(tmp_path):
+    """A header of 10 images and 40 MB of zeros after them (40 kB gzipped): refused having read 10 images' bytes and
+    one more, not after inflating (and copying) the whole of it."""
+    folder = write_dataset(tmp_path, n_train=10, n_test=10)
+    bomb = folder / "train-images-idx3-ubyte.gz"
+    bomb.write_bytes(gzip.compress(gzip.decompress(bomb.read_bytes()) + bytes(40 << 20), compresslevel=1))
+    assert bomb.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match=rf"^{bomb}: header says 10 images \(7,856 bytes\) but the file holds more"):
+            DATA_SETS["fashion-mnist"].SET.read_split(folder, "train", check_counts=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+    # A header declaring more than any memory holds (2^32 - 1 images, 3.4 TB) is refused before reading any.
+    bomb.write_bytes(gzip.compress(struct.pack(">IIII", 0x803, 2**32 - 1, 28, 28) + bytes(1 << 20)))
+    with pytest.raises(UserError, match=rf"^{bomb}: its header declares 4,294,967,295 images, 3,136.0 GiB, more than the"):
+        DATA_SETS["fashion-mnist"].SET.read_split(folder, "train", check_counts=False)

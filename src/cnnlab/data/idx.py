@@ -4,7 +4,8 @@ The IDX family: Fashion-MNIST, MNIST and KMNIST all ship as four IDX files (plai
 grey images and their labels. An ``IdxSet`` says what differs between them (name, classes, expected
 counts, checksums, where a copy may already be, torchvision's name for it); everything else is here,
 once: finding the files in the usual places, downloading them through torchvision only when asked to,
-reading and validating them (magic number, image size, length, labels; a bad file is named), and the
+reading and validating them (magic number, image size, length, labels; a bad file is named: the header is
+read first, then only the bytes it declares and one more, so a gzip bomb is never inflated), and the
 module interface the registry expects (``describe``, ``read_splits``, ``check``, ``SPEC``), which each
 data set's own module takes from its ``IdxSet``.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from cnnlab.data.bounded import fits_memory, read_declared
 from cnnlab.data.spec import DataSpec
 from cnnlab.data.splits import Split
 from cnnlab.errors import UserError
@@ -34,6 +36,8 @@ STEMS = tuple(stem for pair in FILES.values() for stem in pair)
 IMAGE_SIZE = 28
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
 CACHE_ROOT = Path("~/.cache/cnnlab")  # each set's cache (and download target) is CACHE_ROOT/<name>
+GZIP_MAGIC = b"\x1f\x8b"
+HASH_CHUNK = 1 << 22  # bytes hashed at a time
 
 
 @dataclass(frozen=True)
@@ -144,11 +148,48 @@ class IdxSet:
     # -----------------------------------------------------------------------------------------
     # Reading and validating
 
-    def read_idx(self, path: Path, kind: str) -> torch.Tensor:
-        """An IDX images file as uint8 [N, 1, 28, 28], or a labels file as int64 [N]; checked, never short."""
-        data = read_bytes(path)
+    def read_idx(self, path: Path, kind: str, split: str | None = None) -> torch.Tensor:
+        """An IDX images file as uint8 [N, 1, 28, 28], or a labels file as int64 [N]; checked, never short. Its header
+        is read first: with ``split``, its count must be the set's (``data.check_counts``); then the bytes it declares
+        are checked against the memory available, and only they are read (and one more, which must not be there)."""
         magic, header = (IMAGES_MAGIC, 16) if kind == "images" else (LABELS_MAGIC, 8)
-        if len(data) < header:
+        gzipped = False
+        try:
+            with path.open("rb") as raw:
+                gzipped = raw.read(2) == GZIP_MAGIC
+                raw.seek(0)
+                handle = gzip.GzipFile(fileobj=raw) if gzipped else raw
+                count, shape = self._header(path, kind, magic, handle.read(header))
+                if split is not None and count != self.counts[split]:
+                    raise UserError(f"{path}: {count:,} {kind}, {self.title}'s {split} set has {self.counts[split]:,}. "
+                                    "Replace the file, or set data.check_counts: false to use a different IDX data set")
+                nbytes = count * (IMAGE_SIZE * IMAGE_SIZE if kind == "images" else 1)
+                declared = f"{path}: header says {count:,} {kind} ({header + nbytes:,} bytes) but the file"
+                size = os.fstat(raw.fileno()).st_size
+                if not gzipped and size != header + nbytes:  # a plain file's length is known before reading it
+                    raise UserError(f"{declared} has {size:,} bytes; it is truncated or corrupted. Replace it with a "
+                                    "fresh copy")
+                fits_memory(nbytes, f"{path}: its header declares {count:,} {kind},")
+                data, more = read_declared(handle, nbytes)
+        except (EOFError, OSError, zlib.error) as err:
+            what = "truncated or corrupted gzip file" if gzipped else "cannot be read"
+            raise UserError(f"{path}: {what} ({err}). Replace it with a fresh copy (reinstall it, or delete it and use "
+                            "--download)") from None
+        if len(data) < nbytes:
+            raise UserError(f"{declared} has {header + len(data):,} bytes; it is truncated or corrupted. Replace it with "
+                            "a fresh copy")
+        if more:
+            raise UserError(f"{declared} holds more; it is corrupted or not an IDX {kind} file. Replace it with a fresh copy")
+        tensor = torch.from_numpy(data).reshape(shape)
+        if kind == "labels":
+            if int(tensor.max()) > len(self.classes) - 1:
+                raise UserError(f"{path}: label {int(tensor.max())} found; {self.title} labels are 0-{len(self.classes) - 1}")
+            tensor = tensor.long()
+        return tensor
+
+    def _header(self, path: Path, kind: str, magic: int, data: bytes) -> tuple[int, tuple[int, ...]]:
+        """(the count, the array's shape) an IDX header declares, checked: magic number, image size, some data."""
+        if len(data) < (16 if kind == "images" else 8):
             raise UserError(f"{path}: only {len(data)} bytes, too short for an IDX header; the file is truncated")
         found = struct.unpack(">I", data[:4])[0]
         if found != magic:
@@ -157,24 +198,14 @@ class IdxSet:
                 "Is this the right file, and decompressed correctly?"
             )
         count = struct.unpack(">I", data[4:8])[0]
-        shape: tuple[int, ...] = (count,)
-        if kind == "images":
-            rows, cols = struct.unpack(">II", data[8:16])
-            if (rows, cols) != (IMAGE_SIZE, IMAGE_SIZE):
-                raise UserError(f"{path}: images are {rows}x{cols}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
-            shape = (count, 1, rows, cols)
-        expected = header + count * (shape[2] * shape[3] if kind == "images" else 1)
-        if len(data) != expected:
-            raise UserError(
-                f"{path}: header says {count:,} {kind} ({expected:,} bytes) but the file has {len(data):,} bytes; "
-                "it is truncated or corrupted. Replace it with a fresh copy"
-            )
-        tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).reshape(shape)
+        if count == 0:
+            raise UserError(f"{path}: its header says 0 {kind}; a data set's file holds some. Replace it with a fresh copy")
         if kind == "labels":
-            if count and int(tensor.max()) > len(self.classes) - 1:
-                raise UserError(f"{path}: label {int(tensor.max())} found; {self.title} labels are 0-{len(self.classes) - 1}")
-            tensor = tensor.long()
-        return tensor
+            return count, (count,)
+        rows, cols = struct.unpack(">II", data[8:16])
+        if (rows, cols) != (IMAGE_SIZE, IMAGE_SIZE):
+            raise UserError(f"{path}: images are {rows}x{cols}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
+        return count, (count, 1, rows, cols)
 
     def read_split(self, folder: Path, split: str, check_counts: bool = True) -> Split:
         images_stem, labels_stem = FILES[split]
@@ -182,14 +213,10 @@ class IdxSet:
         if images_path is None or labels_path is None:
             missing = images_stem if images_path is None else labels_stem
             raise UserError(f"{folder}: {missing}[.gz] is missing. {self.how_to_get}")
-        images, labels = self.read_idx(images_path, "images"), self.read_idx(labels_path, "labels")
+        counted = split if check_counts else None
+        images, labels = self.read_idx(images_path, "images", counted), self.read_idx(labels_path, "labels", counted)
         if len(images) != len(labels):
             raise UserError(f"{images_path} holds {len(images):,} images but {labels_path} holds {len(labels):,} labels")
-        if check_counts and len(labels) != self.counts[split]:
-            raise UserError(
-                f"{images_path}: {len(labels):,} images, {self.title}'s {split} set has {self.counts[split]:,}. "
-                "Replace the file, or set data.check_counts: false to use a different IDX data set"
-            )
         return Split(images, labels)
 
     def verify(self, folder: Path) -> Iterator[str]:
@@ -203,8 +230,7 @@ class IdxSet:
                 if not path.is_file():
                     yield f"  {stem}: not checked ({self.title}'s published {known.algorithm} is of {stem}.gz, not here)"
                     continue
-            payload = path.read_bytes() if known.archive else read_bytes(path)
-            ok = hashlib.new(known.algorithm, payload).hexdigest() == known.digest
+            ok = file_digest(path, known.algorithm, decompressed=not known.archive) == known.digest
             yield f"  {path.name}: {known.algorithm} {'ok' if ok else 'MISMATCH'}"
             if not ok:
                 raise UserError(f"{path}: checksum differs from {self.title}'s; replace the file")
@@ -238,6 +264,21 @@ class IdxSet:
         state = "holds the files" if self.holds_files(self.cache_dir) else \
             "empty" if self.cache_dir.is_dir() else "not made yet"
         return f"{self.cache_dir} ({state}; --download fills it)"
+
+
+def file_digest(path: Path, algorithm: str, decompressed: bool) -> str:
+    """The hex digest of a file's bytes (``decompressed``: of what it holds, when it is gzipped), read in chunks."""
+    digest = hashlib.new(algorithm)
+    try:
+        with path.open("rb") as raw:
+            gzipped = decompressed and raw.read(2) == GZIP_MAGIC
+            raw.seek(0)
+            handle = gzip.GzipFile(fileobj=raw) if gzipped else raw
+            while chunk := handle.read(HASH_CHUNK):
+                digest.update(chunk)
+    except (EOFError, OSError, zlib.error) as err:
+        raise UserError(f"{path}: cannot be read to check it ({err}); replace it with a fresh copy") from None
+    return digest.hexdigest()
 
 
 def read_bytes(path: Path) -> bytes:
