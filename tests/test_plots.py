@@ -72,13 +72,13 @@ def test_plot_curves_writes_the_png_of_a_one_epoch_run(tmp_path):
 
 @pytest.mark.parametrize("epochs", [1, 2, 20])
 def test_sweep_curves_mark_points_and_tick_whole_epochs(epochs, tmp_path, close_figures):
-    rows = []
+    table = []
     for name in ("lenet_k3", "lenet_k5"):
         run = tmp_path / name
         run.mkdir()
         write_metrics_csv(run / "metrics.csv", metric_rows(epochs))
-        rows.append({"name": name, "run_dir": str(run)})
-    fig = sweep_curves_figure(rows, "kernels")
+        table.append({"name": name, "run_dirs": [str(run)]})
+    fig = sweep_curves_figure(table, "kernels")
     [ax] = fig.axes
     assert [line.get_label() for line in ax.get_lines()] == ["lenet_k3", "lenet_k5"]
     assert all(line.get_marker() not in (None, "None", "") for line in ax.get_lines())
@@ -100,6 +100,28 @@ def test_bars_start_at_zero_with_each_value_written(close_figures):
         assert box.y1 <= top.y1 or box.y0 >= top.y1
     assert not ax.title.get_window_extent(renderer).overlaps(ax.texts[1].get_window_extent(renderer))
     assert len(ax.containers) == 2  # the bars and their error bars over seeds
+
+
+LONG_NAMES = ["lenet[model.activation=relu,optim.lr=0.05,train.batch_size=128]", "lenet[model.activation=sigmoid]",
+              "lenet", "resnet18_with_a_name_longer_than_any_bar_is_wide", "lenet[data.root=/data/some/where/else]",
+              "vgg11[optim.name=adamw,optim.weight_decay=0.05]", "nin", "googlenet[model.width=0.5]"]
+
+
+@pytest.mark.parametrize("bars", [2, 4, 8])
+def test_long_variant_names_under_bars_never_overprint(bars, tmp_path):
+    table = [{"name": name, "test_acc": (0.5 + 0.01 * i, 0.0), "val_acc": (None, None)}
+             for i, name in enumerate(LONG_NAMES[:bars])]
+    fig = accuracy_bars_figure(table, "kernels")
+    [ax] = fig.axes
+    fig.savefig(tmp_path / "bars.png")  # laid out as it is saved
+    renderer = fig.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for label in ax.get_xticklabels()]
+    assert [label.get_text().replace("\n", "") for label in ax.get_xticklabels()] == LONG_NAMES[:bars]
+    for i, box in enumerate(boxes):
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0, (i, box, fig.bbox)
+        for other in boxes[i + 1:]:
+            assert not box.overlaps(other), (box, other)
+    plt.close(fig)
 
 
 def test_bars_of_single_runs_draw_no_error_bars(close_figures):

@@ -8,6 +8,7 @@ a figure draws (class names, run names, variant labels, titles made of them) pas
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -75,47 +76,51 @@ def plot_curves(metrics_csv: Path, out: Path, title: str | None = None) -> Path:
     return save_figure(curves_figure(rows, title or Path(metrics_csv).parent.parent.name), out)
 
 
-def sweep_curves_figure(rows: list[dict], title: str = ""):
-    """Every trial's validation accuracy per epoch, overlaid (one colour per variant)."""
+def sweep_curves_figure(table: list[dict], title: str = ""):
+    """Every run's validation accuracy per epoch, overlaid: one colour and one legend entry per experiment of
+    ``table`` (``compare.aggregate``'s: its ``name`` is the label the tables show, ``run_dirs`` its runs), so that
+    runs of one name but different configs or data are as far apart here as in the tables."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120, layout="constrained")
-    colours: dict[str, str] = {}
+    labelled = False
     last = 1
-    for row in rows:
-        metrics = Path(row["run_dir"]) / "metrics.csv" if row.get("run_dir") else None
-        if metrics is None or not metrics.is_file():
-            continue
-        try:
-            data = read_metrics_csv(metrics)
-        except UserError as err:
-            warn(f"{err}; left out of the curves")
-            continue
-        label = plot_label(row["name"])
-        first = label not in colours
-        epochs = [r["epoch"] for r in data]
-        last = max([last, *map(int, epochs)])
-        line = ax.plot(epochs, [r["val_acc"] if finite(r["val_acc"]) else math.nan for r in data],
-                       color=colours.get(label), label=label if first else None, alpha=0.85, **point_markers(len(data)))[0]
-        colours.setdefault(label, line.get_color())
+    for entry in table:
+        label, colour = plot_label(entry["name"]), None
+        for run_dir in entry.get("run_dirs") or ():
+            metrics = Path(run_dir) / "metrics.csv"
+            if not metrics.is_file():
+                continue
+            try:
+                data = read_metrics_csv(metrics)
+            except UserError as err:
+                warn(f"{err}; left out of the curves")
+                continue
+            epochs = [r["epoch"] for r in data]
+            last = max([last, *map(int, epochs)])
+            line = ax.plot(epochs, [r["val_acc"] if finite(r["val_acc"]) else math.nan for r in data], color=colour,
+                           label=label if colour is None else None, alpha=0.85, **point_markers(len(data)))[0]
+            colour, labelled = line.get_color(), True
     ax.set_xlabel("epoch")
     whole_number_axis(ax, last)
     ax.set_ylabel("validation accuracy")
     ax.grid(True, alpha=0.3)
-    if colours:
+    if labelled:
         ax.legend(fontsize="small", loc="lower right")
     ax.set_title(plot_label(title))
     return fig
 
 
-def plot_sweep_curves(rows: list[dict], out: Path, title: str = "") -> Path:
+def plot_sweep_curves(table: list[dict], out: Path, title: str = "") -> Path:
     """``sweep_curves_figure`` written to ``out``."""
-    return save_figure(sweep_curves_figure(rows, title), out)
+    return save_figure(sweep_curves_figure(table, title), out)
 
 
 def accuracy_bars_figure(table: list[dict], title: str = ""):
     """Test accuracy per variant (validation accuracy where there is no test result), error bars over seeds.
 
     Bars start at 0: a bar's length is its value, so a cut axis would make 0.53 against 0.55 look like a
-    doubling. Each bar carries its value written in, which tells close accuracies apart."""
+    doubling. Each bar carries its value written in, which tells close accuracies apart. Each bar's name is
+    written under it on lines of at most ``LABEL_CHARACTERS`` (``wrapped``), and each bar is as wide as its
+    name's longest line, so that long variant names never run into each other."""
     labels, means, stds, fell_back = [], [], [], False
     for entry in table:
         mean, std = entry["test_acc"]
@@ -124,10 +129,14 @@ def accuracy_bars_figure(table: list[dict], title: str = ""):
             fell_back = True
         if not finite(mean):  # no completed run of this variant, or a NaN/infinite one: the table says which
             continue
-        labels.append(plot_label(entry["name"]))
+        labels.append(wrapped(plot_label(entry["name"])))
         means.append(mean)
         stds.append(std if finite(std) else 0.0)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 4.2), dpi=120, layout="constrained")
+    longest = max((len(line) for label in labels for line in label.split("\n")), default=0)
+    lines = max((label.count("\n") + 1 for label in labels), default=1)
+    slot = max(0.9, LABEL_INCHES_PER_CHARACTER * longest + 0.15)  # inches a bar and its name take across
+    fig, ax = plt.subplots(figsize=(max(4.0, slot * len(labels) + 1.5), 4.2 + 0.17 * (lines - 1)), dpi=120,
+                           layout="constrained")
     # error bars only where some variant ran several seeds: a cap at every bar's top is noise for single runs
     bars = ax.bar(range(len(labels)), means, yerr=stds if any(stds) else None, capsize=4, color="#4c72b0")
     for bar, mean in zip(bars, means):
@@ -135,12 +144,32 @@ def accuracy_bars_figure(table: list[dict], title: str = ""):
         inside = mean >= 0.15
         ax.text(bar.get_x() + bar.get_width() / 2, mean / 2 if inside else mean + 0.02, f"{mean:.3f}", ha="center",
                 va="center" if inside else "bottom", fontsize="small", color="white" if inside else "black")
-    ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlim(-0.5, len(labels) - 0.5)  # each name's slot is the bar's: no margin that a name could not use
     ax.set_ylabel("test accuracy (validation where no test)" if fell_back else "test accuracy")
     ax.set_ylim(0.0, 1.0)
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(plot_label(title))
     return fig
+
+
+LABEL_CHARACTERS = 20  # the longest line of a bar's name
+LABEL_INCHES_PER_CHARACTER = 0.085  # of matplotlib's 10-point tick labels, a little over their mean width
+BREAK_AFTER = re.compile(r"(?<=[,\[=_ /-])")
+
+
+def wrapped(label: str, width: int = LABEL_CHARACTERS) -> str:
+    """``label`` on lines of at most ``width`` characters, broken after a comma, bracket, equals sign, underscore,
+    space, slash or hyphen where it can, anywhere where it cannot. Only newlines are added."""
+    lines = [""]
+    for piece in BREAK_AFTER.split(label):
+        while piece:
+            if lines[-1] and len(lines[-1]) + len(piece) > width:
+                lines.append("")
+            room = width - len(lines[-1])
+            lines[-1] += piece[:room]
+            piece = piece[room:]
+    return "\n".join(lines)
 
 
 def plot_accuracy_bars(table: list[dict], out: Path, title: str = "") -> Path:

@@ -14,8 +14,8 @@ import contextlib
 import html
 import json
 import re
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -144,12 +144,12 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
          metric_text(summaries[r].wall_seconds, "wall_seconds"),
          number_text(summaries[r].params, grouped=True), number_text(summaries[r].flops_per_image, grouped=True))
         for r in runs)))
-    if len(table) > 1:
+    if any(len(entry["seeds"]) > 1 for entry in table):  # with one seed each, the table above says it all
         blocks.append(Block("p", "Across runs (mean ± std over seeds where there are several):"))
         from cnnlab.compare import table_headers, table_rows
         blocks.append(Block("table", headers=table_headers(table), rows=tuple(map(tuple, table_rows(table)))))
     blocks.append(Block("image", "Validation accuracy per epoch, every run",
-                        path=plot_sweep_curves(rows, assets / "compare-curves.png", title="validation accuracy")))
+                        path=plot_sweep_curves(table, assets / "compare-curves.png", title="validation accuracy")))
     blocks.append(Block("image", "Final test accuracy per variant (error bars: std over seeds)",
                         path=plot_accuracy_bars(table, assets / "compare-bars.png", title="test accuracy")))
 
@@ -170,7 +170,7 @@ def build_blocks(targets: list[Path], assets: Path, trust_code: bool = False) ->
             blocks.append(Block("p", f"{summary.params or 0:,} parameters, {flops:,} FLOPs per image."))
         target = assets / f"{run.parent.name}-{run.name}-curves.png"
         if copy_png(run / "curves.png", target):
-            blocks.append(Block("image", f"{summary.name}: train loss, train accuracy and validation accuracy",
+            blocks.append(Block("image", f"{label[run]}: train and validation loss and accuracy per epoch",
                                 path=target))
         if cfg.model.name == "lenet" and lenet_run is None and (run / "checkpoints" / "best.pt").is_file():
             lenet_run = run
@@ -279,7 +279,8 @@ def write_report(targets: list[Path], out: Path, html_too: bool = False, trust_c
     check_output_file(assets, "--output", folder=True)  # replaced whole: a link or a file there is refused
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.stem}_files."))
+    building = out.parent / f".{out.stem}_files.{secrets.token_hex(6)}"
+    building.mkdir()  # with the mode any folder of the user's gets (mkdtemp's would stay private, 0700)
     try:
         blocks, skipped = build_blocks([Path(t) for t in targets], building, trust_code)
         blocks = [Block(b.kind, b.text, b.headers, b.rows, assets / b.path.relative_to(building) if b.path else None)

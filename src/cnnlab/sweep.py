@@ -556,5 +556,5 @@ def write_sweep_files(sweep_dir: Path, rows: list[dict[str, Any]], swept_keys: l
     write_trials(sweep_dir, rows, swept_keys)
     title = f"# Sweep {sweep_dir.parent.name} ({sweep_dir.name})\n\n"
     atomic_write_text(sweep_dir / "summary.md", title + markdown_table(aggregate(rows)))
-    plot_sweep_curves(rows, sweep_dir / "curves.png", title=sweep_dir.parent.name)
+    plot_sweep_curves(aggregate(rows), sweep_dir / "curves.png", title=sweep_dir.parent.name)
     plot_accuracy_bars(aggregate(rows), sweep_dir / "bars.png", title=sweep_dir.parent.name)
