@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,14 @@ def test_quiet_lines_end_with_the_time_the_run_has_left(tmp_path):
     assert "run left" not in lines[3]
 
 
-def test_the_live_bar_shows_speed_learning_rate_and_time_left(tmp_path):
+def bar_line(reporter: LiveReporter) -> str:
+    """The live bar as it is drawn now, its runs of spaces made one."""
+    buffer = io.StringIO()
+    Console(file=buffer, width=400).print(reporter.progress.make_tasks_table(reporter.progress.tasks))
+    return " ".join(buffer.getvalue().split())
+
+
+def test_the_live_bar_shows_speed_learning_rate_and_each_time_once_in_one_format(tmp_path):
     clock, buffer = Clock(), io.StringIO()
     reporter = LiveReporter(Console(file=buffer, width=200, force_terminal=True), clock=clock)
     reporter.start_run("lenet", Path(tmp_path), epochs=2)
@@ -74,7 +82,24 @@ def test_the_live_bar_shows_speed_learning_rate_and_time_left(tmp_path):
         reporter.advance(torch.tensor(batch * 32 * 0.5), torch.tensor(batch * 20), batch * 32)
     task = reporter.progress.tasks[0]
     assert task.fields["lr"] == "0.05" and task.fields["speed"] == "32"  # 4 batches of 32 in 4 s after the first
-    assert task.fields["run_left"] == "15 s"  # 1 s a batch: 5 more in this epoch, 10 in the next
+    line = bar_line(reporter)
+    # 1 s a batch: 5 more in this epoch, 10 in the next; every time labelled, in duration_text's one format
+    assert line.endswith("32 img/s lr 0.05 elapsed 5.0 s epoch left 5.0 s run left 15 s"), line
+    assert not re.search(r"\d:\d\d", line), line
+    reporter.end_epoch(row(1), is_best=True)
+
+
+def test_a_one_epoch_run_says_1_epoch_and_its_time_left_once(tmp_path):
+    clock, buffer = Clock(), io.StringIO()
+    reporter = LiveReporter(Console(file=buffer, width=200), clock=clock)
+    reporter.start_run("lenet", Path(tmp_path), epochs=1)
+    assert f"run lenet: 1 epoch -> {tmp_path}" in buffer.getvalue()
+    reporter.start_epoch(1, batches=10, lr=0.9)
+    for batch in range(1, 4):
+        clock.now += 1
+        reporter.advance(torch.tensor(batch * 32 * 0.5), torch.tensor(batch * 20), batch * 32)
+    line = bar_line(reporter)
+    assert line.endswith("lr 0.9 elapsed 3.0 s epoch left 7.0 s"), line  # the epoch's time left is the run's
     reporter.end_epoch(row(1), is_best=True)
 
 

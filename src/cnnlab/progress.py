@@ -2,7 +2,8 @@
 
 On a terminal: a rich progress bar per epoch with the running loss and accuracy (read from the
 device at most four times a second, never per batch), images per second, the learning rate the
-epoch started at, and the time left in the epoch and in the whole run. Otherwise, or with
+epoch started at, and the epoch's time so far, the time it has left and the time the whole run has
+left, each labelled and written as ``duration_text`` writes durations. Otherwise, or with
 ``--quiet``: one line per epoch, fit for logs, ending with the time the run has left. Times left
 come from what this process measured (``Pace``): its batches, and its whole epochs with their
 evaluation.
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.text import Text
 
 from cnnlab.console import SafeConsole
 from cnnlab.listeners import Listener
@@ -53,6 +55,20 @@ class Pace:
         recent = self.whole[-PACE_EPOCHS:]
         return sum(recent) / len(recent) if recent else None
 
+    def elapsed(self) -> float:
+        """Seconds since this process started the epoch at hand."""
+        return self.clock() - self.started
+
+    def epoch_left(self, done: int) -> float | None:
+        """Seconds the epoch at hand has left, ``done`` batches into it; None until a batch of this process has been
+        timed. Never more than ``left(done)``: the run's time left is this and the epochs after it."""
+        per_epoch = self.epoch_seconds()
+        if per_epoch is not None:
+            return per_epoch * (self.batches - done) / max(self.batches, 1)
+        if done <= self.first_batch:
+            return None
+        return (self.clock() - self.started) / (done - self.first_batch) * (self.batches - done)
+
     def left(self, done: int | None = None) -> float | None:
         """Seconds the run has left, ``done`` batches into the epoch at hand (None: at its end); None until a
         batch of this process has been timed."""
@@ -80,7 +96,7 @@ class ConsoleReporter(Listener):
     def start_run(self, name: str, run_dir: Path, epochs: int, resumed: bool = False,
                   config: dict[str, Any] | None = None) -> None:
         self.epochs, self.config = epochs, config or {}
-        self.message(f"{'resume' if resumed else 'run'} {name}: {epochs} epochs -> {run_dir}")
+        self.message(f"{'resume' if resumed else 'run'} {name}: {epochs} epoch{'s' * (epochs != 1)} -> {run_dir}")
 
     def start_epoch(self, epoch: int, batches: int, done: int = 0, lr: float | None = None) -> None:
         self.pace.start_epoch(self.epochs, epoch, batches, done)
@@ -125,9 +141,26 @@ def continue_advice(run_dir: Path, summary: RunSummary, config: dict[str, Any]) 
     return f"continue it with: {command}"
 
 
+class TimesColumn(ProgressColumn):
+    """The bar's times, as ``pace`` measures them, drawn afresh at each refresh: "elapsed 3.0 s  epoch left 7.0 s
+    run left 1.2 min", the last only where epochs come after this one (in the last, the epoch's time left is the
+    run's)."""
+
+    def __init__(self, pace: Pace) -> None:
+        super().__init__()
+        self.pace = pace
+
+    def render(self, task: Task) -> Text:
+        done = int(task.completed)
+        text = f"elapsed {duration_text(self.pace.elapsed())}  epoch left {duration_text(self.pace.epoch_left(done))}"
+        if self.pace.epoch < self.pace.epochs:
+            text += f"  run left {duration_text(self.pace.left(done))}"
+        return Text(text)
+
+
 class LiveReporter(ConsoleReporter):
     """A live bar per epoch: batches done, running loss and accuracy, images per second, the epoch's learning
-    rate, time elapsed, time left in the epoch and in the run."""
+    rate, time elapsed, time left in the epoch and in the run (``TimesColumn``)."""
 
     def __init__(self, console: Console | None = None, clock: Any = time.monotonic) -> None:
         super().__init__(console, clock)
@@ -137,10 +170,7 @@ class LiveReporter(ConsoleReporter):
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[speed]} img/s  lr {task.fields[lr]}",
                        markup=False),
-            TimeElapsedColumn(),
-            TextColumn("epoch left", markup=False),
-            TimeRemainingColumn(),
-            TextColumn("run left {task.fields[run_left]}", markup=False),
+            TimesColumn(self.pace),
             console=self.console,
             transient=True,
         )
@@ -154,8 +184,7 @@ class LiveReporter(ConsoleReporter):
         self.done, self.first = done, None
         self.progress.start()
         self.task = self.progress.add_task("", total=batches, completed=done, epoch=f"{epoch}/{self.epochs}", loss="-",
-                                           acc="-", speed="-", lr=number_text(lr, significant=3),
-                                           run_left=duration_text(self.pace.left(done)))
+                                           acc="-", speed="-", lr=number_text(lr, significant=3))
         self.last_refresh = self.pace.clock()
 
     def advance(self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> None:
@@ -171,7 +200,6 @@ class LiveReporter(ConsoleReporter):
         self.progress.update(
             self.task, advance=1, loss=number_text(loss_sum.item() / seen, 4), acc=number_text(correct.item() / seen, 4),
             speed=number_text(images / since, 0, grouped=True) if images and since > 0 else "-",
-            run_left=duration_text(self.pace.left(self.done)),
         )
 
     def end_epoch(self, row: dict[str, Any], is_best: bool) -> None:
