@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from cnnlab.safetext import how_names_differ, one_line, plot_label, printable
+from cnnlab.safetext import how_names_differ, look_alike, one_line, plot_label, printable
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 runner = CliRunner()
@@ -178,6 +178,8 @@ def test_names_that_look_the_same_are_told_apart_in_words():
     assert "CYRILLIC SMALL LETTER O" in how_names_differ("d\u043eg", "dog")
     assert "compatibility" in how_names_differ("\ufb01sh", "fish")
     assert how_names_differ("dog", "dog") == ""
+    assert look_alike(["dog", nfc, "cat", nfd]) == (1, 3) and look_alike(["dog", "do\u200bg"]) == (0, 1)
+    assert look_alike(["dog", "Dog", "cat", "dog"]) is None  # case shows; the same string twice is a plain duplicate
 
 
 # ---------------------------------------------------------------------------------------------

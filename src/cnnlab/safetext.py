@@ -15,14 +15,16 @@ draws a box and warns). This is the one place that makes such text safe, in thre
 
 And ``how_names_differ`` says in words why two names that look the same are different strings (Unicode
 normalisation, an invisible character, a look-alike letter): a message about two such names would
-otherwise show the same name twice. Nothing here imports more than ``re`` and ``unicodedata``, so the
-lowest modules (errors.py) can use it.
+otherwise show the same name twice. ``look_alike`` finds such a pair among a data set's class names.
+Nothing here imports more than ``re``, ``unicodedata`` and ``collections.abc``, so the lowest modules
+(errors.py) can use it.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but tab and newline
 LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # every control, and the line and paragraph separators
@@ -57,6 +59,19 @@ def _code_points(text: str) -> str:
 
 def _invisible(char: str) -> bool:
     return unicodedata.category(char) in ("Cf", "Cc", "Zl", "Zp") or char in "\u034f\u115f\u1160\u3164\uffa0"
+
+
+def look_alike(names: Sequence[str]) -> tuple[int, int] | None:
+    """The positions of the first two of ``names`` that are different strings but look the same (the same after
+    NFKC normalisation, with invisible characters left out: "café" in NFC and in NFD, "dog" and "do\u200bg"), or None.
+    Names that are the same string are not reported here: that is a plain duplicate."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        key = "".join(c for c in unicodedata.normalize("NFKC", name) if not _invisible(c))
+        if key in seen and names[seen[key]] != name:
+            return seen[key], i
+        seen.setdefault(key, i)
+    return None
 
 
 def how_names_differ(first: str, second: str) -> str:
