@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,10 +55,50 @@ def test_a_sweeps_dry_run_and_printed_configs_cover_every_trial(tmp_path, tiny):
     assert [d["optim"]["lr"] for d in documents] == [0.05, 0.1] and documents[0]["name"] == "lr=0.05"
     assert "# lr=-1 seed 0: invalid: " in printed.output
     dry = runner.invoke(app, [*args, "--dry-run"])
-    assert dry.exit_code == 0, dry.output
+    assert dry.exit_code == 2, dry.output  # the valid trials checked and timed, the invalid one named, then exit 2
     said = " ".join(dry.output.split())
     assert said.count("ms a training batch of 32") == 2 and "2 runs: about" in said and "with 2 at a time" in said
+    assert "lr=-1 seed 0: invalid: " in said and said.endswith("1 of 3 trials is invalid (named above); fix it or leave it "
+                                                               "out of the sweep")
     assert not (tmp_path / "results").exists()
+
+
+def test_a_sweeps_dry_run_names_every_trial_its_data_refuses(tmp_path, tiny):
+    # data.val_size: 1000 takes every training image: found as the trial is prepared, after the first was timed
+    args = ["sweep", str(CONFIGS / "lenet_relu.yaml"), *tiny, "--set", "data.val_size=100,1000,2000", "--dry-run"]
+    dry = runner.invoke(app, args)
+    assert dry.exit_code == 2, dry.output
+    said = " ".join(dry.output.split())
+    assert said.count("ms a training batch of 32") == 1
+    assert "val_size=1000 seed 0: invalid: data.val_size: 1,000 leaves no training images" in said
+    assert "val_size=2000 seed 0: invalid: data.val_size: 2,000 leaves no training images" in said
+    assert said.endswith("2 of 3 trials are invalid (named above); fix them or leave them out of the sweep")
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_dry_run_writes_no_decoding_cache(tmp_path, monkeypatch):
+    from test_folder import make_folder
+
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    pictures = make_folder(tmp_path / "pictures", per_class=8, mixed=False)
+    args = ["--set", "data.name=folder", "--set", f"data.root={pictures}", "--set", "data.val_size=6", "--set",
+            "train.device=cpu", "--set", f"output.dir={tmp_path / 'results'}"]
+    result = runner.invoke(app, ["run", str(CONFIGS / "lenet.yaml"), "--dry-run", *args])
+    assert result.exit_code == 0, result.output
+    assert " ".join(result.output.split()).endswith("dry run: nothing written")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()
+
+
+def test_a_dry_run_with_mlflow_leaves_no_telemetry_file(tmp_path, tiny):
+    """Importing MLflow 3 writes ~/.config/mlflow/telemetry.json (and reports usage) unless told not to; pytest and CI
+    tell it, so the command runs in a process of its own with neither."""
+    quiet = ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
+    env = {**{k: v for k, v in os.environ.items() if k not in quiet}, "HOME": str(tmp_path / "home"),
+           "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    done = subprocess.run([sys.executable, "-m", "cnnlab", "run", str(CONFIGS / "lenet_relu.yaml"), "--dry-run", *tiny,
+                           "--set", "output.loggers=[mlflow]"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "config").exists() and not (tmp_path / "home").exists() and not (tmp_path / "results").exists()
 
 
 def test_a_tunes_dry_run_times_its_base_config(tmp_path, tiny):

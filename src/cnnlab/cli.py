@@ -235,23 +235,29 @@ def resume_(
                reporter=run_reporter(quiet), trust_code=trust_code)
 
 
-def show_plan(configs: list[tuple[str, Any]], print_config: bool, jobs: int = 1) -> None:
+def show_plan(configs: list[tuple[str, Any]], print_config: bool, jobs: int = 1) -> int:
     """``--print-config``: each config as YAML (a trial's headed by a comment naming it); ``--dry-run``: each one
-    prepared as its run would be, described and timed (a sweep's total at the end). Nothing is written."""
+    prepared as its run would be, described and timed (a sweep's total at the end); a trial that cannot be prepared
+    is named with its problem and passed over. Nothing is written. How many trials could not be prepared."""
     from cnnlab.config import dump_config
 
     if print_config:
         for label, cfg in configs:
             sys.stdout.write((f"---\n# {label}\n" if label else "") + dump_config(cfg))
-        return
-    from cnnlab.dryrun import measure, total_text
-    from cnnlab.session import prepare
+        return 0
+    from cnnlab.dryrun import measure, prepared, total_text
 
     estimates = []
     for label, cfg in configs:
+        try:
+            session = prepared(cfg)
+        except UserError as error:
+            if not label:
+                raise
+            out.print(literal(f"{label}: invalid: {error}"))
+            continue
         if label:
             out.print(Text(f"{label}:", style="bold"))
-        session = prepare(cfg)
         data, spec = session.data, session.data.spec
         splits = f"{len(data.train):,} training / {len(data.val) if data.val is not None else 0:,} validation / " \
                  f"{len(data.test):,} test"
@@ -262,9 +268,10 @@ def show_plan(configs: list[tuple[str, Any]], print_config: bool, jobs: int = 1)
         print_model(cfg, session.model, spec, rows=not label)
         estimates.append(measure(cfg, session))
         out.print(estimates[-1].line())
-    if len(configs) > 1:
-        out.print(f"{len(configs)} runs: {total_text(estimates, jobs)}")
+    if len(estimates) > 1:
+        out.print(f"{len(estimates)} runs: {total_text(estimates, jobs)}")
     out.print("dry run: nothing written")
+    return len(configs) - len(estimates)
 
 
 def print_model(cfg: Any, model: Any, spec: Any, rows: bool = True) -> None:
@@ -362,7 +369,11 @@ def show_sweep_plan(target: Path, overrides: list[str] | None, seeds: list[int] 
             say(f"{trial.label}: invalid: {trial.error}")
         elif trial.status == "skipped":
             say(f"{trial.label}: done before ({trial.run_dir}); --force runs it again")
-    show_plan([(trial.label, trial.config) for trial in trials if trial.status == "pending"], print_config, jobs)
+    invalid = show_plan([(trial.label, trial.config) for trial in trials if trial.status == "pending"], print_config, jobs)
+    invalid += sum(trial.status == "failed" for trial in trials)
+    if invalid and not print_config:
+        raise UserError(f"{invalid} of {len(trials)} trials {'is' if invalid == 1 else 'are'} invalid (named above); "
+                        f"fix {'it' if invalid == 1 else 'them'} or leave {'it' if invalid == 1 else 'them'} out of the sweep")
 
 
 @app.command(epilog=example("cnnlab tune configs/tune/lenet_relu.yaml --trials 20"))

@@ -4,21 +4,24 @@ A run checked and timed before it starts (``cnnlab run --dry-run``, ``sweep --dr
 --dry-run``): its session is prepared as for training (data read and placed, model built and tried,
 optimiser made: every error a run would meet before its first batch), then a few training steps and
 evaluation batches are timed on this machine, as it is loaded now, and scaled to an epoch and to the
-whole run. Nothing is written: no run folder, no checkpoint (a folder data set's decoding cache is the
-only file a dry run may leave, as any command reading that data would); the timed steps change only the
-prepared model, which is thrown away with the session.
+whole run. Nothing is written: no run folder, no checkpoint, no decoding cache of a folder data set
+(``prepared``: it is decoded, and said to be kept nowhere); the timed steps change only the prepared
+model, which is thrown away with the session.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from cnnlab.config import Config
+from cnnlab.data import cache
 from cnnlab.numtext import duration_text
 from cnnlab.session import Session, prepare
 from cnnlab.steps import evaluate, train_one_epoch, tta_views
@@ -59,9 +62,26 @@ class Estimate:
                 "(on this machine as loaded now)")
 
 
+@contextlib.contextmanager
+def nothing_written() -> Iterator[None]:
+    """Inside it, what reading data would keep on disk is not written (the decoding cache; ``cache.WRITES``)."""
+    token = cache.WRITES.set(False)
+    try:
+        yield
+    finally:
+        cache.WRITES.reset(token)
+
+
+def prepared(cfg: Config) -> Session:
+    """``cfg``'s session prepared as for training (bad input raises ``UserError`` as ``cnnlab run`` would), writing
+    nothing."""
+    with nothing_written():
+        return prepare(cfg)
+
+
 def measure(cfg: Config, session: Session | None = None) -> Estimate:
-    """Prepare ``cfg``'s session (bad input raises ``UserError`` as ``cnnlab run`` would) and time it."""
-    session = session or prepare(cfg)
+    """Prepare ``cfg``'s session (``prepared``) and time it."""
+    session = session or prepared(cfg)
     data, batch_size = session.data, cfg.train.batch_size
     batches = data.batches("train", batch_size, shuffle=True, generator=session.order)
     timed = min(TIMED_STEPS, max(session.steps_per_epoch - 1, 1))

@@ -64,12 +64,21 @@ STEP_FLUSH_SECONDS = 10.0
 MAX_BATCH_METRICS = 1000  # MLflow's limit for one log_batch
 
 
+def mlflow_telemetry_off() -> None:
+    """MLflow's usage telemetry off unless the user set it (``MLFLOW_DISABLE_TELEMETRY=false`` turns it on): MLflow 3
+    sends usage records and writes ``~/.config/mlflow/telemetry.json`` on import otherwise, and a run (or a dry run,
+    which writes nothing) asked for neither. Before MLflow is first imported."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
 def check_loggers(names: list[str]) -> None:
     """A UserError naming the install command for a logger whose package is missing."""
     import importlib
 
     for name in names:
         package, install = LOGGERS[name]
+        if name == "mlflow":
+            mlflow_telemetry_off()
         try:
             importlib.import_module(package)
         except ImportError:
@@ -294,6 +303,7 @@ class MLflowLogger(Logger):
         # A sweep's trials start together, and two processes creating one SQLite store (or one
         # experiment) at once collide ("table experiments already exists"): the loser tries again.
         attempts = OPEN_ATTEMPTS if self.uri.startswith("sqlite:") else 1  # a server has its own retries
+        mlflow_telemetry_off()
         import mlflow  # noqa: F401  (first: importing it sets its loggers' levels, which are quieted below)
 
         for attempt in range(attempts):

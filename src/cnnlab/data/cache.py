@@ -9,6 +9,8 @@ as corrupt (``CorruptCache``) for the caller to rebuild: a cache file is never t
 
 from __future__ import annotations
 
+import contextvars
+import errno
 import hashlib
 import json
 import os
@@ -22,6 +24,7 @@ import numpy as np
 ENV = "CNNLAB_CACHE"
 DEFAULT_ROOT = Path("~/.cache/cnnlab")
 CHUNK = 1 << 24  # bytes read at a time when a mapped array's checksum is checked
+WRITES = contextvars.ContextVar("cache_writes", default=True)  # False: nothing is written (a dry run: dryrun.py)
 
 
 class CorruptCache(Exception):
@@ -43,7 +46,10 @@ def cache_file(kind: str, key: str) -> Path:
 
 
 def write(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``path`` atomically: another process sees the old file, or none, or the whole new one."""
+    """Write ``arrays`` to ``path`` atomically: another process sees the old file, or none, or the whole new one.
+    Refused as a read-only disk would refuse it (``OSError``) while ``WRITES`` is False."""
+    if not WRITES.get():
+        raise OSError(errno.EROFS, "a dry run writes nothing")
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
