@@ -245,6 +245,11 @@ def test_class_names_naming_a_class_twice_are_refused_naming_the_file(tmp_path):
     meta.write_bytes(python2_pickle({b"label_names": [b"ship" if c == "truck" else c.encode() for c in CLASSES]}))
     with pytest.raises(UserError, match=rf"^{meta}: class 'ship' is named twice \(labels 8 and 9\)"):
         describe(load_config(None, overrides(tmp_path / "py", "cifar10", tmp_path)).data)
+    # Two names that differ only in what no screen shows are as bad: eval's table would show two 'dog' rows.
+    names.write_text("\n".join(name if name != "horse" else "do\u200bg" for name in CLASSES) + "\n")
+    with pytest.raises(UserError, match=rf"^{names}: classes 'dog' \(label 5\) and 'do\\u200bg' \(label 7\) look the "
+                                        "same: they differ only in invisible characters"):
+        describe(load_config(None, overrides(tmp_path / "data", "cifar10", tmp_path)).data)
 
 
 def test_a_colour_run_is_evaluated_drawn_in_colour_and_reported(tmp_path):

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from cnnlab.errors import UserError
+from cnnlab.safetext import how_names_differ, look_alike
 
 DEFAULT = "fashion-mnist"  # the data set of a config that names none (data.name)
 MAX_SIDE = 8192  # pixels a side: larger is no image a run here trains on (and a model built for it would not fit)
@@ -66,6 +67,11 @@ class DataSpec(BaseModel):
                 raise ValueError(f"class {name!r} is named twice (labels {first[name]} and {label}); give each class a "
                                  "name of its own")
             first[name] = label
+        alike = look_alike(classes)
+        if alike is not None:  # two rows of eval's table no one could tell apart
+            a, b = alike
+            raise ValueError(f"classes {classes[a]!r} (label {a}) and {classes[b]!r} (label {b}) look the same: "
+                             f"{how_names_differ(classes[a], classes[b])}; give each class a name of its own")
         return classes
 
     @field_validator("image_size")
