@@ -67,11 +67,6 @@ class DataSpec(BaseModel):
                 raise ValueError(f"class {name!r} is named twice (labels {first[name]} and {label}); give each class a "
                                  "name of its own")
             first[name] = label
-        alike = look_alike(classes)
-        if alike is not None:  # two rows of eval's table no one could tell apart
-            a, b = alike
-            raise ValueError(f"classes {classes[a]!r} (label {a}) and {classes[b]!r} (label {b}) look the same: "
-                             f"{how_names_differ(classes[a], classes[b])}; give each class a name of its own")
         return classes
 
     @field_validator("image_size")
@@ -116,11 +111,19 @@ class DataSpec(BaseModel):
         """A data set's description from its files (``where``: the file or folder its fields come from); one that
         cannot be is a ``UserError`` naming ``where`` and what is wrong."""
         try:
-            return cls(**fields)
+            spec = cls(**fields)
         except ValidationError as err:
             key, message = _problem(err)
             own = err.errors()[0]["type"] == "value_error"  # the validators' words say what they are about
             raise UserError(f"{where}: {message}" if own or not key else f"{where}: {key}: {message}") from None
+        # Checked here, of data read from files, and not by the validator: a description made directly (a folder's,
+        # whose reader checks its folder names itself) would meet it as a validation error, not as words
+        alike = look_alike(spec.classes)
+        if alike is not None:  # two rows of eval's table no one could tell apart
+            a, b = (spec.classes[i] for i in alike)
+            raise UserError(f"{where}: classes {a!r} (label {alike[0]}) and {b!r} (label {alike[1]}) look the same: "
+                            f"{how_names_differ(a, b)}; give each class a name of its own")
+        return spec
 
     @classmethod
     def read(cls, value: Any, where: str) -> DataSpec:
