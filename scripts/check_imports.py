@@ -30,7 +30,7 @@ FLOORS: list[tuple[str, list[str]]] = [
     ("building and describing: models, run-folder files, run identity, finished runs, figures",
      ["models", "models.build", "modelinfo", "results", "identity", "runs", "plots"]),
     ("training: runtime, threads, optimiser, steps, set-up, listeners",
-     ["runtime", "threads", "optim", "averaging", "steps", "capture", "session", "listeners", "progress", "events",
+     ["runtime", "threads", "optim", "selection", "averaging", "steps", "capture", "session", "listeners", "progress", "events",
       "loggers", "record"]),
     ("a run's life: fit, resume", ["engine"]),
     ("looking inside and comparing runs, finding a learning rate",

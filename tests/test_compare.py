@@ -84,8 +84,9 @@ def test_overrides_make_a_variant_of_their_own_never_averaged_with_the_plain_run
     compared = invoke("compare", results)
     assert compared.exit_code == 0, compared.output
     rows = rows_of(compared.output)
-    assert rows["lenet"].split()[1] == "0,1"  # the two seeds of the plain config, averaged together
-    assert rows["lenet[model.pool=max,optim.lr=0.5]"].split()[1] == "0"  # the variant alone, named by what differs
+    assert rows["lenet"].split()[1:4] == ["n=2", "(seeds", "0,1)"]  # the two seeds of the plain config, averaged together
+    # the variant alone, named by what differs
+    assert rows["lenet[model.pool=max,optim.lr=0.5]"].split()[1:4] == ["n=1", "(seed", "0)"]
 
     written = invoke("report", results, "-o", tmp_path / "report" / "r.md")
     assert written.exit_code == 0, written.output
@@ -160,7 +161,8 @@ def test_a_mean_over_a_nan_is_nan_and_over_nothing_is_missing():
                          **{m: v for m, v in zip(("train_loss", "train_acc", "val_acc", "test_acc", "examples_per_sec",
                                                   "wall_seconds"), [(None, None), (nan, nan), (inf, nan), (0.5, 0.1),
                                                                     (1e308, 0.0), (2.0, 0.0)])}})
-    assert cells[2:8] == ["–", "nan", "inf", "0.500 ± 0.100", "1e+308", "2.0"]
+    assert cells[1:4] == ["n=1 (seed 0)", "–", "–"]  # no epochs or headline recorded
+    assert cells[4:10] == ["–", "nan", "inf", "0.500 ± 0.100", "1e+308", "2.0"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,10 +224,11 @@ def test_a_data_set_column_appears_only_where_the_runs_differ_in_it(trained, tmp
     assert mixed.exit_code == 0, mixed.output
     assert mixed.output.splitlines()[0].split()[:3] == ["variant", "data", "seeds"]
     rows = rows_of(mixed.output)
-    assert rows["experiment"].split()[1:3] == ["fashion-mnist", "0,2"]  # the older run: Fashion-MNIST's, averaged with it
-    assert rows["experiment[data.name=mnist]"].split()[1:3] == ["mnist", "0"]
+    assert rows["experiment"].split()[1:5] == ["fashion-mnist", "n=2", "(seeds", "0,2)"]  # the older run: Fashion-MNIST's
+    assert rows["experiment[data.name=mnist]"].split()[1:5] == ["mnist", "n=1", "(seed", "0)"]
     written = markdown_table(aggregate(collect_rows([tmp_path / "mixed"]).rows))
-    assert written.startswith("| variant | data | seeds |") and "| experiment[data.name=mnist] | mnist | 0 |" in written
+    assert written.startswith("| variant | data | seeds |")
+    assert "| experiment[data.name=mnist] | mnist | n=1 (seed 0) |" in written
 
 
 def test_summary_csv_always_names_each_rows_data_set(trained, tmp_path):
@@ -247,7 +250,8 @@ def test_summary_csv_always_names_each_rows_data_set(trained, tmp_path):
             written = {Path(row["run_dir"]).name: row["data"] for row in reader}
         assert reader.fieldnames == ["name", "optim.lr", "seed", "train_loss", "train_acc", "val_acc", "test_acc",
                                      "examples_per_sec", "wall_seconds", "params", "status", "error", "run_dir", "data",
-                                     "test_acc_tta", "test_acc_ema", "test_acc_ema_tta", "test_acc_swa", "test_acc_swa_tta"]
+                                     "test_acc_tta", "test_acc_ema", "test_acc_ema_tta", "test_acc_swa", "test_acc_swa_tta",
+                                     "epochs", "headline", "headline_acc"]
         assert written == {name: {"mnist": "mnist"}.get(name, "fashion-mnist") for name in folders}
 
 
@@ -265,7 +269,8 @@ def test_test_accuracies_beside_the_plain_one_get_a_column_only_where_a_run_has_
     run, _ = trained
     copy_run(run, tmp_path / "plain" / "a")
     plain = markdown_table(aggregate(collect_rows([tmp_path / "plain"]).rows))
-    assert plain.startswith("| variant | seeds | train loss | train acc | val acc | test acc | examples/s |")
+    # the headline (here the plain test accuracy, shared by every run) leads, and is not shown twice
+    assert plain.startswith("| variant | seeds | epochs | headline: test acc | train loss | train acc | val acc | examples/s |")
 
     recipe = {"train.ema": {"half_life": 1}, "eval.tta": ["flip"]}
     copy_run(run, tmp_path / "runs" / "plain")
@@ -274,11 +279,11 @@ def test_test_accuracies_beside_the_plain_one_get_a_column_only_where_a_run_has_
              test_acc_ema_tta=0.95)
     rows = collect_rows([tmp_path / "runs"]).rows
     table = markdown_table(aggregate(rows)).splitlines()
-    assert table[0].startswith("| variant | seeds | train loss | train acc | val acc | test acc | test acc TTA | ema test acc "
-                               "| ema TTA | examples/s |") and "swa" not in table[0]
+    assert table[0].startswith("| variant | seeds | epochs | headline: test acc | train loss | train acc | val acc "
+                               "| test acc TTA | ema test acc | ema TTA | examples/s |") and "swa" not in table[0]
     cells = {line.split(" | ")[1]: line.split(" | ") for line in table[2:]}  # by their seeds
-    assert cells["0,1"][6:9] == ["0.920 ± 0.014", "0.930 ± 0.014", "0.940 ± 0.014"]
-    assert cells["0"][6:9] == ["–", "–", "–"]  # the plain run measured none of them
+    assert cells["n=2 (seeds 0,1)"][7:10] == ["0.920 ± 0.014", "0.930 ± 0.014", "0.940 ± 0.014"]
+    assert cells["n=1 (seed 0)"][7:10] == ["–", "–", "–"]  # the plain run measured none of them
     shown = invoke("compare", tmp_path / "runs")
     assert shown.exit_code == 0 and "ema test acc" in shown.output.splitlines()[0], shown.output
     # In a terminal narrower than the table nothing is cut short or left out: the terminal wraps its lines.
@@ -294,8 +299,8 @@ def test_test_accuracies_beside_the_plain_one_get_a_column_only_where_a_run_has_
     with open(tmp_path / "sweep" / "summary.csv", newline="") as handle:
         reader = csv.DictReader(handle)
         written = {Path(row["run_dir"]).name: row for row in reader}
-    assert reader.fieldnames[-6:] == ["data", "test_acc_tta", "test_acc_ema", "test_acc_ema_tta", "test_acc_swa",
-                                      "test_acc_swa_tta"]
+    assert reader.fieldnames[-9:] == ["data", "test_acc_tta", "test_acc_ema", "test_acc_ema_tta", "test_acc_swa",
+                                      "test_acc_swa_tta", "epochs", "headline", "headline_acc"]
     assert written["ema1"]["test_acc_ema_tta"] == "0.95" and written["plain"]["test_acc_ema_tta"] == ""
     assert markdown_table(aggregate(collect_rows([tmp_path / "sweep"]).rows)).splitlines() == table  # read back
 
@@ -304,3 +309,29 @@ def test_test_accuracies_beside_the_plain_one_get_a_column_only_where_a_run_has_
     (tmp_path / "sweep" / "trials.json").write_text(json.dumps(trials))
     with pytest.raises(UserError, match=r"trials\.json: trial 1 \(.*\): test_acc_ema is not a number"):
         read_trials(tmp_path / "sweep" / "trials.json")
+
+
+def test_the_tables_lead_with_each_runs_headline_and_name_it_where_runs_differ(trained, tmp_path, monkeypatch):
+    # A run's answer is the figure its config declared (eval.headline): the first figure of every table, named in
+    # the header where all runs shown share it, and beside each value where they do not.
+    run, summary = trained
+    recipe = {"train.ema": {"half_life": 1}, "eval.tta": ["flip"]}
+    copy_run(run, tmp_path / "results" / "plain")
+    copy_run(run, tmp_path / "results" / "ema", recipe, test_acc_tta=0.91, test_acc_ema=0.92, test_acc_ema_tta=0.93,
+             headline="test_acc_ema_tta", epochs_completed=20)
+    lines = markdown_table(aggregate(collect_rows([tmp_path / "results"]).rows)).splitlines()
+    assert lines[0].startswith("| variant | seeds | epochs | headline | train loss | train acc | val acc | test acc | "
+                               "test acc TTA | ema test acc | ema TTA |")
+    ema, plain = sorted((line.split(" | ") for line in lines[2:]), key=lambda cells: "0.920" not in cells)
+    assert ema[2:4] == ["20", "0.930 (ema TTA)"] and plain[2:4] == ["3", f"{summary['test_acc']:.3f} (test acc)"]
+
+    only_ema = markdown_table(aggregate(collect_rows([tmp_path / "results" / "ema"]).rows)).splitlines()
+    assert only_ema[0].startswith("| variant | seeds | epochs | headline: ema TTA | train loss | train acc | val acc | "
+                                  "test acc | test acc TTA | ema test acc | examples/s |")  # ema TTA not twice
+    assert only_ema[2].split(" | ")[3] == "0.930"
+
+    monkeypatch.chdir(tmp_path)  # no folder named: the runs under ./results, as eval and predict find them
+    shown = invoke("compare")
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.splitlines()[0].split()[:4] == ["variant", "seeds", "epochs", "headline"]
+    assert "0.930 (ema TTA)" in shown.output

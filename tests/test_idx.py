@@ -40,7 +40,7 @@ def test_the_shipped_mnist_and_kmnist_configs_train_an_epoch_and_eval_names_thei
     assert summary["data"]["name"] == name and summary["data"]["classes"] == classes
     result = runner.invoke(app, ["eval", summary["run_dir"]])
     assert result.exit_code == 0, result.output
-    shown = {line.split()[0] for line in result.output.splitlines()[2:12]}
+    shown = {line.split()[0] for line in result.output.splitlines()[3:13]}  # after the run, the figures, the header
     assert shown == set(classes) and "Trouser" not in result.output
 
 
@@ -143,7 +143,8 @@ def test_a_sweep_over_idx_data_sets_shows_each_rows_data_set(tmp_path, tiny_data
     [sweep_dir] = (tmp_path / "r" / "sweeps" / "sets").glob("2*")
     table = (sweep_dir / "summary.md").read_text()
     assert "| variant | data | seeds |" in table
-    assert "| name=fashion-mnist | fashion-mnist | 0 |" in table and "| name=mnist | mnist | 0 |" in table
+    assert "| name=fashion-mnist | fashion-mnist | n=1 (seed 0) |" in table
+    assert "| name=mnist | mnist | n=1 (seed 0) |" in table
 
 
 def test_cnnlab_data_name_verify_honours_check_counts(tmp_path, monkeypatch):

@@ -55,7 +55,7 @@ def test_folder_sweep_survives_a_broken_trial_and_skips_finished_ones(tmp_path, 
         assert (sweep_dir / rows[name]["run_dir"] / "summary.json").is_file()
     assert int(rows["wide"]["params"]) > int(rows["small"]["params"])
     table = (sweep_dir / "summary.md").read_text()
-    assert "| small | 0 |" in table and "1 failed of 1" in table
+    assert "| small | n=1 (seed 0) |" in table and "1 failed of 1" in table
     for png in ("curves.png", "bars.png"):
         with Image.open(sweep_dir / png) as image:
             assert image.format == "PNG" and image.width >= 400
@@ -86,7 +86,7 @@ def test_grid_sweep_with_seeds_reports_mean_and_std(tmp_path, sweep_overrides):
     rows = read_csv(sweep_dir / "summary.csv")
     assert sorted((r["model.kernel_size"], r["seed"]) for r in rows) == [("3", "0"), ("3", "1"), ("5", "0"), ("5", "1")]
     table = (sweep_dir / "summary.md").read_text()
-    assert "| kernel_size=3 | 0,1 |" in table and " ± " in table
+    assert "| kernel_size=3 | n=2 (seeds 0,1) |" in table and " ± " in table
     trials = json.loads((sweep_dir / "trials.json").read_text())
     assert {t["status"] for t in trials} == {"completed"}
 

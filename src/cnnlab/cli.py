@@ -63,10 +63,12 @@ RunArgument = Annotated[Optional[Path], typer.Argument(
     metavar="RUN", show_default=False, help="A run folder, or a folder of runs (an experiment's, a sweep's) for its newest "
                                             "finished run (default: the newest under --results).")]
 ResultsOption = Annotated[Path, typer.Option(metavar="DIR", help="Where to look for the newest run.")]
-CheckpointOption = Annotated[str, typer.Option(help="best (the best epoch's on the validation split) or last.")]
+CheckpointOption = Annotated[str, typer.Option(help="best (the chosen weights' best epoch on the validation split), last, "
+                                                    "or auto: the one the run's own test took them from (train.select).")]
 WeightsOption = Annotated[str, typer.Option(help="raw (the weights themselves), ema (their moving average, from a run "
-                                                 "with train.ema) or swa (the average of the last epochs', from a run "
-                                                 "with train.swa; with --checkpoint last).")]
+                                                 "with train.ema), swa (the average of the last epochs', from a run "
+                                                 "with train.swa; with --checkpoint last), or auto: those of the run's "
+                                                 "headline figure (eval.headline).")]
 PrintConfigOption = Annotated[bool, typer.Option(
     "--print-config", help="Print the resolved config as YAML (what would run, every default filled in) and exit.")]
 DryRunOption = Annotated[bool, typer.Option(
@@ -514,8 +516,8 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     show: Annotated[bool, typer.Option("--show", help="Also draw each picture as the network received it beside its "
                                                       "top classes: <run>/predict/<picture>.png.")] = False,
-    checkpoint: CheckpointOption = "best",
-    weights: WeightsOption = "raw",
+    checkpoint: CheckpointOption = "auto",
+    weights: WeightsOption = "auto",
     results: ResultsOption = Path("results"),
     trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
@@ -527,6 +529,7 @@ def predict(
         from cnnlab.data.pictures import extensions
         from cnnlab.inference import predict as classify
         from cnnlab.inference import show_predictions
+        from cnnlab.runs import used_line
 
         if split not in ("test", "val"):
             raise UserError(f"--split {split!r}: choose test or val")
@@ -541,10 +544,12 @@ def predict(
         drawn = show_predictions(run_dir, answers) if show else [None] * len(answers)
         if as_json:
             out.print(json.dumps([{"image": r.source, "label": r.label,
-                                   "top": [{"class": c, "probability": p} for c, p in r.top],
+                                   "top": [{"class": c, "probability": p} for c, p in r.top], "model": r.used,
                                    **({"shown": str(d)} if d is not None else {})} for r, d in zip(answers, drawn)],
                                  indent=2), soft_wrap=True)
             return
+        if answers:
+            out.print(literal(used_line(answers[0].used)))
         for result, picture in zip(answers, drawn):
             label = f"  (true: {one_line(result.label)})" if result.label else ""
             out.print(Text.assemble(Text(one_line(result.source), "bold"), label))
@@ -561,8 +566,8 @@ def export(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write (default: "
                                                    "<run>/model.onnx or <run>/model.pt; model-last-ema.onnx with "
                                                    "--checkpoint last --weights ema).")] = None,
-    checkpoint: CheckpointOption = "best",
-    weights: WeightsOption = "raw",
+    checkpoint: CheckpointOption = "auto",
+    weights: WeightsOption = "auto",
     results: ResultsOption = Path("results"),
     trust_code: TrustCodeOption = False,
     debug: DebugOption = False,
@@ -574,19 +579,21 @@ def export(
 
         done = write_export(pick_run(run_dir, results), format_, output, trust_code=trust_code, checkpoint=checkpoint,
                             weights=weights)
-        which = f" ({checkpoint} checkpoint, {weights} weights)" if (checkpoint, weights) != ("best", "raw") else ""
-        out.print(f"{format_} model{which} -> {done.path}  (max abs difference of logits against PyTorch on "
+        out.print(literal(done.used))
+        out.print(f"{format_} model -> {done.path}  (max abs difference of logits against PyTorch on "
                   f"{done.images} test images: {done.max_difference:.2e})")
 
 
 @app.command(epilog=example("cnnlab compare results/lenet_relu results/sweeps"))
 def compare(
-    targets: Annotated[list[Path], typer.Argument(metavar="FOLDER...",
-                                                  help="Run folders, sweep folders, or folders holding runs.",
-                                                  show_default=False)],
+    targets: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="[FOLDER]...", help="Run folders, sweep folders, or folders holding runs (default: --results).",
+        show_default=False)] = None,
+    results: ResultsOption = Path("results"),
     debug: DebugOption = False,
 ) -> None:
-    """Print the comparison table (mean ± std over seeds) for existing runs and sweeps.
+    """Print the comparison table (mean ± std over seeds) for existing runs and sweeps, each led by its headline
+    figure (eval.headline).
 
     Runs are averaged only with runs of the same experiment (the same config but for the seed and
     where it ran); variants of one name show the keys that set them apart. What cannot be read is
@@ -595,7 +602,7 @@ def compare(
     with cli_errors(debug):
         from cnnlab.compare import aggregate, collect_rows
 
-        found = collect_rows(targets)
+        found = collect_rows(targets or [results])
         print_table(aggregate(found.rows))
         say_skipped(found.skipped)
 
@@ -683,8 +690,8 @@ def visualize(
 def eval_(
     run_dir: RunArgument = None,
     split: Annotated[str, typer.Option(help="test or val.")] = "test",
-    checkpoint: CheckpointOption = "best",
-    weights: WeightsOption = "raw",
+    checkpoint: CheckpointOption = "auto",
+    weights: WeightsOption = "auto",
     tta: Annotated[Optional[list[str]], typer.Option(
         metavar="flip|crop", help="Also report accuracy with test-time augmentation: flip averages each image's logits "
                                   "with its mirror image's, crop with the image shifted a pixel up-left and down-right; "
@@ -697,6 +704,7 @@ def eval_(
     with cli_errors(debug):
         from cnnlab.evaluation import evaluate_run
         from cnnlab.results import pick_run
+        from cnnlab.runs import used_line
 
         report = evaluate_run(pick_run(run_dir, results), split, checkpoint, trust_code=trust_code, tta=tta,
                               weights=weights)
@@ -704,6 +712,7 @@ def eval_(
             if report.tta else ""
         averaged = {"ema": ", its moving average of the weights", "swa": ", the average of its last epochs' weights"
                     }.get(report.weights, "")
+        out.print(literal(used_line(report.used)))
         out.print(f"{report.split} ({report.images:,} images, {report.checkpoint} checkpoint{averaged}): "
                   f"accuracy {report.accuracy:.4f}, loss {report.loss:.4f}{augmented}")
         grid = Table("class", "accuracy", box=None, header_style="bold")

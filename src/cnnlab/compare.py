@@ -34,12 +34,14 @@ from cnnlab.results import TEST_ACC_BESIDE, RunSummary, read_regular_text, read_
 ROW_COLUMNS = (
     "name", "params_swept", "seed", "train_loss", "train_acc", "val_acc", "test_acc",
     "examples_per_sec", "wall_seconds", "params", "status", "error", "run_dir", "data", *TEST_ACC_BESIDE,
+    "epochs", "headline", "headline_acc",
 )
 METRICS = ("train_loss", "train_acc", "val_acc", "test_acc", "examples_per_sec", "wall_seconds")
 # The tables' headers of the test accuracies beside the plain one: a column each, after "test acc", only where
 # an experiment shown has that figure (a run with eval.tta, train.ema or train.swa).
 BESIDE_HEADERS = {"test_acc_tta": "test acc TTA", "test_acc_ema": "ema test acc", "test_acc_ema_tta": "ema TTA",
                   "test_acc_swa": "swa test acc", "test_acc_swa_tta": "swa TTA"}
+FIGURE_SHORT = {"test_acc": "test acc", **BESIDE_HEADERS}  # a headline figure's name in a table (eval.headline)
 
 
 DONE = ("completed", "skipped")  # statuses whose results count in the means
@@ -68,6 +70,10 @@ def row_from_summary(summary: RunSummary, run_dir: Path | None, swept: str = "",
         "experiment": experiment,
         "fingerprint": fingerprint(experiment),
         **{key: getattr(summary, key) for key in TEST_ACC_BESIDE},
+        "epochs": summary.epochs_completed,
+        # the run's answer (eval.headline; the plain test accuracy for runs that declared none): the tables lead with it
+        "headline": summary.headline_figure()[0],
+        "headline_acc": summary.headline_figure()[1],
     }
 
 
@@ -164,7 +170,7 @@ def collect_rows(targets: list[Path]) -> Collected:
 
 
 TRIAL_NUMBERS = ("seed", "train_loss", "train_acc", "val_acc", "test_acc", "examples_per_sec", "wall_seconds", "params",
-                 *TEST_ACC_BESIDE)
+                 *TEST_ACC_BESIDE, "epochs", "headline_acc")
 
 
 def read_trials(path: Path) -> list[dict[str, Any]]:
@@ -185,6 +191,8 @@ def read_trials(path: Path) -> list[dict[str, Any]]:
             value = row.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise UserError(f"{path}: trial {i} ({row['name']}): {key} is not a number")
+        if row.get("headline") is not None and row["headline"] not in FIGURE_SHORT:
+            raise UserError(f"{path}: trial {i} ({row['name']}): headline is not one of {', '.join(FIGURE_SHORT)}")
         run_dir = row.get("run_dir") or ""
         if not isinstance(run_dir, str):
             raise UserError(f"{path}: trial {i} ({row['name']}): run_dir is not a path")
@@ -266,8 +274,10 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "params": next((r["params"] for r in members if r.get("params")), None),
             "data": next((r["data"] for r in members if r.get("data")), DEFAULT),
             "run_dirs": [r["run_dir"] for r in members if r.get("run_dir")],
+            "epochs": sorted({r["epochs"] for r in done if isinstance(r.get("epochs"), int)}),
+            "headline": next((r["headline"] for r in done if r.get("headline")), "test_acc"),  # one experiment: one rule
         }
-        for metric in (*METRICS, *TEST_ACC_BESIDE):
+        for metric in (*METRICS, *TEST_ACC_BESIDE, "headline_acc"):
             entry[metric] = mean_std([r.get(metric) for r in done])
         table.append(entry)
     return table
@@ -301,7 +311,6 @@ def stat_text(value: Stat, kind: str) -> str:
     return metric_text(mean, kind) + spread
 
 
-HEADERS = ("variant", "seeds", "train loss", "train acc", "val acc", "test acc", "examples/s", "wall s", "params", "status")
 
 
 def shows_data(table: list[dict[str, Any]]) -> bool:
@@ -314,36 +323,72 @@ def shown_beside(table: list[dict[str, Any]]) -> tuple[str, ...]:
     return tuple(key for key in TEST_ACC_BESIDE if any((entry.get(key) or (None,))[0] is not None for entry in table))
 
 
-def _metrics(beside: tuple[str, ...]) -> tuple[str, ...]:
-    """The metric columns in the tables' order: those ``beside`` right after the plain test accuracy."""
+METRIC_HEADERS = {"train_loss": "train loss", "train_acc": "train acc", "val_acc": "val acc", "test_acc": "test acc",
+                  **BESIDE_HEADERS, "examples_per_sec": "examples/s", "wall_seconds": "wall s"}
+
+
+def one_headline(table: list[dict[str, Any]]) -> str | None:
+    """The headline figure every experiment shown gives as its answer, when they all give the same one."""
+    names = {entry.get("headline") or "test_acc" for entry in table}
+    return names.pop() if len(names) == 1 else None
+
+
+def metric_columns(table: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The figures after the headline, in the tables' order: each test accuracy beside the plain one that some
+    experiment shown has (``shown_beside``) right after it; the shared headline figure not again."""
+    beside, shared = shown_beside(table), one_headline(table)
     at = METRICS.index("test_acc") + 1
-    return (*METRICS[:at], *beside, *METRICS[at:])
+    return tuple(m for m in (*METRICS[:at], *beside, *METRICS[at:]) if m != shared)
 
 
 def table_headers(table: list[dict[str, Any]]) -> tuple[str, ...]:
-    """``HEADERS``, with ``data`` after the variant where the experiments shown differ in it, and a column for
-    each test accuracy beside the plain one that some experiment shown has (``shown_beside``)."""
-    at = HEADERS.index("test acc") + 1
-    headers = (*HEADERS[:at], *(BESIDE_HEADERS[key] for key in shown_beside(table)), *HEADERS[at:])
-    return (headers[0], "data", *headers[1:]) if shows_data(table) else headers
+    """``HEADERS``: the variant (and ``data`` where the experiments shown differ in it), the runs, then the headline
+    figure (named in the header where every experiment shown has the same one, which then has no column of its own),
+    then the other figures (``metric_columns``)."""
+    shared = one_headline(table)
+    return ("variant", *(("data",) if shows_data(table) else ()), "seeds", "epochs",
+            f"headline: {FIGURE_SHORT[shared]}" if shared else "headline",
+            *(METRIC_HEADERS[m] for m in metric_columns(table)), "params", "status")
 
 
 def table_rows(table: list[dict[str, Any]]) -> list[list[str]]:
     """Each experiment's cells, under ``table_headers(table)``."""
-    with_data, beside = shows_data(table), shown_beside(table)
-    return [table_cells(entry, with_data, beside) for entry in table]
+    with_data, metrics, named = shows_data(table), metric_columns(table), one_headline(table) is None
+    return [table_cells(entry, with_data, metrics, named) for entry in table]
 
 
-def table_cells(entry: dict[str, Any], with_data: bool = False, beside: tuple[str, ...] = ()) -> list[str]:
+def seeds_text(seeds: list[Any]) -> str:
+    """How many runs a row's figures come from, and their seeds: "n=1 (seed 0)", "n=3 (seeds 0,1,2)"."""
+    if not seeds:
+        return MISSING
+    return f"n={len(seeds)} (seed{'s' * (len(seeds) > 1)} {','.join(map(str, seeds))})"
+
+
+def epochs_text(epochs: list[int] | None) -> str:
+    """The epochs its runs trained: "20", or "5-20" where they differ."""
+    if not epochs:
+        return MISSING
+    return str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"
+
+
+def table_cells(entry: dict[str, Any], with_data: bool = False, metrics: tuple[str, ...] = METRICS,
+                name_headline: bool = False) -> list[str]:
+    """An experiment's cells; ``name_headline``: its headline figure's name beside its value (where the experiments
+    shown give different ones)."""
     label = entry["name"]
     unfinished = entry.get("unfinished") or ({"failed": entry["failed"]} if entry["failed"] else {})
     status = "ok" if not unfinished else \
         ", ".join(f"{n} {state}" for state, n in sorted(unfinished.items())) + f" of {entry['runs']}"
+    headline = stat_text(entry.get("headline_acc") or (None, None), "test_acc")
+    if name_headline and headline != MISSING:
+        headline += f" ({FIGURE_SHORT.get(entry.get('headline') or 'test_acc', 'test acc')})"
     return [
         label,
         *([entry.get("data") or DEFAULT] if with_data else []),
-        ",".join(map(str, entry["seeds"])) or MISSING,
-        *(stat_text(entry.get(m) or (None, None), m) for m in _metrics(beside)),
+        seeds_text(entry["seeds"]),
+        epochs_text(entry.get("epochs")),
+        headline,
+        *(stat_text(entry.get(m) or (None, None), m) for m in metrics),
         number_text(entry["params"], grouped=True) if entry["params"] else MISSING,
         status,
     ]

@@ -197,6 +197,11 @@ class TrainConfig(Section):
     # statistics recomputed over the training split, validated and tested beside the weights at the end, saved in
     # the last checkpoint as `swa` (README's config reference: what it gave, measured); null = off
     swa: SwaConfig | None = None
+    # which epoch's weights the test pass takes, for the weights and their moving average each: best (each at its own
+    # best validation accuracy, checkpointed as best.pt and best_ema.pt), last (the final epoch's), or auto: last when
+    # the schedule ends within 1% of zero and nothing stops training early, best otherwise (summary.json's selection
+    # says which and why). The average of the last epochs (swa) is always the last epoch's.
+    select: Literal["auto", "best", "last"] = "auto"
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -243,6 +248,10 @@ class OutputConfig(Section):
 
 TtaName = Literal["flip", "crop"]
 TTA_NAMES: tuple[str, ...] = get_args(TtaName)  # the test-time augmentations there are (eval.tta, cnnlab eval --tta)
+# The test figures a run can give as its answer (eval.headline): the weights themselves, their moving average
+# (train.ema) or the average of the last epochs (train.swa), each plain or with the test-time augmentation (eval.tta).
+Headline = Literal["test_acc", "test_acc_tta", "test_acc_ema", "test_acc_ema_tta", "test_acc_swa", "test_acc_swa_tta"]
+HEADLINES: tuple[str, ...] = get_args(Headline)
 
 
 class EvalConfig(Section):
@@ -251,6 +260,10 @@ class EvalConfig(Section):
     # a mirror (clothes, objects; not digits or letters); crop averages those of the image and of it shifted by one
     # pixel up-left and down-right (as a random crop would); both: all six
     tta: list[TtaName] = []
+    # the run's answer, declared before the test set is seen: printed first and labelled, and the column compare,
+    # report, sweep and tune lead with (the other figures stay beside it). auto: the most averaged weights the run
+    # has (swa, else ema, else the weights themselves), with eval.tta when it is set.
+    headline: Literal["auto"] | Headline = "auto"
 
     @field_validator("tta")
     @classmethod
@@ -284,6 +297,27 @@ class Config(Section):
         if any(unicodedata.category(c) == "Cc" for c in value):
             raise ValueError("must not contain control characters (newlines, tabs, terminal escapes)")
         return value
+
+    @model_validator(mode="after")
+    def _headline_measured(self) -> Config:
+        wanted = self.eval.headline
+        if wanted == "auto":
+            return self
+        needs = [("train.ema", self.train.ema is not None) if "_ema" in wanted else None,
+                 ("train.swa", self.train.swa is not None) if "_swa" in wanted else None,
+                 ("eval.tta", bool(self.eval.tta)) if wanted.endswith("_tta") else None]
+        missing = [name for name, present in filter(None, needs) if not present]
+        if missing:
+            raise ValueError(f"eval.headline: {wanted} is not measured without {' and '.join(missing)}; set "
+                             f"{' and '.join(missing)}, or choose a figure the run measures (auto picks one)")
+        return self
+
+    def headline(self) -> str:
+        """The figure this run gives as its answer: eval.headline, or what auto makes of the config's options."""
+        if self.eval.headline != "auto":
+            return self.eval.headline
+        weights = "_swa" if self.train.swa is not None else "_ema" if self.train.ema is not None else ""
+        return f"test_acc{weights}{'_tta' if self.eval.tta else ''}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-safe values (paths as strings, tuples as lists)."""

@@ -38,12 +38,15 @@ from cnnlab.results import (
     CheckpointWriter,
     RunDir,
     RunSummary,
+    Selection,
+    TestedWeights,
     git_commit,
     read_summary,
     utc_now,
 )
 from cnnlab.runs import OpenedRun, comparable, config_differences, describe_state, open_run, runs_of
 from cnnlab.runtime import process_age
+from cnnlab.selection import COLUMNS, best_checkpoints, selection_rule, tested_epoch
 from cnnlab.session import Session, join_world, prepare, step_fields
 from cnnlab.state import AVERAGE_COLUMNS, EpochProgress, TrainState, epoch_score
 from cnnlab.steps import evaluate, train_one_epoch
@@ -321,7 +324,8 @@ class Continuation:
             "status", "epochs", "device", "device_name", "precision", "threads", "cpus", "torch_version", "git_commit", "pid",
             "host", "data_root", "data")})
         for key in ("error", "stopped_at", "finished", "test_acc", "test_loss", "test_checkpoint", "final", "test_tta",
-                    "test_acc_tta", "test_loss_tta", *AVERAGE_FIGURES, "better_weights", "best_val_weights"):
+                    "test_acc_tta", "test_loss_tta", *AVERAGE_FIGURES, "better_weights", "best_val_weights", "selection",
+                    "headline"):
             setattr(resumed, key, None)
         at = state.current.batches if state.current is not None else 0
         resumed.resumes = [*summary.resumes, {
@@ -484,18 +488,19 @@ def train(
                 if epoch == cfg.train.epochs - cfg.train.swa.epochs + 1:
                     session.swa.updates = 0  # the window's first epoch (again, after a resume with more epochs)
                 session.swa.update()  # the weights at the end of one of the last epochs: counted once, like the others
-            is_best = epoch_score(row) > state.best_acc
+            is_best = epoch_score(row) > state.best_acc  # early stopping's measure: the weights or their average
             if is_best:
                 state.best_acc, state.best_epoch = epoch_score(row), epoch
             state.epoch, state.current = epoch, None
             state.train_seconds += train_metrics["seconds"]
             state.train_examples += train_metrics["examples"]
             state.metrics.append(row)  # written to metrics.csv by the run's record, a listener
+            bests = best_checkpoints(state.metrics, has_ema=session.average is not None)  # each weight set's own best
             if cfg.train.patience and epoch - max(state.best_epoch, state.patience_start) >= cfg.train.patience:
                 state.stopped_early = True
             state.wall_seconds = wall_before + time.perf_counter() - wall_start
             if cfg.output.checkpoints and run.writer:
-                checkpoints.save(session.checkpoint(state), *(("best", "last") if is_best else ("last",)))
+                checkpoints.save(session.checkpoint(state), *bests, "last")
             reporter.end_epoch(row, is_best=is_best)
             if state.stopped_early:
                 reporter.message(f"early stop: no better {data.eval_split_name} accuracy for {cfg.train.patience} epochs")
@@ -503,13 +508,8 @@ def train(
         checkpoints.flush()
         swa = finish_swa(session, run, state, summary, reporter, checkpoints, stop) if session.swa is not None else None
         average = session.average.module if session.average is not None else None
-        if cfg.output.checkpoints:
-            if run.writer:
-                best = Checkpoint.load(run.checkpoint_dir / "best.pt", runtime.device)
-                model.load_state_dict(best.model)
-                if average is not None:
-                    average.load_state_dict(best.ema)
-            world.broadcast_module(model)  # the other ranks test the same weights without reading the folder
+        summary.selection = select_tested(session, run, state, summary, model, average, swa)
+        world.broadcast_module(model)  # the other ranks test the same weights without reading the folder
         if average is not None:
             world.broadcast_module(average)
 
@@ -530,18 +530,18 @@ def train(
                 suffix = "_tta" if tta else ""
                 setattr(summary, f"test_acc_{kind}{suffix}", tested.acc)
                 setattr(summary, f"test_loss_{kind}{suffix}", tested.loss)
-        summary.test_checkpoint = "best" if cfg.output.checkpoints else "last"
+        summary.test_checkpoint = summary.selection.raw.checkpoint
+        summary.headline = cfg.headline()
         final = run.metrics[-1]
         summary.status = "completed"
         summary.epochs_completed = state.epoch
         summary.best_epoch, summary.best_val_acc = state.best_epoch, state.best_acc
         summary.final = {k: final[k] for k in FINAL_FIGURES if k in final}
         if average is not None or swa is not None:
-            # on the validation split: the weights tested (the best epoch's, or without checkpoints the last's) and
-            # their averages; ties go to the weights themselves
-            tested_row = run.metrics[state.best_epoch - 1] if cfg.output.checkpoints else final
-            scores = {"raw": tested_row["val_acc"], "ema": tested_row.get("val_acc_ema"), "swa": summary.val_acc_swa}
-            summary.better_weights = max((name for name in scores if scores[name] is not None), key=scores.__getitem__)
+            # on the validation split, each set of weights as it was tested; ties go to the weights themselves
+            scores = {name: tested.val_acc for name in ("raw", "ema", "swa")
+                      if (tested := getattr(summary.selection, name)) is not None and tested.val_acc is not None}
+            summary.better_weights = max(scores, key=scores.__getitem__)
         if average is not None:  # whose figure best_val_acc is: the best epoch's weights, or their moving average
             best_row = run.metrics[state.best_epoch - 1]
             summary.best_val_weights = "ema" if best_row["val_acc_ema"] > best_row["val_acc"] else "raw"
@@ -568,6 +568,32 @@ def train(
         checkpoints.close()
         run.unlock()
     return summary.to_dict()
+
+
+def select_tested(session: Session, run: RunDir, state: TrainState, summary: RunSummary, model: nn.Module,
+                  average: nn.Module | None, swa: nn.Module | None) -> Selection:
+    """Each set of weights loaded as ``train.select`` says it is tested (the model and the moving average each from
+    its own best epoch's checkpoint, or left at the last epoch's), and what was chosen, for summary.json. Under
+    torchrun only rank 0 reads the files; the caller shares what it loaded."""
+    cfg, rows = session.cfg, state.metrics
+    rule = selection_rule(cfg)
+    loaded: dict[str, Checkpoint] = {}
+
+    def tested(weights: str, module: nn.Module) -> TestedWeights:
+        epoch, name = tested_epoch(rule, rows, weights, cfg.output.checkpoints)
+        if name != "last" and run.writer:
+            path = run.checkpoint_dir / f"{name}.pt"
+            if name == "best_ema" and not path.is_file():  # a run begun before each set had its own best checkpoint
+                name, path = "best", run.checkpoint_dir / "best.pt"
+            saved = loaded.get(name) or loaded.setdefault(name, Checkpoint.load(path, session.runtime.device))
+            module.load_state_dict(saved.ema if weights == "ema" else saved.model)
+            epoch = saved.epoch
+        score = summary.val_acc_swa if weights == "swa" else rows[epoch - 1].get(COLUMNS[weights])
+        return TestedWeights(epoch=epoch, checkpoint=name, val_acc=score)
+
+    return Selection(rule=rule.select, why=rule.why, raw=tested("raw", model),
+                     ema=tested("ema", average) if average is not None else None,
+                     swa=tested("swa", swa) if swa is not None else None)
 
 
 def finish_swa(session: Session, run: RunDir, state: TrainState, summary: RunSummary, reporter: Listener,

@@ -12,8 +12,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,21 +45,24 @@ class EvalReport:
     tta: list[str] | None = None  # the test-time augmentation of the two figures below (eval.tta), if any
     accuracy_tta: float | None = None
     loss_tta: float | None = None
+    used: dict[str, Any] = field(default_factory=dict)  # the run, checkpoint, weights and epoch evaluated (OpenedRun.used)
 
 
-def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", trust_code: bool = False,
-                 tta: list[str] | None = None, weights: str = "raw") -> EvalReport:
+def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "auto", trust_code: bool = False,
+                 tta: list[str] | None = None, weights: str = "auto") -> EvalReport:
     """``tta``: test-time augmentation reported beside the plain figures (None: the run's own ``eval.tta``);
-    ``weights``: ``raw``, ``ema`` (the moving average of a run with ``train.ema``) or ``swa`` (``train.swa``)."""
+    ``weights``: ``raw``, ``ema`` (the moving average of a run with ``train.ema``), ``swa`` (``train.swa``) or
+    ``auto`` (the run's headline's); ``checkpoint``: best, last or ``auto`` (the one the run tested them at)."""
     if split not in ("test", "val"):
         raise UserError(f"--split {split!r}: choose test or val")
     unknown = sorted(set(tta or ()) - set(TTA_NAMES))
     if unknown:
         raise UserError(f"--tta {unknown[0]}: the test-time augmentations are {' and '.join(TTA_NAMES)}; "
                         f"e.g. --tta {TTA_NAMES[0]}")
+    opened = open_run(run_dir, checkpoint=checkpoint, trust_code=trust_code, weights=weights)
+    checkpoint, weights = opened.checkpoint, opened.weights
     folder = Path(run_dir) / "eval" / (f"{split}-{checkpoint}" + (f"-{weights}" if weights in ("ema", "swa") else ""))
     check_output_dir(folder, "eval output")
-    opened = open_run(run_dir, checkpoint=checkpoint, trust_code=trust_code, weights=weights)
     data = opened.load_data()
     labels = data.split(split).labels
     runtime = make_runtime("cpu", opened.cfg.train.precision, channels_last=False)  # autocast as the run trained
@@ -73,7 +77,7 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", t
     pairs = [(classes[int(i) // len(classes)], classes[int(i) % len(classes)], int(off.flatten()[i]))
              for i in order if off.flatten()[i] > 0]
     report = EvalReport(split, checkpoint, len(labels), result.acc, result.loss, per_class, pairs, result.confusion,
-                        str(folder), weights)
+                        str(folder), weights, used=opened.used())
     augment = list(dict.fromkeys(tta if tta is not None else opened.cfg.eval.tta))
     if augment:
         augmented = evaluate(opened.model, data.batches(split, BATCH_SIZE), runtime, tta=augment)

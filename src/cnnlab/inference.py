@@ -226,12 +226,13 @@ class Prediction:
     label: str | None = None  # the true class, for a data-set image
     # what the network received: uint8 [channels, height, width], before normalising (not part of what a prediction says)
     image: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    used: dict[str, Any] = field(default_factory=dict, compare=False)  # the run, checkpoint and weights that answered
 
 
 def predict(run_dir: Path, images: list[Path], *, split: str | None = None, index: int | None = None, top: int = 3,
-            trust_code: bool = False, checkpoint: str = "best", weights: str = "raw") -> list[Prediction]:
+            trust_code: bool = False, checkpoint: str = "auto", weights: str = "auto") -> list[Prediction]:
     """The ``top`` classes of each picture file (or of image ``index`` of a split) by the run's model: its ``checkpoint``
-    (best or last) with its ``weights`` (raw, ema or swa: ``runs.open_run``)."""
+    (best, last or auto) with its ``weights`` (raw, ema, swa or auto: ``runs.open_run``)."""
     from cnnlab.runs import open_run
 
     if not images and index is None:
@@ -262,7 +263,8 @@ def predict(run_dir: Path, images: list[Path], *, split: str | None = None, inde
     results = []
     for source, label, row, image in zip(sources, labels, probabilities, batch):
         values, indices = row.topk(top)
-        results.append(Prediction(source, [(classes[int(c)], float(v)) for v, c in zip(values, indices)], label, image))
+        results.append(Prediction(source, [(classes[int(c)], float(v)) for v, c in zip(values, indices)], label, image,
+                                  used=opened.used()))
     return results
 
 
@@ -294,11 +296,12 @@ class Export:
     path: Path
     max_difference: float
     images: int
+    used: str = ""  # the run, checkpoint and weights exported, in words (OpenedRun.used_line)
 
 
-def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool = False, checkpoint: str = "best",
-           weights: str = "raw") -> Export:
-    """The run's model (its ``checkpoint``, best or last, with its ``weights``, raw, ema or swa: ``runs.open_run``;
+def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool = False, checkpoint: str = "auto",
+           weights: str = "auto") -> Export:
+    """The run's model (its ``checkpoint``, best, last or auto, with its ``weights``, raw, ema, swa or auto: ``open_run``;
     normalisation folded in) as ONNX or TorchScript, checked on 256 test images against PyTorch; nothing is written
     unless it agrees to 1e-4 (relative to logits above 1). The default file is ``<run>/model.onnx`` (``.pt``), named
     after the checkpoint and weights where they are not the best and raw ones: ``model-last-swa.onnx``."""
@@ -309,6 +312,7 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool
     if out is not None:
         check_output_file(out, "-o")
     opened = open_run(run_dir, trust_code=trust_code, checkpoint=checkpoint, weights=weights)
+    checkpoint, weights = opened.checkpoint, opened.weights
     if out is None:
         which = "".join(f"-{name}" for name, plain in ((checkpoint, "best"), (weights, "raw")) if name != plain)
         out = opened.path / f"model{which}.{'onnx' if fmt == 'onnx' else 'pt'}"
@@ -340,7 +344,7 @@ def export(run_dir: Path, fmt: str, out: Path | None = None, *, trust_code: bool
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
-    return Export(out, difference, len(pixels))
+    return Export(out, difference, len(pixels), opened.used_line())
 
 
 def export_difference(got: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:

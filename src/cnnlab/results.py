@@ -40,6 +40,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cnnlab.config import Headline
 from cnnlab.data.spec import DataSpec
 from cnnlab.errors import UserError
 from cnnlab.numtext import number_text
@@ -324,9 +325,42 @@ class StartupRecord(BaseModel):
 
 # The test accuracies a run may report beside its plain one (eval.tta, train.ema, train.swa), never instead of it.
 TEST_ACC_BESIDE = ("test_acc_tta", "test_acc_ema", "test_acc_ema_tta", "test_acc_swa", "test_acc_swa_tta")
+
+
+def figure_label(name: str, tta: list[str] | None = None) -> str:
+    """A test figure's name in words: "test acc", "ema test acc, flip+crop TTA" (``tta``: the augmentations, when known)."""
+    weights = next((w for w in ("ema", "swa") if f"_{w}" in name), None)
+    label = f"{weights} test acc" if weights else "test acc"
+    if name.endswith("_tta"):
+        label += f", {'+'.join(tta)} TTA" if tta else ", TTA"
+    return label
+
+
 # What a run's test pass says of its averaged weights (train.ema, train.swa): redone when a run resumes.
 AVERAGE_FIGURES = ("test_acc_ema", "test_loss_ema", "test_acc_ema_tta", "test_loss_ema_tta", "swa_epochs", "val_acc_swa",
                    "val_loss_swa", "test_acc_swa", "test_loss_swa", "test_acc_swa_tta", "test_loss_swa_tta")
+
+
+class TestedWeights(BaseModel):
+    """Which epoch one set of weights was tested at (summary.json's selection.raw, .ema, .swa)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    epoch: int = Field(ge=1)
+    checkpoint: Literal["best", "best_ema", "last"]  # the file in checkpoints/ that holds them
+    val_acc: float | None = None  # their accuracy on the validation split
+
+
+class Selection(BaseModel):
+    """train.select as the run applied it: the rule (best or last), why, and each tested weight set's epoch."""
+
+    model_config = ConfigDict(extra="allow")
+
+    rule: Literal["best", "last"]
+    why: str
+    raw: TestedWeights
+    ema: TestedWeights | None = None
+    swa: TestedWeights | None = None
 
 
 class RunSummary(BaseModel):
@@ -399,6 +433,9 @@ class RunSummary(BaseModel):
     better_weights: Literal["ema", "swa", "raw"] | None = None  # of those tested, the best on the validation split
     best_val_weights: Literal["ema", "raw"] | None = None  # with train.ema: whose figure best_val_acc is
     test_checkpoint: str | None = None
+    selection: Selection | None = None  # which epoch each set of weights was tested at, and why (train.select)
+    # the run's answer, declared by its config (eval.headline): the name of one of the test figures above
+    headline: Headline | None = None
     test_confusion: list[list[int]] | None = None  # test set counts: rows the true class, columns the predicted one
     train_examples_per_sec: float | None = None
     train_seconds: float | None = None
@@ -410,6 +447,12 @@ class RunSummary(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
+
+    def headline_figure(self) -> tuple[str, float | None]:
+        """(the name of the run's answer, its value): the declared headline, or the plain test accuracy for runs that
+        declared none."""
+        name = self.headline or "test_acc"
+        return name, getattr(self, name)
 
 
 def read_summary(path: Path) -> RunSummary:
@@ -736,7 +779,8 @@ class CheckpointWriter:
 
 LOCK_FILE = ".lock"
 TRAINING_FILES = ("config.yaml", "metrics.csv")  # in the run folder, written by the process that trains it alone
-CHECKPOINT_FILES = ("best.pt", "last.pt", "best.pt.sha256", "last.pt.sha256")  # in its checkpoints/ folder
+# in its checkpoints/ folder: the weights' best epoch, their moving average's best epoch (train.ema), the last epoch
+CHECKPOINT_FILES = ("best.pt", "best_ema.pt", "last.pt", "best.pt.sha256", "best_ema.pt.sha256", "last.pt.sha256")
 
 
 def is_locked(run_dir: Path) -> bool | None:

@@ -41,13 +41,28 @@ class OpenedRun:
     summary: RunSummary
     state: str  # the summary's status, or "stale" for a run whose process died without a word
     model: nn.Module | None = None  # in eval mode, with the chosen checkpoint's weights
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # best or last
+    weights: str | None = None  # raw, ema or swa
+    epoch: int | None = None  # the epoch those weights are from
 
     @property
     def spec(self) -> DataSpec:
         """What the run trained on, as its summary records it; for a run of an older cnnlab, which recorded
         none, its data set as known by name (Fashion-MNIST), without reading any file."""
         return self.summary.data or described(self.cfg.data.name)
+
+    def used(self) -> dict[str, Any]:
+        """Which model a command used, for its JSON: the run folder, the weights and the epoch they are from, and the
+        run's own answer (its headline figure, named and in words)."""
+        from cnnlab.results import figure_label
+
+        name, value = self.summary.headline_figure()
+        return {"run": str(self.path), "checkpoint": self.checkpoint, "weights": self.weights, "epoch": self.epoch,
+                "epochs": self.summary.epochs_completed, "headline": name,
+                "headline_label": figure_label(name, self.summary.test_tta), "headline_value": value}
+
+    def used_line(self) -> str:
+        return used_line(self.used())
 
     def load_data(self, device: str | torch.device = "cpu") -> Data:
         """The run's data, split exactly as it was for training (same seed, same validation images)."""
@@ -63,13 +78,42 @@ def require_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
+def used_line(used: dict[str, Any]) -> str:
+    """``OpenedRun.used()`` in words: "run results/x/ID: the moving average of the weights of epoch 50 of 50 (last
+    checkpoint); its ema test acc, flip+crop TTA 0.9492"."""
+    from cnnlab.numtext import number_text
+
+    weights = {"raw": "the weights", "ema": "the moving average of the weights",
+               "swa": "the average of the last epochs' weights"}.get(used["weights"] or "raw")
+    value = used["headline_value"]
+    answer = f"; its {used['headline_label']} {number_text(value, 4)}" if value is not None else ""
+    return f"run {used['run']}: {weights} of epoch {used['epoch']} of {used['epochs']} ({used['checkpoint']} checkpoint){answer}"
+
+
+def tested_weights(summary: RunSummary) -> str:
+    """The weights of the run's declared answer (eval.headline): raw, ema or swa; raw for runs that declared none."""
+    name, _ = summary.headline_figure()
+    return "ema" if "_ema" in name else "swa" if "_swa" in name else "raw"
+
+
+def tested_checkpoint(summary: RunSummary, weights: str) -> str:
+    """best or last: the checkpoint the run's test pass took ``weights`` from (train.select, as summary.json's
+    selection records it); best for runs that recorded none, but last for swa, whose average only the last holds."""
+    tested = getattr(summary.selection, weights, None) if summary.selection is not None else None
+    if tested is None:
+        return "last" if weights == "swa" else "best"
+    return "last" if tested.checkpoint == "last" else "best"
+
+
 def open_run(
-    run_dir: Path, device: str | torch.device = "cpu", *, checkpoint: str | None = "best", trust_code: bool = False,
-    weights: str = "raw",
+    run_dir: Path, device: str | torch.device = "cpu", *, checkpoint: str | None = "auto", trust_code: bool = False,
+    weights: str = "auto",
 ) -> OpenedRun:
     """A run's config, summary and state, and (unless ``checkpoint`` is None) its trained model: the weights
     themselves (``raw``), their moving average (``ema``, from a run with ``train.ema``) or the average of its last
-    epochs' (``swa``, ``train.swa``: a completed run's last checkpoint, its BatchNorm statistics measured again)."""
+    epochs' (``swa``, ``train.swa``: a completed run's last checkpoint, its BatchNorm statistics measured again);
+    ``auto``: those of the run's headline figure (eval.headline). ``checkpoint``: best (those weights' own best
+    epoch on the validation split), last, or ``auto``: the one the run's test pass took them from (train.select)."""
     from cnnlab.models.build import build_model
 
     run_dir = require_run_dir(run_dir)
@@ -79,15 +123,19 @@ def open_run(
     opened = OpenedRun(run_dir, cfg, summary, state)
     if checkpoint is None:
         return opened
-    if checkpoint not in ("best", "last"):
-        raise UserError(f"--checkpoint {checkpoint!r}: choose best or last")
-    if weights not in ("raw", "ema", "swa"):
-        raise UserError(f"--weights {weights!r}: choose raw (the weights themselves), ema (their moving average) or swa "
-                        "(the average of the last epochs')")
+    if checkpoint not in ("auto", "best", "last"):
+        raise UserError(f"--checkpoint {checkpoint!r}: choose best, last or auto (the one the run was tested with)")
+    if weights not in ("auto", "raw", "ema", "swa"):
+        raise UserError(f"--weights {weights!r}: choose raw (the weights themselves), ema (their moving average), swa "
+                        "(the average of the last epochs') or auto (those of the run's headline figure)")
+    weights = tested_weights(summary) if weights == "auto" else weights
+    checkpoint = tested_checkpoint(summary, weights) if checkpoint == "auto" else checkpoint
     if weights == "swa" and checkpoint != "last":
         raise UserError("--weights swa: the average of the last epochs is in the last checkpoint; "
                         "add --checkpoint last")
     path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if checkpoint == "best" and weights == "ema" and (run_dir / "checkpoints" / "best_ema.pt").is_file():
+        path = run_dir / "checkpoints" / "best_ema.pt"  # the average's own best epoch (older runs: best.pt's)
     if not path.is_file():
         raise UserError(f"{path} is missing: the run wrote no checkpoints (output.checkpoints: false) or did not "
                         "finish an epoch")
@@ -106,7 +154,7 @@ def open_run(
     except RuntimeError:
         raise UserError(f"{path}: its weights do not fit the model described by {run_dir / 'config.yaml'} "
                         "(the file belongs to another run, or config.yaml was changed)") from None
-    opened.model, opened.checkpoint = model.to(device).eval(), checkpoint
+    opened.model, opened.checkpoint, opened.weights, opened.epoch = model.to(device).eval(), checkpoint, weights, saved.epoch
     return opened
 
 
