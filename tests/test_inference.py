@@ -178,6 +178,30 @@ def test_a_16_bit_picture_is_scaled_not_clipped(trained, tmp_path):
     assert predict(run_dir, [sixteen])[0].top == predict(run_dir, [eight])[0].top
 
 
+def test_float_and_wide_pictures_are_the_pixels_of_their_8_bit_png_never_stretched(tmp_path):
+    """A float TIFF of k/255 and a PGM of k*257 (Pillow: mode I) are the 8-bit PNG of k, not stretched per picture to
+    black-to-white: a faint garment stays faint, as it would in a data folder."""
+    faint = (np.arange(28 * 28).reshape(28, 28) % 90 + 30).astype(np.uint8)  # 30 ... 119
+    Image.fromarray(faint).save(tmp_path / "eight.png")
+    Image.fromarray(faint.astype(np.float32) / 255).save(tmp_path / "float.tif")
+    Image.fromarray(faint.astype(np.uint16) * 257).save(tmp_path / "wide.pgm")
+    expected = inference.load_image(tmp_path / "eight.png", FASHION)
+    for name in ("float.tif", "wide.pgm"):
+        assert torch.equal(inference.load_image(tmp_path / name, FASHION), expected), name
+
+
+def test_a_picture_the_mode_rule_refuses_is_exit_2_naming_it_and_its_mode(trained, tmp_path):
+    run_dir, _ = trained
+    Image.fromarray(np.full((28, 28), 70_000, dtype=np.int32)).save(tmp_path / "counts.tif")
+    Image.fromarray(np.full((28, 28), 2.5, dtype=np.float32)).save(tmp_path / "bright.tif")
+    for name, says in (("counts.tif", "mode I (32-bit integer)"), ("bright.tif", "mode F (floating point) with values "
+                                                                                "from 2.5 to 2.5")):
+        result = runner.invoke(app, ["predict", str(run_dir), str(tmp_path / name)])
+        assert result.exit_code == 2, result.output
+        assert f"{name}: {says}" in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1 and "save it as" in result.output, result.output
+
+
 def test_export_to_a_place_it_cannot_write_is_exit_2_and_files_it_writes_are_readable(trained, tmp_path):
     import os
     import stat

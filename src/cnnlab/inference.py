@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
-from cnnlab.data import DataSpec
+from cnnlab.data import DataSpec, pictures
 from cnnlab.data.pictures import FORMATS
 from cnnlab.errors import UserError
 from cnnlab.results import check_output_file, file_kind
@@ -83,7 +83,9 @@ def dark_background(spec: DataSpec) -> bool:
 
 
 def load_image(path: Path, spec: DataSpec) -> torch.Tensor:
-    """A picture as an image of the data set ``spec`` describes: uint8 [channels, height, width].
+    """A picture as an image of the data set ``spec`` describes: uint8 [channels, height, width]. Its pixels are made
+    8-bit by the one mode rule (``pictures.eight_bit``, what a data folder's pictures get); a picture the rule refuses
+    (a 32-bit integer one, floats outside 0-1) is a ``UserError`` naming the file and its mode.
 
     The work is bounded by the pixels the result needs: a JPEG is decoded at 1/2 to 1/8 scale where
     that leaves enough of them, and the decoded picture is reduced by whole factors (in Pillow, one
@@ -108,7 +110,10 @@ def load_image(path: Path, spec: DataSpec) -> torch.Tensor:
                                 f"{MAX_IMAGE_PIXELS:,} pixels); give a smaller one")
             opened.draft(None, tuple(REDUCING_GAP * side for side in _fitted_size(opened.size, box, cover=not on_black)))
             ImageOps.exif_transpose(opened, in_place=True)
-            image = _reduced(_grey(opened) if spec.channels == 1 else _rgb(opened), box, cover=not on_black)
+            # The one mode rule (pictures.eight_bit): the same pixels a data folder and `cnnlab data` get of this file.
+            image = _reduced(pictures.eight_bit(opened, spec.channels), box, cover=not on_black)
+    except pictures.Refused as err:
+        raise UserError(f"{path}: {err}") from None
     except UnidentifiedImageError as err:
         raise UserError(f"{path}: not an image cnnlab can read ({type(err).__name__}); give a picture in one of "
                         f"{', '.join(picture_formats())}") from None
@@ -179,33 +184,6 @@ def _fitted_size(size: tuple[int, int], box: tuple[int, int], cover: bool = Fals
     width, height = size
     scale = (max if cover else min)(box[0] / width, box[1] / height)
     return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def _grey(image: Any) -> Any:
-    """8-bit grey. 16-bit and other wide greys are scaled into 0-255 (Pillow's own conversion clips
-    everything above 255, which would make most of a 16-bit picture white)."""
-    from PIL import Image
-
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        import numpy as np
-
-        values = np.asarray(image, dtype=np.float32)
-        if image.mode.startswith("I;16"):
-            values = values / 257
-        else:
-            low, high = float(values.min()), float(values.max())
-            values = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
-        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
-    return image if image.mode == "L" else image.convert("L")
-
-
-def _rgb(image: Any) -> Any:
-    """8-bit RGB: palettes, alpha (dropped), CMYK and greys (wide ones scaled as ``_grey`` does) converted."""
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        return _grey(image).convert("RGB")
-    return image.convert("RGB")
 
 
 def _background(image: Any) -> float:

@@ -11,10 +11,11 @@ from train/ (0 still means no validation split).
 
 Every picture is made one size and one channel count: ``data.image_size`` and ``data.channels``
 when the config has them, else the most common size in train/, and grey when every train/ picture
-is grey, RGB otherwise. The decoded pixels are cached (``cache.py``) under a key made of the file
-list, sizes, modification times and these settings: the second load reads the cache. One line on
-stderr says which happened. Bad data is a ``UserError`` naming the file, before anything is written;
-``data.skip_bad: true`` passes over pictures that cannot be decoded, and the run records them.
+is grey, RGB otherwise, made 8-bit by ``pictures``' mode rule (the one ``predict`` uses). The decoded
+pixels are cached (``cache.py``) under a key made of the file list, sizes, modification times and these
+settings: the second load reads the cache. One line on stderr says which happened. Bad data is a
+``UserError`` naming the file, before anything is written; ``data.skip_bad: true`` passes over pictures
+that cannot be decoded (or that the mode rule refuses), and the run records them.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from cnnlab.safetext import printable
 NAME = "folder"
 MAPPABLE = True  # its cache file can be memory-mapped (data.placement: mapped)
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 1  # bump when what a cache file holds, or how pictures are decoded, changes
+CACHE_VERSION = 2  # bump when what a cache file holds, or how pictures are decoded, changes
 ARRAYS = ("images", "labels", "splits", "meta")
 LAYOUT = "the layout is DIR/train/<class>/<pictures>, with optional DIR/val/<class>/ and DIR/test/<class>/"
 

@@ -1,10 +1,37 @@
 """Usage: ``problems = each_file(probe, paths)``; ``decode_into(path, out[i], (28, 28), 1)``: picture files as uint8 pixels.
 
 Decoding any picture Pillow reads into 8-bit grey or RGB pixels of one size: EXIF orientation
-applied, 16-bit grey scaled to 8 bits (divided by 257), alpha composited on black (a transparent
-pixel is black, whatever colour it hides), palette, CMYK and other modes converted, then resized
-(antialiased bilinear, as torchvision's ``Resize``). A decompression bomb (more pixels than
-``PIL.Image.MAX_IMAGE_PIXELS``) is refused from its header, before any decoding.
+applied, made 8-bit by the mode rule below, then resized (antialiased bilinear, as torchvision's
+``Resize``). A decompression bomb (more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``) is refused from
+its header, before any decoding.
+
+The mode rule (``eight_bit``) is the one way a picture becomes 8-bit pixels, for a data folder,
+``cnnlab data`` and ``predict`` alike: the same file gives the same pixels everywhere, or one refusal
+(``Refused``) that names the mode, what was found and what to do. By Pillow mode:
+
+- ``L``, ``RGB``, ``1`` (0 or 255), ``P`` (its palette's colours), ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``,
+  ``RGBX``: as Pillow converts them (to RGB, and RGB to grey by ITU-R 601-2 luma), 8 bits kept as they are.
+  (Pillow reads a 16-bit colour PNG or TIFF as 8-bit ``RGB``/``RGBA`` itself, by each value's high byte.)
+- Alpha (``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa``/``La``), and a transparent colour or palette
+  index (PNG's tRNS, GIF's): composited on black, round(colour x alpha / 255): a transparent pixel
+  is black whatever colour it hides. (A data set of light things on black is what most grey sets are;
+  any fixed colour would do as long as training and prediction use the same one.)
+- Unsigned integers wider than 8 bits (``I;16``, ``I;16B``...): scaled by their full range,
+  round(value x 255 / (2^bits - 1)): 16 bits is value / 257, so 0 is black, 65,535 white, and a
+  16-bit copy of an 8-bit picture (k x 257) gives it back exactly. ``bits`` is 16, or what a TIFF's
+  BitsPerSample says where it says fewer (Pillow 13 opens a 12-bit TIFF as ``I;16`` holding 0-4,095).
+  A transparent value (tRNS) is black.
+- ``I`` (32-bit signed integer): Pillow 13 opens 16-bit grey PNG and TIFF as ``I;16``, but a PGM/PPM of
+  more than 8 bits as ``I`` (any maxval scaled by Pillow to 0-65,535), and a PNG was ``I`` in older
+  Pillow: from those, the 16-bit rule. From anything else (a TIFF of 32-bit or signed samples) the
+  range is unknown (a camera's 32-bit TIFF may hold 0-4,095 or 0-2^32), so the picture is refused:
+  save it as 8- or 16-bit, or as float 0-1.
+- ``F`` (float): 0 is black and 1 white, round(value x 255); a picture with NaN, infinite values or
+  values outside 0-1 is refused, naming the range found (scale it to 0-1, or save it as 8- or 16-bit).
+
+No rule looks at a picture's own values to decide what they mean: a per-picture stretch (its darkest
+pixel black, its lightest white) would make one value mean different things in different pictures,
+and a faint picture as bright as a contrasted one.
 
 Files are decoded by a pool of threads, one per CPU core: Pillow releases the GIL while it
 decodes. On this project's loaded 2-core machine neither threads nor processes beat one thread on
@@ -21,14 +48,13 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
 
 T = TypeVar("T")
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
-SIXTEEN_BIT = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 ORIENTATION = 0x0112
 # The formats a picture may be in: raster formats Pillow decodes itself. Not EPS (Pillow runs Ghostscript on it,
@@ -45,7 +71,7 @@ def extensions() -> frozenset[str]:
     return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN and fmt in FORMATS)
 
 
-def open_checked(path: str | Path) -> Image.Image:
+def open_checked(path: str | Path | BinaryIO) -> Image.Image:
     """The picture at ``path``, opened (header read, pixels not yet): a decompression bomb raises here.
     (Pillow only warns below twice its limit: ``each_file`` makes that warning an error too.)"""
     image = Image.open(path, formats=[fmt for fmt in FORMATS if fmt in Image.OPEN])
@@ -75,15 +101,67 @@ def probe(path: str | Path) -> tuple[int, int, bool]:
         return height, width, is_grey(image)
 
 
+class Refused(Exception):
+    """A picture the mode rule gives no 8-bit pixels: the message names its mode, what was found and what to do
+    (the caller puts the file's name before it)."""
+
+
+SAVE_AS = "save it as an 8- or 16-bit picture, or as float with values 0-1"
+ALPHA = {"RGBA", "LA", "La", "PA", "RGBa"}
+KEYED = {"1", "L", "P", "RGB"}  # modes whose ``info["transparency"]`` (a colour or palette index) Pillow applies
+
+
+def integer_bits(image: Image.Image) -> int | None:
+    """How many bits the samples of an integer picture wider than 8 bits hold (the mode rule): 16, or a TIFF's
+    BitsPerSample where it says fewer; None where its range is unknown (mode ``I`` from anything but a PGM/PPM or PNG)."""
+    if image.mode == "I":
+        return 16 if image.format in ("PPM", "PNG") else None
+    bits = 16
+    if image.format == "TIFF":
+        declared = getattr(image, "tag_v2", {}).get(258)  # BitsPerSample
+        declared = declared[0] if isinstance(declared, tuple) and declared else declared
+        if isinstance(declared, int) and 8 < declared < 16:
+            bits = declared
+    return bits
+
+
+def wide_grey(image: Image.Image) -> np.ndarray:
+    """uint8 pixels of a grey picture wider than 8 bits (``I;16*``, ``I``, ``F``), by the mode rule, or ``Refused``."""
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        lead = "mode F (floating point) with"
+        if np.isnan(values).any():
+            raise Refused(f"{lead} NaN (not-a-number) pixels, which are no brightness; {SAVE_AS}")
+        if not np.isfinite(values).all():
+            raise Refused(f"{lead} infinite pixels, which are no brightness; {SAVE_AS}")
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if low < 0 or high > 1:
+            raise Refused(f"{lead} values from {low:g} to {high:g}: cnnlab reads a float picture's 0 as black and 1 as "
+                          "white; scale it to 0-1, or save it as an 8- or 16-bit picture")
+        return np.rint(values * 255).astype(np.uint8)
+    bits = integer_bits(image)
+    if bits is None:
+        source = f" from a {image.format} file" if image.format else ""
+        raise Refused(f"mode I (32-bit integer){source}: its range is unknown (cnnlab scales 8- to 16-bit unsigned "
+                      f"pictures, not wider or signed ones); {SAVE_AS}")
+    values = np.asarray(image).astype(np.int64)
+    top = (1 << bits) - 1
+    pixels = ((values * 510 + top) // (2 * top)).clip(0, 255).astype(np.uint8)  # round(value x 255 / top)
+    key = image.info.get("transparency")
+    if isinstance(key, int):
+        pixels[values == key] = 0
+    return pixels
+
+
 def eight_bit(image: Image.Image, channels: int) -> Image.Image:
-    """``image`` as mode L (``channels`` 1) or RGB (3): 16 bits scaled down, alpha on black, any mode converted."""
-    if image.mode in SIXTEEN_BIT:
-        wide = np.asarray(image, dtype=np.uint32)
-        image = Image.fromarray(((wide + 128) // 257).clip(0, 255).astype(np.uint8), mode="L")
-    elif image.mode in ("RGBA", "LA", "La", "PA", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+    """``image`` as mode L (``channels`` 1) or RGB (3) by the mode rule (this module's docstring), or ``Refused``.
+    Call it on the picture as opened (EXIF rotation may be applied in place first): it reads the file's format and
+    tags to know what a wide picture's values mean."""
+    if image.mode in ("F", "I") or image.mode.startswith("I;16"):
+        image = Image.fromarray(wide_grey(image))
+    elif image.mode in ALPHA or (image.mode in KEYED and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(black, rgba)
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
     target = "L" if channels == 1 else "RGB"
     if image.mode == target:
         return image
@@ -92,11 +170,13 @@ def eight_bit(image: Image.Image, channels: int) -> Image.Image:
     return image.convert(target)
 
 
-def decode_into(path: str | Path, out: np.ndarray, size: tuple[int, int], channels: int) -> None:
-    """Decode the picture at ``path`` into ``out`` (uint8 [channels, height, width]), converted and resized."""
-    with open_checked(path) as opened:
+def decode_into(source: str | Path | BinaryIO, out: np.ndarray, size: tuple[int, int], channels: int) -> None:
+    """Decode the picture at ``source`` (a path, or an open binary file) into ``out`` (uint8 [channels, height,
+    width]), made 8-bit by the mode rule and resized; ``Refused`` where the rule gives it no pixels."""
+    with open_checked(source) as opened:
         opened.load()  # a truncated or corrupt file fails here
-        image = eight_bit(ImageOps.exif_transpose(opened), channels)
+        ImageOps.exif_transpose(opened, in_place=True)  # in place: the format and tags the mode rule reads stay
+        image = eight_bit(opened, channels)
     height, width = size
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.BILINEAR)
@@ -105,7 +185,9 @@ def decode_into(path: str | Path, out: np.ndarray, size: tuple[int, int], channe
 
 
 def problem(err: Exception) -> str:
-    """What is wrong with a picture, in words, from what Pillow raised on it."""
+    """What is wrong with a picture, in words, from what Pillow (or the mode rule) raised on it."""
+    if isinstance(err, Refused):
+        return str(err)
     if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"a decompression bomb ({err})"
     if isinstance(err, Image.UnidentifiedImageError):
