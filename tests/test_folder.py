@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -135,9 +136,73 @@ def test_the_second_load_reads_the_cache_and_a_changed_file_decodes_again(tmp_pa
     assert f"read 48 images from cache {cache_file}" in capsys.readouterr().err
     assert torch.equal(first.train.images, second.train.images) and torch.equal(first.test.labels, second.test.labels)
     assert first.spec == second.spec
-    os.utime(root / "train" / "cat" / "000.png", ns=(1, 1))
+    os.utime(root / "train" / "cat" / "000.png", ns=(1, 1))  # touched: the same bytes, the same pixels
+    load_data(cfg, 0, torch.device("cpu"))
+    assert f"read 48 images from cache {cache_file}" in capsys.readouterr().err
+    save(root / "train" / "cat" / "000.png", 255 - pattern(0, 0))  # changed: decoded again
     load_data(cfg, 0, torch.device("cpu"))
     assert "decoded 48 images" in capsys.readouterr().err
+
+
+def bmp_folder(root: Path, invert: bool = False) -> Path:
+    """train/{x,y}/{0..3}.bmp and test/{x,y}/0.bmp: BMP files are one size whatever their pixels, and every file's
+    modification time is fixed, as a reproducible archive or a Nix store leaves them."""
+    for split, count in (("train", 4), ("test", 1)):
+        for label, name in enumerate("xy"):
+            for i in range(count):
+                pixels = pattern(label, 10 * label + i + 100 * (split == "test"))
+                save(root / split / name / f"{i}.bmp", 255 - pixels if invert else pixels, fmt="BMP")
+    for path in root.rglob("*.bmp"):
+        os.utime(path, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    return root
+
+
+def png_copy(source: Path, root: Path) -> Path:
+    """The pictures of ``source`` as 8-bit PNG files of the same names: the reference decode."""
+    for path in source.rglob("*.bmp"):
+        target = root / path.relative_to(source).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(path) as picture:
+            picture.save(target)
+    return root
+
+
+def folder_data(root: Path, tmp_path: Path):
+    return load_data(load_config(None, overrides(root, tmp_path, "data.val_size=0")).data, 0, torch.device("cpu"))
+
+
+def test_folders_of_the_same_names_sizes_and_times_never_share_a_cache(tmp_path, capsys):
+    a, b = bmp_folder(tmp_path / "A"), bmp_folder(tmp_path / "B", invert=True)
+    assert [p.stat().st_size for p in sorted(a.rglob("*.bmp"))] == [p.stat().st_size for p in sorted(b.rglob("*.bmp"))]
+    means = []
+    for root in (a, b):
+        result = runner.invoke(app, ["data", "folder", "--data-dir", str(root)])
+        assert result.exit_code == 0 and "decoded 10 images" in result.output, result.output
+        means.append(result.output.split("pixels in [0, 1]): ")[1].split(" /")[0])
+    assert float(means[0]) + float(means[1]) == pytest.approx(1, abs=2e-4)  # B is A inverted
+    for root in (a, b):  # and the pixels are those of the folder's own pictures: its PNG copies decode to them
+        read, reference = folder_data(root, tmp_path), folder_data(png_copy(root, tmp_path / f"{root.name}-png"), tmp_path)
+        assert torch.equal(read.train.images, reference.train.images) and torch.equal(read.test.images, reference.test.images)
+        assert torch.equal(read.train.labels, reference.train.labels)
+    assert "from cache" in capsys.readouterr().err  # the second load of each read its own cache
+    shutil.copytree(a, tmp_path / "A2")  # a copy elsewhere, bytes and times alike: its own cache all the same
+    result = runner.invoke(app, ["data", "folder", "--data-dir", str(tmp_path / "A2")])
+    assert result.exit_code == 0 and "decoded 10 images" in result.output, result.output
+
+
+def test_a_file_replaced_in_place_with_its_time_kept_decodes_again(tmp_path, capsys):
+    root = bmp_folder(tmp_path / "pictures")
+    first = folder_data(root, tmp_path)
+    picture = root / "train" / "x" / "0.bmp"
+    before = picture.stat()
+    save(picture, 255 - pattern(0, 0), fmt="BMP")  # other pixels, the same size; its time put back
+    os.utime(picture, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert picture.stat().st_size == before.st_size and picture.stat().st_mtime_ns == before.st_mtime_ns
+    capsys.readouterr()
+    second = folder_data(root, tmp_path)
+    assert "decoded 10 images" in capsys.readouterr().err
+    assert torch.equal(second.train.images[0, 0], torch.from_numpy(255 - pattern(0, 0)))
+    assert torch.equal(first.train.images[1:], second.train.images[1:])
 
 
 def test_a_corrupt_cache_file_is_rebuilt_never_trusted(tmp_path, capsys, cache_here):
@@ -314,3 +379,26 @@ def test_a_load_lists_the_folder_once_decoded_or_cached(tmp_path, monkeypatch, c
     assert len(scans) == 2 and "from cache" in capsys.readouterr().err
     assert first.spec == second.spec == describe(cfg).model_copy(update={"mean": first.spec.mean, "std": first.spec.std,
                                                                           "source": first.spec.source})
+
+
+def test_a_file_changed_between_its_hash_and_its_decoding_leaves_no_cache(tmp_path, capsys, cache_here, monkeypatch):
+    """The key names the bytes hashed; pixels decoded from other bytes are never stored under it."""
+    from cnnlab.data import folder
+
+    root = bmp_folder(tmp_path / "pictures")
+    picture = root / "train" / "x" / "0.bmp"
+    real = folder.file_digests
+
+    def then_changed(found):
+        digests = real(found)
+        save(picture, 255 - pattern(0, 0), fmt="BMP")  # after its hash, before its decoding
+        return digests
+
+    monkeypatch.setattr(folder, "file_digests", then_changed)
+    data = folder_data(root, tmp_path)
+    assert "no cache (1 picture file(s) changed while the folder was read" in capsys.readouterr().err
+    assert torch.equal(data.train.images[0, 0], torch.from_numpy(255 - pattern(0, 0)))  # as it is now
+    assert not list(cache_here.rglob("*.npz"))
+    monkeypatch.setattr(folder, "file_digests", real)
+    assert torch.equal(folder_data(root, tmp_path).train.images, data.train.images)
+    assert "decoded 10 images" in capsys.readouterr().err and len(list(cache_here.rglob("*.npz"))) == 1
