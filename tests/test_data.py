@@ -1,16 +1,21 @@
 import gzip
+import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import idx_bytes, write_dataset
+from typer.testing import CliRunner
 
+from cnnlab.cli import app
 from cnnlab.config import DataConfig
 from cnnlab.data import Augment, fashion_mnist, load_data, stratified_split
 from cnnlab.data.fashion_mnist import find_data_dir, read_idx, read_split
 from cnnlab.errors import UserError
 
 CPU = torch.device("cpu")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.mark.parametrize("compress", [True, False])
@@ -148,3 +153,42 @@ def test_crop_padding_shifts_content():
     moved = Augment(crop_padding=3)(x.repeat(64, 1, 1, 1), torch.Generator().manual_seed(1))
     positions = {tuple(m[0].nonzero()[0].tolist()) for m in moved if m.sum() > 0}
     assert len(positions) > 5  # the bright pixel lands in many places
+
+
+def test_val_size_may_be_a_fraction_of_the_training_images(tiny_data):
+    data = load_data(DataConfig(root=tiny_data, check_counts=False, val_size=0.25), 0, CPU)
+    assert (len(data.train), len(data.val)) == (300, 100)
+    assert torch.bincount(data.val.labels).tolist() == [10] * 10  # stratified as a count is
+
+
+@pytest.mark.parametrize(("value", "said"), [
+    ("1.5", "data.val_size: a fraction is below 1 (0.1 = a tenth of the images); a count is a whole number"),
+    ("0.001", "data.val_size: 0.001 of the training set's 400 images is 0; give a larger fraction, a count"),
+])
+def test_a_val_size_fraction_that_makes_no_split_is_exit_2_saying_why(value, said, tiny_data, tmp_path):
+    result = CliRunner().invoke(app, ["run", str(CONFIGS / "lenet.yaml"), "--data-dir", str(tiny_data), "--results",
+                                      str(tmp_path / "results"), "--set", "data.check_counts=false",
+                                      "--set", f"data.val_size={value}", "--device", "cpu", "--epochs", "1"])
+    assert result.exit_code == 2, result.output
+    assert said in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_shipped_folder_example_trains_on_a_folder_of_a_few_dozen_pictures(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    for label, colour in enumerate(("red", "green", "blue")):
+        for i in range(20):
+            picture = Image.new("RGB", (16, 16), colour)
+            picture.putpixel((i % 16, label), (i, i, i))
+            (tmp_path / "pics" / "train" / colour).mkdir(parents=True, exist_ok=True)
+            picture.save(tmp_path / "pics" / "train" / colour / f"{i}.png")
+    result = CliRunner().invoke(app, ["run", str(CONFIGS / "datasets" / "folder_example.yaml"), "--data-dir",
+                                      str(tmp_path / "pics"), "--results", str(tmp_path / "results"), "--epochs", "1",
+                                      "--device", "cpu", "--quiet", "--set", "train.batch_size=8"])
+    assert result.exit_code == 0, result.output
+    [summary] = (tmp_path / "results").glob("*/*/summary.json")
+    recorded = json.loads(summary.read_text())
+    assert recorded["test_size"] == 6 and recorded["val_size"] > 0
+    assert recorded["train_size"] + recorded["val_size"] == 54

@@ -53,8 +53,9 @@ class DataConfig(Section):
     # folder with the data set's files; None searches the data set's usual places ($CNNLAB_DATA, cnnlab's cache...)
     root: Path | None = None
     download: bool = False  # fetch through torchvision's mirrors if no local copy is found (never otherwise)
-    # training images held out for validation (stratified, fixed by seed); 0 = the report's mode: test set every epoch
-    val_size: int = Field(5000, ge=0)
+    # training images held out for validation (stratified, fixed by seed): a count (5000) or a fraction below 1 (0.1 =
+    # a tenth); 0 = the report's mode: test set every epoch
+    val_size: int | float = Field(5000, ge=0)
     # subtract the training split's pixel mean, divide by its std (per channel); false = the report's raw [0, 1] pixels;
     # weights = the mean and std of the data model.weights (a library's named weights) were trained on
     normalize: bool | Literal["weights"] = True
@@ -76,7 +77,7 @@ class DataConfig(Section):
     placement: Literal["auto", "device", "host", "mapped"] = "auto"
     augment: AugmentConfig = AugmentConfig()
 
-    @field_validator("test_size")
+    @field_validator("val_size", "test_size")
     @classmethod
     def _fraction_or_count(cls, size: int | float) -> int | float:
         if isinstance(size, float) and size >= 1:

@@ -223,6 +223,24 @@ def read(source: ModuleType, cfg) -> tuple:
     return both(cfg) if both is not None else (source.describe(cfg), *source.read_splits(cfg))
 
 
+def held_out(val_size: int | float, total: int) -> int:
+    """How many of ``total`` training images ``data.val_size`` holds out for validation: a count as it is, a fraction
+    (below 1) of ``total``, rounded; one that leaves no training images, or a positive fraction that holds out none,
+    is a ``UserError``."""
+    count = round(val_size * total) if isinstance(val_size, float) else val_size
+    if isinstance(val_size, float) and val_size > 0 and count == 0:
+        raise UserError(f"data.val_size: {val_size} of the training set's {total:,} images is 0; give a larger fraction, "
+                        "a count, or 0 to evaluate on the test set")
+    if count >= total:
+        asked = f"{val_size} of the training set's images is {count:,}, which" if isinstance(val_size, float) \
+            else f"{val_size:,}"
+        raise UserError(
+            f"data.val_size: {asked} leaves no training images (the training set has {total:,}); "
+            f"choose a value below {total:,}, e.g. {max(1, total // 10):,} or 0.1, or 0 to evaluate on the test set"
+        )
+    return count
+
+
 def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False) -> Data:
     """Read, validate and split the data set described by a ``DataConfig``, onto ``device``."""
     source = data_set(getattr(cfg, "name", DEFAULT))
@@ -240,16 +258,12 @@ def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False)
     if wanted.input_shape != described.input_shape:  # (a mapped set is cached as asked, so never converted here)
         train, test, *given_val = (Split(converted(split.images, wanted), split.labels, split.skipped)
                                    for split in (train, test, *given_val))
-    if cfg.val_size >= len(train) and not given_val:
-        raise UserError(
-            f"data.val_size: {cfg.val_size:,} leaves no training images (the training set has {len(train):,}); "
-            f"choose a value below {len(train):,}, e.g. {max(1, len(train) // 10):,}, or 0 to evaluate on the test set"
-        )
+    val_size = 0 if given_val else held_out(cfg.val_size, len(train))
     val, skipped = None, train.skipped
     if cfg.val_size and given_val:
         val = given_val[0]
-    elif cfg.val_size:
-        train_idx, val_idx = stratified_split(train.labels, cfg.val_size, seed)
+    elif val_size:
+        train_idx, val_idx = stratified_split(train.labels, val_size, seed)
         train, val = train.subset(train_idx), train.subset(val_idx)
     mean, std = channel_stats(train)
     spec = DataSpec(**{**wanted.model_dump(), "mean": mean, "std": std, "source": str(root)})
