@@ -138,6 +138,66 @@ def test_data_command(tiny_data, tmp_path):
     assert result.exit_code == 2 and "Fashion-MNIST's train set has 60,000" in result.output
 
 
+def data_rows(output: str) -> dict[str, str]:
+    """``cnnlab data``'s listing: its line for each data set, by the set's name."""
+    from cnnlab.data.registry import DATA_SETS
+
+    return {line.split()[0]: line for line in output.splitlines() if line.split()[:1] and line.split()[0] in DATA_SETS}
+
+
+def test_data_without_a_name_lists_every_known_data_set_found_or_missing_and_where_it_looked(tiny_data, tmp_path,
+                                                                                            monkeypatch):
+    from cnnlab.data.registry import DATA_SETS
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no cache of any set
+    monkeypatch.setattr("cnnlab.data.idx.CACHE_ROOT", tmp_path / "home" / ".cache" / "cnnlab")
+    monkeypatch.setenv("CNNLAB_DATA", str(tiny_data))
+    result = invoke("data", "--set", "data.check_counts=false")
+    assert result.exit_code == 0, result.output
+    rows = data_rows(result.output)
+    assert set(rows) == set(DATA_SETS), result.output
+    assert f"found in {tiny_data}" in rows["fashion-mnist"]
+    for name in ("mnist", "cifar10", "cifar100"):
+        assert "missing" in rows[name] and str(tmp_path / "home" / ".cache" / "cnnlab" / name) in rows[name], rows[name]
+        assert f"cnnlab data {name}" in rows[name]  # which says how to get it
+    for name in ("folder", "npz"):  # nothing to search for: they are the user's files
+        assert f"cnnlab data {name} --data-dir" in rows[name], rows[name]
+    assert "Fashion-MNIST found in" in result.output and "train: 400 images" in result.output  # checked as before
+
+
+def test_data_without_a_name_looks_for_every_set_in_the_folder_given(tiny_data):
+    result = invoke("data", "--data-dir", tiny_data, "--set", "data.check_counts=false")
+    assert result.exit_code == 0, result.output
+    rows = data_rows(result.output)
+    assert all(f"found in {tiny_data}" in rows[name] for name in ("fashion-mnist", "mnist", "kmnist"))
+    assert "missing" in rows["cifar10"] and str(tiny_data) in rows["cifar10"]
+
+
+def test_data_name_shows_the_splits_and_statistics_a_run_uses(tiny_data):
+    import torch
+
+    from cnnlab.config import DataConfig
+    from cnnlab.data import load_data
+
+    result = invoke("data", "fashion-mnist", "--data-dir", tiny_data, "--set", "data.check_counts=false",
+                    "--set", "data.val_size=100")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert next(line for line in lines if line.split()[:1] == ["label"]).split() == ["label", "class", "train", "val", "test"]
+    assert next(line for line in lines if line.split()[:1] == ["all"]).split() == ["all", "300", "100", "200"]
+    run = load_data(DataConfig(root=tiny_data, check_counts=False, val_size=100), 0, torch.device("cpu"))
+    said = next(line for line in lines if line.startswith("mean / std"))
+    assert said.endswith(f": {run.mean:.4f} / {run.std:.4f}") and "the training split a run normalises with" in said
+    assert "data.val_size 100" in result.output and "seed 0" in result.output
+
+
+def test_data_name_says_when_a_run_could_not_hold_out_the_validation_split(tiny_data):
+    result = invoke("data", "fashion-mnist", "--data-dir", tiny_data, "--set", "data.check_counts=false")
+    assert result.exit_code == 0, result.output
+    assert next(line for line in result.output.splitlines() if line.split()[:1] == ["all"]).split() == ["all", "400", "200"]
+    assert "data.val_size: 5,000 leaves no training images" in result.output
+
+
 def test_option_values_are_taken_as_typed_not_reread_as_yaml(tmp_path, monkeypatch):
     """--data-dir null and --results yes are folders named so: option values are never formatted into
     `key=value` text and read back as YAML (which made them None and True)."""

@@ -819,34 +819,72 @@ def summary(
 
 @app.command(epilog=example("cnnlab data cifar10 --verify"))
 def data(
-    name: Annotated[Optional[str], typer.Argument(metavar="NAME", 
-        help="A data set (fashion-mnist, mnist, kmnist, ...): describe it (counts per split and class, size, channels, "
-             "mean/std, where its files are). Without it: find and check Fashion-MNIST.", show_default=False)] = None,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", "--root", help="Folder with the data set's files.")] = None,
+    name: Annotated[Optional[str], typer.Argument(metavar="NAME",
+        help="A data set (fashion-mnist, mnist, kmnist, ...): describe it as a run reads it (images per class in the "
+             "train, val and test splits a run makes, size, channels, the mean/std a run normalises with, where its "
+             "files are). Without it: list every data set, found or missing and where cnnlab looked, and check those "
+             "found.", show_default=False)] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", "--root", help="Folder with the data set's files "
+                                                     "(without NAME: look for every data set there alone).")] = None,
     download: DownloadOption = False,
     verify: Annotated[bool, typer.Option("--verify", help="Also compare the files' checksums with the known ones.")] = False,
     set_: SetOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Describe a data set, or find the Fashion-MNIST files and check them (exit 2 if missing)."""
+    """Describe a data set, or list every data set cnnlab knows: where it looked, what it found (checked), how to
+    get the others. Exit 2 if the data set a run reads by default (data.name) is missing, or a file found is bad."""
     with cli_errors(debug):
         from cnnlab.config import load_config
-        from cnnlab.data import data_set
 
         options = {"data.name": name, "data.root": data_dir, "data.download": download or None}
-        cfg = load_config(None, set_, {key: value for key, value in options.items() if value is not None}).data
+        config = load_config(None, set_, {key: value for key, value in options.items() if value is not None})
+        cfg = config.data
         if name is not None:
-            describe_data(cfg)
-        if name is None or verify:  # the files found and checked: all the command said before it took a name
-            for line in data_set(cfg.name).check(cfg.root, cfg.download, verify, check_counts=cfg.check_counts):
-                out.print(line)
+            describe_data(cfg, config.seed)
+            if verify:
+                check_data(cfg.name, cfg, verify)
+            return
+        list_data(cfg, verify)
 
 
-def describe_data(cfg) -> None:
-    """What ``cnnlab data NAME`` prints of a ``DataConfig``: the description, folder and cache, images per split and class."""
+def check_data(name: str, cfg, verify: bool, download: bool = False) -> None:
+    """The lines of a data set's check of its files (where they are, what each split holds, with ``verify`` their
+    checksums)."""
+    from cnnlab.data import data_set
+
+    for line in data_set(name).check(cfg.root, download, verify, check_counts=cfg.check_counts):
+        out.print(literal(line))
+
+
+def list_data(cfg, verify: bool) -> None:
+    """``cnnlab data``: every data set with where it was looked for, then the check of each one found and of the one
+    a run reads (``data.name``; downloaded with ``data.download``); a check that fails is said and makes it exit 2."""
+    from cnnlab.data.overview import survey
+
+    listed = survey(cfg.root)
+    width = max(len(entry.name) for entry in listed) + 2
+    where = f"in {cfg.root} alone (--data-dir)" if cfg.root is not None else "in their usual places"
+    out.print(literal(f"data sets (data.name), looked for {where}:"))
+    for entry in listed:
+        out.print(literal(f"{entry.name:<{width}}{entry.text()}"))
+    failed = 0
+    for entry in listed:
+        if entry.name == cfg.name or (entry.where is not None and entry.where.found is not None):
+            try:
+                check_data(entry.name, cfg, verify, download=cfg.download and entry.name == cfg.name)
+            except UserError as error:
+                say_error("error", str(error), 2)
+                failed += 1
+    if failed:
+        raise typer.Exit(2)
+
+
+def describe_data(cfg, seed: int) -> None:
+    """What ``cnnlab data NAME`` prints of a ``DataConfig``: the description, folder and cache, the statistics a run
+    normalises with, images per class in the splits a run with ``seed`` makes."""
     from cnnlab.data.overview import overview
 
-    view = overview(cfg)
+    view = overview(cfg, seed)
     spec = view.spec
     out.print(Text.assemble(literal(spec.title), f" ({spec.name}): {spec.num_classes} classes, {spec.shape_text} "
                             "(channels x height x width)"))
@@ -854,12 +892,23 @@ def describe_data(cfg) -> None:
     if view.cache is not None:
         out.print(Text.assemble("cache: ", literal(view.cache)))
     channels = ", ".join(f"{m:.4f} / {s:.4f}" for m, s in zip(spec.mean, spec.std))
-    out.print(f"mean / std per channel (training split, pixels in [0, 1]): {channels}")
-    table = Table("label", "class", "train", "test", box=None, header_style="bold")
+    instead = {False: " (with data.normalize: false a run leaves them as they are)",
+               "weights": " (with data.normalize: weights a run uses its weights' instead)"}.get(cfg.normalize, "")
+    out.print(f"mean / std per channel (of the training split a run normalises with{instead}; pixels in [0, 1]): "
+              f"{channels}")
+    splits = list(view.counts)
+    table = Table("label", "class", *splits, box=None, header_style="bold")
     for label, class_name in enumerate(spec.classes):
-        table.add_row(str(label), cell(class_name), f"{view.counts['train'][label]:,}", f"{view.counts['test'][label]:,}")
-    table.add_row("", "all", f"{view.total('train'):,}", f"{view.total('test'):,}")
+        table.add_row(str(label), cell(class_name), *(f"{view.counts[split][label]:,}" for split in splits))
+    table.add_row("", "all", *(f"{view.total(split):,}" for split in splits))
     out.print(table)
+    if view.val_problem is not None:
+        out.print(literal(f"no validation split: a run would stop here ({view.val_problem})"))
+    elif "val" in view.counts:
+        out.print(literal(f"the splits a run makes: the validation split held out of the training images by "
+                          f"data.val_size {cfg.val_size} (stratified), drawn by seed {seed}"))
+    else:
+        out.print("no validation split (data.val_size 0): a run evaluates on the test split every epoch")
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cnnlab.data.places import Whereabouts
 from cnnlab.data.spec import DataSpec
 from cnnlab.data.splits import Split
 from cnnlab.errors import UserError
@@ -95,6 +96,20 @@ def locate(dist: Distribution, root: Path | None) -> tuple[Path, str] | None:
             if all((candidate / name).is_file() for names in split_files(dist, kind).values() for name in names):
                 return candidate, kind
     return None
+
+
+def where(dist: Distribution, root: Path | None) -> Whereabouts:
+    """Each folder searched with what it holds (either distribution, directly or in its own folder), and the
+    folder holding every split file of one distribution (``locate``), if one does."""
+    found = locate(dist, root)
+    looked = []
+    for folder in search_dirs(dist, root):
+        kinds = [kind for candidate, kind in layouts(dist, folder) if all(
+            (candidate / name).is_file() for names in split_files(dist, kind).values() for name in names)]
+        looked.append((folder, "does not exist" if not folder.exists() else
+                       f"holds the {kinds[0]} distribution" if kinds else
+                       f"holds neither {dist.binary_dir}/ nor {dist.python_dir}/'s files"))
+    return Whereabouts(found[0] if found is not None else None, tuple(looked))
 
 
 def find(dist: Distribution, root: Path | None, download: bool) -> tuple[Path, str]:

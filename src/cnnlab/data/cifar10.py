@@ -35,3 +35,4 @@ DISTRIBUTION = cifar.Distribution(
 describe = partial(cifar.describe, DISTRIBUTION)
 read_splits = partial(cifar.read_splits, DISTRIBUTION)
 check = partial(cifar.check, DISTRIBUTION)
+where = partial(cifar.where, DISTRIBUTION)

@@ -13,7 +13,7 @@ from pathlib import Path
 from cnnlab.data.idx import FILES, Checksum, IdxSet, read_bytes
 
 __all__ = ["FILES", "NAME", "SET", "SPEC", "cache_state", "check", "describe", "find_data_dir", "find_file", "read_bytes",
-           "read_idx", "read_split", "read_splits"]
+           "read_idx", "read_split", "read_splits", "where"]
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 # SHA-256 of the decompressed files (identical for Debian's and upstream's copies; their .gz differ).
@@ -34,5 +34,5 @@ SET = IdxSet(
 )
 
 NAME, SPEC = SET.name, SET.spec
-describe, read_splits, check, cache_state = SET.describe, SET.read_splits, SET.check, SET.cache_state
+describe, read_splits, check, cache_state, where = SET.describe, SET.read_splits, SET.check, SET.cache_state, SET.where
 find_data_dir, find_file, read_idx, read_split = SET.find_data_dir, SET.find_file, SET.read_idx, SET.read_split

@@ -6,7 +6,7 @@ counts, checksums, where a copy may already be, torchvision's name for it); ever
 once: finding the files in the usual places, downloading them through torchvision only when asked to,
 reading and validating them (magic number, image size, length, labels; a bad file is named: the header is
 read first, then only the bytes it declares and one more, so a gzip bomb is never inflated), and the
-module interface the registry expects (``describe``, ``read_splits``, ``check``, ``SPEC``), which each
+module interface the registry expects (``describe``, ``read_splits``, ``check``, ``where``, ``SPEC``), which each
 data set's own module takes from its ``IdxSet``.
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from cnnlab.data.bounded import fits_memory, read_declared
+from cnnlab.data.places import Whereabouts
 from cnnlab.data.spec import DataSpec
 from cnnlab.data.splits import Split
 from cnnlab.errors import UserError
@@ -114,19 +115,23 @@ class IdxSet:
     def holds_files(self, folder: Path) -> bool:
         return all(self.find_file(folder, stem) for stem in STEMS)
 
+    def where(self, root: Path | None = None) -> Whereabouts:
+        """Each folder searched (``search_dirs``) with what it holds, and the first holding all four files."""
+        looked = []
+        for folder in self.search_dirs(root):
+            missing = [stem for stem in STEMS if not self.find_file(folder, stem)]
+            looked.append((folder, "does not exist" if not folder.exists() else
+                           f"lacks {', '.join(missing)}" if missing else "holds the files"))
+        return Whereabouts(next((folder for folder, state in looked if state == "holds the files"), None), tuple(looked))
+
     def find_data_dir(self, root: Path | None = None, download: bool = False) -> Path:
         """The first folder holding all four files; downloads (into ``root``, else the cache) only when asked to."""
-        searched = self.search_dirs(root)
-        for folder in searched:
-            if self.holds_files(folder):
-                return folder
+        looked = self.where(root)
+        if looked.found is not None:
+            return looked.found
         if download:
-            return self.download(searched[0] if root is not None else self.cache_dir)
-        lines = []
-        for folder in searched:
-            missing = [stem for stem in STEMS if not self.find_file(folder, stem)]
-            state = "does not exist" if not folder.exists() else f"lacks {', '.join(missing)}"
-            lines.append(f"  {folder}: {state}")
+            return self.download(looked.looked[0][0] if root is not None else self.cache_dir)
+        lines = [f"  {folder}: {state}" for folder, state in looked.looked]
         raise UserError(f"{self.title} not found. Searched:\n" + "\n".join(lines) + f"\n{self.how_to_get}.")
 
     def download(self, folder: Path) -> Path:

@@ -27,4 +27,4 @@ SET = IdxSet(
 )
 
 NAME, SPEC = SET.name, SET.spec
-describe, read_splits, check, cache_state = SET.describe, SET.read_splits, SET.check, SET.cache_state
+describe, read_splits, check, cache_state, where = SET.describe, SET.read_splits, SET.check, SET.cache_state, SET.where

@@ -241,13 +241,11 @@ def held_out(val_size: int | float, total: int) -> int:
     return count
 
 
-def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False) -> Data:
-    """Read, validate and split the data set described by a ``DataConfig``, onto ``device``."""
+def read_data(cfg) -> tuple[DataSpec, Path, Split, Split, Split | None]:
+    """(its description, in the channels and size asked for, without statistics; its folder; the training split;
+    the test split; the validation split its files hold, or None) of the data set a ``DataConfig`` names: read,
+    validated and converted as ``data.image_size`` and ``data.channels`` ask, not yet split for validation."""
     source = data_set(getattr(cfg, "name", DEFAULT))
-    asked = getattr(cfg, "placement", "auto")
-    if asked == "mapped" and not getattr(source, "MAPPABLE", False):
-        raise UserError(f"data.placement: mapped maps a data set's cache file, and data.name: {source.NAME} has none "
-                        "(data.name: folder has one); use auto, device or host")
     # A data set whose files hold a validation split (a folder's val/) gives it last.
     described, root, train, test, *given_val = read(source, cfg)
     wanted = shaped(described, cfg)  # as data.image_size and data.channels ask
@@ -258,15 +256,39 @@ def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False)
     if wanted.input_shape != described.input_shape:  # (a mapped set is cached as asked, so never converted here)
         train, test, *given_val = (Split(converted(split.images, wanted), split.labels, split.skipped)
                                    for split in (train, test, *given_val))
-    val_size = 0 if given_val else held_out(cfg.val_size, len(train))
-    val, skipped = None, train.skipped
-    if cfg.val_size and given_val:
-        val = given_val[0]
-    elif val_size:
-        train_idx, val_idx = stratified_split(train.labels, val_size, seed)
-        train, val = train.subset(train_idx), train.subset(val_idx)
+    return wanted, root, train, test, (given_val[0] if given_val else None)
+
+
+def validation_split(cfg, train: Split, given_val: Split | None, seed: int) -> tuple[Split, Split | None]:
+    """(training split, validation split or None) as a run makes them: the set's own validation split when it has
+    one (``data.val_size: 0`` still means none), else ``data.val_size`` of the training images, stratified and
+    drawn by ``seed`` (``held_out``: a size that cannot be held out is a ``UserError``)."""
+    if given_val is not None:
+        return train, given_val if cfg.val_size else None
+    count = held_out(cfg.val_size, len(train))
+    if not count:
+        return train, None
+    train_idx, val_idx = stratified_split(train.labels, count, seed)
+    return train.subset(train_idx), train.subset(val_idx)
+
+
+def with_statistics(wanted: DataSpec, root: Path, train: Split) -> DataSpec:
+    """The description a run records and normalises with: the training split's per-channel mean and std, its folder."""
     mean, std = channel_stats(train)
-    spec = DataSpec(**{**wanted.model_dump(), "mean": mean, "std": std, "source": str(root)})
+    return DataSpec(**{**wanted.model_dump(), "mean": mean, "std": std, "source": str(root)})
+
+
+def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False) -> Data:
+    """Read, validate and split the data set described by a ``DataConfig``, onto ``device``."""
+    source = data_set(getattr(cfg, "name", DEFAULT))
+    asked = getattr(cfg, "placement", "auto")
+    if asked == "mapped" and not getattr(source, "MAPPABLE", False):
+        raise UserError(f"data.placement: mapped maps a data set's cache file, and data.name: {source.NAME} has none "
+                        "(data.name: folder has one); use auto, device or host")
+    wanted, root, train, test, given_val = read_data(cfg)
+    skipped = train.skipped
+    train, val = validation_split(cfg, train, given_val, seed)
+    spec = with_statistics(wanted, root, train)
     splits = [s for s in (train, val, test) if s is not None]
     nbytes = sum(len(s) * s.images[:1].nbytes for s in splits)
     where = choose(nbytes, device, asked, mapped=train.mapped)

@@ -15,6 +15,10 @@ The data sets cnnlab knows, by the name ``data.name`` gives them. Each is one mo
   ``check_counts`` is ``data.check_counts``: whether a set with known image counts holds them);
 - optionally ``cache_state() -> str``, for a data set kept in a cache: where, and what it holds
   (``cnnlab data NAME`` prints it);
+- optionally ``where(root) -> places.Whereabouts``, for a data set searched for in places: each folder it looks
+  in with what that holds, and the one holding the set, without reading a file (``cnnlab data`` lists it for
+  every set). A set without it is the user's own files, wherever ``data.root`` says (its module's ``LAYOUT``,
+  when it has one, says what they hold);
 - optionally ``MAPPABLE = True``, for a data set kept in a cache file that ``read`` can leave memory-mapped
   (``Split.mapped``) when ``data.placement`` asks for it or the set is larger than memory;
 - and, for a data set whose description is fixed whatever the files (Fashion-MNIST's classes are), ``SPEC``:
@@ -29,10 +33,11 @@ from typing import Any
 
 from cnnlab.data import cifar10, cifar100, fashion_mnist, folder, kmnist, mnist, npz
 from cnnlab.data.convert import shaped
+from cnnlab.data.places import Whereabouts
 from cnnlab.data.spec import DEFAULT, DataSpec
 from cnnlab.errors import UserError
 
-__all__ = ["DATA_SETS", "DEFAULT", "data_set", "describe", "described"]
+__all__ = ["DATA_SETS", "DEFAULT", "data_set", "describe", "described", "whereabouts"]
 DATA_SETS: dict[str, ModuleType] = {module.NAME: module for module in (fashion_mnist, mnist, kmnist, cifar10, cifar100, folder,
                                                                        npz)}
 
@@ -48,6 +53,13 @@ def describe(cfg: Any) -> DataSpec:
     """What the data a ``DataConfig`` names is (no pixel statistics, no source), without decoding any image:
     as its files hold it, in the channels and size the config asks for (``data.channels``, ``data.image_size``)."""
     return shaped(data_set(getattr(cfg, "name", DEFAULT)).describe(cfg), cfg)
+
+
+def whereabouts(name: str, root: Any = None) -> Whereabouts | None:
+    """Where the data set called ``name`` was looked for and found (``root`` alone, when given); None for a set
+    that is the user's own files, not searched for (``where`` in the module interface above)."""
+    where = getattr(data_set(name), "where", None)
+    return where(root) if where is not None else None
 
 
 def described(name: str = DEFAULT) -> DataSpec:
