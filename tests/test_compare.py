@@ -335,3 +335,18 @@ def test_the_tables_lead_with_each_runs_headline_and_name_it_where_runs_differ(t
     assert shown.exit_code == 0, shown.output
     assert shown.output.splitlines()[0].split()[:4] == ["variant", "seeds", "epochs", "headline"]
     assert "0.930 (ema TTA)" in shown.output
+
+
+def test_a_variant_of_another_model_is_labelled_by_the_keys_the_user_changed():
+    # Another model has other options: their defaults (and the first model's options it lacks) are not differences
+    # anyone made, so they stay out of the label (it listed a dozen `=null` keys).
+    from cnnlab.config import load_config
+    from cnnlab.identity import experiment_key, variant_labels
+
+    def key(*settings):
+        return experiment_key(load_config(str(CONFIGS / "lenet.yaml"), list(settings)).to_dict())
+
+    assert variant_labels("lenet", [key(), key("model.name=resnet9"), key("model.name=resnet9", "model.width=16"),
+                                    key("optim.lr=0.5"), key("model.kernel_size=3")]) == [
+        "lenet", "lenet[model.name=resnet9]", "lenet[model.name=resnet9,model.width=16]", "lenet[optim.lr=0.5]",
+        "lenet[model.kernel_size=3]"]

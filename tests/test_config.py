@@ -61,7 +61,8 @@ def test_shipped_configs_all_validate():
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(CONFIGS / "lenet_relu.yaml", ["train.epochs=3"])
     saved = write(tmp_path / "config.yaml", dump_config(cfg))
-    assert load_config(saved) == cfg
+    # the same config, as written (the reloaded one gives the builder's defaults the file spells out)
+    assert dump_config(load_config(saved)) == dump_config(cfg)
 
 
 @pytest.mark.parametrize(
@@ -123,3 +124,30 @@ def test_a_value_set_on_a_loaded_config_is_validated():
     assert with_values(cfg, {"train.device": "cuda:1"}, "trial").train.device == "cuda:1"
     with pytest.raises(UserError, match="trial: invalid config:\n  train.device: must be one of"):
         with_values(cfg, {"train.device": "gpu1"}, "trial")
+
+
+def test_print_config_and_the_run_folder_spell_out_the_model_builders_defaults(tiny_overrides):
+    # --print-config promises every default filled in: the builder's options too, but not image_size, which a run
+    # takes from its data where the config leaves it out. A run folder written before (without them) is still the
+    # same experiment.
+    import yaml
+    from typer.testing import CliRunner
+
+    from cnnlab.cli import app
+    from cnnlab.engine import fit
+    from cnnlab.runs import runs_of
+
+    printed = CliRunner().invoke(app, ["run", "configs/lenet.yaml", "--print-config"])
+    assert printed.exit_code == 0, printed.output
+    model = yaml.safe_load(printed.stdout)["model"]
+    assert model["kernel_size"] == 5 and model["channels"] == [6, 16] and model["hidden"] == [120, 84]
+    assert "padding" in model and "dropout" in model and "batch_norm" in model and "image_size" not in model
+
+    cfg = load_config(None, [*tiny_overrides, "train.epochs=1"])
+    run = Path(fit(cfg, quiet=True)["run_dir"])
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert written["model"]["kernel_size"] == 5
+    for option in ("kernel_size", "channels", "hidden", "padding", "dropout", "batch_norm", "activation", "pool"):
+        written["model"].pop(option, None)  # as cnnlab wrote config.yaml before
+    (run / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
+    assert [found for found, _, _ in runs_of(cfg)] == [run]

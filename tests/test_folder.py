@@ -402,3 +402,28 @@ def test_a_file_changed_between_its_hash_and_its_decoding_leaves_no_cache(tmp_pa
     monkeypatch.setattr(folder, "file_digests", real)
     assert torch.equal(folder_data(root, tmp_path).train.images, data.train.images)
     assert "decoded 10 images" in capsys.readouterr().err and len(list(cache_here.rglob("*.npz"))) == 1
+
+
+def test_class_folders_whose_names_only_look_alike_are_told_apart_in_words(tmp_path):
+    # "Café" spelled in NFC in train/ and in NFD in test/: one class to the eye, two strings to the file system.
+    import unicodedata
+
+    from typer.testing import CliRunner
+
+    from cnnlab.cli import app
+
+    nfc, nfd = unicodedata.normalize("NFC", "Café"), unicodedata.normalize("NFD", "Café")
+    pixels = np.zeros((4, 4), dtype=np.uint8)
+    for split, names in (("train", (nfc, "tea")), ("test", (nfd, "tea"))):
+        for name in names:
+            (tmp_path / "d" / split / name).mkdir(parents=True)
+            Image.fromarray(pixels).save(tmp_path / "d" / split / name / "0.png")
+    said = CliRunner().invoke(app, ["data", "folder", "--data-dir", str(tmp_path / "d")])
+    assert said.exit_code == 2, said.output
+    assert "is not train/'s 'Café': they differ only in Unicode normalisation" in said.output
+
+    (tmp_path / "d" / "train" / nfd).mkdir()  # both spellings in train/: two classes that look the same
+    Image.fromarray(pixels).save(tmp_path / "d" / "train" / nfd / "0.png")
+    said = CliRunner().invoke(app, ["data", "folder", "--data-dir", str(tmp_path / "d")])
+    assert said.exit_code == 2, said.output
+    assert "look the same but they differ only in Unicode normalisation" in said.output

@@ -130,3 +130,27 @@ def test_predict_and_eval_name_the_run_and_weights_they_used(trained):
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0] == (f"run {run_dir}: the weights of epoch {used['epoch']} of 3 (best checkpoint); "
                                              f"its test acc {summary['test_acc']:.4f}")
+
+
+def test_a_command_that_picks_the_run_takes_your_own_newest_run_over_a_sweeps_trial_and_names_it(trained, tmp_path):
+    import shutil
+
+    run_dir, summary = trained
+    own = tmp_path / "results" / "lenet" / "own"
+    shutil.copytree(run_dir, own)
+    trial = tmp_path / "results" / "sweeps" / "short" / "runs" / "lenet" / "trial"
+    shutil.copytree(run_dir, trial)
+    recorded = json.loads((trial / "summary.json").read_text())
+    (trial / "summary.json").write_text(json.dumps({**recorded, "finished": "2999-01-01T00:00:00Z"}))  # the newest
+    (trial.parents[2] / "20261208T000000Z").mkdir()
+    (trial.parents[2] / "20261208T000000Z" / "trials.json").write_text("[]")
+    runner = CliRunner()
+    results = str(tmp_path / "results")
+    for command in (["predict", "--image", "0", "--results", results], ["eval", "--results", results],
+                    ["visualize", "--results", results, "--layer", "0"]):
+        said = runner.invoke(app, command)
+        assert said.exit_code == 0, said.output
+        assert said.stdout.splitlines()[0].startswith(f"run {own}: the weights of epoch "), command
+    named = runner.invoke(app, ["predict", "--image", "0", "--json", str(trial.parents[2])])  # a sweep named: its trial
+    assert named.exit_code == 0, named.output
+    assert json.loads(named.stdout)[0]["model"]["run"] == str(trial)

@@ -671,7 +671,7 @@ def visualize(
             grid = Table("layer", "module", "output shape", box=None, header_style="bold")
             for row in layer_rows(opened.model, opened.spec.input_shape):
                 grid.add_row(*map(literal, row))
-            out.print(f"{run_dir}")
+            out.print(literal(opened.used_line()))
             out.print(grid)
             return
         if filters and cam:
@@ -680,6 +680,7 @@ def visualize(
 
         picture = draw(run_dir, layer, image=image, class_name=class_name, split=split, out=out_file,
                        mode="filters" if filters else "cam" if cam else "maps", trust_code=trust_code)
+        out.print(literal(picture.used))
         out.print(f"{split} image {picture.image_index} ({one_line(picture.true_label)}, predicted "
                   f"{one_line(picture.predicted_label)}), "
                   f"layer {picture.layer}: {picture.tiles or 'heat map'}{' tiles' if picture.tiles else ''}")

@@ -600,4 +600,9 @@ def absolute_paths(cfg: Config, cwd: Path) -> Config:
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The resolved config as YAML, every default filled in: the model builder's options too (for a registered model)."""
+    from cnnlab.models.registry import option_defaults
+
+    data = cfg.to_dict()
+    data["model"] = {**data["model"], **{k: v for k, v in option_defaults(cfg.model.name).items() if k not in data["model"]}}
+    return yaml.safe_dump(data, sort_keys=False)

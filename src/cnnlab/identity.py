@@ -57,13 +57,9 @@ def _default_keys() -> dict[str, Any]:
 def _model_defaults(name: Any) -> dict[str, Any]:
     """A built-in model's option defaults (config.yaml holds only the options that were given).
     Only names in the registry are looked up: nothing named by a file is imported."""
-    from cnnlab.models import registry
+    from cnnlab.models.registry import option_defaults
 
-    if not isinstance(name, str) or name not in registry.list_models():
-        return {}
-    fields = registry.get_entry(name).options.model_fields
-    defaults = {f"model.{k}": f.get_default(call_default_factory=True) for k, f in fields.items() if not f.is_required()}
-    return json.loads(json.dumps(defaults, default=str))  # tuples as lists, as config.yaml holds them
+    return {f"model.{k}": v for k, v in option_defaults(name, from_data=True).items()}
 
 
 def experiment_key(config: dict[str, Any], summary: Any = None) -> ExperimentKey:
@@ -115,9 +111,17 @@ def variant_labels(name: str, keys: list[ExperimentKey | None]) -> list[str]:
         elif reference is None:
             labels.append(f"{name}[{fingerprint(key)}]")
         else:
-            differing = sorted(k for k in set(key) | set(reference) if key.get(k, _MISSING) != reference.get(k, _MISSING))
-            labels.append(name + "[" + ",".join(f"{k}={_value_text(key.get(k))}" for k in differing) + "]")
+            labels.append(name + "[" + ",".join(f"{k}={_value_text(key.get(k))}" for k in _differing(key, reference)) + "]")
     return labels
 
 
 _MISSING = object()
+
+
+def _differing(key: ExperimentKey, reference: ExperimentKey) -> list[str]:
+    """The keys that set ``key`` apart from ``reference``, as a label names them: those it sets otherwise, and of
+    those only it has (another model's options) the ones set to other than their model's default; only where that
+    leaves none, the keys only the reference has (an option left out, which then shows as null)."""
+    defaults = _model_defaults(key.get("model.name"))
+    own = sorted(k for k in key if (key[k] != reference[k] if k in reference else key[k] != defaults.get(k, None)))
+    return own or sorted(k for k in set(key) ^ set(reference) if k in reference)

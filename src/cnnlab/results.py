@@ -835,7 +835,8 @@ def pick_run(target: Path | None, results_root: Path = Path("results"), *, unfin
     if not folder.is_dir():
         raise UserError(f"{folder}: no such run folder" if target is not None else
                         f"no {folder}/ folder here: run this where your results are, pass --results DIR, or name a run folder")
-    found = newest_run(folder, RESUMABLE if unfinished else ("completed",), "last.pt" if unfinished else "best.pt")
+    found = newest_run(folder, RESUMABLE if unfinished else ("completed",), "last.pt" if unfinished else "best.pt",
+                       own_first=target is None)
     if found is not None:
         return found
     if unfinished:
@@ -845,10 +846,18 @@ def pick_run(target: Path | None, results_root: Path = Path("results"), *, unfin
                     "(or `make run`), or name a run folder")
 
 
-def newest_run(folder: Path, states: tuple[str, ...], checkpoint: str) -> Path | None:
+def is_trial(run_dir: Path) -> bool:
+    """Whether a run folder is a trial of a sweep or tune: ``<sweep>/runs/<name>/<run id>``, with the sweep's
+    ``<sweep>/<time>/trials.json`` beside its ``runs/``."""
+    runs = Path(run_dir).parent.parent
+    return runs.name == "runs" and any(runs.parent.glob("*/trials.json"))
+
+
+def newest_run(folder: Path, states: tuple[str, ...], checkpoint: str, *, own_first: bool = False) -> Path | None:
     """The run under ``folder`` in one of ``states`` (``run_state``'s) with ``checkpoints/<checkpoint>`` that
     finished (or else started) last; runs whose summary cannot be read are passed over, as someone else's
-    broken run must not hide the good ones."""
+    broken run must not hide the good ones. With ``own_first``, a sweep's or tune's trials (``is_trial``: often a
+    short run of one grid point) only where there is no other run."""
     found = []
     for path in Path(folder).rglob("summary.json"):
         if any(part.startswith(".incoming-") for part in path.parts):  # a shipped folder being unpacked
@@ -858,5 +867,6 @@ def newest_run(folder: Path, states: tuple[str, ...], checkpoint: str) -> Path |
         except UserError:
             continue
         if run_state(path.parent, summary) in states and (path.parent / "checkpoints" / checkpoint).is_file():
-            found.append((summary.finished or summary.started or "", str(path.parent)))
-    return Path(max(found)[1]) if found else None
+            found.append((not (own_first and is_trial(path.parent)), summary.finished or summary.started or "",
+                          str(path.parent)))
+    return Path(max(found)[2]) if found else None

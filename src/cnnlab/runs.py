@@ -21,6 +21,7 @@ from torch import nn
 from cnnlab.config import Config, deep_merge, read_yaml, validate
 from cnnlab.data import Data, DataSpec, described, load_data
 from cnnlab.errors import UserError, hushed, warn
+from cnnlab.models.registry import option_defaults
 from cnnlab.results import (
     Checkpoint,
     RunSummary,
@@ -226,6 +227,9 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     defaults = Config().to_dict()  # merged at every depth: a key added inside data.augment is missing there
     config = {k: deep_merge(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
               for k, v in config.items()}
+    model = config.get("model")
+    if isinstance(model, dict):  # a registered model's options, whether its config.yaml spelled out their defaults
+        config["model"] = {**option_defaults(model.get("name")), **model}
     for section, key in PLACEMENT_KEYS:
         if isinstance(config.get(section), dict):
             config[section].pop(key, None)

@@ -33,6 +33,7 @@ class Picture:
     image_index: int
     true_label: str
     predicted_label: str
+    used: str = ""  # the run, checkpoint and weights drawn, in words (OpenedRun.used_line)
 
 
 def resolve_layer(model: nn.Module, spec: str) -> tuple[str, nn.Module]:
@@ -245,4 +246,4 @@ def visualize(
             axis.set_yticks([])
         fig.suptitle(title, fontsize=10)
     save_figure(fig, out, tight=False)
-    return Picture(out, len(tiles), layer, index, classes[truth], classes[predicted])
+    return Picture(out, len(tiles), layer, index, classes[truth], classes[predicted], opened.used_line())

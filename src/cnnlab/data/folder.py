@@ -50,7 +50,7 @@ from cnnlab.data.placement import keep_mapped
 from cnnlab.data.spec import DataSpec
 from cnnlab.data.splits import Split, stratified_split
 from cnnlab.errors import UserError, say
-from cnnlab.safetext import printable
+from cnnlab.safetext import how_names_differ, look_alike, one_line, printable
 
 NAME = "folder"
 MAPPABLE = True  # its cache file can be memory-mapped (data.placement: mapped)
@@ -154,6 +154,11 @@ def scan(root: Path | None) -> Layout:
     classes = tuple(folder.name for folder in folders)
     if len(classes) == 1:
         raise UserError(f"{where}/train: only one class ({printable(classes[0])}); a classifier needs two or more class folders")
+    alike = look_alike(classes)
+    if alike is not None:  # two folders whose names look the same: two classes no table or plot could tell apart
+        first, second = (classes[i] for i in alike)
+        raise UserError(f"{where}/train: class folders {one_line(first)!r} and {one_line(second)!r} look the same but "
+                        f"{how_names_differ(first, second)}; merge them or rename one")
     splits = {}
     for split in SPLITS:
         if split == "train" or (root / split).is_dir():
@@ -169,8 +174,12 @@ def split_pictures(root: Path, split: str, classes: tuple[str, ...]) -> list[Pic
         raise UserError(f"{printable(str(root / split))}: no class folders, so no pictures; {LAYOUT}")
     for folder in folders:
         if folder.name not in classes:
-            raise UserError(f"{printable(str(folder))}: class {printable(folder.name)!r} is not in train/ (whose classes are "
-                            f"{printable(', '.join(classes))}); rename or remove the folder")
+            twin = next((name for name in classes if look_alike((name, folder.name))), None)
+            if twin is not None:  # the same name to the eye, another string: say how, or the message shows it twice
+                raise UserError(f"{printable(str(folder))}: class {one_line(folder.name)!r} is not train/'s {one_line(twin)!r}: "
+                                f"{how_names_differ(folder.name, twin)}; rename the folder to match train/'s")
+            raise UserError(f"{printable(str(folder))}: class {one_line(folder.name)!r} is not in train/ (whose classes are "
+                            f"{one_line(', '.join(classes))}); rename or remove the folder")
         before = len(found)
         above = tuple((info.st_dev, info.st_ino) for info in (root.stat(), (root / split).stat(), folder.stat()))
         label = classes.index(folder.name)

@@ -13,6 +13,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import json
 import os
 import sys
 import typing
@@ -139,6 +140,22 @@ def _library_entry(name: str) -> ModelEntry:
         return ModelEntry(name, library_builder(name))
     except LibraryModelError as err:
         raise ModelArgumentError(str(err)) from None
+
+
+FROM_DATA = ("image_size", "img_size")  # options cnnlab sets from the data where a config leaves them out (build.py)
+
+
+def option_defaults(name: Any, *, from_data: bool = False) -> dict[str, Any]:
+    """A registered model's options with defaults, as plain YAML/JSON values (tuples as lists); {} for a name the
+    registry does not hold (a library model, a Python one: nothing named by a file is imported). The options the
+    data sets where a config leaves them out (``FROM_DATA``) only with ``from_data``: their defaults are not what
+    a run uses."""
+    if not isinstance(name, str) or name not in list_models():
+        return {}
+    fields = get_entry(name).options.model_fields
+    defaults = {k: f.get_default(call_default_factory=True) for k, f in fields.items()
+                if not f.is_required() and (from_data or k not in FROM_DATA)}
+    return json.loads(json.dumps(defaults, default=str))
 
 
 def validate_model_args(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
