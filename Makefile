@@ -1,4 +1,5 @@
-# make run   - set everything up, then train the default experiment (configs/lenet.yaml)
+# make run   - set everything up, then train the default experiment (configs/lenet.yaml); ARGS="--threads 1"
+#              passes options on to cnnlab run, CONFIG=configs/... trains another experiment
 # make test  - set everything up, then run the test suite
 # Set-up: a virtual environment in .venv with pinned torch/torchvision and cnnlab installed
 # editable (`make run`: what running needs; `make test`: the test extras too, Ray, MLflow,
@@ -14,7 +15,7 @@ CONFIG ?= configs/lenet.yaml
 .PHONY: run test data browser install bench clean help
 
 run: data
-	$(BIN)/cnnlab run $(CONFIG)
+	$(BIN)/cnnlab run $(CONFIG) $(ARGS)
 
 test: $(TEST_STAMP) data browser
 	$(BIN)/ruff check src tests scripts
@@ -49,4 +50,4 @@ clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
 
 help:
-	@sed -n '1,2p' Makefile
+	@sed -n '1,3p' Makefile

@@ -198,6 +198,67 @@ def test_data_name_says_when_a_run_could_not_hold_out_the_validation_split(tiny_
     assert "data.val_size: 5,000 leaves no training images" in result.output
 
 
+TRAINING_COMMANDS = ["run", "sweep", "tune", "resume"]
+
+
+@pytest.mark.parametrize("command", TRAINING_COMMANDS)
+def test_every_command_that_trains_takes_the_shared_run_options(command):
+    said = " ".join(invoke(command, "--help").output.split())
+    for option in ("--epochs", "--threads N|auto|fastest", "--device", "--data-dir"):
+        assert option in said, (command, option)
+
+
+def yaml_documents(output: str) -> list[dict]:
+    import yaml
+
+    return [doc for doc in yaml.safe_load_all(output) if doc]
+
+
+def test_sweep_takes_the_run_options_for_every_trial(tiny_data, tmp_path):
+    result = invoke("sweep", CONFIGS / "lenet_relu.yaml", "--set", "optim.lr=0.1,0.2", "--epochs", "3", "--threads", "1",
+                    "--device", "cpu", "--data-dir", tiny_data, "--results", tmp_path / "r", "--print-config")
+    assert result.exit_code == 0, result.output
+    trials = yaml_documents(result.output)
+    assert len(trials) == 2 and [t["optim"]["lr"] for t in trials] == [0.1, 0.2]
+    for trial in trials:
+        assert (trial["train"]["epochs"], trial["train"]["threads"], trial["train"]["device"]) == (3, 1, "cpu")
+        assert trial["data"]["root"] == str(tiny_data)
+
+
+def test_a_sweep_option_and_a_grid_axis_of_the_same_key_is_exit_2(tmp_path):
+    result = invoke("sweep", CONFIGS / "lenet_relu.yaml", "--set", "train.epochs=1,2", "--epochs", "3", "--print-config")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    said = " ".join(result.output.split())
+    assert "train.epochs" in said and "--epochs" in said and "leave out one" in said
+
+
+def test_tune_takes_the_run_options_for_every_trial(tiny_data):
+    result = invoke("tune", CONFIGS / "tune" / "lenet_relu.yaml", "--epochs", "2", "--threads", "1", "--device", "cpu",
+                    "--data-dir", tiny_data, "--print-config")
+    assert result.exit_code == 0, result.output
+    [base] = yaml_documents(result.output)
+    assert (base["train"]["epochs"], base["train"]["threads"], base["train"]["device"]) == (2, 1, "cpu")
+    assert base["data"]["root"] == str(tiny_data)
+
+
+def test_resume_takes_threads_and_records_the_change(tiny_overrides):
+    import json
+
+    from cnnlab.config import load_config
+    from cnnlab.engine import fit
+
+    run = Path(fit(load_config(None, [*tiny_overrides, "train.epochs=1"]), quiet=True)["run_dir"])
+    result = invoke("resume", run, "--epochs", "2", "--threads", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "train.threads auto -> 1" in result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["threads"] == 1
+    assert {"key": "train.threads", "old": "auto", "new": 1, "epoch": 2} in summary["resumes"][-1]["changes"]
+    assert "threads: 1" in (run / "config.yaml").read_text()
+    again = invoke("resume", run, "--epochs", "3", "--set", "train.threads=auto", "--quiet")  # --set may change it too
+    assert again.exit_code == 0, again.output
+
+
 def test_option_values_are_taken_as_typed_not_reread_as_yaml(tmp_path, monkeypatch):
     """--data-dir null and --results yes are folders named so: option values are never formatted into
     `key=value` text and read back as YAML (which made them None and True)."""

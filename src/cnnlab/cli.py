@@ -77,6 +77,22 @@ DryRunOption = Annotated[bool, typer.Option(
 DownloadOption = Annotated[
     bool, typer.Option("--download", help="Fetch the data set, and the model's named weights, if no local copy is found.")
 ]
+# The run options every command that trains takes (run, sweep, tune, resume), each setting its config key: one
+# definition, so that each means, and is written, the same everywhere (run_values maps them to their keys).
+EpochsOption = Annotated[Optional[int], typer.Option(
+    metavar="N", help="Train for N epochs in all (sets train.epochs; a resumed run trains on to N).")]
+DeviceOption = Annotated[Optional[str], typer.Option(
+    help="auto, cpu, cuda, cuda:N or mps (sets train.device; a resumed run may move).")]
+ThreadsOption = Annotated[Optional[str], typer.Option(
+    metavar="N|auto|fastest", help="CPU threads (sets train.threads): auto fits the machine; fastest also trades "
+                                   "bit-identical reruns for speed on a busy one.")]
+
+
+def run_values(epochs: int | None = None, device: str | None = None, threads: str | None = None,
+               data_dir: Path | None = None) -> dict[str, Any]:
+    """The shared run options given, as the config keys they set (typed values, never reread as YAML)."""
+    values = {"train.epochs": epochs, "train.device": device, "train.threads": threads, "data.root": data_dir}
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def example(line: str) -> str:
@@ -156,11 +172,9 @@ def run(
     config: Annotated[Path, typer.Argument(metavar="CONFIG",
                                            help="Experiment config (YAML), e.g. configs/lenet.yaml.", show_default=False)],
     set_: SetOption = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Train for N epochs (sets train.epochs).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps (sets train.device).")] = None,
-    threads: Annotated[Optional[str], typer.Option(metavar="N|auto|fastest", help="CPU threads (sets train.threads): "
-                                                   "auto fits the machine; fastest also trades bit-identical reruns "
-                                                   "for speed on a busy one.")] = None,
+    epochs: EpochsOption = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
     data_dir: DataDirOption = None,
     download: DownloadOption = False,
     results: Annotated[Optional[Path], typer.Option(help="Results folder (sets output.dir).")] = None,
@@ -184,8 +198,8 @@ def run(
         if resume is None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
             resume = "auto"  # torchrun restarted its workers (--max-restarts): continue the run they were training
 
-        options = {"train.epochs": epochs, "train.device": device, "train.threads": threads, "data.root": data_dir,
-                   "output.dir": results, "seed": seed, "data.download": download or None, "model.download": download or None}
+        options = {**run_values(epochs, device, threads, data_dir), "output.dir": results, "seed": seed,
+                   "data.download": download or None, "model.download": download or None}
         values = {key: value for key, value in options.items() if value is not None}  # they win over --set
         try:
             cfg = load_config(config, set_, values, trust_code=trust_code or None)
@@ -215,11 +229,13 @@ def resume_(
     run_dir: Annotated[Optional[Path], typer.Argument(
         metavar="RUN", show_default=False, help="The run folder to continue, or a folder of runs for its newest unfinished "
                                                 "one (default: the newest unfinished run under --results).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Train to N epochs in all (extends a completed run).")] = None,
+    epochs: EpochsOption = None,
     set_: Annotated[Optional[list[str]], typer.Option(
         "--set", "-s", help="Change a setting from here on: optim.lr, optim.momentum, optim.weight_decay, schedule.*, "
-                            "train.grad_clip, train.epochs or train.patience, e.g. --set optim.lr=0.1 (repeatable).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps (the run may move).")] = None,
+                            "train.grad_clip, train.epochs, train.patience or train.threads, e.g. --set optim.lr=0.1 "
+                            "(repeatable).")] = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
     data_dir: DataDirOption = None,
     results: Annotated[Path, typer.Option(metavar="DIR", help="Where to look for the newest unfinished run.")] = Path("results"),
     trust_code: TrustCodeOption = False,
@@ -234,7 +250,7 @@ def resume_(
         if epochs is not None and epochs < 1:
             raise UserError(f"--epochs {epochs}: give a positive number of epochs")
         resume(pick_run(run_dir, results, unfinished=True), epochs=epochs, settings=set_, device=device, data_root=data_dir,
-               reporter=run_reporter(quiet), trust_code=trust_code)
+               threads=threads, reporter=run_reporter(quiet), trust_code=trust_code)
 
 
 def show_plan(configs: list[tuple[str, Any]], print_config: bool, jobs: int = 1) -> int:
@@ -314,6 +330,10 @@ def sweep(
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", metavar="N", help="Trials run at once (default: 1 locally; "
                                                                               "on Ray as many as the cluster holds).")] = None,
     seeds: Annotated[Optional[str], typer.Option(metavar="0,1,2", help="Run every trial with each seed: --seeds 0,1,2.")] = None,
+    epochs: EpochsOption = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
+    data_dir: DataDirOption = None,
     results: Annotated[Optional[Path], typer.Option(help="Results folder (default: the configs' output.dir).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun trials that already completed.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="A line per trial instead of live progress.")] = False,
@@ -342,11 +362,13 @@ def sweep(
         if launcher == "local" and (address or gpus_per_trial is not None or cpus_per_trial is not None):
             raise UserError("--address, --gpus-per-trial and --cpus-per-trial are for --launcher ray")
         ray = RayOptions(address, gpus_per_trial, cpus_per_trial) if launcher == "ray" else None
+        values = run_values(epochs, device, threads, data_dir)
         if print_config or dry_run:
-            show_sweep_plan(target, set_, parse_seeds(seeds), results, force, print_config, jobs or 1)
+            show_sweep_plan(target, set_, parse_seeds(seeds), results, force, print_config, jobs or 1, values)
             return
         outcome = run_sweep(
-            target, set_, jobs=jobs, seeds=parse_seeds(seeds), results=results, force=force, quiet=quiet, ray=ray
+            target, set_, jobs=jobs, seeds=parse_seeds(seeds), results=results, force=force, quiet=quiet, ray=ray,
+            values=values,
         )
         print_table(aggregate(outcome.rows))
         out.print(f"sweep results: {outcome.folder}")
@@ -359,11 +381,11 @@ def sweep(
 
 
 def show_sweep_plan(target: Path, overrides: list[str] | None, seeds: list[int] | None, results: Path | None,
-                    force: bool, print_config: bool, jobs: int) -> None:
+                    force: bool, print_config: bool, jobs: int, values: dict[str, Any] | None = None) -> None:
     """A sweep's ``--print-config`` or ``--dry-run``: its trials, those done before and the invalid ones named."""
     from cnnlab.sweep import plan_sweep
 
-    name, trials, _ = plan_sweep(target, overrides, seeds=seeds, results=results, force=force)
+    name, trials, _ = plan_sweep(target, overrides, seeds=seeds, results=results, force=force, values=values)
     say = (lambda text: sys.stdout.write(f"# {text}\n")) if print_config else (lambda text: out.print(literal(text)))
     say(f"sweep {name}: {len(trials)} trials")
     for trial in trials:
@@ -385,6 +407,10 @@ def tune(
                                                "key, e.g. configs/tune/lenet_relu.yaml.", show_default=False)],
     set_: SetOption = None,
     trials: Annotated[Optional[int], typer.Option(min=1, help="Number of trials (overrides the file's).")] = None,
+    epochs: EpochsOption = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
+    data_dir: DataDirOption = None,
     results: Annotated[Optional[Path], typer.Option(help="Results folder (default: the base config's output.dir).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the newest interrupted tune of this space.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line per finished trial.")] = False,
@@ -409,8 +435,9 @@ def tune(
         from cnnlab.compare import aggregate
         from cnnlab.tune import read_space, run_tune
 
+        values = run_values(epochs, device, threads, data_dir)
         if print_config or dry_run:
-            space = read_space(space, list(set_ or []), trials)
+            space = read_space(space, list(set_ or []), trials, values)
             if print_config:
                 sys.stdout.write(f"# tune {space.name}: {space.trials} trials, {space.metric} ({space.mode}), over\n" +
                                  "".join(f"#   {d.key}: {d.kind} {d.values}\n" for d in space.dimensions))
@@ -422,7 +449,7 @@ def tune(
             return
 
         outcome = run_tune(space, set_, trials=trials, results=results, resume=resume, quiet=quiet, address=address,
-                           jobs=jobs, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial)
+                           jobs=jobs, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, values=values)
         print_table(aggregate(outcome.rows))
         out.print(f"tune results: {outcome.folder}")
         if outcome.best is not None:
@@ -445,7 +472,8 @@ def lr_find(
     steps: Annotated[int, typer.Option(metavar="N", help="Batches of the ramp (one learning rate each).")] = 100,
     start: Annotated[float, typer.Option(help="The ramp's first learning rate.")] = 1e-6,
     end: Annotated[float, typer.Option(help="The ramp's last learning rate (it stops early once the loss diverges).")] = 10.0,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps (sets train.device).")] = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
     data_dir: DataDirOption = None,
     results: Annotated[Optional[Path], typer.Option(help="Results folder (sets output.dir); the curve goes to "
                                                          "<DIR>/lr-find/<name>/<time>/.")] = None,
@@ -458,8 +486,8 @@ def lr_find(
         from cnnlab.lrfind import check_range
 
         check_range(steps, start, end)
-        values = {key: value for key, value in {"train.device": device, "data.root": data_dir, "output.dir": results}.items()
-                  if value is not None}
+        values = {**run_values(device=device, threads=threads, data_dir=data_dir),
+                  **({"output.dir": results} if results is not None else {})}
         cfg = load_config(config, set_, values, trust_code=trust_code or None)
         from cnnlab.lrfind import describe, find_lr, write
         from cnnlab.results import check_output_dir, new_dated_dir, sanitize_name

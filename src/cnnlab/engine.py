@@ -184,9 +184,11 @@ def open_new_run(run: RunDir, config_text: str, summary: RunSummary) -> None:
 # the weights, the optimiser's buffers (SGD's momentum is kept, and optim.name, whose state Adam's moments
 # are, is not here), the position in the epoch and the data order. Not the model or the data (the weights
 # and the split belong to them), nor train.batch_size (it makes the epoch's batches, where a checkpoint
-# stands inside one), nor the loss (label_smoothing) or the precision.
+# stands inside one), nor the loss (label_smoothing) or the precision. train.threads is where it trains, as
+# train.device is (`resume --threads 1` on a machine that turned busy; a count other than the checkpoint's may
+# change the last bits of what follows, as on another machine).
 RESUME_SETTABLE = ("optim.lr", "optim.momentum", "optim.weight_decay", "schedule.*", "train.grad_clip",
-                   "train.epochs", "train.patience")
+                   "train.epochs", "train.patience", "train.threads")
 
 
 def resume(
@@ -196,6 +198,7 @@ def resume(
     settings: list[str] | None = None,
     device: str | None = None,
     data_root: Path | None = None,
+    threads: int | str | None = None,
     quiet: bool = False,
     reporter: Listener | None = None,
     trust_code: bool = False,
@@ -204,17 +207,18 @@ def resume(
 
     ``epochs`` extends (or, for an unfinished run, changes) the total; ``settings`` (``--set``
     strings) change the keys of ``RESUME_SETTABLE``, in config.yaml too, from the next batch on;
-    ``device`` and ``data_root`` may change because a run can move to another machine. Anything
-    else that differs between ``config.yaml`` and the checkpoint is refused.
+    ``device``, ``data_root`` and ``threads`` (``train.threads``, recorded as a change) may change because a run
+    can move to another machine, or its machine get busy. Anything else that differs between ``config.yaml``
+    and the checkpoint is refused.
     """
     wall_start = time.perf_counter()
     cfg, continuation = plan_resume(run_dir, epochs=epochs, settings=settings, device=device, data_root=data_root,
-                                    trust_code=trust_code)
+                                    threads=threads, trust_code=trust_code)
     return start(cfg, continuation, reporter, quiet, wall_start)
 
 
 def plan_resume(run_dir: Path, *, epochs: int | None, settings: list[str] | None, device: str | None,
-                data_root: Path | None, trust_code: bool) -> tuple[Config, Continuation]:
+                data_root: Path | None, trust_code: bool, threads: int | str | None = None) -> tuple[Config, Continuation]:
     """The config a resume of ``run_dir`` trains with, and what it continues from; everything a resume
     refuses (a live run, no checkpoint, a changed config, too few epochs) is refused here, before
     anything is prepared."""
@@ -253,6 +257,8 @@ def plan_resume(run_dir: Path, *, epochs: int | None, settings: list[str] | None
         values["train"]["device"] = device
     if data_root is not None:
         values["data"]["root"] = str(data_root)
+    if threads is not None:
+        values["train"]["threads"] = threads
     source = f"resuming {run_dir}" + (" with --set " + " ".join(settings) if settings else "")
     cfg = validate(values, source, trust_code=trust_code)
 

@@ -107,35 +107,48 @@ def is_sweep_file(path: Path) -> bool:
     return bool(keys & {"base", "grid"}) or not keys & (set(Config.model_fields) | {"extends"})
 
 
-def expand(target: Path, overrides: list[str], seeds: list[int] | None = None) -> tuple[str, list[Trial]]:
+def expand(target: Path, overrides: list[str], seeds: list[int] | None = None,
+           values: dict[str, Any] | None = None) -> tuple[str, list[Trial]]:
     """(sweep name, trials) of a folder of configs, a sweep file or one config, each crossed with the grid of the
-    ``--set KEY=A,B`` overrides (``multirun``). A config that fails to load becomes a failed trial, not an error."""
+    ``--set KEY=A,B`` overrides (``multirun``), with ``values`` (the run options: ``{"train.epochs": 3}``) set in
+    every trial. A config that fails to load becomes a failed trial, not an error."""
     target = Path(target)
     overrides, grid = multirun(overrides)
+    values = dict(values or {})
     if target.is_dir():
         files = sorted(p for p in target.glob("*.yaml") if not p.name.startswith("_"))
         if not files:
             raise UserError(f"{target}: no *.yaml configs in this folder")
         trials = []
         for path, name in zip(files, unique_names([p.stem for p in files], [p.name for p in files])):
-            trials += grid_trials(path, name, grid, overrides, seeds or [None], prefix=bool(grid))
+            trials += grid_trials(path, name, grid, overrides, seeds or [None], prefix=bool(grid), values=values)
         return target.name or "sweep", trials
     if is_sweep_file(target):
-        return expand_sweep_file(target, overrides, seeds, grid)
-    load_config(target, overrides)  # the config itself must be valid: bad input, not a trial that failed
+        return expand_sweep_file(target, overrides, seeds, grid, values)
+    load_config(target, overrides, values)  # the config itself must be valid: bad input, not a trial that failed
     name = sanitize_name(target.stem)
-    return name, grid_trials(target, name, grid, overrides, seeds or [None])
+    return name, grid_trials(target, name, grid, overrides, seeds or [None], values=values)
+
+
+# The command-line option that sets each key of the run options (cnnlab sweep --epochs 3: train.epochs).
+OPTION_OF = {"train.epochs": "--epochs", "train.device": "--device", "train.threads": "--threads", "data.root": "--data-dir"}
 
 
 def grid_trials(base: Path | None, name: str, grid: dict[str, list[Any]], overrides: list[str], seeds: list[int | None],
-                prefix: bool = False) -> list[Trial]:
-    """A trial per point of ``grid`` and seed, of the config ``base`` (None: the defaults) with ``overrides``; each
-    variant named after its point (``kernel_size=3-lr=0.1``), after ``name`` first with ``prefix``."""
+                prefix: bool = False, values: dict[str, Any] | None = None) -> list[Trial]:
+    """A trial per point of ``grid`` and seed, of the config ``base`` (None: the defaults) with ``overrides`` and
+    ``values`` (the run options); each variant named after its point (``kernel_size=3-lr=0.1``), after ``name``
+    first with ``prefix``. A key both swept and set by an option is a ``UserError``."""
+    fixed = dict(values or {})
+    both = [key for key in grid if key in fixed]
+    if both:
+        raise UserError(f"{', '.join(both)}: swept by the grid and set in every trial by "
+                        f"{', '.join(OPTION_OF.get(key, key) for key in both)}; leave out one of the two")
     points = [dict(zip(grid, point)) for point in itertools.product(*grid.values())]
     trials = []
     for swept, variant in zip(points, variant_names(points, name, prefix)):
         for seed in seeds:
-            values = {**swept, "name": variant, **({"seed": seed} if seed is not None else {})}
+            values = {**fixed, **swept, "name": variant, **({"seed": seed} if seed is not None else {})}
             try:
                 cfg = load_config(base, overrides, values)
                 trials.append(Trial(variant, cfg.seed, swept, config=cfg))
@@ -145,7 +158,8 @@ def grid_trials(base: Path | None, name: str, grid: dict[str, list[Any]], overri
 
 
 def expand_sweep_file(path: Path, overrides: list[str], seeds: list[int] | None,
-                      more_grid: dict[str, list[Any]] | None = None) -> tuple[str, list[Trial]]:
+                      more_grid: dict[str, list[Any]] | None = None,
+                      values: dict[str, Any] | None = None) -> tuple[str, list[Trial]]:
     spec = read_yaml(path)
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
@@ -161,7 +175,7 @@ def expand_sweep_file(path: Path, overrides: list[str], seeds: list[int] | None,
         raise UserError(f"{path}: seeds must be a list of integers, e.g. seeds: [0, 1, 2]")
     base = (path.parent / spec["base"]) if spec.get("base") else None
     name = sanitize_name(str(spec.get("name") or path.stem))
-    return name, grid_trials(base, name, {**grid, **(more_grid or {})}, overrides, seed_list)
+    return name, grid_trials(base, name, {**grid, **(more_grid or {})}, overrides, seed_list, values=values)
 
 
 def variant_names(points: list[dict[str, Any]], default: str, prefix: bool = False) -> list[str]:
@@ -451,15 +465,16 @@ class RayOptions:
 
 
 def plan_sweep(target: Path, overrides: list[str] | None = None, *, seeds: list[int] | None = None,
-               results: Path | None = None, force: bool = False) -> tuple[str, list[Trial], Path]:
+               results: Path | None = None, force: bool = False,
+               values: dict[str, Any] | None = None) -> tuple[str, list[Trial], Path]:
     """(sweep name, trials, the sweep's results folder): ``target`` expanded, each trial's config as it will run
-    (its paths absolute, its runs under the sweep's folder), and those done before marked skipped unless
-    ``force``. Nothing is written."""
+    (its paths absolute, its runs under the sweep's folder; ``values``, the run options, set in each), and those
+    done before marked skipped unless ``force``. Nothing is written."""
     if not Path(target).exists():
         raise UserError(f"sweep target not found: {target}; give a folder of configs, a sweep file or a config")
     if results is not None:
         check_output_dir(Path(results).expanduser(), "--results")
-    name, trials = expand(Path(target), list(overrides or []), seeds)
+    name, trials = expand(Path(target), list(overrides or []), seeds, values)
     root = Path(results).expanduser() if results is not None else None
     sweep_root = ((root or _results_root(trials)) / "sweeps" / sanitize_name(name)).absolute()
     check_output_dir(sweep_root, "results folder")
@@ -486,12 +501,13 @@ def run_sweep(
     force: bool = False,
     quiet: bool = False,
     ray: RayOptions | None = None,
+    values: dict[str, Any] | None = None,
 ) -> SweepOutcome:
     """Run every trial of ``target`` (on Ray when ``ray`` is given, else as local processes);
     returns the sweep folder, one row per trial, and the signal that stopped the sweep, if one did."""
     if jobs is not None and jobs < 1:
         raise UserError("--jobs must be at least 1")
-    name, trials, sweep_root = plan_sweep(target, overrides, seeds=seeds, results=results, force=force)
+    name, trials, sweep_root = plan_sweep(target, overrides, seeds=seeds, results=results, force=force, values=values)
     pending = sum(t.status == "pending" for t in trials)
     with contextlib.ExitStack() as stack:
         if ray is not None:

@@ -123,10 +123,11 @@ class Space:
     reduction_factor: int = 3
     overrides: list[str] = field(default_factory=list)
     cwd: Path = field(default_factory=Path.cwd)  # where the tune was started: what relative paths mean
+    values: dict[str, Any] = field(default_factory=dict)  # the run options (--epochs: train.epochs), in every trial
 
     def config(self, point: dict[str, Any], name: str | None = None) -> Config:
         """The config at ``point``, its paths as written (relative ones meaning ``cwd``)."""
-        values = {**point, **({"name": name} if name else {})}
+        values = {**self.values, **point, **({"name": name} if name else {})}
         return load_config(self.base, self.overrides, values)
 
     def trial_config(self, point: dict[str, Any], name: str) -> Config:
@@ -139,8 +140,9 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def read_space(path: Path, overrides: list[str], trials: int | None) -> Space:
-    """The search space file, every point it can propose checked as a config before anything runs."""
+def read_space(path: Path, overrides: list[str], trials: int | None, values: dict[str, Any] | None = None) -> Space:
+    """The search space file, every point it can propose checked as a config before anything runs; ``values`` (the
+    run options, typed: ``{"train.epochs": 3}``) are set in every trial."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"search space file not found: {path}")
@@ -166,14 +168,19 @@ def read_space(path: Path, overrides: list[str], trials: int | None) -> Space:
         raise UserError(f"{path}: space must map config keys to distributions, e.g. "
                         "space: {optim.lr: {loguniform: [0.01, 0.5]}}")
     dimensions = [_dimension(path, key, value) for key, value in raw.items()]
+    values = {key: str(value) if isinstance(value, Path) else value for key, value in (values or {}).items()}  # JSON
     for dimension in dimensions:
         if dimension.key == "name" or dimension.key.startswith("output."):
             raise UserError(f"{path}: space.{dimension.key}: cnnlab names each trial and places its run folder "
                             "itself; search over what a run computes")
+        if dimension.key in values:
+            raise UserError(f"{path}: space.{dimension.key} is searched over, and an option sets {dimension.key} in "
+                            "every trial; leave out one of the two")
     cwd = Path.cwd()
     base = (cwd / path.parent / spec["base"]) if spec.get("base") else None  # relative to this file, wherever trials run
     space = Space(sanitize_name(str(spec.get("name") or path.stem)), path, base, metric, mode, count, dimensions,
-                  spec.get("seed", 0), spec.get("grace_period", 1), spec.get("reduction_factor", 3), list(overrides), cwd)
+                  spec.get("seed", 0), spec.get("grace_period", 1), spec.get("reduction_factor", 3), list(overrides), cwd,
+                  values)
     for dimension in dimensions:  # every edge of every range makes a valid config
         for sample in dimension.samples():
             try:
@@ -346,14 +353,15 @@ def run_tune(
     jobs: int | None = None,
     gpus_per_trial: float | None = None,
     cpus_per_trial: float | None = None,
+    values: dict[str, Any] | None = None,
 ) -> TuneOutcome:
     from cnnlab.cluster import ray_session, require_ray, trial_resources
 
     require_ray("cnnlab tune")
-    if resume and (overrides or trials is not None or jobs is not None):
-        raise UserError("--resume continues a tune as it was started: leave out --set, --trials and --jobs "
-                        "(they are kept in the tune folder's tune.json)")
-    space = read_space(space_file, list(overrides or []), trials)
+    if resume and (overrides or trials is not None or jobs is not None or values):
+        raise UserError("--resume continues a tune as it was started: leave out --set, --trials, --jobs and the run "
+                        "options (--epochs, --device, --threads, --data-dir): they are kept in the tune folder's tune.json")
+    space = read_space(space_file, list(overrides or []), trials, values)
     base = space.config({})
     root = (Path(results).expanduser() if results is not None else Path(base.output.dir)).absolute()
     if results is not None:
@@ -363,7 +371,7 @@ def run_tune(
     folder = None
     if resume:
         folder, record = _resumable(tune_root, space)
-        space = read_space(space_file, record["overrides"], record["trials"])
+        space = read_space(space_file, record["overrides"], record["trials"], record.get("values") or {})
     console = SafeConsole()
     settle_signals()  # a signal that came while starting stops the command here (Interrupted)
     with ray_session(address, "cnnlab tune"), TuneSignals() as signals:  # after ray.init, which sets its own
@@ -406,7 +414,7 @@ def _space_digest(space: Space) -> str:
 
 def _write_record(folder: Path, space: Space, jobs: int, finished: bool) -> None:
     record = {"space": str(space.path), "space_sha256": _space_digest(space), "trials": space.trials,
-              "overrides": space.overrides, "jobs": jobs, "finished": finished}
+              "overrides": space.overrides, "values": space.values, "jobs": jobs, "finished": finished}
     atomic_write_text(folder / RECORD, json.dumps(record, indent=2) + "\n")
 
 
@@ -419,7 +427,8 @@ def _read_record(path: Path) -> dict[str, Any]:
     ok = isinstance(record, dict) and isinstance(record.get("trials"), int) and record["trials"] >= 1 \
         and isinstance(record.get("jobs"), int) and record["jobs"] >= 1 and isinstance(record.get("finished"), bool) \
         and isinstance(record.get("space_sha256"), str) and isinstance(record.get("overrides"), list) \
-        and all(isinstance(o, str) for o in record["overrides"])
+        and all(isinstance(o, str) for o in record["overrides"]) and isinstance(record.get("values", {}), dict) \
+        and all(isinstance(key, str) for key in record.get("values", {}))
     if not ok:
         raise UserError(f"{path}: not a cnnlab tune record (needs trials, jobs, overrides, space_sha256, finished)")
     return record
