@@ -156,3 +156,12 @@ def test_a_sweeps_display_counts_batches_says_each_trials_results_and_estimates_
     said = buffer.getvalue()
     assert "done  t0 seed 0: test acc 0.8812, val acc 0.8790 (best epoch 2), 2.0 min" in said
     assert "STOPPED t1 seed 0" in said and "SKIPPED t2 seed 0" in said
+
+
+def test_a_sweeps_line_for_a_finished_trial_leads_with_its_headline():
+    from cnnlab.sweep import _metrics
+
+    plain = {"test_acc": 0.8812, "best_val_acc": 0.879, "best_epoch": 7, "headline": "test_acc"}
+    assert _metrics(plain, None, 0) == ": test acc 0.8812, val acc 0.8790 (best epoch 7)"
+    averaged = {**plain, "headline": "test_acc_ema_tta", "test_acc_ema_tta": 0.8901, "test_tta": ["flip"]}
+    assert _metrics(averaged, None, 0).startswith(": ema test acc, flip TTA 0.8901, test acc 0.8812, ")

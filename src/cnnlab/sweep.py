@@ -57,9 +57,11 @@ from cnnlab.launch import EventSink, Launcher, Trial
 from cnnlab.numtext import duration_text, number_text
 from cnnlab.results import (
     MAX_NAME_CHARS,
+    TEST_ACC_BESIDE,
     RunSummary,
     atomic_write_text,
     check_output_dir,
+    figure_label,
     new_dated_dir,
     read_summary,
     sanitize_name,
@@ -299,8 +301,13 @@ def _count(value: Any) -> bool:
 
 
 def _metrics(summary: dict[str, Any], started: float | None, now: float) -> str:
-    """``": test acc 0.8812, val acc 0.8790 (best epoch 7), 3.2 min"``: what a finished trial's summary says."""
+    """``": test acc 0.8812, val acc 0.8790 (best epoch 7), 3.2 min"``: what a finished trial's summary says, led by
+    its headline where that is another figure (``": ema test acc, flip TTA 0.8901, test acc 0.8812, ..."``)."""
     parts = [f"test acc {number_text(summary['test_acc'], 4)}"] if "test_acc" in summary else []
+    headline = summary.get("headline")
+    if isinstance(headline, str) and headline != "test_acc" and headline in TEST_ACC_BESIDE and headline in summary:
+        tta = summary.get("test_tta") if isinstance(summary.get("test_tta"), list) else None
+        parts.insert(0, f"{figure_label(headline, [str(name) for name in tta or ()])} {number_text(summary[headline], 4)}")
     if "best_val_acc" in summary:
         parts.append(f"{summary.get('eval_split', 'val')} acc {number_text(summary['best_val_acc'], 4)}"
                      + (f" (best epoch {summary['best_epoch']})" if _count(summary.get("best_epoch")) else ""))
