@@ -4,7 +4,7 @@
 # Set-up: a virtual environment in .venv with pinned torch/torchvision and cnnlab installed
 # editable (`make run`: what running needs; `make test`: the test extras too, Ray, MLflow,
 # TensorBoard, onnxruntime, timm, pytest), and Fashion-MNIST (Debian's package, installed when
-# missing and we are root).
+# missing and we are root; apt-get waits up to APT_LOCK_WAIT seconds, default 600, for another package manager).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -25,6 +25,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing PyTorch (torch 2.14.1, torchvision 0.29.1) into $(VENV): a large download, minutes of quiet"
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
@@ -40,7 +41,7 @@ data: $(STAMP)
 # root, otherwise that one test is skipped with a note).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  scripts/apt-install.sh "for the HTML report rendering test" chromium; } || \
 	  echo "chromium not installed: the HTML report rendering test will be skipped (sudo apt-get install chromium)"
 
 bench: data
