@@ -466,7 +466,7 @@ def read_summary(path: Path) -> RunSummary:
         if isinstance(err, ValidationError):
             first = err.errors()[0]
             where = ".".join(map(str, first["loc"])) or "summary"
-            reason = f"{where}: {first['msg']}"
+            reason = f"{where}: {first['msg'].removeprefix('Value error, ')}"  # the validator's own words
         else:
             reason = _reason(err)
         raise UserError(f"{path}: not a readable cnnlab summary.json ({reason})") from None
