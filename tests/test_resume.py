@@ -295,6 +295,18 @@ def test_resume_auto_finds_the_run_however_the_results_folder_is_written(tiny_ov
     assert Path(result["run_dir"]).resolve() == run.resolve() and result["epochs_completed"] == 3
 
 
+def test_resume_auto_continues_the_run_with_the_threads_asked_for_now(tiny_overrides, monkeypatch):
+    # A busy machine is a reason to continue with fewer threads, not to start the run again.
+    from cnnlab.engine import run_or_resume
+
+    cfg, run = _interrupted_run(tiny_overrides, monkeypatch, "train.threads=2")
+    fewer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads": 1})})
+    result = run_or_resume(fewer, quiet=True)
+    assert Path(result["run_dir"]) == run and result["epochs_completed"] == 3
+    assert result["threads"] == 1
+    assert [(c["key"], c["old"], c["new"]) for c in result["resumes"][-1]["changes"]] == [("train.threads", 2, 1)]
+
+
 def test_an_early_stopped_run_is_completed_and_an_extension_counts_patience_afresh(tiny_overrides):
     from cnnlab.config import load_config
     from cnnlab.engine import fit

@@ -410,7 +410,8 @@ def run_or_resume(cfg: Config, *, quiet: bool = False, reporter: Listener | None
     previous = world.broadcast(find_resumable(cfg) if world.is_main else None)
     if previous is None:
         return fit(cfg, quiet=quiet, reporter=reporter)
-    return resume(previous, device=cfg.train.device, quiet=quiet, reporter=reporter, trust_code=True)
+    return resume(previous, device=cfg.train.device, threads=cfg.train.threads, quiet=quiet, reporter=reporter,
+                  trust_code=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from cnnlab.results import (
 )
 
 # Where a run trains and where its results go, not what it computes: ignored when matching runs.
-PLACEMENT_KEYS = (("train", "device"), ("output", "dir"))
+PLACEMENT_KEYS = (("train", "device"), ("train", "threads"), ("output", "dir"))
 
 
 @dataclass
