@@ -117,7 +117,7 @@ def test_sigterm_to_the_process_group_stops_the_tune_in_order_and_resume_continu
 
     refused = subprocess.run([*command, "--resume", "--trials", "5"], capture_output=True, text=True, env=env,
                              timeout=HANG_SECONDS)
-    assert refused.returncode == 2 and "leave out --set, --trials and --jobs" in refused.stderr
+    assert refused.returncode == 2 and "leave out --set, --trials, --jobs and the run options" in refused.stderr
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, timeout=HANG_SECONDS)  # as started
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     rows = read_rows(folder)  # the same tune folder, continued
