@@ -427,3 +427,19 @@ def test_class_folders_whose_names_only_look_alike_are_told_apart_in_words(tmp_p
     said = CliRunner().invoke(app, ["data", "folder", "--data-dir", str(tmp_path / "d")])
     assert said.exit_code == 2, said.output
     assert "look the same but they differ only in Unicode normalisation" in said.output
+
+
+def test_pictures_of_one_value_everywhere_are_named_not_a_validation_dump(tmp_path):
+    # Nothing to learn and nothing to normalise by (a std of 0): one line naming the folder, exit 2.
+    from typer.testing import CliRunner
+
+    from cnnlab.cli import app
+
+    for name in ("a", "b"):
+        (tmp_path / "d" / "train" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), mode="F").save(tmp_path / "d" / "train" / name / f"{i}.tif")
+    said = CliRunner().invoke(app, ["data", "folder", "--data-dir", str(tmp_path / "d")])
+    assert said.exit_code == 2, said.output
+    assert "in every training picture every pixel has the same value (0.502 on a 0-1 scale)" in said.output
+    assert "ValidationError" not in said.output and "pydantic" not in said.output

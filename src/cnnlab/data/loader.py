@@ -26,6 +26,7 @@ from cnnlab.data.spec import DataSpec
 from cnnlab.data.splits import Split, stratified_split
 from cnnlab.data.trivial import TrivialAugment
 from cnnlab.errors import UserError
+from cnnlab.safetext import printable
 
 
 @dataclass
@@ -275,7 +276,12 @@ def validation_split(cfg, train: Split, given_val: Split | None, seed: int) -> t
 def with_statistics(wanted: DataSpec, root: Path, train: Split) -> DataSpec:
     """The description a run records and normalises with: the training split's per-channel mean and std, its folder."""
     mean, std = channel_stats(train)
-    return DataSpec(**{**wanted.model_dump(), "mean": mean, "std": std, "source": str(root)})
+    flat = [channel for channel, spread in enumerate(std) if not spread > 0]
+    if flat:  # no picture differs from another there: nothing to learn, and nothing to normalise by
+        which = f"channel {flat[0]}" if len(std) > 1 else "every pixel"
+        raise UserError(f"{printable(str(root))}: in every training picture {which} has the same value ({mean[flat[0]]:.4g} "
+                        "on a 0-1 scale); check that the files hold the pictures you mean")
+    return DataSpec.made(printable(str(root)), **{**wanted.model_dump(), "mean": mean, "std": std, "source": str(root)})
 
 
 def load_data(cfg, seed: int, device: torch.device, channels_last: bool = False) -> Data:
