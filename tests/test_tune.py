@@ -243,3 +243,26 @@ def test_a_trial_reports_the_moving_averages_figures_when_it_has_them():
     assert "val_acc_ema" not in epoch_metrics(row, "r")
     reported = epoch_metrics({**row, "val_loss_ema": 0.3, "val_acc_ema": 0.9}, "r")
     assert reported["val_acc_ema"] == 0.9 and reported["val_loss_ema"] == 0.3 and reported["epoch"] == 2
+
+
+def test_a_trials_score_is_its_metric_at_the_epoch_its_run_was_tested_at(trained, tmp_path):
+    # tune ranks trials by what the runs report: the last epoch's figure where train.select took the last epoch.
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    from cnnlab.results import read_metrics_csv, write_metrics_csv
+    from cnnlab.tune import score
+
+    run_dir, summary = trained
+    values = [float(row["val_acc"]) for row in read_metrics_csv(run_dir / "metrics.csv")]
+    space = SimpleNamespace(metric="val_acc", mode="max")
+    assert summary["selection"]["rule"] == "best" and score({"run_dir": str(run_dir)}, space) == max(values)
+    last = shutil.copytree(run_dir, tmp_path / "last")
+    recorded = json.loads((last / "summary.json").read_text())
+    recorded["selection"]["rule"] = "last"
+    (last / "summary.json").write_text(json.dumps(recorded))
+    rows = read_metrics_csv(last / "metrics.csv")
+    rows[-1]["val_acc"] = min(values) - 0.25  # the last epoch below every other
+    write_metrics_csv(last / "metrics.csv", rows)
+    assert score({"run_dir": str(last)}, space) == pytest.approx(min(values) - 0.25)

@@ -726,10 +726,18 @@ def _column(run_dir: Path | None, key: str) -> list[float]:
 
 
 def score(row: dict[str, Any], space: Space) -> float | None:
-    """A trial's value of the metric: its best epoch's (the run's best checkpoint is chosen so)."""
-    values = _column(Path(row["run_dir"]) if row.get("run_dir") else None, space.metric)
+    """A trial's value of the metric at the epoch its run was tested at: the last epoch's where the run's
+    train.select chose the last epoch (summary.json's selection), else its best epoch's."""
+    run_dir = Path(row["run_dir"]) if row.get("run_dir") else None
+    values = _column(run_dir, space.metric)
     if not values:
         return None
+    try:
+        selection = read_summary(run_dir / "summary.json").selection if run_dir is not None else None
+    except UserError:
+        selection = None
+    if selection is not None and selection.rule == "last":
+        return values[-1]
     return max(values) if space.mode == "max" else min(values)
 
 
@@ -739,7 +747,7 @@ def write_tune_files(space: Space, folder: Path, rows: list[dict[str, Any]]) -> 
 
     scores = [score(row, space) for row in rows]
     for row, value in zip(rows, scores):
-        row["score"] = value  # the metric at the trial's best epoch
+        row["score"] = value  # the metric at the epoch the trial was tested at
     keys = list(dict.fromkeys(d.key for d in space.dimensions))
     write_trials(folder, rows, keys, extra=("trial", "score"))
     title = f"# Tune {space.name} ({folder.name}): {len(rows)} trials, {space.metric} ({space.mode})\n\n"
