@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script a person with a GPU runs: cnnlab's speed and results on that GPU, every figure into
-# one JSON file. From the repository root (see ../shared/GPU.md for an offline GPU machine: it
-# installs pydantic from .whl/ and uses the data in .gpudata/ when they are there):
+# one JSON file. From the repository root (on a GPU machine without internet access it installs pydantic
+# from .whl/ and uses the data in .gpudata/ when they are there):
 #
 #   scripts/gpu_check.sh                     # everything, figures into $OUT/gpu_check.json
 #   STEPS="bench baseline" scripts/gpu_check.sh

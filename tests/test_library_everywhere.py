@@ -86,7 +86,7 @@ def test_a_textbook_model_resumes_exports_and_is_visualised(name, data, tmp_path
 def test_a_library_model_takes_the_static_step_and_trains_as_the_ordinary_loop_does(mode, step, data, tmp_path):
     """6 full batches (3 warm-up steps, the capture, 2 replays) and a short one. A small learning rate:
     ResNet-18 on 100 images amplifies float rounding (the order of a sum) about tenfold a step at 0.01. The two
-    steps' convolutions may still be computed by different kernels: this project's AVX-512/AMX machines of
+    steps' convolutions may still be computed by different kernels: AVX-512/AMX machines of
     2026-12-02 gave val losses 0.0019 apart (the code unchanged), and one of the 20 validation images on the
     other side of a decision. So the losses may differ by 0.005 and the accuracies by one image."""
     base = settings(data, tmp_path / "results", "model.name=torchvision.resnet18", "optim.lr=0.001",

@@ -172,7 +172,7 @@ class TrainConfig(Section):
     # torch.compile the model (slow first epoch, faster after; best on GPUs); true: its default mode,
     # or a mode by name (reduce-overhead: CUDA graphs of the compiled forward and backward).
     compile: bool | Literal["reduce-overhead", "max-autotune"] = False
-    # NHWC memory layout. auto: on for the CPU (convolutions about 20% faster on this project's 2-core CPU),
+    # NHWC memory layout. auto: on for the CPU (convolutions about 20% faster on a 2-core CPU),
     # off for GPUs (it cost LeNet 26% of its speed on an H200, measured; set true for large convolutions in bf16)
     channels_last: bool | Literal["auto"] = "auto"
     # The training and evaluation steps as one CUDA-graph replay per batch (capture.py). auto: on CUDA when

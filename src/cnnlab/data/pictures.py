@@ -34,7 +34,7 @@ pixel black, its lightest white) would make one value mean different things in d
 and a faint picture as bright as a contrasted one.
 
 Files are decoded by a pool of threads, one per CPU core: Pillow releases the GIL while it
-decodes. On this project's loaded 2-core machine neither threads nor processes beat one thread on
+decodes. On a loaded 2-core machine neither threads nor processes beat one thread on
 28x28 PNGs (0.49 s, 0.48 s and 0.52 s for 10,000 of them), and threads need neither pickling nor a
 fork of a process that holds PyTorch's thread pools; on larger pictures and more cores, threads
 decode side by side.
