@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
+from cnnlab.config import HEADLINES
 from cnnlab.data import DEFAULT
 from cnnlab.errors import UserError, warn
 from cnnlab.identity import ExperimentKey, experiment_key, fingerprint, variant_labels
@@ -52,6 +53,7 @@ def row_from_summary(summary: RunSummary, run_dir: Path | None, swept: str = "",
     """A table row of one run; ``config`` (the run's resolved config) says which experiment it is."""
     final = summary.final or {}
     experiment = experiment_key(config, summary) if config is not None else None
+    headline, headline_acc = summary.headline_figure()
     return {
         "name": summary.name,
         "params_swept": swept,
@@ -72,8 +74,8 @@ def row_from_summary(summary: RunSummary, run_dir: Path | None, swept: str = "",
         **{key: getattr(summary, key) for key in TEST_ACC_BESIDE},
         "epochs": summary.epochs_completed,
         # the run's answer (eval.headline; the plain test accuracy for runs that declared none): the tables lead with it
-        "headline": summary.headline_figure()[0],
-        "headline_acc": summary.headline_figure()[1],
+        "headline": headline,
+        "headline_acc": headline_acc,
     }
 
 
@@ -191,8 +193,8 @@ def read_trials(path: Path) -> list[dict[str, Any]]:
             value = row.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise UserError(f"{path}: trial {i} ({row['name']}): {key} is not a number")
-        if row.get("headline") is not None and row["headline"] not in FIGURE_SHORT:
-            raise UserError(f"{path}: trial {i} ({row['name']}): headline is not one of {', '.join(FIGURE_SHORT)}")
+        if row.get("headline") is not None and row["headline"] not in HEADLINES:
+            raise UserError(f"{path}: trial {i} ({row['name']}): headline is not one of {', '.join(HEADLINES)}")
         run_dir = row.get("run_dir") or ""
         if not isinstance(run_dir, str):
             raise UserError(f"{path}: trial {i} ({row['name']}): run_dir is not a path")

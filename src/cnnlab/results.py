@@ -327,10 +327,15 @@ class StartupRecord(BaseModel):
 TEST_ACC_BESIDE = ("test_acc_tta", "test_acc_ema", "test_acc_ema_tta", "test_acc_swa", "test_acc_swa_tta")
 
 
+def figure_weights(name: str) -> Literal["raw", "ema", "swa"]:
+    """Whose test figure ``name`` (test_acc, test_acc_ema_tta, ...) is: the weights themselves, or an average's."""
+    return "ema" if "_ema" in name else "swa" if "_swa" in name else "raw"
+
+
 def figure_label(name: str, tta: list[str] | None = None) -> str:
     """A test figure's name in words: "test acc", "ema test acc, flip+crop TTA" (``tta``: the augmentations, when known)."""
-    weights = next((w for w in ("ema", "swa") if f"_{w}" in name), None)
-    label = f"{weights} test acc" if weights else "test acc"
+    weights = figure_weights(name)
+    label = "test acc" if weights == "raw" else f"{weights} test acc"
     if name.endswith("_tta"):
         label += f", {'+'.join(tta)} TTA" if tta else ", TTA"
     return label

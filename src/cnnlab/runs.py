@@ -25,6 +25,7 @@ from cnnlab.models.registry import option_defaults
 from cnnlab.results import (
     Checkpoint,
     RunSummary,
+    figure_weights,
     read_metrics_csv,
     read_summary,
     run_state,
@@ -93,8 +94,7 @@ def used_line(used: dict[str, Any]) -> str:
 
 def tested_weights(summary: RunSummary) -> str:
     """The weights of the run's declared answer (eval.headline): raw, ema or swa; raw for runs that declared none."""
-    name, _ = summary.headline_figure()
-    return "ema" if "_ema" in name else "swa" if "_swa" in name else "raw"
+    return figure_weights(summary.headline_figure()[0])
 
 
 def tested_checkpoint(summary: RunSummary, weights: str) -> str:
